@@ -1,0 +1,1 @@
+"""The `tqpatch` command line (installed as tqpatch.cli)."""

@@ -1,0 +1,76 @@
+"""`tqpatch` command line: a thin click layer over the library and eval/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tqpatch.codebook import DEFAULT_TOLERANCE, SHIPPED_BITS, SHIPPED_DIMS, build_codebook, codebook_dir, save_codebook
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="tqpatch")
+def main() -> None:
+    """TurboQuant KV-cache compression for Hugging Face models."""
+
+
+@main.command("build-codebooks")
+@click.option("--dims", default=",".join(map(str, SHIPPED_DIMS)), callback=_int_list, help="Comma-separated head dimensions d.")
+@click.option("--bits", default=",".join(map(str, SHIPPED_BITS)), callback=_int_list, help="Comma-separated bit widths (1..8).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output folder [default: the shipped codebooks/ folder].")
+@click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="Lloyd-Max stopping tolerance (largest centroid move, units of 1/√d).")
+def build_codebooks(dims: tuple[int, ...], bits: tuple[int, ...], out_dir: Path | None, tolerance: float) -> None:
+    """Solve the Lloyd-Max codebooks for each (d, bits) and write them as .safetensors."""
+    from tqdm import tqdm
+
+    for b in bits:
+        if b not in SHIPPED_BITS:
+            raise click.BadParameter(f"bits must be in 1..8, got {b}", param_hint="--bits")
+    for d in dims:
+        if d < 3:
+            raise click.BadParameter(f"head dimension must be >= 3, got {d}", param_hint="--dims")
+    folder = out_dir or codebook_dir()
+    pairs = [(d, b) for d in dims for b in bits]
+    for d, b in tqdm(pairs, desc="codebooks", unit="book"):
+        save_codebook(build_codebook(d, b, tolerance), folder)
+    click.echo(f"wrote {len(pairs)} codebooks to {folder}")
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Measure quality: distortion, perplexity, needle in a haystack."""
+
+
+@eval_group.command("distortion")
+@click.option("--head-dim", "-d", type=int, default=128, help="Vector dimension d.")
+@click.option("--bits", default="1,2,3,4", callback=_int_list, help="Comma-separated bit widths.")
+@click.option("--num-vectors", "-n", type=int, default=20_000, help="Random unit vectors to quantize.")
+@click.option("--seed", type=int, default=0, help="Seed for the vectors and the quantizers.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), help="Folder for the JSON and PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+def eval_distortion(head_dim: int, bits: tuple[int, ...], num_vectors: int, seed: int, out_dir: Path, as_json: bool) -> None:
+    """MSE and inner-product error of TurboQuant_mse/prod vs. the paper's bounds."""
+    from tqpatch.eval.distortion import measure_distortion, write_distortion
+
+    for b in bits:
+        if b not in SHIPPED_BITS:
+            raise click.BadParameter(f"bits must be in 1..8, got {b}", param_hint="--bits")
+    if head_dim < 3:
+        raise click.BadParameter(f"head dimension must be >= 3, got {head_dim}", param_hint="--head-dim")
+    result = measure_distortion(head_dim, bits, num_vectors, seed)
+    paths = write_distortion(result, out_dir)
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.table())
+    click.echo(f"wrote {paths['json']} and {paths['png']}", err=as_json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluations as plain functions returning result dataclasses (installed as tqpatch.eval)."""
