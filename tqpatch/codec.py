@@ -1,0 +1,123 @@
+"""Codecs: turn one layer's keys or values [B, H, T, d] into stored parts and back.
+
+A codec's `encode` returns a dict of tensors that all share the leading
+[B, H, T] axes (that is what the store appends, crops and reorders), and
+`decode` inverts it. Two kinds:
+
+- `TurboQuantCodec`: one TurboQuant_mse / TurboQuant_prod quantizer on whole vectors.
+- `SplitCodec`: the paper's fractional bits. Per KV head, a fixed set of
+  "outlier" channels (chosen once by `calibrate`, from the mean |x| per
+  channel of the first chunk the layer sees) is quantized at `outlier_bits`
+  and the other channels at `regular_bits`, each group normalised and rotated
+  on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import split_bits
+from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
+
+Parts = dict[str, torch.Tensor]
+_FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
+
+
+def make_quantizer(head_dim: int, bits: int, method: str, seed: int) -> TurboQuantMSE | TurboQuantProd:
+    return TurboQuantProd(head_dim, bits, seed) if method == "prod" else TurboQuantMSE(head_dim, bits, seed)
+
+
+class TurboQuantCodec:
+    """Whole-vector TurboQuant: parts codes [B,H,T,nb] (+ norms, + QJL signs/residual norms for prod)."""
+
+    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0):
+        self.head_dim = head_dim
+        self.bits = bits
+        self.method = method
+        self.quantizer = make_quantizer(head_dim, bits, method, seed)
+
+    def encode(self, x: torch.Tensor) -> Parts:  # x: [B, H, T, d]
+        q = self.quantizer.quantize(x)
+        return {name: getattr(q, name) for name in _FIELDS if getattr(q, name) is not None}
+
+    def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:  # -> [B, H, T, d]
+        return self.quantizer.dequantize(QuantizedVectors(**parts, dtype=dtype))
+
+    @property
+    def bits_per_coordinate(self) -> float:
+        return float(self.bits)
+
+    @property
+    def extra_nbytes(self) -> int:
+        """Bytes held outside the per-token parts (none)."""
+        return 0
+
+
+class SplitCodec:
+    """Fractional bits: outlier channels at `outlier_bits`, the rest at `regular_bits`, per KV head.
+
+    outlier_index [H, n_out] and regular_index [H, d - n_out] (uint8, d <= 256) are set by
+    `calibrate(x)` from the first chunk: the n_out channels with the largest
+    mean |x| over batch and tokens, per head.
+    """
+
+    def __init__(self, head_dim: int, bits: float, seed: int = 0):
+        self.head_dim = head_dim
+        self.bits = bits
+        if head_dim > 256:
+            raise ValueError(f"fractional bits support head_dim up to 256 (uint8 channel indices), got {head_dim}")
+        self.num_outliers, self.outlier_bits, self.regular_bits = split_bits(bits, head_dim)
+        if self.num_outliers == 0:
+            raise ValueError(f"{bits} bits at head_dim {head_dim} needs no channel split; use TurboQuantCodec")
+        self.outlier = TurboQuantMSE(self.num_outliers, self.outlier_bits, seed)
+        self.regular = TurboQuantMSE(head_dim - self.num_outliers, self.regular_bits, seed)
+        self.outlier_index: torch.Tensor | None = None
+        self.regular_index: torch.Tensor | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.outlier_index is not None
+
+    def calibrate(self, x: torch.Tensor) -> None:  # x: [B, H, T, d]
+        score = x.float().abs().mean(dim=(0, 2))  # [H, d]
+        order = torch.argsort(score, dim=-1, descending=True)
+        self.outlier_index = order[:, : self.num_outliers].sort(dim=-1).values.to(torch.uint8)
+        self.regular_index = order[:, self.num_outliers :].sort(dim=-1).values.to(torch.uint8)
+
+    def _gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        b, h, t, _ = x.shape
+        return torch.gather(x, -1, index.to(x.device, torch.int64)[None, :, None, :].expand(b, h, t, -1))
+
+    def encode(self, x: torch.Tensor) -> Parts:
+        if not self.calibrated:
+            self.calibrate(x)
+        hi = self.outlier.quantize(self._gather(x, self.outlier_index))
+        lo = self.regular.quantize(self._gather(x, self.regular_index))
+        return {"hi_codes": hi.codes, "hi_norms": hi.norms, "lo_codes": lo.codes, "lo_norms": lo.norms}
+
+    def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:
+        hi = self.outlier.dequantize(QuantizedVectors(parts["hi_codes"], parts["hi_norms"], dtype=torch.float32))
+        lo = self.regular.dequantize(QuantizedVectors(parts["lo_codes"], parts["lo_norms"], dtype=torch.float32))
+        b, h, t, _ = hi.shape
+        out = torch.empty(b, h, t, self.head_dim, device=hi.device, dtype=torch.float32)
+        for index, part in ((self.outlier_index, hi), (self.regular_index, lo)):
+            out.scatter_(-1, index.to(hi.device, torch.int64)[None, :, None, :].expand(b, h, t, -1), part)
+        return out.to(dtype)
+
+    @property
+    def bits_per_coordinate(self) -> float:
+        return (self.num_outliers * self.outlier_bits + (self.head_dim - self.num_outliers) * self.regular_bits) / self.head_dim
+
+    @property
+    def extra_nbytes(self) -> int:
+        """The channel indices: one byte per channel per head."""
+        if not self.calibrated:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.outlier_index, self.regular_index))
+
+
+def make_codec(head_dim: int, bits: float, method: str, seed: int) -> TurboQuantCodec | SplitCodec:
+    """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only)."""
+    if split_bits(bits, head_dim)[0] == 0:
+        return TurboQuantCodec(head_dim, split_bits(bits, head_dim)[1], method, seed)
+    return SplitCodec(head_dim, bits, seed)

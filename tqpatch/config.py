@@ -1,0 +1,132 @@
+"""TurboQuantConfig: every knob of the compressed cache, validated, plus named presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+KEY_METHODS = ("mse", "prod")
+MIN_BITS, MAX_BITS = 1, 8
+
+
+def split_bits(bits: float, head_dim: int) -> tuple[int, int, int]:
+    """Fractional bits as the paper's outlier split: (outlier_channels, outlier_bits, regular_bits).
+
+    b = floor(b) + f is stored as round(f·d) outlier channels at floor(b)+1 bits
+    and the rest at floor(b) bits; integer b gives (0, b, b). E.g. 2.5 bits at
+    d = 128: 64 channels at 3 bits + 64 at 2 bits. (The paper's example, 32
+    channels at 3 bits + 96 at 2, averages 2.25 bits, not 2.5.)
+    """
+    low = int(math.floor(bits))
+    outliers = int(round((bits - low) * head_dim))
+    if outliers == 0:
+        return 0, low, low
+    if outliers == head_dim:
+        return 0, low + 1, low + 1
+    return outliers, low + 1, low
+
+
+def _check_bits(name: str, bits: float) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not (MIN_BITS <= bits <= MAX_BITS):
+        raise ValueError(f"{name} must be a number of bits in [{MIN_BITS}, {MAX_BITS}] (e.g. 2, 3, 4, 2.5, 3.5), got {bits!r}")
+
+
+@dataclass(frozen=True)
+class TurboQuantConfig:
+    """How each attention layer's K/V cache is compressed.
+
+    key_bits, value_bits: bits per coordinate, 1..8; a fractional value (2.5, 3.5)
+        uses the paper's outlier-channel split (see `split_bits`): per layer and
+        KV head, the channels with the largest mean |x| over the first chunk the
+        layer stores (the prefill) get one more bit.
+    key_method: "mse" (TurboQuant_mse, Algorithm 1) or "prod" (Algorithm 2:
+        (b-1)-bit mse + 1-bit QJL residual, unbiased inner products). Values
+        always use "mse".
+    residual_length: the most recent tokens kept in full precision (0 = none).
+    sink_tokens: the first tokens of the sequence kept in full precision.
+    protect_first, protect_last, protected_layers: layers (by index) given
+        `protected_bits` instead; protected_bits=None keeps them uncompressed.
+    prefill_exact: True: the tokens of the current forward call attend to each
+        other exactly and only tokens cached by earlier calls are read
+        compressed (the seed document's behaviour). False: every token is
+        read back compressed, the current ones included.
+    seed: seeds the rotation Π and the QJL matrix S (shared by all layers).
+    """
+
+    key_bits: float = 4
+    value_bits: float = 4
+    key_method: str = "mse"
+    residual_length: int = 0
+    sink_tokens: int = 0
+    protect_first: int = 0
+    protect_last: int = 0
+    protected_layers: tuple[int, ...] = field(default_factory=tuple)
+    protected_bits: int | None = None
+    prefill_exact: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_bits("key_bits", self.key_bits)
+        _check_bits("value_bits", self.value_bits)
+        if self.key_method not in KEY_METHODS:
+            raise ValueError(f"key_method must be one of {KEY_METHODS}, got {self.key_method!r}")
+        if self.key_method == "prod" and self.key_bits != int(self.key_bits):
+            raise ValueError(f"key_method='prod' needs integer key_bits (1..8), got {self.key_bits}")
+        for name in ("residual_length", "sink_tokens", "protect_first", "protect_last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.protected_layers):
+            raise ValueError(f"protected_layers must be non-negative layer indices, got {self.protected_layers!r}")
+        if self.protected_bits is not None:
+            if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
+                raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
+        if not isinstance(self.prefill_exact, bool):
+            raise ValueError(f"prefill_exact must be True or False, got {self.prefill_exact!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    # -- presets -------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TurboQuantConfig":
+        """A named setting, optionally with fields overridden: TurboQuantConfig.preset("k3v2", residual_length=128)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def with_(self, **changes) -> "TurboQuantConfig":
+        return replace(self, **changes)
+
+    # -- per-layer resolution --------------------------------------------------
+    def is_protected(self, layer_idx: int, num_layers: int) -> bool:
+        return layer_idx < self.protect_first or layer_idx >= num_layers - self.protect_last or layer_idx in self.protected_layers
+
+    def layer_bits(self, layer_idx: int, num_layers: int) -> tuple[float, float] | None:
+        """(key_bits, value_bits) for a layer, or None if it stays uncompressed."""
+        if self.is_protected(layer_idx, num_layers):
+            return None if self.protected_bits is None else (self.protected_bits, self.protected_bits)
+        return self.key_bits, self.value_bits
+
+    @property
+    def name(self) -> str:
+        """A short label, e.g. 'k4v4', 'k2.5v2.5-prod-r128'."""
+        fmt = lambda b: f"{b:g}"  # noqa: E731
+        label = f"k{fmt(self.key_bits)}v{fmt(self.value_bits)}"
+        if self.key_method != "mse":
+            label += f"-{self.key_method}"
+        if self.residual_length:
+            label += f"-r{self.residual_length}"
+        if self.sink_tokens:
+            label += f"-s{self.sink_tokens}"
+        return label
+
+
+PRESETS: dict[str, TurboQuantConfig] = {
+    "k8v8": TurboQuantConfig(key_bits=8, value_bits=8),
+    "k4v4": TurboQuantConfig(key_bits=4, value_bits=4),
+    "k3v2": TurboQuantConfig(key_bits=3, value_bits=2),
+    "k2v2": TurboQuantConfig(key_bits=2, value_bits=2),
+    "3.5bit": TurboQuantConfig(key_bits=3.5, value_bits=3.5),
+    "2.5bit": TurboQuantConfig(key_bits=2.5, value_bits=2.5),
+}

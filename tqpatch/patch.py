@@ -1,0 +1,199 @@
+"""patch(model, config) / unpatch(model): route every self-attention layer's K/V into TurboQuant stores.
+
+How it works: each self-attention module gets an accelerate `ModelHook`
+(chained after any device-placement hook with `append=True`). Before the
+module runs, the hook looks at the cache transformers passes it (`cache` in
+newer 5.x releases, `past_key_values` in older ones) and makes sure that
+cache's layer for this module is a `TurboQuantLayer`, created on the first
+K/V it sees (so on that module's device under device_map="auto"). The
+attention code then calls `cache.update(...)` as usual and gets the
+compressed store's K/V back. Whichever cache object is used, generate()'s own
+DynamicCache or one the user made, its full-precision layers are replaced,
+so no full-precision copy of compressed tokens remains.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
+
+from .codec import make_codec
+from .config import TurboQuantConfig
+from .store import TurboQuantLayer
+
+SUPPORTED = "decoder self-attention with a per-layer K/V cache (multi-head, GQA/MQA, sliding-window and hybrid sliding/global layers)"
+_STATE_ATTR = "_tqpatch_state"
+
+
+class TQPatchError(ValueError):
+    """A model or cache tqpatch cannot handle; the message says what is supported."""
+
+
+@dataclass
+class PatchState:
+    config: TurboQuantConfig
+    modules: list[torch.nn.Module] = field(default_factory=list)
+    last_cache: weakref.ReferenceType | None = None
+
+
+def _cache_of_call(kwargs: dict) -> tuple[str | None, object]:
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
+
+
+def self_attention_cache(cache: object) -> Cache:
+    """The Cache whose layers hold self-attention K/V, or a clear error for caches tqpatch cannot wrap."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    if not isinstance(cache, Cache):
+        raise TQPatchError(
+            f"tqpatch cannot wrap a cache of type {type(cache).__name__}; pass a transformers DynamicCache (or none: generate() makes one)"
+        )
+    if getattr(cache, "offloading", False):
+        raise TQPatchError("tqpatch cannot wrap an offloading cache; create the DynamicCache with offloading=False")
+    layers = getattr(cache, "layers", None)
+    if layers is None or (layers and not all(isinstance(layer, (DynamicLayer, TurboQuantLayer)) or type(layer).__name__ == "DummyLayer" for layer in layers)):
+        kinds = sorted({type(layer).__name__ for layer in layers or []})
+        raise TQPatchError(
+            f"tqpatch cannot wrap {type(cache).__name__} (layers: {', '.join(kinds) or 'none'}); "
+            "supported: DynamicCache with full or sliding-window attention layers"
+        )
+    return cache
+
+
+class TurboQuantHook(ModelHook):
+    """Installs this attention module's TurboQuantLayer into the cache of each call."""
+
+    def __init__(self, config: TurboQuantConfig, layer_idx: int, num_layers: int, state: PatchState):
+        self.config = config
+        self.layer_idx = layer_idx
+        self.bits = config.layer_bits(layer_idx, num_layers)
+        self._state = weakref.ref(state)
+
+    def new_layer(self, head_dim: int, sliding_window: int | None) -> TurboQuantLayer:
+        key_bits, value_bits = self.bits
+        cfg = self.config
+        return TurboQuantLayer(
+            key_codec=make_codec(head_dim, key_bits, cfg.key_method, cfg.seed),
+            value_codec=make_codec(head_dim, value_bits, "mse", cfg.seed),
+            residual_length=cfg.residual_length,
+            sink_tokens=cfg.sink_tokens,
+            prefill_exact=cfg.prefill_exact,
+            sliding_window=sliding_window,
+        )
+
+    def install(self, cache: Cache, head_dim: int) -> None:
+        layers = cache.layers
+        while len(layers) <= self.layer_idx:
+            if cache.layer_class_to_replicate is None:
+                raise TQPatchError(f"the cache has {len(layers)} layers but attention layer {self.layer_idx} was called")
+            layers.append(cache.layer_class_to_replicate())
+        layer = layers[self.layer_idx]
+        if isinstance(layer, TurboQuantLayer) or self.bits is None:
+            return
+        if type(layer).__name__ == "DummyLayer" or not isinstance(layer, DynamicLayer):
+            raise TQPatchError(f"layer {self.layer_idx} of the cache is a {type(layer).__name__}; supported: {SUPPORTED}")
+        sliding = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        store = self.new_layer(head_dim, sliding)
+        if layer.get_seq_length() > 0:
+            # A cache filled before patching (or by a protected pass): compress what it holds.
+            store.update(layer.keys, layer.values)
+            store.cumulative_length = layer.get_seq_length()
+        layers[self.layer_idx] = store
+
+    def pre_forward(self, module, *args, **kwargs):
+        _, cache = _cache_of_call(kwargs)
+        if cache is not None:
+            cache = self_attention_cache(cache)
+            head_dim = getattr(module, "head_dim", None) or module.config.hidden_size // module.config.num_attention_heads
+            self.install(cache, head_dim)
+            state = self._state()
+            if state is not None:
+                state.last_cache = weakref.ref(cache)
+        return args, kwargs
+
+
+def find_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Self-attention modules: classes named *Attention with an integer `layer_idx`, not cross-attention."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config(decoder=True) if config is not None and hasattr(config, "get_text_config") else config
+    if text_config is not None and getattr(text_config, "kv_lora_rank", None):
+        raise TQPatchError(f"multi-head latent attention (MLA, model type {text_config.model_type!r}) is not supported; supported: {SUPPORTED}")
+    found, cross = [], 0
+    for name, module in model.named_modules():
+        if not type(module).__name__.endswith("Attention") or not isinstance(getattr(module, "layer_idx", None), int):
+            continue
+        if getattr(module, "is_cross_attention", False) or "crossattention" in name.replace("_", "").lower():
+            cross += 1
+            continue
+        found.append((name, module))
+    if not found:
+        reason = "only cross-attention modules were found" if cross else "no self-attention modules (a class named *Attention with a layer_idx) were found"
+        raise TQPatchError(f"cannot patch {type(model).__name__}: {reason}; supported: {SUPPORTED}")
+    layer_types = getattr(text_config, "layer_types", None) or []
+    recurrent = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention", "chunked_attention")})
+    if recurrent:
+        raise TQPatchError(f"cannot patch {type(model).__name__}: it has recurrent/SSM layers ({', '.join(recurrent)}); supported: {SUPPORTED}")
+    return found
+
+
+def patch(model: torch.nn.Module, config: TurboQuantConfig | str | None = None) -> torch.nn.Module:
+    """Compress the KV cache of `model` in place with TurboQuant; returns the model.
+
+    config: a TurboQuantConfig, a preset name ("k4v4", "k3v2", "k2v2", "2.5bit", "3.5bit"), or None for k4v4.
+    """
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise TQPatchError("this model is already patched by tqpatch; call tqpatch.unpatch(model) first")
+    if config is None:
+        config = TurboQuantConfig()
+    elif isinstance(config, str):
+        config = TurboQuantConfig.preset(config)
+    elif not isinstance(config, TurboQuantConfig):
+        raise TypeError(f"config must be a TurboQuantConfig or a preset name, got {type(config).__name__}")
+    modules = find_attention_modules(model)
+    num_layers = max(module.layer_idx for _, module in modules) + 1
+    state = PatchState(config=config)
+    for _, module in modules:
+        add_hook_to_module(module, TurboQuantHook(config, module.layer_idx, num_layers, state), append=True)
+        state.modules.append(module)
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove tqpatch's hooks (and only those); the model computes exactly as before patch()."""
+    state: PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise TQPatchError("this model is not patched by tqpatch")
+    for module in state.modules:
+        hook = getattr(module, "_hf_hook", None)
+        if isinstance(hook, TurboQuantHook):
+            remove_hook_from_module(module)
+        elif isinstance(hook, SequentialHook):
+            others = [h for h in hook.hooks if not isinstance(h, TurboQuantHook)]
+            module._hf_hook = others[0] if len(others) == 1 else SequentialHook(*others)
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def patched_config(model: torch.nn.Module) -> TurboQuantConfig | None:
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.config
+
+
+def last_cache(model: torch.nn.Module) -> Cache | None:
+    """The cache the patched model's attention layers saw last (None if none is alive)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None or state.last_cache is None:
+        return None
+    return state.last_cache()

@@ -1,0 +1,309 @@
+"""The per-layer compressed K/V store: a transformers cache layer holding TurboQuant codes.
+
+One `TurboQuantLayer` replaces one layer of a transformers `Cache`. Tokens of
+the layer's sequence are kept in up to three places, oldest first:
+
+    [ sink tokens (full precision) | compressed tokens (codes) | window (full precision) ]
+
+- the first `sink_tokens` tokens of the sequence stay exact;
+- the last `residual_length` tokens stay exact in the window; tokens that
+  leave the window are quantized once, appended to the compressed buffers and
+  never re-quantized;
+- sliding-window layers (Gemma 2/3, Mistral) keep only their last
+  `sliding_window - 1` tokens, like transformers' DynamicSlidingWindowLayer.
+
+`update` returns the layer's K/V for attention, dequantized in the model's
+dtype for this call only: no dequantized copy outlives the call, so at most
+one layer's dequantized K/V exists at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .codec import Parts, SplitCodec, TurboQuantCodec
+
+Codec = TurboQuantCodec | SplitCodec
+
+
+def _tensor_nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class TokenBuffer:
+    """Named tensors sharing leading axes [B, H, T, ...], grown along T with 12.5% spare capacity.
+
+    `parts` holds views of the live tokens [:, :, :length]; the tensors behind
+    them may hold a little spare room for appends (counted by `nbytes_allocated`).
+    """
+
+    GROWTH = 8  # spare room = current length / GROWTH when a reallocation is needed
+
+    def __init__(self) -> None:
+        self._storage: Parts = {}
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def parts(self) -> Parts:
+        return {name: t[:, :, : self.length] for name, t in self._storage.items()}
+
+    def append(self, new: Parts) -> None:
+        added = next(iter(new.values())).shape[2]
+        if added == 0:
+            return
+        needed = self.length + added
+        capacity = next(iter(self._storage.values())).shape[2] if self._storage else 0
+        if needed > capacity:
+            new_capacity = needed if not self._storage else needed + self.length // self.GROWTH
+            grown = {}
+            for name, t in new.items():
+                buf = t.new_empty(*t.shape[:2], new_capacity, *t.shape[3:])
+                if self.length:
+                    buf[:, :, : self.length] = self._storage[name][:, :, : self.length]
+                grown[name] = buf
+            self._storage = grown
+        for name, t in new.items():
+            self._storage[name][:, :, self.length : needed] = t
+        self.length = needed
+
+    def keep(self, start: int, end: int) -> None:
+        """Keep tokens [start, end) only (a fresh tight copy, so dropped tokens free their memory)."""
+        self._storage = {name: t[:, :, start:end].clone() for name, t in self._storage.items()}
+        self.length = max(end - start, 0)
+
+    def map_batch(self, fn) -> None:
+        """Apply fn to every tensor's batch axis (reorder, select, repeat)."""
+        self._storage = {name: fn(t[:, :, : self.length]) for name, t in self._storage.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the live tokens."""
+        return sum(_tensor_nbytes(t) for t in self.parts.values())
+
+    @property
+    def nbytes_allocated(self) -> int:
+        return sum(_tensor_nbytes(t) for t in self._storage.values())
+
+
+def _cat(*tensors: torch.Tensor | None) -> torch.Tensor:
+    present = [t for t in tensors if t is not None and t.shape[-2] > 0]
+    return present[0] if len(present) == 1 else torch.cat(present, dim=-2)
+
+
+class TurboQuantLayer(CacheLayerMixin):
+    """A transformers cache layer storing K/V as TurboQuant codes (see the module docstring)."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        key_codec: Codec,
+        value_codec: Codec,
+        residual_length: int = 0,
+        sink_tokens: int = 0,
+        prefill_exact: bool = True,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.key_codec = key_codec
+        self.value_codec = value_codec
+        self.residual_length = residual_length
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        # Sinks only make sense where the first tokens stay visible.
+        self.sink_tokens = 0 if self.is_sliding else sink_tokens
+        self.prefill_exact = prefill_exact
+        self.compressed_keys = TokenBuffer()
+        self.compressed_values = TokenBuffer()
+        self.sink_keys: torch.Tensor | None = None  # [B, H, S, d] model dtype
+        self.sink_values: torch.Tensor | None = None
+        self.window_keys: torch.Tensor | None = None  # [B, H, W, d] model dtype
+        self.window_values: torch.Tensor | None = None
+        self.cumulative_length = 0  # tokens ever added (what get_seq_length reports)
+        self.dtype: torch.dtype | None = None
+        self.device: torch.device | None = None
+
+    def __repr__(self) -> str:
+        kind = "sliding" if self.is_sliding else "full"
+        return f"TurboQuantLayer({kind}, k={self.key_codec.bits}b, v={self.value_codec.bits}b, stored={self.stored_length})"
+
+    # -- sizes -------------------------------------------------------------------
+    @property
+    def num_sink(self) -> int:
+        return 0 if self.sink_keys is None else self.sink_keys.shape[-2]
+
+    @property
+    def num_window(self) -> int:
+        return 0 if self.window_keys is None else self.window_keys.shape[-2]
+
+    @property
+    def num_compressed(self) -> int:
+        return len(self.compressed_keys)
+
+    @property
+    def stored_length(self) -> int:
+        return self.num_sink + self.num_compressed + self.num_window
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.is_sliding else -1
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the K/V the next `update` returns (query_length may be a cache_position tensor)."""
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        if not self.is_sliding:
+            return self.cumulative_length + query_length, 0
+        kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        return min(self.cumulative_length, self.sliding_window - 1) + query_length, kv_offset
+
+    # -- writing -----------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype = key_states.dtype
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append new tokens [B, H, T, d]: fill the sinks, then the window; quantize what leaves the window."""
+        if self.num_sink < self.sink_tokens:
+            take = min(self.sink_tokens - self.num_sink, keys.shape[-2])
+            self.sink_keys = _cat(self.sink_keys, keys[..., :take, :])
+            self.sink_values = _cat(self.sink_values, values[..., :take, :])
+            keys, values = keys[..., take:, :], values[..., take:, :]
+        if keys.shape[-2] == 0:
+            return
+        window_keys = _cat(self.window_keys, keys)
+        window_values = _cat(self.window_values, values)
+        overflow = window_keys.shape[-2] - self.residual_length
+        if overflow > 0:
+            self.compressed_keys.append(self.key_codec.encode(window_keys[..., :overflow, :]))
+            self.compressed_values.append(self.value_codec.encode(window_values[..., :overflow, :]))
+            window_keys, window_values = window_keys[..., overflow:, :], window_values[..., overflow:, :]
+        # Copy out of the caller's tensors, so the window never pins a larger buffer.
+        self.window_keys, self.window_values = window_keys.clone(), window_values.clone()
+
+    def _trim_front(self, count: int) -> None:
+        """Forget the `count` oldest stored tokens (sliding-window layers)."""
+        if count <= 0:
+            return
+        from_compressed = min(count, self.num_compressed)
+        if from_compressed:
+            self.compressed_keys.keep(from_compressed, self.num_compressed)
+            self.compressed_values.keep(from_compressed, len(self.compressed_values))
+        rest = count - from_compressed
+        if rest:
+            self.window_keys = self.window_keys[..., rest:, :].clone()
+            self.window_values = self.window_values[..., rest:, :].clone()
+
+    def stored_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored tokens [B, H, L, d] in the model dtype, compressed ones dequantized now."""
+        keys = [self.sink_keys]
+        values = [self.sink_values]
+        if self.num_compressed:
+            keys.append(self.key_codec.decode(self.compressed_keys.parts, self.dtype))
+            values.append(self.value_codec.decode(self.compressed_values.parts, self.dtype))
+        keys.append(self.window_keys)
+        values.append(self.window_values)
+        return _cat(*keys), _cat(*values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new K/V [B, H, T, d]; return the K/V to attend to (see TurboQuantConfig.prefill_exact)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        if self.prefill_exact:
+            if self.stored_length:
+                past_keys, past_values = self.stored_kv()
+                keys, values = _cat(past_keys, key_states), _cat(past_values, value_states)
+            else:
+                keys, values = key_states, value_states
+            self._store(key_states, value_states)
+        else:
+            self._store(key_states, value_states)
+            keys, values = self.stored_kv()
+        if self.is_sliding:
+            self._trim_front(self.stored_length - (self.sliding_window - 1))
+        return keys, values
+
+    # -- editing -----------------------------------------------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last -tokens_to_remove tokens (tokens_to_remove <= 0); a positive value is a target length."""
+        if not self.is_initialized:
+            return
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(self.cumulative_length - tokens_to_remove, 0)
+        if remove == 0:
+            return
+        if remove > self.stored_length:
+            raise RuntimeError(
+                f"cannot crop {remove} tokens: this layer holds only the last {self.stored_length} "
+                "(a sliding-window layer forgets older tokens)"
+            )
+        from_window = min(remove, self.num_window)
+        if from_window:
+            self.window_keys = self.window_keys[..., : self.num_window - from_window, :]
+            self.window_values = self.window_values[..., : self.num_window - from_window, :]
+        from_compressed = min(remove - from_window, self.num_compressed)
+        if from_compressed:
+            self.compressed_keys.keep(0, self.num_compressed - from_compressed)
+            self.compressed_values.keep(0, len(self.compressed_values) - from_compressed)
+        from_sink = remove - from_window - from_compressed
+        if from_sink:
+            self.sink_keys = self.sink_keys[..., : self.num_sink - from_sink, :]
+            self.sink_values = self.sink_values[..., : self.num_sink - from_sink, :]
+        self.cumulative_length -= remove
+
+    def _map_batch(self, fn) -> None:
+        self.compressed_keys.map_batch(fn)
+        self.compressed_values.map_batch(fn)
+        for name in ("sink_keys", "sink_values", "window_keys", "window_values"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices, ...])
+
+    def reset(self) -> None:
+        self.compressed_keys = TokenBuffer()
+        self.compressed_values = TokenBuffer()
+        self.sink_keys = self.sink_values = self.window_keys = self.window_values = None
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def offload(self):
+        raise NotImplementedError("tqpatch does not offload its compressed store; create the cache with offloading=False")
+
+    def prefetch(self):
+        raise NotImplementedError("tqpatch does not offload its compressed store; create the cache with offloading=False")
+
+    # -- accounting ----------------------------------------------------------------
+    def memory(self) -> dict[str, int]:
+        """Token counts and bytes held by this layer (compressed codes, full-precision sinks and window)."""
+        full_precision = [self.sink_keys, self.sink_values, self.window_keys, self.window_values]
+        fp_bytes = sum(_tensor_nbytes(t) for t in full_precision)
+        compressed_bytes = self.compressed_keys.nbytes + self.compressed_values.nbytes
+        extra = self.key_codec.extra_nbytes + self.value_codec.extra_nbytes
+        allocated = self.compressed_keys.nbytes_allocated + self.compressed_values.nbytes_allocated
+        return {
+            "compressed_tokens": self.num_compressed,
+            "full_precision_tokens": self.num_sink + self.num_window,
+            "compressed_bytes": compressed_bytes + extra,
+            "full_precision_bytes": fp_bytes,
+            "allocated_bytes": allocated + extra + fp_bytes,
+        }
