@@ -72,5 +72,21 @@ def eval_distortion(head_dim: int, bits: tuple[int, ...], num_vectors: int, seed
     click.echo(f"wrote {paths['json']} and {paths['png']}", err=as_json)
 
 
+def _register_subcommands() -> None:
+    """Commands that live in their own modules (one module per command family)."""
+    import importlib
+
+    for module_name in ("tqpatch.cli.generate", "tqpatch.cli.eval_commands", "tqpatch.cli.bench"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(main, eval_group)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()
