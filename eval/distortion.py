@@ -44,11 +44,11 @@ class DistortionResult:
     def table(self) -> str:
         lines = [
             f"d = {self.head_dim}, {self.num_vectors} random unit vectors, seed {self.seed}",
-            f"{'method':<6} {'bits':>4} {'MSE':>10} {'upper':>8} {'lower':>8} {'d·IP err²':>10} {'√d·bias':>9}",
+            f"{'method':<6} {'bits':>4} {'MSE':>10} {'MSE upper':>10} {'lower':>8} {'d·IP err²':>10} {'IP upper':>9} {'√d·bias':>9}",
         ]
         for r in self.rows:
             lines.append(
-                f"{r.method:<6} {r.bits:>4} {r.mse:>10.5f} {r.mse_upper_bound:>8.5f} {r.mse_lower_bound:>8.5f} {r.ip_error_var:>10.5f} {r.ip_bias:>+9.4f}"
+                f"{r.method:<6} {r.bits:>4} {r.mse:>10.5f} {r.mse_upper_bound:>10.5f} {r.mse_lower_bound:>8.5f} {r.ip_error_var:>10.5f} {r.ip_upper_bound:>9.5f} {r.ip_bias:>+9.4f}"
             )
         return "\n".join(lines)
 

@@ -8,7 +8,7 @@ from tqpatch.cli.main import main
 def test_eval_distortion_writes_table_json_and_png(tmp_path):
     result = CliRunner().invoke(main, ["eval", "distortion", "-d", "64", "-n", "2000", "--bits", "1,2", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "prod" in result.output and "upper" in result.output
+    assert "prod" in result.output and "MSE upper" in result.output
     data = json.loads((tmp_path / "distortion_d64.json").read_text())
     assert {r["method"] for r in data["rows"]} == {"mse", "prod"}
     assert all(r["mse"] < r["mse_upper_bound"] for r in data["rows"] if r["method"] == "mse")
