@@ -1,0 +1,111 @@
+"""cache_stats: bytes held equal the config's formula, and nothing else holds the tokens."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import tqpatch
+from tqpatch.codec import SplitCodec, TurboQuantCodec
+from tqpatch.config import split_bits
+from tqpatch.store import TurboQuantLayer
+from tiny_models import prompt, tiny_model
+
+NORM_BYTES = 2  # fp16
+
+
+def formula_bytes_per_vector(head_dim: int, bits: float, method: str) -> float:
+    """Stored bytes of one K or V vector of one head, from the config alone."""
+    outliers, hi, lo = split_bits(bits, head_dim)
+    if outliers:
+        return math.ceil(outliers * hi / 8) + math.ceil((head_dim - outliers) * lo / 8) + 2 * NORM_BYTES
+    if method == "prod":
+        return math.ceil(head_dim * (bits - 1) / 8) + NORM_BYTES + math.ceil(head_dim / 8) + NORM_BYTES
+    return math.ceil(head_dim * bits / 8) + NORM_BYTES
+
+
+CASES = [
+    tqpatch.TurboQuantConfig(key_bits=4, value_bits=4),
+    tqpatch.TurboQuantConfig(key_bits=3, value_bits=2),
+    tqpatch.TurboQuantConfig(key_bits=3, value_bits=2, key_method="prod"),
+    tqpatch.TurboQuantConfig(key_bits=2.5, value_bits=3.5),
+    tqpatch.TurboQuantConfig(key_bits=2, value_bits=2, residual_length=16, sink_tokens=4),
+]
+
+
+@pytest.mark.parametrize("config", CASES, ids=lambda c: c.name)
+def test_bytes_per_token_per_layer_match_formula(config):
+    model = tiny_model("qwen3")  # head_dim 16 x 2 KV heads; a long enough sequence that the split's indices are small
+    tqpatch.patch(model, config)
+    cache = DynamicCache(config=model.config)
+    tokens, batch, heads = 300, 2, model.config.num_key_value_heads
+    with torch.no_grad():
+        model(prompt(batch=batch, length=tokens), cache=cache)
+        for t in range(5):  # decode appends, so the buffers grow with spare room
+            model(prompt(batch=batch, length=1, seed=t), cache=cache)
+    tokens += 5
+    head_dim = model.config.head_dim
+    fp_tokens = config.residual_length + config.sink_tokens
+    per_token = heads * batch * (
+        formula_bytes_per_vector(head_dim, config.key_bits, config.key_method) + formula_bytes_per_vector(head_dim, config.value_bits, "mse")
+    )
+    fp_per_token = heads * batch * 2 * head_dim * 4  # fp32 model
+    stats = tqpatch.cache_stats(cache)
+    for layer in stats.layers:
+        expected = (tokens - fp_tokens) * per_token + fp_tokens * fp_per_token
+        assert layer.compressed_tokens == tokens - fp_tokens and layer.full_precision_tokens == fp_tokens
+        assert layer.bytes == pytest.approx(expected, rel=0.02)
+        assert layer.bytes <= layer.allocated_bytes <= 1.15 * layer.bytes
+        assert layer.baseline_bytes == tokens * fp_per_token
+
+
+def _tensor_bytes_reachable(obj, seen=None) -> int:
+    """Bytes of every distinct tensor storage reachable from obj through attributes, dicts, lists and tuples.
+
+    Codecs are skipped: they hold per-device constants (Π, centroids) that do not grow with the sequence.
+    """
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (TurboQuantCodec, SplitCodec)):
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        key = ("storage", obj.untyped_storage().data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes_reachable(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(_tensor_bytes_reachable(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        return sum(_tensor_bytes_reachable(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def test_no_hidden_full_precision_copy_anywhere():
+    model = tiny_model("llama")
+    tqpatch.patch(model, "k2v2")
+    out = model.generate(prompt(length=200), max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    stats = tqpatch.cache_stats(cache)
+    reachable = _tensor_bytes_reachable(cache)
+    # Everything the cache object holds, transformers' own attributes included, is what cache_stats counts
+    # (codes, norms, spare append room); a full-precision copy of the 209 tokens would be 4.4x all of it.
+    assert reachable == stats.allocated_bytes
+    assert stats.baseline_bytes > 4 * reachable
+    for layer in cache.layers:
+        assert isinstance(layer, TurboQuantLayer)
+        assert layer.keys is None and layer.values is None
+
+
+def test_stats_need_a_live_cache():
+    model = tiny_model("llama")
+    tqpatch.patch(model, "k4v4")
+    with pytest.raises(ValueError, match="no live cache"):
+        tqpatch.cache_stats(model)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt(), cache=cache)
+    assert tqpatch.cache_stats(model).compressed_tokens == tqpatch.cache_stats(cache).compressed_tokens > 0

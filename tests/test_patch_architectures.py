@@ -1,0 +1,93 @@
+"""patch() on tiny random models of each supported architecture."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import tqpatch
+from tqpatch.store import TurboQuantLayer
+from tiny_models import BUILDERS, prompt, tiny_model
+
+ARCHS = list(BUILDERS)
+
+
+def greedy(model, ids, new_tokens=30, **kwargs):
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+
+def cache_of(out):
+    return getattr(out, "cache", None) or out.past_key_values
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_8_bits_generates_the_same_greedy_tokens(arch):
+    model = tiny_model(arch)
+    ids = prompt()
+    reference = greedy(model, ids)
+    tqpatch.patch(model, "k8v8")
+    out = greedy(model, ids, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference)
+    stats = tqpatch.cache_stats(cache_of(out))
+    assert stats.compressed_tokens > 0
+    assert all(layer.kind == "turboquant" for layer in stats.layers)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_2_bits_changes_outputs_and_compresses(arch):
+    model = tiny_model(arch)
+    ids = prompt(length=40)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :32], cache=cache)
+        reference = model(ids[:, 32:], cache=cache).logits
+        tqpatch.patch(model, "k2v2")
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :32], cache=cache)
+        compressed = model(ids[:, 32:], cache=cache).logits
+    relative = (compressed - reference).norm() / reference.norm()
+    assert relative > 1e-3, f"2-bit cache changed the logits by only {relative:.2e}: was anything compressed?"
+    stats = tqpatch.cache_stats(cache)
+    assert stats.compressed_tokens > 0
+    assert stats.bytes < stats.baseline_bytes / 4
+    head_dim = cache.layers[0].key_codec.head_dim
+    assert stats.bits_per_element == pytest.approx(2 + 16 / head_dim)  # codes + one fp16 norm per vector
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unpatch_restores_bit_identical_outputs(arch):
+    model = tiny_model(arch)
+    ids = prompt(length=20)
+    with torch.no_grad():
+        before = model(ids).logits
+        tqpatch.patch(model, "k2v2")
+        tqpatch.unpatch(model)
+        cache = DynamicCache(config=model.config)
+        after = model(ids, cache=cache).logits
+    assert torch.equal(before, after)
+    assert not any(isinstance(layer, TurboQuantLayer) for layer in cache.layers)
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def test_gemma3_sliding_layers_keep_only_their_window():
+    model = tiny_model("gemma3")
+    tqpatch.patch(model, "k4v4")
+    out = greedy(model, prompt(length=12), new_tokens=20, return_dict_in_generate=True)
+    cache = cache_of(out)
+    total = 12 + 20 - 1
+    window = model.config.sliding_window
+    for layer, kind in zip(cache.layers, model.config.layer_types):
+        assert isinstance(layer, TurboQuantLayer)
+        if kind == "sliding_attention":
+            assert layer.is_sliding and layer.stored_length == window - 1
+        else:
+            assert not layer.is_sliding and layer.stored_length == total
+        assert layer.get_seq_length() == total
+
+
+def test_gemma3_sliding_matches_unpatched_at_8_bits_past_the_window():
+    # Past the window, the sliding layers must mask exactly like transformers' own sliding layer.
+    model = tiny_model("gemma3")
+    ids = prompt(length=5)
+    reference = greedy(model, ids, new_tokens=40)
+    tqpatch.patch(model, tqpatch.TurboQuantConfig(key_bits=8, value_bits=8, prefill_exact=False))
+    assert torch.equal(greedy(model, ids, new_tokens=40), reference)

@@ -1,0 +1,114 @@
+"""Clear errors for what tqpatch cannot do."""
+
+import pytest
+import torch
+import transformers as tf
+from transformers import DynamicCache, StaticCache
+
+import tqpatch
+from tqpatch.config import TurboQuantConfig
+from tiny_models import prompt, tiny_model
+
+
+def test_unknown_preset_names_the_valid_ones():
+    with pytest.raises(ValueError, match="valid presets: k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit"):
+        TurboQuantConfig.preset("k5v5")
+    with pytest.raises(ValueError, match="valid presets"):
+        tqpatch.patch(tiny_model("llama"), "fast")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(key_bits=0), r"key_bits must be a number of bits in \[1, 8\]"),
+        (dict(value_bits=9), r"value_bits must be a number of bits in \[1, 8\]"),
+        (dict(key_bits="4"), "key_bits"),
+        (dict(key_method="qjl"), r"key_method must be one of \('mse', 'prod'\)"),
+        (dict(key_method="prod", key_bits=2.5), "integer key_bits"),
+        (dict(residual_length=-1), "residual_length must be a non-negative integer"),
+        (dict(protected_bits=0), "protected_bits must be None"),
+        (dict(protected_layers=(-1,)), "protected_layers"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TurboQuantConfig(**kwargs)
+
+
+def test_config_is_frozen_and_presets_override():
+    config = TurboQuantConfig.preset("k3v2", residual_length=128)
+    assert (config.key_bits, config.value_bits, config.residual_length) == (3, 2, 128)
+    with pytest.raises(Exception):
+        config.key_bits = 4
+
+
+def test_patching_twice_is_refused():
+    model = tiny_model("llama")
+    tqpatch.patch(model)
+    with pytest.raises(tqpatch.TQPatchError, match="already patched"):
+        tqpatch.patch(model)
+    tqpatch.unpatch(model)
+    with pytest.raises(tqpatch.TQPatchError, match="not patched"):
+        tqpatch.unpatch(model)
+
+
+def test_model_without_attention():
+    with pytest.raises(tqpatch.TQPatchError, match="no self-attention modules.*supported"):
+        tqpatch.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_ssm_model_is_refused():
+    mamba = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, state_size=4))
+    with pytest.raises(tqpatch.TQPatchError, match="supported"):
+        tqpatch.patch(mamba)
+
+
+def test_mla_model_is_refused():
+    config = tf.DeepseekV2Config(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                                 n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=1, moe_intermediate_size=8)
+    with pytest.raises(tqpatch.TQPatchError, match="multi-head latent attention"):
+        tqpatch.patch(tf.DeepseekV2ForCausalLM(config))
+
+
+def test_static_cache_is_refused_with_what_works():
+    model = tiny_model("llama")
+    tqpatch.patch(model)
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with pytest.raises(tqpatch.TQPatchError, match="cannot wrap StaticCache.*supported: DynamicCache"):
+        with torch.no_grad():
+            model(prompt(), cache=cache)
+
+
+def test_offloading_cache_is_refused():
+    model = tiny_model("llama")
+    tqpatch.patch(model)
+    with pytest.raises(tqpatch.TQPatchError, match="offloading"):
+        with torch.no_grad():
+            model(prompt(), cache=DynamicCache(config=model.config, offloading=True))
+
+
+def test_head_dim_without_codebook_is_built_with_a_warning():
+    from tqpatch.codebook import get_codebook
+
+    get_codebook.cache_clear()
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=128, hidden_size=40, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1)).eval()  # head_dim 20: not shipped
+    tqpatch.patch(model, "k3v2")
+    with pytest.warns(UserWarning, match="tqpatch build-codebooks --dims 20 --bits 3"):
+        with torch.no_grad():
+            model(prompt(), cache=DynamicCache(config=model.config))
+
+
+def test_head_dim_with_no_possible_codebook():
+    with pytest.raises(ValueError, match="head_dim must be an integer >= 3"):
+        tqpatch.TurboQuantMSE(2, 4)
+
+
+def test_use_cache_false_is_untouched():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        reference = model(prompt(), use_cache=False).logits
+        tqpatch.patch(model, "k2v2")
+        assert torch.equal(model(prompt(), use_cache=False).logits, reference)
