@@ -21,6 +21,7 @@ import torch
 from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
 
+from . import attention
 from .codec import make_codec
 from .config import TurboQuantConfig
 from .store import TurboQuantLayer
@@ -113,6 +114,8 @@ class TurboQuantHook(ModelHook):
             cache = self_attention_cache(cache)
             head_dim = getattr(module, "head_dim", None) or module.config.hidden_size // module.config.num_attention_heads
             self.install(cache, head_dim)
+            if self.bits is not None:
+                attention.prepare(module, cache.layers[self.layer_idx])
             state = self._state()
             if state is not None:
                 state.last_cache = weakref.ref(cache)
@@ -163,6 +166,7 @@ def patch(model: torch.nn.Module, config: TurboQuantConfig | str | None = None) 
         add_hook_to_module(module, TurboQuantHook(config, module.layer_idx, num_layers, state), append=True)
         state.modules.append(module)
     setattr(model, _STATE_ATTR, state)
+    attention.enable([m for m in state.modules if config.layer_bits(m.layer_idx, num_layers) is not None])
     return model
 
 
@@ -171,6 +175,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     state: PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise TQPatchError("this model is not patched by tqpatch")
+    attention.disable(state.modules)
     for module in state.modules:
         hook = getattr(module, "_hf_hook", None)
         if isinstance(hook, TurboQuantHook):

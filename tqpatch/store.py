@@ -70,6 +70,25 @@ class TokenBuffer:
             self._storage[name][:, :, self.length : needed] = t
         self.length = needed
 
+    def reserve(self, added: int) -> Parts | None:
+        """Views [:, :, length:length+added] of the storage (grown if needed) for a kernel to write the next
+        tokens into, followed by `commit(added)`; None while the buffer holds no tensors yet."""
+        if not self._storage:
+            return None
+        needed = self.length + added
+        capacity = next(iter(self._storage.values())).shape[2]
+        if needed > capacity:
+            grown = {}
+            for name, t in self._storage.items():
+                buf = t.new_empty(*t.shape[:2], needed + self.length // self.GROWTH, *t.shape[3:])
+                buf[:, :, : self.length] = t[:, :, : self.length]
+                grown[name] = buf
+            self._storage = grown
+        return {name: t[:, :, self.length : needed] for name, t in self._storage.items()}
+
+    def commit(self, added: int) -> None:
+        self.length += added
+
     def keep(self, start: int, end: int) -> None:
         """Keep tokens [start, end) only (a fresh tight copy, so dropped tokens free their memory)."""
         self._storage = {name: t[:, :, start:end].clone() for name, t in self._storage.items()}
@@ -127,6 +146,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.cumulative_length = 0  # tokens ever added (what get_seq_length reports)
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
+        self.fused = False  # set by tqpatch.attention.prepare: decode steps attend on the codes (CUDA)
 
     def __repr__(self) -> str:
         kind = "sliding" if self.is_sliding else "full"
@@ -183,8 +203,14 @@ class TurboQuantLayer(CacheLayerMixin):
         window_values = _cat(self.window_values, values)
         overflow = window_keys.shape[-2] - self.residual_length
         if overflow > 0:
-            self.compressed_keys.append(self.key_codec.encode(window_keys[..., :overflow, :]))
-            self.compressed_values.append(self.value_codec.encode(window_values[..., :overflow, :]))
+            if self.fused:  # CUDA: the store kernel writes the codes in place
+                from .attention import store_compressed
+
+                store_compressed(self, self.compressed_keys, self.key_codec, window_keys[..., :overflow, :])
+                store_compressed(self, self.compressed_values, self.value_codec, window_values[..., :overflow, :])
+            else:
+                self.compressed_keys.append(self.key_codec.encode(window_keys[..., :overflow, :]))
+                self.compressed_values.append(self.value_codec.encode(window_values[..., :overflow, :]))
             window_keys, window_values = window_keys[..., overflow:, :], window_values[..., overflow:, :]
         # Copy out of the caller's tensors, so the window never pins a larger buffer.
         self.window_keys, self.window_values = window_keys.clone(), window_values.clone()
@@ -215,6 +241,12 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new K/V [B, H, T, d]; return the K/V to attend to (see TurboQuantConfig.prefill_exact)."""
+        if self.fused:  # one decode token on CUDA: attend on the codes (tqpatch.attention)
+            from .attention import fused_update
+
+            marker = fused_update(self, key_states, value_states)
+            if marker is not None:
+                return marker
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]

@@ -1,0 +1,328 @@
+"""Fused GPU kernels for the compressed store, behind checked launchers.
+
+    encode(codec, x)                 store kernel: x [B, H, T, d] -> the codec's parts (codes, norms, ...)
+    encode_into(codec, x, out)       the same, written into preallocated part views (the store's buffer)
+    decode_attention(q, ...)         one query token against compressed + full-precision K/V
+
+Each launcher checks its inputs, runs the Triton kernel when the tensors are
+on CUDA and Triton is importable, and otherwise runs the PyTorch reference
+(`tqpatch.kernels.reference`), which is also the oracle of the kernel tests.
+Triton is imported lazily: CPU installs never need it.
+
+Supported by the kernels: TurboQuantCodec (whole vectors) with mse bits 1..4
+(keys and values) or prod keys with 2..5 bits (mse part 1..4 bits + QJL signs),
+head_dim a power of two in 16..256. Everything else (SplitCodec's
+fractional bits, more bits) uses the reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import weakref
+
+import torch
+
+from ..codec import Parts, TurboQuantCodec
+from ..quantizer import TurboQuantMSE, TurboQuantProd
+from .reference import decode_attention_reference, encode_reference
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+MSE_BITS = (1, 2, 3, 4)
+LOG2E = 1.4426950408889634
+
+__all__ = [
+    "HEAD_DIMS",
+    "MSE_BITS",
+    "decode_attention",
+    "decode_attention_reference",
+    "encode",
+    "encode_into",
+    "encode_reference",
+    "supports",
+    "triton_available",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Triton importable and not disabled by TQPATCH_DISABLE_TRITON=1."""
+    if os.environ.get("TQPATCH_DISABLE_TRITON", "") == "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _tk():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: the kernels run on CPU tensors in Triton's interpreter (tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def kernel_device(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on tensors like t."""
+    return (t.is_cuda or interpreting()) and triton_available()
+
+
+_use_triton = kernel_device
+
+
+def _device_ctx(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _mse_part(codec) -> TurboQuantMSE | None:
+    """The TurboQuant_mse quantizer whose codes the kernels read, or None if the codec is unsupported."""
+    if not isinstance(codec, TurboQuantCodec) or codec.head_dim not in HEAD_DIMS:
+        return None
+    q = codec.quantizer
+    if isinstance(q, TurboQuantProd):
+        q = q.mse
+    if not isinstance(q, TurboQuantMSE) or q.bits not in MSE_BITS:
+        return None
+    return q
+
+
+def supports(codec) -> bool:
+    """Whether the kernels handle this codec (else the reference path is used)."""
+    return _mse_part(codec) is not None
+
+
+# -- per-quantizer constants on each device (float32, contiguous) ---------------------------------------
+_CONSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _consts(codec, device: torch.device) -> dict[str, torch.Tensor]:
+    per_device = _CONSTS.setdefault(codec.quantizer, {})
+    if device not in per_device:
+        mse = _mse_part(codec)
+        rot = mse.rotation(device).contiguous()  # Π [d, d]
+        c = {
+            "rot": rot,
+            "rotT": rot.T.contiguous(),
+            "centroids": mse.centroids(device).contiguous(),
+            "boundaries": mse._constants(device)[2].contiguous(),
+            "qmatT": rot.T.contiguous(),  # queries: [Π q] = q @ Πᵀ
+        }
+        if isinstance(codec.quantizer, TurboQuantProd):
+            s = codec.quantizer.qjl(device)
+            c["projT"] = (rot @ s.T).contiguous()  # S Πᵀ r_rot as a row vector: r_rot @ Π Sᵀ
+            c["qmatT"] = torch.cat([rot.T, s.T], dim=1).contiguous()  # [Π q | S q]
+        per_device[device] = c
+    return per_device[device]
+
+
+def _check_x(codec, x: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[-1] != codec.head_dim:
+        raise ValueError(f"expected x [B, H, T, {codec.head_dim}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating tensor, got {x.dtype}")
+
+
+def _empty_parts(codec, x: torch.Tensor) -> Parts:
+    b, h, t, d = x.shape
+    mse = _mse_part(codec)
+    parts = {
+        "codes": torch.empty(b, h, t, d * mse.bits // 8, dtype=torch.uint8, device=x.device),
+        "norms": torch.empty(b, h, t, dtype=torch.float16, device=x.device),
+    }
+    if isinstance(codec.quantizer, TurboQuantProd):
+        parts["qjl_signs"] = torch.empty(b, h, t, d // 8, dtype=torch.uint8, device=x.device)
+        parts["residual_norms"] = torch.empty(b, h, t, dtype=torch.float16, device=x.device)
+    return parts
+
+
+def encode(codec, x: torch.Tensor) -> Parts:  # x: [B, H, T, d] -> parts [B, H, T, ...]
+    """The store kernel (or codec.encode where the kernel does not apply)."""
+    _check_x(codec, x)
+    if not (supports(codec) and _use_triton(x)) or x.shape[2] == 0:
+        return encode_reference(codec, x)
+    out = _empty_parts(codec, x)
+    _launch_store(codec, x, out)
+    return out
+
+
+def encode_into(codec, x: torch.Tensor, out: Parts) -> None:
+    """Encode x [B, H, T, d] into `out`'s views [B, H, T, ...] (e.g. the free slots of a store buffer)."""
+    _check_x(codec, x)
+    if not (supports(codec) and _use_triton(x)):
+        for name, t in encode_reference(codec, x).items():
+            out[name].copy_(t)
+        return
+    expected = _empty_parts(codec, x[:, :, :0])
+    for name, like in expected.items():
+        t = out.get(name)
+        if t is None or t.dtype != like.dtype or t.shape[:2] != x.shape[:2] or t.shape[2] != x.shape[2] or t.shape[3:] != like.shape[3:]:
+            raise ValueError(f"output part {name!r}: expected {like.dtype} [B, H, {x.shape[2]}, ...], got {None if t is None else (t.dtype, tuple(t.shape))}")
+        if t.dim() == 4 and t.stride(3) != 1:
+            raise ValueError(f"output part {name!r} must have a unit last stride")
+    _launch_store(codec, x, out)
+
+
+def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
+    tk = _tk()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, h, t, d = x.shape
+    mse = _mse_part(codec)
+    c = _consts(codec, x.device)
+    prod = isinstance(codec.quantizer, TurboQuantProd)
+    codes, norms = out["codes"], out["norms"]
+    signs, rnorms = (out["qjl_signs"], out["residual_norms"]) if prod else (codes, norms)
+    rows = b * h * t
+    block_r = 32
+    bn = min(d, 64)
+    prec = "ieee" if interpreting() else "tf32x3"
+    with _device_ctx(x.device):
+        tk._tq_store_kernel[(triton_cdiv(rows, block_r),)](
+            x, x.stride(0), x.stride(1), x.stride(2),
+            h, t, rows,
+            c["rotT"], c["boundaries"], c["centroids"], c.get("projT", c["rotT"]),
+            codes, codes.stride(0), codes.stride(1), codes.stride(2),
+            norms, norms.stride(0), norms.stride(1), norms.stride(2),
+            signs, signs.stride(0), signs.stride(1), signs.stride(2),
+            rnorms, rnorms.stride(0), rnorms.stride(1), rnorms.stride(2),
+            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, num_warps=4,
+        )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _as_flags(mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    if mask.dtype != torch.uint8 or mask.dim() != 2 or mask.stride(1) != 1:
+        mask = (mask != 0).to(torch.uint8).contiguous()
+    return mask
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, d] one query token per row
+    key_codec,
+    value_codec,
+    key_parts: Parts,  # [B, Hkv, L, ...]
+    value_parts: Parts,  # [B, Hkv, L, ...]
+    fp_keys: torch.Tensor | None,  # [B, Hkv, F, d] model dtype
+    fp_values: torch.Tensor | None,  # [B, Hkv, F, d]
+    scaling: float,
+    valid: torch.Tensor | None = None,  # [B, L] bool/uint8 (last stride 1), None: all valid
+    fp_valid: torch.Tensor | None = None,  # [B, F] bool/uint8
+    out_dtype: torch.dtype | None = None,
+    block_t: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token over compressed + full-precision tokens: [B, Hq, d] in out_dtype (default q's)."""
+    out_dtype = out_dtype or q.dtype
+    if q.dim() != 3:
+        raise ValueError(f"expected q [B, Hq, d], got {tuple(q.shape)}")
+    b, hq, d = q.shape
+    kn = key_parts["norms"]
+    if kn.dim() != 3 or kn.shape[0] != b or hq % kn.shape[1] != 0:
+        raise ValueError(f"key parts [B, Hkv, L] {tuple(kn.shape)} do not fit queries [B, Hq, d] {tuple(q.shape)}")
+    if key_codec.head_dim != d or value_codec.head_dim != d:
+        raise ValueError(f"codecs are for head_dim {key_codec.head_dim}/{value_codec.head_dim}, queries have {d}")
+    if not (supports(key_codec) and supports(value_codec) and _use_triton(q)):
+        return decode_attention_reference(q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid).to(out_dtype)
+    return _launch_decode(q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits)
+
+
+def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp_valid, out_dtype, block_t, num_splits):
+    tk = _tk()
+    b, hq, d = q.shape
+    hkv, length = kp["norms"].shape[1], kp["norms"].shape[2]
+    g = hq // hkv
+    gp = max(16, 1 << (g - 1).bit_length())  # query rows padded for tl.dot
+    kc, vc = _consts(key_codec, q.device), _consts(value_codec, q.device)
+    prod = isinstance(key_codec.quantizer, TurboQuantProd)
+    kbits, vbits = _mse_part(key_codec).bits, _mse_part(value_codec).bits
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    qr = q.reshape(b * hq, d).float() @ kc["qmatT"]  # [B*Hq, d or 2d]: Π q (| S q)
+    block_t = block_t or (64 if d <= 128 else 32)
+    programs = b * hkv
+    if num_splits is None:
+        sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
+        want = triton_cdiv(4 * sms, programs)
+        num_splits = max(1, min(want, triton_cdiv(length, 4 * block_t)))
+    per_split = triton_cdiv(triton_cdiv(max(length, 1), num_splits), block_t) * block_t
+    splits = triton_cdiv(length, per_split) if length else 0
+    m = torch.empty(programs, max(splits, 1), g, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    acc = torch.empty(programs, max(splits, 1), g, d, dtype=torch.float32, device=q.device)
+    valid = _as_flags(valid)
+    fp_valid = _as_flags(fp_valid)
+    scale_log2 = float(scaling) * LOG2E
+    qjl_scale = key_codec.quantizer.qjl_scale if prod else 0.0
+    with _device_ctx(q.device):
+        if splits:
+            kg, kr = (kp["qjl_signs"], kp["residual_norms"]) if prod else (kp["codes"], kp["norms"])
+            kcodes, knorms, vcodes, vnorms = kp["codes"], kp["norms"], vp["codes"], vp["norms"]
+            mk = valid if valid is not None else kcodes
+            tk._tq_decode_split_kernel[(programs, splits)](
+                qr, qr.stride(0),
+                kcodes, kcodes.stride(0), kcodes.stride(1), kcodes.stride(2),
+                knorms, knorms.stride(0), knorms.stride(1), knorms.stride(2),
+                kg, kg.stride(0), kg.stride(1), kg.stride(2),
+                kr, kr.stride(0), kr.stride(1), kr.stride(2),
+                kc["centroids"],
+                vcodes, vcodes.stride(0), vcodes.stride(1), vcodes.stride(2),
+                vnorms, vnorms.stride(0), vnorms.stride(1), vnorms.stride(2),
+                vc["centroids"],
+                mk, mk.stride(0) if valid is not None else 0, 0,
+                m, l_, acc,
+                hkv, length, per_split, scale_log2, qjl_scale,
+                G=g, GP=gp, D=d, KB=kbits, VB=vbits, PROD=prod, HAS_MASK=valid is not None,
+                BLOCK_T=block_t, num_warps=4,
+            )
+        out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
+        nf = 0 if fk is None else fk.shape[2]
+        if nf == 0:
+            fk = fv = q.unsqueeze(2)
+        if fk.stride(-1) != 1:
+            fk = fk.contiguous()
+        if fv.stride(-1) != 1:
+            fv = fv.contiguous()
+        fm = fp_valid if fp_valid is not None else q
+        tk._tq_decode_combine_kernel[(programs,)](
+            m, l_, acc, splits,
+            q, q.stride(0), q.stride(1),
+            fk, fk.stride(0), fk.stride(1), fk.stride(2),
+            fv, fv.stride(0), fv.stride(1), fv.stride(2),
+            nf,
+            fm, fm.stride(0) if fp_valid is not None else 0, 0,
+            vc["rot"],
+            out, out.stride(0), out.stride(1),
+            hkv, scale_log2,
+            G=g, GP=gp, D=d, HAS_FMASK=fp_valid is not None, BLOCK_F=16, UNROT_F16=d > 128, num_warps=4,
+        )
+    return out
+
+
+def decode_bytes(b: int, hkv: int, length: int, key_codec, value_codec) -> int:
+    """Bytes the decode kernel must read for `length` compressed tokens (codes, norms, signs)."""
+    total = 0
+    for codec in (key_codec, value_codec):
+        mse = _mse_part(codec)
+        per = codec.head_dim * mse.bits / 8 + 2
+        if isinstance(codec.quantizer, TurboQuantProd):
+            per += codec.head_dim / 8 + 2
+        total += per
+    return int(b * hkv * length * total)

@@ -1,0 +1,47 @@
+"""PyTorch references for the kernels: the CPU fallback and the oracle of the kernel tests.
+
+Both are written with tqpatch's own quantizer/codec code (dequantize, then
+ordinary float32 attention), so a kernel that agrees with them agrees with
+the library's definition of TurboQuant.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codec import Parts
+
+
+def encode_reference(codec, x: torch.Tensor) -> Parts:
+    """What the store kernel must produce: codec.encode(x) for x [B, H, T, d]."""
+    return codec.encode(x)
+
+
+def decode_attention_reference(
+    q: torch.Tensor,  # [B, Hq, d] one query token per row
+    key_codec,
+    value_codec,
+    key_parts: Parts,  # [B, Hkv, L, ...] compressed keys
+    value_parts: Parts,  # [B, Hkv, L, ...] compressed values
+    fp_keys: torch.Tensor | None,  # [B, Hkv, F, d] full-precision keys (sinks, window, new token)
+    fp_values: torch.Tensor | None,  # [B, Hkv, F, d]
+    scaling: float,
+    valid: torch.Tensor | None = None,  # [B, L] bool, compressed token validity (None: all valid)
+    fp_valid: torch.Tensor | None = None,  # [B, F] bool
+) -> torch.Tensor:
+    """Softmax attention of one query token over dequantized compressed tokens + exact fp tokens, float32: [B, Hq, d]."""
+    keys = [key_codec.decode(key_parts, torch.float32)]
+    values = [value_codec.decode(value_parts, torch.float32)]
+    b = q.shape[0]
+    masks = [valid if valid is not None else torch.ones(b, keys[0].shape[2], dtype=torch.bool, device=q.device)]
+    if fp_keys is not None and fp_keys.shape[2] > 0:
+        keys.append(fp_keys.float())
+        values.append(fp_values.float())
+        masks.append(fp_valid if fp_valid is not None else torch.ones(b, fp_keys.shape[2], dtype=torch.bool, device=q.device))
+    k, v, m = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 1)
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # [B, Hq, L, d]
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * scaling
+    scores = scores.masked_fill(~m[:, None, :], float("-inf"))
+    return torch.einsum("bhl,bhld->bhd", torch.softmax(scores, dim=-1), v)

@@ -1,0 +1,221 @@
+"""Triton kernels (private: call them through `tqpatch.kernels`, which checks and launches them).
+
+Imported lazily, only when a CUDA tensor meets a kernel, so CPU installs never need Triton.
+All three kernels read/write the bit layout of `tqpatch.packing` (LSB-first
+b-bit stream per vector) and the parts of `tqpatch.codec.TurboQuantCodec`.
+
+_tq_store_kernel          x [rows, d] -> packed codes + fp16 norms (+ QJL signs, residual norms)
+_tq_decode_split_kernel   one query token vs. a span of compressed tokens (flash-decoding split),
+                          scores and value sums in the rotated space
+_tq_decode_combine_kernel merges the splits, attends to the full-precision tokens exactly,
+                          rotates the value sum back once, writes the output
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) stays finite, weights of masked tokens are forced to 0
+
+
+@triton.jit
+def _tq_store_kernel(
+    x_ptr, sxb, sxh, sxt,                 # x [B, H, T, D] any float dtype (last stride 1)
+    H, T, R,                              # R = B*H*T rows
+    rotT_ptr,                             # Πᵀ [D, D] fp32 contiguous: y = u @ Πᵀ
+    bnd_ptr,                              # boundaries [2^MB - 1] fp32
+    cent_ptr,                             # centroids [2^MB] fp32 (prod: residual)
+    projT_ptr,                            # Π Sᵀ [D, D] fp32 (prod): S r = r_rot @ (Π Sᵀ)
+    c_ptr, scb, sch, sct,                 # codes [B, H, *, D*MB/8] uint8 (last stride 1)
+    n_ptr, snb, snh, snt,                 # norms [B, H, *] fp16
+    g_ptr, sgb, sgh, sgt,                 # qjl signs [B, H, *, D/8] uint8 (prod)
+    r_ptr, srb, srh, srt,                 # residual norms [B, H, *] fp16 (prod)
+    D: tl.constexpr, MB: tl.constexpr, PROD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    t = rows % T
+    bh = rows // T
+    h = bh % H
+    b = bh // H
+    cols = tl.arange(0, D)
+    x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(x * x, axis=1))
+    u = x / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
+    c_row = b * scb + h * sch + t * sct
+    G8: tl.constexpr = BN // 8
+    shifts = tl.arange(0, 8) * MB
+    if PROD:
+        proj = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+        gamma2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k in tl.static_range(D // BN):
+        ncols = k * BN + tl.arange(0, BN)
+        rot = tl.load(rotT_ptr + cols[:, None] * D + ncols[None, :])  # [D, BN]
+        y = tl.dot(u, rot, input_precision=PREC)  # [BLOCK_R, BN]
+        idx = tl.zeros([BLOCK_R, BN], dtype=tl.int32)
+        for j in tl.static_range((1 << MB) - 1):
+            idx += (y > tl.load(bnd_ptr + j)).to(tl.int32)
+        # 8 codes of MB bits fill exactly MB bytes: build the 8*MB-bit word, write its bytes.
+        word = tl.sum(tl.reshape(idx, [BLOCK_R, G8, 8]) << shifts[None, None, :], axis=2)  # [BLOCK_R, G8]
+        grp = k * G8 + tl.arange(0, G8)
+        for j in tl.static_range(MB):
+            tl.store(c_ptr + c_row[:, None] + (grp * MB + j)[None, :], ((word >> (8 * j)) & 255).to(tl.uint8), mask=rmask[:, None])
+        if PROD:
+            resid = y - tl.load(cent_ptr + idx)
+            gamma2 += tl.sum(resid * resid, axis=1)
+            proj_rows = tl.load(projT_ptr + ncols[:, None] * D + cols[None, :])  # [BN, D]
+            proj += tl.dot(resid, proj_rows, input_precision=PREC)
+    tl.store(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16), mask=rmask)
+    if PROD:
+        bits = (proj >= 0).to(tl.int32)
+        sw = tl.sum(tl.reshape(bits, [BLOCK_R, D // 8, 8]) << tl.arange(0, 8)[None, None, :], axis=2)
+        tl.store(g_ptr + (b * sgb + h * sgh + t * sgt)[:, None] + tl.arange(0, D // 8)[None, :], sw.to(tl.uint8), mask=rmask[:, None])
+        tl.store(r_ptr + b * srb + h * srh + t * srt, tl.sqrt(gamma2).to(tl.float16), mask=rmask)
+
+
+@triton.jit
+def _unpack(row_ptr, tmask, D: tl.constexpr, BITS: tl.constexpr):
+    """Code indices [BT, D] int32, natural channel order, from rows of a packed b-bit stream."""
+    c = tl.arange(0, D)
+    bit = c * BITS
+    p = row_ptr[:, None] + (bit // 8)[None, :]
+    w = tl.load(p, mask=tmask[:, None], other=0).to(tl.int32)
+    if (8 % BITS) != 0:  # a code may straddle two bytes (b = 3)
+        straddle = ((bit % 8) + BITS) > 8
+        w = w | (tl.load(p + 1, mask=tmask[:, None] & straddle[None, :], other=0).to(tl.int32) << 8)
+    return (w >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _tq_decode_split_kernel(
+    qr_ptr, sqr,                          # rotated queries [B*Hq, QW] fp32: Π q (| S q for prod keys)
+    kc_ptr, skcb, skch, skct,             # key codes [B, Hkv, *, NBK] uint8
+    kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16
+    kg_ptr, skgb, skgh, skgt,             # key qjl signs [B, Hkv, *, D/8] uint8 (prod)
+    kr_ptr, skrb, skrh, skrt,             # key residual norms [B, Hkv, *] fp16 (prod)
+    kcent_ptr,                            # key centroids [2^KB] fp32
+    vc_ptr, svcb, svch, svct,             # value codes [B, Hkv, *, NBV] uint8
+    vn_ptr, svnb, svnh, svnt,             # value norms fp16
+    vcent_ptr,                            # value centroids [2^VB] fp32
+    mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
+    m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32
+    Hkv, L, per_split, scale_log2, qjl_scale,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr, PROD: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    g = tl.arange(0, GP)
+    gmask = g < G
+    cols = tl.arange(0, D)
+    qrow = (b * Hkv * G + h * G + g) * sqr
+    q_rot = tl.load(qr_ptr + qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0)  # [GP, D]
+    if PROD:
+        q_sk = tl.load(qr_ptr + qrow[:, None] + D + cols[None, :], mask=gmask[:, None], other=0.0)
+    m_i = tl.full([GP], NEG, dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    start = pid_s * per_split
+    for t0 in range(0, per_split, BLOCK_T):
+        offs = start + t0 + tl.arange(0, BLOCK_T)
+        tmask = offs < L  # per_split is a multiple of BLOCK_T: splits never overlap
+        kidx = _unpack(kc_ptr + b * skcb + h * skch + offs * skct, tmask, D, KB)
+        kval = tl.load(kcent_ptr + kidx)  # [BT, D] rotated unit keys
+        s = tl.dot(q_rot, tl.trans(kval))  # [GP, BT]
+        if PROD:
+            sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, D, 1).to(tl.float32) * 2.0 - 1.0
+            gam = tl.load(kr_ptr + b * skrb + h * skrh + offs * skrt, mask=tmask, other=0.0).to(tl.float32)
+            s += tl.dot(q_sk, tl.trans(sgn)) * (qjl_scale * gam)[None, :]
+        kn = tl.load(kn_ptr + b * sknb + h * sknh + offs * sknt, mask=tmask, other=0.0).to(tl.float32)
+        s = s * (kn * scale_log2)[None, :]
+        valid = tmask
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
+        s = tl.where(valid[None, :], s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.where(valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vidx = _unpack(vc_ptr + b * svcb + h * svch + offs * svct, tmask, D, VB)
+        vval = tl.load(vcent_ptr + vidx).to(tl.float16)  # [BT, D] rotated unit values
+        vn = tl.load(vn_ptr + b * svnb + h * svnh + offs * svnt, mask=tmask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot((p * vn[None, :]).to(tl.float16), vval)
+        m_i = m_new
+    out = pid_bh * n_split + pid_s
+    tl.store(m_ptr + out * G + g, m_i, mask=gmask)
+    tl.store(l_ptr + out * G + g, l_i, mask=gmask)
+    tl.store(acc_ptr + (out * G + g)[:, None] * D + cols[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def _tq_decode_combine_kernel(
+    m_ptr, l_ptr, acc_ptr, S,             # partials of the split kernel
+    q_ptr, sqb, sqh,                      # queries [B, Hq, D] (last stride 1), any float dtype
+    fk_ptr, sfkb, sfkh, sfkt,             # full-precision keys [B, Hkv, F, D]
+    fv_ptr, sfvb, sfvh, sfvt,             # full-precision values [B, Hkv, F, D]
+    F,
+    fm_ptr, sfmb, fm_off,                 # valid flags uint8 [B, *]: fp token f -> column fm_off + f
+    rot_ptr,                              # Π [D, D] fp32 row-major: x = y @ Π
+    o_ptr, sob, soh,                      # out [B, Hq, D] (last stride 1)
+    Hkv, scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    HAS_FMASK: tl.constexpr, BLOCK_F: tl.constexpr, UNROT_F16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
+    g = tl.arange(0, GP)
+    gmask = g < G
+    cols = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sqb + (h * G + g)[:, None] * sqh + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    m_i = tl.full([GP], NEG, dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc_fp = tl.zeros([GP, D], dtype=tl.float32)
+    # 1. the full-precision tokens (sinks, window, the new token), exactly
+    for f0 in range(0, F, BLOCK_F):
+        offs = f0 + tl.arange(0, BLOCK_F)
+        fmask = offs < F
+        k = tl.load(fk_ptr + b * sfkb + h * sfkh + offs[:, None] * sfkt + cols[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        valid = fmask
+        if HAS_FMASK:
+            valid = valid & (tl.load(fm_ptr + b * sfmb + fm_off + offs, mask=fmask, other=0) != 0)
+        s = tl.where(valid[None, :], s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.where(valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(fv_ptr + b * sfvb + h * sfvh + offs[:, None] * sfvt + cols[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
+        acc_fp = acc_fp * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+    # 2. merge the splits over compressed tokens (their value sums are in the rotated space)
+    acc_rot = tl.zeros([GP, D], dtype=tl.float32)
+    for s_i in range(0, S):
+        part = pid * S + s_i
+        m_s = tl.load(m_ptr + part * G + g, mask=gmask, other=NEG)
+        l_s = tl.load(l_ptr + part * G + g, mask=gmask, other=0.0)
+        a_s = tl.load(acc_ptr + (part * G + g)[:, None] * D + cols[None, :], mask=gmask[:, None], other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(m_s - m_new)
+        l_i = l_i * alpha + l_s * beta
+        acc_fp = acc_fp * alpha[:, None]
+        acc_rot = acc_rot * alpha[:, None] + a_s * beta[:, None]
+        m_i = m_new
+    inv = 1.0 / tl.where(gmask, l_i, 1.0)
+    # 3. rotate the compressed tokens' value sum back once: Σ p n Πᵀ c = (Σ p n c) @ Π
+    rot = tl.load(rot_ptr + cols[:, None] * D + cols[None, :])
+    acc_rot = acc_rot * inv[:, None]
+    if UNROT_F16:
+        back = tl.dot(acc_rot.to(tl.float16), rot.to(tl.float16))
+    else:
+        back = tl.dot(acc_rot, rot, input_precision="ieee")
+    out = back + acc_fp * inv[:, None]
+    tl.store(o_ptr + b * sob + (h * G + g)[:, None] * soh + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
