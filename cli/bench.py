@@ -1,0 +1,363 @@
+"""`tqpatch bench`: GPU speed of the store kernel, the fused decode attention and end-to-end decoding.
+
+One run on one GPU (cuda:0), everything timed with CUDA events after warm-up, medians of many:
+  (a) store kernel: a 32k-token prefill at B=8 (Llama-3.1-8B K/V heads) and a one-token append;
+  (b) decode attention on k4v4 / k2v2 codes vs. bf16 scaled_dot_product_attention, same shapes;
+  (c) end-to-end decode tokens/s of a random-weight Llama-3.1-8B-shaped model at B=8, 32k context:
+      tqpatch k4v4 / k2v2 vs. bf16 DynamicCache vs. transformers' QuantizedCache (quanto, 4 bits);
+      caches are filled directly with random K/V (a 32k prefill of 8 sequences would cost a minute of GPU);
+  (d) the largest batch that fits at 32k for each, from the measured bytes per sequence and per-step
+      peak, then checked by filling and decoding at that batch.
+Writes JSON and prints a table. Random data everywhere (never zeros).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import click
+import torch
+
+LLAMA_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+    max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
+)
+
+
+def _ms(fn, warmup: int = 5, reps: int = 50) -> float:
+    """Median milliseconds of fn() over `reps` runs, CUDA events, after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    n = 1 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _ms(lambda: dst.copy_(src), 3, 20)
+    del src, dst
+    return 2 * n / (ms * 1e-3)
+
+
+def _random_parts(codec, b, h, length, device="cuda"):
+    from tqpatch.kernels import _empty_parts
+
+    parts = _empty_parts(codec, torch.empty(b, h, length, codec.head_dim, device="meta"))
+    out = {}
+    for name, like in parts.items():
+        if like.dtype == torch.uint8:
+            out[name] = torch.randint(0, 256, like.shape, dtype=torch.uint8, device=device)
+        else:
+            out[name] = (torch.rand(like.shape, device=device) + 0.5).to(like.dtype) * 10
+    return out
+
+
+def bench_store(bw: float) -> dict:
+    from tqpatch import kernels
+    from tqpatch.codec import TurboQuantCodec
+
+    b, h, t, d = 8, 8, 32768, 128
+    rows = []
+    for bits, method in ((4, "mse"), (2, "mse"), (4, "prod")):
+        codec = TurboQuantCodec(d, bits, method, 0)
+        x = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # the model's layout
+        out = kernels.encode(codec, x[:, :, :16])
+        out = {n: torch.empty(b, h, t, *p.shape[3:], dtype=p.dtype, device="cuda") for n, p in out.items()}
+        ms = _ms(lambda: kernels.encode_into(codec, x, out), 3, 20)
+        nbytes = x.numel() * 2 + sum(p.numel() * p.element_size() for p in out.values())
+        one = x[:, :, :1]
+        one_out = {n: p[:, :, :1] for n, p in out.items()}
+        ms_one = _ms(lambda: kernels.encode_into(codec, one, one_out), 10, 200)
+        rows.append({
+            "what": f"store {codec.bits}-bit {method}, B={b} Hkv={h} T={t} d={d}",
+            "ms": ms, "bytes": nbytes, "GB_per_s": nbytes / ms / 1e6, "fraction_of_copy": nbytes / (ms * 1e-3) / bw,
+            "append_one_token_ms": ms_one,
+        })
+        del x, out
+    return {"rows": rows}
+
+
+def _sdpa_ms(b, hq, hkv, length, d):
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = _ms(lambda: sdpa(q, k, v, enable_gqa=True))
+    packed = q.view(b, hkv, hq // hkv, d)  # transformers packs GQA queries for one-token decode
+    pack = _ms(lambda: sdpa(packed, k, v))
+    del q, k, v
+    return min(gqa, pack), {"enable_gqa": gqa, "packed_gqa": pack}
+
+
+def bench_attention(bw: float, shapes) -> dict:
+    from tqpatch import kernels
+    from tqpatch.codec import TurboQuantCodec
+
+    hq, hkv, d = 32, 8, 128
+    rows = []
+    for b, length in shapes:
+        base, variants = _sdpa_ms(b, hq, hkv, length, d)
+        bf16_bytes = 2 * b * hkv * length * d * 2
+        row = {"B": b, "L": length, "bf16_sdpa_ms": base, "bf16_sdpa_variants": variants, "bf16_GB_per_s": bf16_bytes / base / 1e6}
+        for name, kb, vb, method in (("k4v4", 4, 4, "mse"), ("k2v2", 2, 2, "mse"), ("k3v3", 3, 3, "mse"), ("k4v4-prod", 4, 4, "prod")):
+            kc, vc = TurboQuantCodec(d, kb, method, 0), TurboQuantCodec(d, vb, "mse", 0)
+            kp, vp = _random_parts(kc, b, hkv, length), _random_parts(vc, b, hkv, length)
+            q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+            fk = torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
+            ms = _ms(lambda: kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5))
+            nbytes = kernels.decode_bytes(b, hkv, length, kc, vc)
+            row[name] = {"ms": ms, "ratio_to_bf16": ms / base, "bytes": nbytes, "GB_per_s": nbytes / ms / 1e6, "bytes_floor_ms": nbytes / bw * 1e3}
+            del kp, vp
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+def build_model(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**LLAMA_8B, num_hidden_layers=layers, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def _fill(model, method: str, batch: int, length: int):
+    """A cache holding `length` random tokens per layer, in the method's own format."""
+    from transformers import DynamicCache
+
+    cfg = model.config
+    layers, hkv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    if method == "quanto-int4":
+        from transformers import QuantizedCache
+
+        cache = QuantizedCache(backend="quanto", config=cfg, nbits=4)
+    else:
+        cache = DynamicCache(config=cfg)
+    for i in range(layers):
+        k = torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+        if method.startswith("tqpatch"):
+            module = model.model.layers[i].self_attn
+            hook = module._hf_hook
+            hook = next(h for h in getattr(hook, "hooks", [hook]) if hasattr(h, "new_layer"))
+            layer = hook.new_layer(d, None)
+            layer.fused = True  # store with the kernel (what a CUDA prefill does)
+            layer.update(k, v)
+            cache.layers[i] = layer
+        else:
+            cache.update(k, v, i)
+        del k, v
+    return cache
+
+
+def _decode_ms(model, cache, batch: int, length: int, steps: int, warmup: int) -> list[float]:
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    times = []
+    with torch.no_grad():
+        for step in range(warmup + steps):
+            pos = torch.full((batch, 1), length + step, device="cuda", dtype=torch.long)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
+            end.record()
+            end.synchronize()
+            ids = out.logits[:, -1:].argmax(-1)
+            if step >= warmup:
+                times.append(start.elapsed_time(end))
+    return times
+
+
+def _with_method(model, method: str):
+    import tqpatch
+
+    if tqpatch.is_patched(model):
+        tqpatch.unpatch(model)
+    if method.startswith("tqpatch-"):
+        tqpatch.patch(model, tqpatch.TurboQuantConfig.preset(method.split("-", 1)[1]))
+
+
+def _free():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_end_to_end(model, methods, batch: int, length: int, steps: int) -> dict:
+    rows = {}
+    weights = torch.cuda.memory_allocated()
+    for method in methods:
+        _with_method(model, method)
+        _free()
+        try:
+            base = torch.cuda.memory_allocated()
+            t0 = time.time()
+            cache = _fill(model, method, batch, length)
+            fill_s = time.time() - t0
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated() - base
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            times = _decode_ms(model, cache, batch, length, steps, warmup=3)
+            peak = torch.cuda.max_memory_allocated() - before
+            ms = statistics.median(times)
+            rows[method] = {
+                "step_ms": ms, "tokens_per_s": batch / ms * 1e3, "step_ms_all": times, "fill_s": fill_s,
+                "cache_bytes": held, "cache_bytes_per_seq": held / batch, "step_peak_extra_bytes": peak,
+                "step_peak_extra_per_seq": peak / batch,
+            }
+            del cache
+        except Exception as exc:  # report, keep benchmarking the others
+            rows[method] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        _free()
+    _with_method(model, "bf16")
+    return {"batch": batch, "context": length, "weights_bytes": weights, "rows": rows}
+
+
+def largest_batch(model, e2e: dict, length: int, verify: bool) -> dict:
+    total = torch.cuda.get_device_properties(0).total_memory
+    weights = e2e["weights_bytes"]
+    margin = 2 << 30  # allocator slack, CUDA context, workspaces
+    out = {}
+    for method, row in e2e["rows"].items():
+        if "error" in row:
+            out[method] = {"error": row["error"]}
+            continue
+        per_seq = row["cache_bytes_per_seq"] * (length + 64) / length + row["step_peak_extra_per_seq"]
+        predicted = int((total - weights - margin) // per_seq)
+        entry = {"predicted": predicted, "bytes_per_seq_incl_step_peak": per_seq}
+        if verify:
+            batch = predicted
+            for _ in range(3):
+                _with_method(model, method)
+                _free()
+                try:
+                    cache = _fill(model, method, batch, length)
+                    _decode_ms(model, cache, batch, length, steps=2, warmup=0)
+                    entry["verified"] = batch
+                    del cache
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    entry.setdefault("oom_at", []).append(batch)
+                    cache = None
+                    batch = int(batch * 0.93)
+                finally:
+                    _free()
+        out[method] = entry
+    _with_method(model, "bf16")
+    return out
+
+
+def versions() -> dict:
+    import transformers
+    import triton
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    try:
+        import optimum.quanto as quanto
+
+        info["optimum-quanto"] = getattr(quanto, "__version__", "?")
+    except Exception as exc:
+        info["optimum-quanto"] = f"missing ({type(exc).__name__})"
+    return info
+
+
+def run_bench(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str) -> dict:
+    if not torch.cuda.is_available():
+        raise click.ClickException("tqpatch bench needs a CUDA GPU")
+    torch.cuda.set_device(0)
+    result = {"gpu": torch.cuda.get_device_name(0), "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory, "versions": versions()}
+    bw = copy_bandwidth()
+    result["copy_bandwidth_GB_per_s"] = bw / 1e9
+    click.echo(f"{result['gpu']}: device copy {bw / 1e9:.0f} GB/s", err=True)
+    if "store" in parts:
+        result["store"] = bench_store(bw)
+        click.echo(json.dumps(result["store"], indent=1), err=True)
+    if "attention" in parts:
+        result["attention"] = bench_attention(bw, [(8, 32768), (1, 131072), (32, 32768), (1, 32768), (8, 4096), (16, 65536)])
+        click.echo(json.dumps(result["attention"], indent=1), err=True)
+    if "e2e" in parts:
+        _free()
+        model = build_model(layers)
+        methods = ["bf16", "tqpatch-k4v4", "tqpatch-k2v2", "quanto-int4"]
+        result["end_to_end"] = e2e = bench_end_to_end(model, methods, batch, context, steps)
+        e2e["layers"] = layers
+        click.echo(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "step_ms_all"} for k, v in e2e["rows"].items()}, indent=1), err=True)
+        if "fit" in parts:
+            result["largest_batch"] = largest_batch(model, e2e, context, verify)
+        del model
+        _free()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    click.echo(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    lines = [f"GPU {result['gpu']}, copy {result['copy_bandwidth_GB_per_s']:.0f} GB/s, " + ", ".join(f"{k} {v}" for k, v in result["versions"].items())]
+    for row in result.get("store", {}).get("rows", []):
+        lines.append(f"{row['what']}: {row['ms']:.3f} ms, {row['GB_per_s']:.0f} GB/s ({row['fraction_of_copy']:.0%} of copy); one-token append {row['append_one_token_ms'] * 1e3:.1f} us")
+    for row in result.get("attention", {}).get("rows", []):
+        cells = [f"B={row['B']:<3} L={row['L']:<6} bf16 SDPA {row['bf16_sdpa_ms']:.3f} ms"]
+        for name in ("k4v4", "k2v2", "k3v3", "k4v4-prod"):
+            r = row[name]
+            cells.append(f"{name} {r['ms']:.3f} ms ({r['ratio_to_bf16']:.2f}x)")
+        lines.append(" | ".join(cells))
+    e2e = result.get("end_to_end")
+    if e2e:
+        lines.append(f"end-to-end decode, {e2e['layers']} layers, B={e2e['batch']}, context {e2e['context']}:")
+        base = e2e["rows"].get("bf16", {}).get("tokens_per_s")
+        for name, row in e2e["rows"].items():
+            if "error" in row:
+                lines.append(f"  {name:<14} ERROR {row['error'][:120]}")
+                continue
+            rel = f" ({row['tokens_per_s'] / base:.2f}x bf16)" if base else ""
+            lines.append(f"  {name:<14} {row['tokens_per_s']:8.1f} tok/s, step {row['step_ms']:.2f} ms{rel}, cache {row['cache_bytes_per_seq'] / 2**30:.2f} GiB/seq")
+    fit = result.get("largest_batch")
+    if fit:
+        lines.append("largest batch at 32k context: " + ", ".join(f"{k} {v.get('verified', v.get('predicted', 'n/a'))}" for k, v in fit.items()))
+    return "\n".join(lines)
+
+
+def register(main: click.Group, eval_group: click.Group) -> None:
+    main.add_command(bench_command)
+
+
+@click.command("bench")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("results/bench.json"), help="Where to write the JSON.")
+@click.option("--layers", type=int, default=32, help="Decoder layers of the random-weight Llama-3.1-8B-shaped model.")
+@click.option("--batch", type=int, default=8, help="Batch of the end-to-end decode.")
+@click.option("--context", type=int, default=32768, help="Cached tokens per sequence for the end-to-end decode.")
+@click.option("--steps", type=int, default=10, help="Timed decode steps (after 3 warm-up steps).")
+@click.option("--verify/--no-verify", default=True, help="Check the predicted largest batch by filling and decoding at it.")
+@click.option("--parts", default="store,attention,e2e,fit", help="Comma-separated: store, attention, e2e, fit.")
+def bench_command(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str) -> None:
+    """Time the kernels and end-to-end decoding on cuda:0 (see bench/RESULTS.md)."""
+    run_bench(out, layers, batch, context, steps, verify, set(parts.split(",")))
+
+
+if __name__ == "__main__":
+    bench_command()
