@@ -41,9 +41,9 @@ def test_bytes_per_token_per_layer_match_formula(config):
     cache = DynamicCache(config=model.config)
     tokens, batch, heads = 300, 2, model.config.num_key_value_heads
     with torch.no_grad():
-        model(prompt(batch=batch, length=tokens), cache=cache)
+        model(prompt(batch=batch, length=tokens), past_key_values=cache)
         for t in range(5):  # decode appends, so the buffers grow with spare room
-            model(prompt(batch=batch, length=1, seed=t), cache=cache)
+            model(prompt(batch=batch, length=1, seed=t), past_key_values=cache)
     tokens += 5
     head_dim = model.config.head_dim
     fp_tokens = config.residual_length + config.sink_tokens
@@ -107,5 +107,5 @@ def test_stats_need_a_live_cache():
         tqpatch.cache_stats(model)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(prompt(), cache=cache)
+        model(prompt(), past_key_values=cache)
     assert tqpatch.cache_stats(model).compressed_tokens == tqpatch.cache_stats(cache).compressed_tokens > 0

@@ -70,7 +70,7 @@ def test_crop_removes_window_then_compressed_tokens():
     tqpatch.patch(llama, tqpatch.TurboQuantConfig(key_bits=4, value_bits=4, residual_length=4, sink_tokens=2))
     cache = DynamicCache(config=llama.config)
     with torch.no_grad():
-        llama(prompt(length=20), cache=cache)
+        llama(prompt(length=20), past_key_values=cache)
     layer = cache.layers[0]
     assert (layer.num_sink, layer.num_compressed, layer.num_window) == (2, 14, 4)
     cache.crop(-6)
@@ -80,7 +80,6 @@ def test_crop_removes_window_then_compressed_tokens():
         layer.crop(-100)
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # `past_key_values=` still works on every 5.x
 def test_continuing_generation_on_a_returned_cache(llama):
     ids = prompt(length=10)
     full_reference = llama.generate(ids, max_new_tokens=20, do_sample=False)
@@ -96,7 +95,7 @@ def test_user_made_dynamic_cache_in_a_forward_call(llama):
     tqpatch.patch(llama, "k4v4")
     cache = DynamicCache()  # no config: layers are created lazily by transformers, then replaced by tqpatch
     with torch.no_grad():
-        llama(prompt(length=16), cache=cache, use_cache=True)
+        llama(prompt(length=16), past_key_values=cache, use_cache=True)
     assert all(isinstance(layer, TurboQuantLayer) for layer in cache.layers)
     assert tqpatch.cache_stats(cache).compressed_tokens == 16 * llama.config.num_hidden_layers
 
@@ -105,9 +104,9 @@ def test_cache_filled_before_patching_is_compressed_on_first_use(llama):
     cache = DynamicCache(config=llama.config)
     ids = prompt(length=24)
     with torch.no_grad():
-        llama(ids[:, :16], cache=cache)
+        llama(ids[:, :16], past_key_values=cache)
         tqpatch.patch(llama, "k8v8")
-        logits = llama(ids[:, 16:], cache=cache).logits
+        logits = llama(ids[:, 16:], past_key_values=cache).logits
         tqpatch.unpatch(llama)
         reference = llama(ids).logits[:, 16:]
     assert isinstance(cache.layers[0], TurboQuantLayer)
@@ -137,9 +136,9 @@ def test_long_prompt_dequantizes_one_layer_at_a_time(monkeypatch):
     cache = DynamicCache(config=model.config)
     ids = torch.randint(0, 64, (1, 8192 + 64))
     with torch.no_grad():
-        model(ids[:, :8192], cache=cache)  # the 8k prompt
+        model(ids[:, :8192], past_key_values=cache)  # the 8k prompt
         for step in range(2):  # decode steps read the compressed 8k tokens back
-            model(ids[:, 8192 + step : 8193 + step], cache=cache)
+            model(ids[:, 8192 + step : 8193 + step], past_key_values=cache)
     assert cache.get_seq_length() == 8194
     assert len(peak) == 2 * 3
     assert max(peak) == 0, "another layer's dequantized K/V was still alive when a layer dequantized its own"

@@ -38,12 +38,12 @@ def test_2_bits_changes_outputs_and_compresses(arch):
     ids = prompt(length=40)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(ids[:, :32], cache=cache)
-        reference = model(ids[:, 32:], cache=cache).logits
+        model(ids[:, :32], past_key_values=cache)
+        reference = model(ids[:, 32:], past_key_values=cache).logits
         tqpatch.patch(model, "k2v2")
         cache = DynamicCache(config=model.config)
-        model(ids[:, :32], cache=cache)
-        compressed = model(ids[:, 32:], cache=cache).logits
+        model(ids[:, :32], past_key_values=cache)
+        compressed = model(ids[:, 32:], past_key_values=cache).logits
     relative = (compressed - reference).norm() / reference.norm()
     assert relative > 1e-3, f"2-bit cache changed the logits by only {relative:.2e}: was anything compressed?"
     stats = tqpatch.cache_stats(cache)
@@ -62,7 +62,7 @@ def test_unpatch_restores_bit_identical_outputs(arch):
         tqpatch.patch(model, "k2v2")
         tqpatch.unpatch(model)
         cache = DynamicCache(config=model.config)
-        after = model(ids, cache=cache).logits
+        after = model(ids, past_key_values=cache).logits
     assert torch.equal(before, after)
     assert not any(isinstance(layer, TurboQuantLayer) for layer in cache.layers)
     assert not any(hasattr(m, "_hf_hook") for m in model.modules())

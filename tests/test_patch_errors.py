@@ -77,7 +77,7 @@ def test_static_cache_is_refused_with_what_works():
     cache = StaticCache(config=model.config, max_cache_len=64)
     with pytest.raises(tqpatch.TQPatchError, match="cannot wrap StaticCache.*supported: DynamicCache"):
         with torch.no_grad():
-            model(prompt(), cache=cache)
+            model(prompt(), past_key_values=cache)
 
 
 def test_offloading_cache_is_refused():
@@ -85,7 +85,7 @@ def test_offloading_cache_is_refused():
     tqpatch.patch(model)
     with pytest.raises(tqpatch.TQPatchError, match="offloading"):
         with torch.no_grad():
-            model(prompt(), cache=DynamicCache(config=model.config, offloading=True))
+            model(prompt(), past_key_values=DynamicCache(config=model.config, offloading=True))
 
 
 def test_head_dim_without_codebook_is_built_with_a_warning():
@@ -98,7 +98,7 @@ def test_head_dim_without_codebook_is_built_with_a_warning():
     tqpatch.patch(model, "k3v2")
     with pytest.warns(UserWarning, match="tqpatch build-codebooks --dims 20 --bits 3"):
         with torch.no_grad():
-            model(prompt(), cache=DynamicCache(config=model.config))
+            model(prompt(), past_key_values=DynamicCache(config=model.config))
 
 
 def test_head_dim_with_no_possible_codebook():
