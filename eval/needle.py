@@ -1,0 +1,210 @@
+"""Needle in a haystack: recall of a fact inserted at depths 0–100% of contexts of given lengths.
+
+For each context length L (prompt tokens, chat template included) and depth
+p ∈ [0, 100]: a haystack of WikiText text is cut so the whole prompt is about
+L tokens, the needle sentence "The special magic number is N." (N a
+seeded 7-digit number, different per cell) is inserted at the sentence
+boundary nearest to p% of the haystack, and the model is asked for the number
+(greedy, a few tokens). Exact recall: 1 if N appears in the answer, else 0.
+
+The prompt is prefilled once per cell without compression; each setting then
+continues from a copy of that cache, which patch() compresses as it takes it
+over. With prefill_exact=True (the default) this is exactly what a patched
+generate() computes: the prompt attends to itself exactly, and every
+generated token reads the whole prompt from the compressed cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from tqpatch.config import TurboQuantConfig
+from tqpatch.patch import TQPatchError, is_patched, patch, unpatch
+
+from .perplexity import cache_kwarg
+
+NEEDLE = "The special magic number is {number}."
+QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
+BASELINE = "fp"
+
+
+@dataclass
+class NeedleResult:
+    model: str
+    text_source: str
+    lengths: list[int]
+    depths: list[float]
+    settings: list[str]  # baseline first
+    recall: dict[str, list[list[int]]]  # setting -> [depth][length] 0/1
+    answers: dict[str, list[list[str]]]  # setting -> [depth][length] generated text
+    prompt_tokens: list[list[int]]  # [depth][length] actual prompt lengths
+    mean_recall: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{self.model}: needle recall over lengths {self.lengths} x depths {self.depths} ({self.text_source})"]
+        for name in self.settings:
+            lines.append(f"{name:<24} mean recall {self.mean_recall[name]:.3f}")
+            for d, row in zip(self.depths, self.recall[name]):
+                lines.append(f"    depth {d:>5.1f}%  " + " ".join(f"{v:>5d}" for v in row))
+        return "\n".join(lines)
+
+
+def check_grid(lengths: list[int], depths: list[float], max_length: int | None) -> None:
+    if not lengths or not depths:
+        raise ValueError("need at least one context length and one depth")
+    for d in depths:
+        if not 0 <= d <= 100:
+            raise ValueError(f"depth must be a percentage in 0..100, got {d:g}")
+    for n in lengths:
+        if n < 64:
+            raise ValueError(f"context length must be >= 64 tokens, got {n}")
+        if max_length is not None and n > max_length:
+            raise ValueError(f"context length {n} exceeds the model's limit of {max_length} tokens")
+
+
+def _chat(tokenizer, content: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, return_dict=True)["input_ids"]
+    return tokenizer(content).input_ids
+
+
+def build_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, needle: str) -> list[int]:
+    """Prompt ids of about `length` tokens: haystack with the needle at `depth`% (snapped back to a sentence end), then the question."""
+    overhead = len(_chat(tokenizer, f"{needle}\n\n{QUESTION}"))
+    body = haystack_ids[: max(length - overhead, 0)]
+    cut = round(len(body) * depth / 100)
+    text_before = tokenizer.decode(body[:cut])
+    end = text_before.rfind(". ")
+    if cut < len(body) and end > 0 and len(text_before) - end < 400:
+        text_before = text_before[: end + 1]
+        text_after = tokenizer.decode(body)[end + 1 :]
+    else:
+        text_after = tokenizer.decode(body[cut:])
+    context = f"{text_before.rstrip()} {needle} {text_after.lstrip()}".strip()
+    return _chat(tokenizer, f"{context}\n\n{QUESTION}")
+
+
+@torch.no_grad()
+def _answer(model, tokenizer, ids: torch.Tensor, prefill, config: TurboQuantConfig | None, max_new_tokens: int) -> str:
+    """Greedy answer continuing from a copy of `prefill` (the cache of all prompt tokens but the last)."""
+    cache = copy.deepcopy(prefill)
+    if config is not None:
+        patch(model, config)
+    try:
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            **{cache_kwarg(model): cache},  # generate takes the cache under the forward's name
+        )
+    finally:
+        if config is not None:
+            unpatch(model)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def needle_in_haystack(
+    model,
+    tokenizer,
+    haystack: str,
+    settings: list[TurboQuantConfig],
+    lengths: list[int],
+    depths: list[float],
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    model_name: str = "",
+    text_source: str = "",
+    progress: bool = True,
+) -> NeedleResult:
+    """Recall of the baseline (always first) and each setting on the lengths × depths grid."""
+    if is_patched(model):
+        raise TQPatchError("needle_in_haystack patches the model for each setting itself; pass an unpatched model")
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    check_grid(lengths, depths, getattr(config, "max_position_embeddings", None))
+    haystack_ids = tokenizer(haystack[: max(lengths) * 10], add_special_tokens=False).input_ids
+    if len(haystack_ids) < max(lengths):
+        raise ValueError(f"the haystack text has {len(haystack_ids)} tokens, fewer than the longest context {max(lengths)}")
+    names = [BASELINE] + [s.name for s in settings]
+    recall = {n: [[0] * len(lengths) for _ in depths] for n in names}
+    answers = {n: [[""] * len(lengths) for _ in depths] for n in names}
+    prompt_tokens = [[0] * len(lengths) for _ in depths]
+    rng = random.Random(seed)
+    device = next(model.parameters()).device
+    cells = [(i, j) for i in range(len(depths)) for j in range(len(lengths))]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells) * len(names), desc="needle", unit="answer")
+    try:
+        for i, j in cells:
+            number = str(rng.randrange(1_000_000, 10_000_000))
+            ids = torch.tensor([build_prompt(tokenizer, haystack_ids, lengths[j], depths[i], NEEDLE.format(number=number))], device=device)
+            prompt_tokens[i][j] = ids.shape[1]
+            prefill = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(input_ids=ids[:, :-1], use_cache=True, **{cache_kwarg(model): prefill})
+            for name, setting in zip(names, [None] + list(settings)):
+                text = _answer(model, tokenizer, ids, prefill, setting, max_new_tokens)
+                answers[name][i][j] = text
+                recall[name][i][j] = int(number in text.replace(",", "").replace(" ", ""))
+                if bar is not None:
+                    bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    mean = {n: sum(map(sum, recall[n])) / (len(lengths) * len(depths)) for n in names}
+    return NeedleResult(model_name or type(model).__name__, text_source, list(lengths), list(depths), names, recall, answers, prompt_tokens, mean)
+
+
+def plot_needle(result: NeedleResult, setting: str, path: Path) -> Path:
+    """Depth × length recall heat maps: the baseline beside `setting`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * len(result.lengths) * 2, 1.6 + 0.45 * len(result.depths)), squeeze=False)
+    for ax, name in zip(axes[0], (result.settings[0], setting)):
+        data = result.recall[name]
+        image = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(result.lengths)), [str(n) for n in result.lengths])
+        ax.set_yticks(range(len(result.depths)), [f"{d:g}%" for d in result.depths])
+        for i, row in enumerate(data):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{name}: recall {result.mean_recall[name]:.2f}")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(f"needle in a haystack, {result.model}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_needle(result: NeedleResult, out_dir: Path) -> dict[str, Path]:
+    """needle.json and one needle_<setting>.png per compressed setting (baseline beside it)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "needle.json"}
+    paths["json"].write_text(json.dumps(result.to_json(), indent=2))
+    for name in result.settings[1:]:
+        paths[name] = plot_needle(result, name, out_dir / f"needle_{name}.png")
+    return paths
