@@ -77,7 +77,9 @@ _use_triton = kernel_device
 
 
 def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _mse_part(codec) -> TurboQuantMSE | None:
@@ -158,14 +160,20 @@ def encode_into(codec, x: torch.Tensor, out: Parts) -> None:
         for name, t in encode_reference(codec, x).items():
             out[name].copy_(t)
         return
-    expected = _empty_parts(codec, x[:, :, :0])
-    for name, like in expected.items():
+    mse = _mse_part(codec)
+    widths = {"codes": d_bytes(codec.head_dim, mse.bits), "norms": None}
+    if isinstance(codec.quantizer, TurboQuantProd):
+        widths.update(qjl_signs=codec.head_dim // 8, residual_norms=None)
+    for name, width in widths.items():
         t = out.get(name)
-        if t is None or t.dtype != like.dtype or t.shape[:2] != x.shape[:2] or t.shape[2] != x.shape[2] or t.shape[3:] != like.shape[3:]:
-            raise ValueError(f"output part {name!r}: expected {like.dtype} [B, H, {x.shape[2]}, ...], got {None if t is None else (t.dtype, tuple(t.shape))}")
-        if t.dim() == 4 and t.stride(3) != 1:
-            raise ValueError(f"output part {name!r} must have a unit last stride")
+        shape_ok = t is not None and tuple(t.shape[:3]) == tuple(x.shape[:3]) and (t.dim() == 3 if width is None else (t.dim() == 4 and t.shape[3] == width and t.stride(3) == 1))
+        if not shape_ok or t.dtype != (torch.float16 if width is None else torch.uint8):
+            raise ValueError(f"output part {name!r}: expected [B, H, T{'' if width is None else f', {width}'}] {'float16' if width is None else 'uint8'}, got {None if t is None else (t.dtype, tuple(t.shape))}")
     _launch_store(codec, x, out)
+
+
+def d_bytes(head_dim: int, bits: int) -> int:
+    return head_dim * bits // 8
 
 
 def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
@@ -179,11 +187,13 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
     codes, norms = out["codes"], out["norms"]
     signs, rnorms = (out["qjl_signs"], out["residual_norms"]) if prod else (codes, norms)
     rows = b * h * t
-    block_r = 32
-    bn = min(d, 64)
+    block_r = 64 if d <= 128 else 32
+    bn = d if d <= 128 else 64
     prec = "ieee" if interpreting() else "tf32x3"
+    blocks = triton_cdiv(rows, block_r)
+    grid = min(blocks, 4 * _sm_count(x.device.index or 0)) if x.is_cuda else min(blocks, 3)
     with _device_ctx(x.device):
-        tk._tq_store_kernel[(triton_cdiv(rows, block_r),)](
+        tk._tq_store_kernel[(grid,)](
             x, x.stride(0), x.stride(1), x.stride(2),
             h, t, rows,
             c["rotT"], c["boundaries"], c["centroids"], c.get("projT", c["rotT"]),
@@ -191,7 +201,7 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
             norms, norms.stride(0), norms.stride(1), norms.stride(2),
             signs, signs.stride(0), signs.stride(1), signs.stride(2),
             rnorms, rnorms.stride(0), rnorms.stride(1), rnorms.stride(2),
-            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, num_warps=4,
+            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, num_warps=8,
         )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) stays finite, weights of masked tokens are forced to 0
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(NEG - NEG) stays finite, weights of masked tokens are forced to 0
 
 
 @triton.jit
@@ -34,46 +34,58 @@ def _tq_store_kernel(
     D: tl.constexpr, MB: tl.constexpr, PROD: tl.constexpr,
     BLOCK_R: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    # Persistent: each program walks row blocks; with BN == D the rotation tile is loaded once per program.
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    t = rows % T
-    bh = rows // T
-    h = bh % H
-    b = bh // H
+    nprog = tl.num_programs(0)
+    nblocks = tl.cdiv(R, BLOCK_R)
     cols = tl.arange(0, D)
-    x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    norm = tl.sqrt(tl.sum(x * x, axis=1))
-    u = x / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
-    c_row = b * scb + h * sch + t * sct
     G8: tl.constexpr = BN // 8
     shifts = tl.arange(0, 8) * MB
-    if PROD:
-        proj = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        gamma2 = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k in tl.static_range(D // BN):
-        ncols = k * BN + tl.arange(0, BN)
-        rot = tl.load(rotT_ptr + cols[:, None] * D + ncols[None, :])  # [D, BN]
-        y = tl.dot(u, rot, input_precision=PREC)  # [BLOCK_R, BN]
-        idx = tl.zeros([BLOCK_R, BN], dtype=tl.int32)
-        for j in tl.static_range((1 << MB) - 1):
-            idx += (y > tl.load(bnd_ptr + j)).to(tl.int32)
-        # 8 codes of MB bits fill exactly MB bytes: build the 8*MB-bit word, write its bytes.
-        word = tl.sum(tl.reshape(idx, [BLOCK_R, G8, 8]) << shifts[None, None, :], axis=2)  # [BLOCK_R, G8]
-        grp = k * G8 + tl.arange(0, G8)
-        for j in tl.static_range(MB):
-            tl.store(c_ptr + c_row[:, None] + (grp * MB + j)[None, :], ((word >> (8 * j)) & 255).to(tl.uint8), mask=rmask[:, None])
+    if BN == D:
+        rot_all = tl.load(rotT_ptr + cols[:, None] * D + cols[None, :])  # [D, D]
         if PROD:
-            resid = y - tl.load(cent_ptr + idx)
-            gamma2 += tl.sum(resid * resid, axis=1)
-            proj_rows = tl.load(projT_ptr + ncols[:, None] * D + cols[None, :])  # [BN, D]
-            proj += tl.dot(resid, proj_rows, input_precision=PREC)
-    tl.store(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16), mask=rmask)
-    if PROD:
-        bits = (proj >= 0).to(tl.int32)
-        sw = tl.sum(tl.reshape(bits, [BLOCK_R, D // 8, 8]) << tl.arange(0, 8)[None, None, :], axis=2)
-        tl.store(g_ptr + (b * sgb + h * sgh + t * sgt)[:, None] + tl.arange(0, D // 8)[None, :], sw.to(tl.uint8), mask=rmask[:, None])
-        tl.store(r_ptr + b * srb + h * srh + t * srt, tl.sqrt(gamma2).to(tl.float16), mask=rmask)
+            proj_all = tl.load(projT_ptr + cols[:, None] * D + cols[None, :])
+    for blk in range(pid, nblocks, nprog):
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        t = rows % T
+        bh = rows // T
+        h = bh % H
+        b = bh // H
+        x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        norm = tl.sqrt(tl.sum(x * x, axis=1))
+        u = x / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
+        c_row = b * scb + h * sch + t * sct
+        if PROD:
+            proj = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+            gamma2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k in tl.static_range(D // BN):
+            ncols = k * BN + tl.arange(0, BN)
+            if BN == D:
+                y = tl.dot(u, rot_all, input_precision=PREC)
+            else:
+                y = tl.dot(u, tl.load(rotT_ptr + cols[:, None] * D + ncols[None, :]), input_precision=PREC)  # [BLOCK_R, BN]
+            idx = tl.zeros([BLOCK_R, BN], dtype=tl.int32)
+            for j in tl.static_range((1 << MB) - 1):
+                idx += (y > tl.load(bnd_ptr + j)).to(tl.int32)
+            # 8 codes of MB bits fill exactly MB bytes: build the 8*MB-bit word, write its bytes.
+            word = tl.sum(tl.reshape(idx, [BLOCK_R, G8, 8]) << shifts[None, None, :], axis=2)  # [BLOCK_R, G8]
+            grp = k * G8 + tl.arange(0, G8)
+            for j in tl.static_range(MB):
+                tl.store(c_ptr + c_row[:, None] + (grp * MB + j)[None, :], ((word >> (8 * j)) & 255).to(tl.uint8), mask=rmask[:, None])
+            if PROD:
+                resid = y - tl.load(cent_ptr + idx)
+                gamma2 += tl.sum(resid * resid, axis=1)
+                if BN == D:
+                    proj += tl.dot(resid, proj_all, input_precision=PREC)
+                else:
+                    proj += tl.dot(resid, tl.load(projT_ptr + ncols[:, None] * D + cols[None, :]), input_precision=PREC)
+        tl.store(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16), mask=rmask)
+        if PROD:
+            bits = (proj >= 0).to(tl.int32)
+            sw = tl.sum(tl.reshape(bits, [BLOCK_R, D // 8, 8]) << tl.arange(0, 8)[None, None, :], axis=2)
+            tl.store(g_ptr + (b * sgb + h * sgh + t * sgt)[:, None] + tl.arange(0, D // 8)[None, :], sw.to(tl.uint8), mask=rmask[:, None])
+            tl.store(r_ptr + b * srb + h * srh + t * srt, tl.sqrt(gamma2).to(tl.float16), mask=rmask)
 
 
 @triton.jit
