@@ -293,25 +293,31 @@ def run_bench(out: Path, layers: int, batch: int, context: int, steps: int, veri
     bw = copy_bandwidth()
     result["copy_bandwidth_GB_per_s"] = bw / 1e9
     click.echo(f"{result['gpu']}: device copy {bw / 1e9:.0f} GB/s", err=True)
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+
     if "store" in parts:
         result["store"] = bench_store(bw)
+        save()
         click.echo(json.dumps(result["store"], indent=1), err=True)
     if "attention" in parts:
         result["attention"] = bench_attention(bw, [(8, 32768), (1, 131072), (32, 32768), (1, 32768), (8, 4096), (16, 65536)])
         click.echo(json.dumps(result["attention"], indent=1), err=True)
+        save()
     if "e2e" in parts:
         _free()
         model = build_model(layers)
         methods = ["bf16", "tqpatch-k4v4", "tqpatch-k2v2", "quanto-int4"]
         result["end_to_end"] = e2e = bench_end_to_end(model, methods, batch, context, steps)
         e2e["layers"] = layers
+        save()
         click.echo(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "step_ms_all"} for k, v in e2e["rows"].items()}, indent=1), err=True)
         if "fit" in parts:
             result["largest_batch"] = largest_batch(model, e2e, context, verify)
         del model
         _free()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save()
     click.echo(table(result))
     return result
 

@@ -201,7 +201,7 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
             norms, norms.stride(0), norms.stride(1), norms.stride(2),
             signs, signs.stride(0), signs.stride(1), signs.stride(2),
             rnorms, rnorms.stride(0), rnorms.stride(1), rnorms.stride(2),
-            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, num_warps=8,
+            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, num_warps=8, num_stages=1,
         )
 
 
