@@ -85,7 +85,7 @@ def build_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, 
     cut = round(len(body) * depth / 100)
     text_before = tokenizer.decode(body[:cut])
     end = text_before.rfind(". ")
-    if cut < len(body) and end > 0 and len(text_before) - end < 400:
+    if end > 0 and len(text_before) - end < 400:
         text_before = text_before[: end + 1]
         text_after = tokenizer.decode(body)[end + 1 :]
     else:

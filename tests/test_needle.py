@@ -1,0 +1,93 @@
+"""Needle in a haystack: prompt construction, grid checks, the CLI's JSON and heat maps, and SmolLM2 recall."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from test_cli_generate import assert_clean_error, save_tiny_model
+from transformers import AutoTokenizer
+
+from tqpatch.cli.main import main
+from tqpatch.eval.needle import NEEDLE, QUESTION, build_prompt, check_grid
+
+HAYSTACK = " ".join(f"Sentence number {i} talks about the weather in town." for i in range(1000))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-needle"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("depth", [0, 25, 50, 100])
+def test_needle_sits_at_its_depth_in_a_prompt_of_the_asked_length(tokenizer, depth):
+    needle = NEEDLE.format(number=1234567)
+    ids = build_prompt(tokenizer, tokenizer(HAYSTACK).input_ids, 3000, depth, needle)
+    text = tokenizer.decode(ids)
+    assert abs(len(ids) - 3000) <= 4
+    assert text.count(needle) == 1 and text.rstrip().endswith(QUESTION)
+    position = text.index(needle) / (text.index(QUESTION) - len(needle))  # fraction of the haystack before the needle
+    assert abs(position - depth / 100) < 0.03, position  # a sentence is ~2% of this haystack
+    before = text[: text.index(needle)].rstrip()
+    assert depth == 0 or before.endswith(".")  # inserted between sentences
+
+
+@pytest.mark.parametrize(
+    "lengths, depths, message",
+    [([512], [-5], "depth must be a percentage in 0..100, got -5"), ([512], [101], "got 101"), ([32], [0], ">= 64 tokens"), ([9000], [0], "exceeds the model's limit of 8192")],
+)
+def test_grid_errors(lengths, depths, message):
+    with pytest.raises(ValueError, match=message):
+        check_grid(lengths, depths, 8192)
+
+
+def test_needle_cli_writes_json_and_heat_maps(tiny_model_dir, tmp_path):
+    text = tmp_path / "hay.txt"
+    text.write_text(HAYSTACK)
+    out = tmp_path / "needle"
+    result = CliRunner().invoke(
+        main,
+        ["eval", "needle", "--model", str(tiny_model_dir), "--text-file", str(text), "--lengths", "128,256", "--depths", "0,50,100",
+         "--settings", "k4v4,2.5bit", "--max-new-tokens", "4", "--out", str(out), "--json", "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert json.loads((out / "needle.json").read_text()) == data
+    assert data["settings"] == ["fp", "k4v4", "k2.5v2.5"]
+    assert data["lengths"] == [128, 256] and data["depths"] == [0.0, 50.0, 100.0]
+    for name in data["settings"]:
+        assert len(data["recall"][name]) == 3 and all(len(row) == 2 and set(row) <= {0, 1} for row in data["recall"][name])
+        assert 0.0 <= data["mean_recall"][name] <= 1.0
+    for name in ("k4v4", "k2.5v2.5"):
+        png = (out / f"needle_{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--depths", "0,150"], "depth must be a percentage in 0..100, got 150"),
+        (["--depths", "abc"], "expected comma-separated numbers"),
+        (["--lengths", "16"], ">= 64 tokens"),
+        (["--settings", "k4v5"], "unknown preset 'k4v5'"),
+        (["--text-file", "/no/such/haystack.txt"], "does not exist"),
+    ],
+)
+def test_needle_bad_options_are_one_line_errors(args, message):
+    result = CliRunner().invoke(main, ["eval", "needle", *args])
+    assert_clean_error(result)
+    assert message in result.output
+
+
+@pytest.mark.slow
+def test_smollm2_finds_a_short_needle(tmp_path):
+    result = CliRunner().invoke(main, ["eval", "needle", "--lengths", "256", "--depths", "50", "--settings", "k4v4", "--out", str(tmp_path), "--json", "--no-progress"])
+    if "not found beside the repo" in result.output:
+        pytest.skip("../shared/data not present")
+    assert result.exit_code == 0, result.output
+    recall = json.loads(result.stdout)["recall"]
+    assert recall == {"fp": [[1]], "k4v4": [[1]]}

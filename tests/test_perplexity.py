@@ -1,0 +1,177 @@
+"""Decode-faithful perplexity: the chunked path is exact for FP, compression is counted, sharding partitions, and SmolLM2's PPL is pinned."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import tqpatch
+from tqpatch.eval import perplexity as ppl_mod
+from tqpatch.eval.data import default_text_file, read_text_file
+from tqpatch.eval.perplexity import (
+    aggregate,
+    check_protocol,
+    decode_perplexity,
+    make_windows,
+    shard_windows,
+    window_nll,
+)
+
+
+class ByteTokenizer:
+    """Bytes as token ids (no BOS): enough to drive decode_perplexity on a random model."""
+
+    bos_token_id = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return type("Enc", (), {"input_ids": list(text.encode("utf-8"))})()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    return LlamaForCausalLM(config).eval()
+
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 20  # 900 bytes
+
+
+def plain_nll(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=ids[None]).logits[0].float()
+    return torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 32])
+def test_fp_chunked_path_equals_one_forward_pass(tiny, chunk):
+    ids = torch.tensor(list(TEXT.encode())[:100])
+    sums = window_nll(tiny, ids, chunk, DynamicCache(config=tiny.config))
+    assert sums["predicted"] == 99 and sums["compressed_read"] == 0
+    assert sums["nll_sum"] == pytest.approx(plain_nll(tiny, ids), rel=1e-3)
+
+
+def test_compressed_tokens_are_counted_exactly(tiny):
+    # W = 128, C = 32: before chunks 0..3 the cache holds 0, 32, 64, 96 tokens.
+    result = decode_perplexity(
+        tiny, ByteTokenizer(), TEXT, [tqpatch.TurboQuantConfig.preset("k2v2"), tqpatch.TurboQuantConfig.preset("k2v2", residual_length=32)],
+        window=128, chunk=32, max_tokens=256, progress=False,
+    )
+    fp, k2, k2r = result.rows
+    assert (result.windows, result.tokens) == (2, 256)
+    assert fp.setting == "fp" and fp.compressed_tokens_read == 0 and fp.compressed_key_fraction == 0
+    assert k2.compressed_tokens_read == 2 * (0 + 32 + 64 + 96)
+    assert k2r.compressed_tokens_read == 2 * (0 + 0 + 32 + 64)  # the last 32 tokens stay exact
+    # compressed (query, key) pairs / all attended pairs, per window: 32·192 / (32·192 + 4·(32·33/2))
+    assert k2.compressed_key_fraction == pytest.approx(6144 / (6144 + 4 * 528))
+    assert fp.predicted_tokens == k2.predicted_tokens == 2 * 127
+    assert k2.bits_per_element == pytest.approx(2 + 16 / 16)  # 2-bit codes + an fp16 norm per 16-dim vector
+    assert k2.compression_ratio == pytest.approx(32 / 3)
+    assert fp.bits_per_element == 32.0
+    assert k2.ppl != fp.ppl and k2.delta_ppl == pytest.approx(k2.ppl - fp.ppl)
+    assert math.isfinite(k2.ppl) and k2.ppl > 1
+
+
+def test_the_model_is_left_unpatched(tiny):
+    decode_perplexity(tiny, ByteTokenizer(), TEXT, [tqpatch.TurboQuantConfig.preset("k4v4")], window=64, chunk=32, max_tokens=64, progress=False)
+    assert not tqpatch.is_patched(tiny)
+    tqpatch.patch(tiny, "k4v4")
+    try:
+        with pytest.raises(tqpatch.TQPatchError, match="unpatched model"):
+            decode_perplexity(tiny, ByteTokenizer(), TEXT, [], window=64, chunk=32, progress=False)
+    finally:
+        tqpatch.unpatch(tiny)
+
+
+@pytest.mark.parametrize("window, chunk, message", [(16, 32, "at least the chunk size"), (64, 0, "chunk must be >= 1"), (1, 1, "window must be >= 2")])
+def test_protocol_errors(window, chunk, message):
+    with pytest.raises(ValueError, match=message):
+        check_protocol(window, chunk)
+
+
+def test_windows_and_bos():
+    ids = torch.arange(10)
+    assert [w.tolist() for w in make_windows(ids, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [w.tolist() for w in make_windows(torch.arange(9), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # a 1-token tail predicts nothing
+    assert [w.tolist() for w in make_windows(torch.arange(5), 4, bos_id=99)] == [[99, 0, 1, 2], [99, 3, 4]]
+
+
+@pytest.mark.parametrize("num_windows, world", [(1, 1), (4, 1), (4, 2), (5, 2), (7, 3), (2, 4)])
+def test_shards_partition_the_windows(num_windows, world):
+    shards = [shard_windows(num_windows, rank, world) for rank in range(world)]
+    flat = sorted(i for shard in shards for i in shard)
+    assert flat == list(range(num_windows))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shard_errors():
+    with pytest.raises(ValueError, match="rank"):
+        shard_windows(4, 2, 2)
+
+
+def test_sharded_sums_gather_to_the_single_process_result(tiny):
+    """What two processes compute on their shards, gathered, gives the same rows as one process."""
+    windows = make_windows(torch.tensor(list(TEXT.encode())[:256]), 64)
+    settings = [None, tqpatch.TurboQuantConfig.preset("k3v2")]
+    every = [s for i, st in enumerate(settings) for s in ppl_mod._run_setting(tiny, st, windows, list(range(len(windows))), 32, i, None)]
+    gathered = [
+        s for i, st in enumerate(settings) for rank in (1, 0) for s in ppl_mod._run_setting(tiny, st, windows, shard_windows(len(windows), rank, 2), 32, i, None)
+    ]
+    one, two = aggregate(settings, every), aggregate(settings, gathered)
+    for a, b in zip(one, two):
+        assert (a.setting, a.predicted_tokens, a.compressed_tokens_read) == (b.setting, b.predicted_tokens, b.compressed_tokens_read)
+        assert a.ppl == pytest.approx(b.ppl, rel=1e-9)
+
+
+def test_hf_quantized_cache_through_the_same_protocol(tiny):
+    pytest.importorskip("optimum.quanto")
+    settings = [ppl_mod.HFQuantizedSetting(2, "token", residual_length=32), ppl_mod.HFQuantizedSetting(4, "channel", residual_length=32)]
+    result = decode_perplexity(tiny, ByteTokenizer(), TEXT, settings, window=128, chunk=32, max_tokens=128, progress=False)
+    fp, int2, int4 = result.rows
+    assert int2.setting == "hf-quanto-int2-ktoken-r32" and int4.setting == "hf-quanto-int4-kchannel-r32"
+    assert int2.compressed_tokens_read > 0 and int2.ppl != fp.ppl
+    assert int2.bits_per_element < int4.bits_per_element < 32
+
+
+# -- the real model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    from tqpatch.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def wikitext():
+    path = default_text_file()
+    if path is None:
+        pytest.skip("../shared/data/wikitext-2-raw-test.txt not found beside the repo")
+    return read_text_file(path)
+
+
+@pytest.mark.slow
+def test_smollm2_fp_chunked_path_equals_one_forward_pass(smollm2, wikitext):
+    model, tokenizer = smollm2
+    ids = torch.tensor(tokenizer(wikitext[:4000], add_special_tokens=False).input_ids[:256])
+    sums = window_nll(model, ids, 32, DynamicCache(config=model.config))
+    assert sums["nll_sum"] == pytest.approx(plain_nll(model, ids), rel=1e-3)
+
+
+# Measured on CPU (float32): first 1024 WikiText-2 tokens, W = 512, C = 32 (see README, Perplexity).
+PINNED = {"fp": 26.987, "k4v4": 27.085, "k2v2": 36.638}
+MARGIN = {"fp": 1e-3, "k4v4": 5e-3, "k2v2": 0.02}  # relative
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_is_pinned(smollm2, wikitext):
+    model, tokenizer = smollm2
+    result = decode_perplexity(
+        model, tokenizer, wikitext, [tqpatch.TurboQuantConfig.preset("k4v4"), tqpatch.TurboQuantConfig.preset("k2v2")],
+        window=512, chunk=32, max_tokens=1024, progress=False,
+    )
+    got = {row.setting: row.ppl for row in result.rows}
+    for name, value in PINNED.items():
+        assert got[name] == pytest.approx(value, rel=MARGIN[name]), got
+    assert got["fp"] < got["k4v4"] < got["k2v2"]
+    assert all(row.compressed_tokens_read == 2 * 32 * sum(range(16)) for row in result.rows[1:])
