@@ -187,8 +187,9 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
     codes, norms = out["codes"], out["norms"]
     signs, rnorms = (out["qjl_signs"], out["residual_norms"]) if prod else (codes, norms)
     rows = b * h * t
-    block_r = 64 if d <= 128 else 32
-    bn = d if d <= 128 else 64
+    # tf32x3 dots keep split copies of both operands in shared memory: rotation tiles of at most [D, 64]
+    block_r = 32 if (prod or d > 128) else 64
+    bn = min(d, 64)
     prec = "ieee" if interpreting() else "tf32x3"
     blocks = triton_cdiv(rows, block_r)
     grid = min(blocks, 4 * _sm_count(x.device.index or 0)) if x.is_cuda else min(blocks, 3)
@@ -311,6 +312,8 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
         if fv.stride(-1) != 1:
             fv = fv.contiguous()
         fm = fp_valid if fp_valid is not None else q
+        unrot_in_kernel = d <= 128  # a [256, 256] rotation tile does not fit in shared memory: rotate back with torch
+        target = out if unrot_in_kernel else torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
         tk._tq_decode_combine_kernel[(programs,)](
             m, l_, acc, splits,
             q, q.stride(0), q.stride(1),
@@ -319,10 +322,15 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
             nf,
             fm, fm.stride(0) if fp_valid is not None else 0, 0,
             vc["rot"],
-            out, out.stride(0), out.stride(1),
+            target, target.stride(0), target.stride(1),
             hkv, scale_log2,
-            G=g, GP=gp, D=d, HAS_FMASK=fp_valid is not None, BLOCK_F=16, UNROT_F16=d > 128, num_warps=4,
+            G=g, GP=gp, D=d, HAS_FMASK=fp_valid is not None, BLOCK_F=16, UNROT=unrot_in_kernel, num_warps=4,
         )
+        if not unrot_in_kernel and splits == 0:
+            out.copy_(target)
+        elif not unrot_in_kernel:  # the kernel left Σ p n c / l in acc[:, 0]
+            rotated = acc[:, 0].reshape(b, hq, d)
+            out.copy_(torch.addmm(target.view(b * hq, d), rotated.reshape(b * hq, d), vc["rot"]).view(b, hq, d))
     return out
 
 

@@ -178,7 +178,7 @@ def _tq_decode_combine_kernel(
     o_ptr, sob, soh,                      # out [B, Hq, D] (last stride 1)
     Hkv, scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    HAS_FMASK: tl.constexpr, BLOCK_F: tl.constexpr, UNROT_F16: tl.constexpr,
+    HAS_FMASK: tl.constexpr, BLOCK_F: tl.constexpr, UNROT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // Hkv
@@ -223,11 +223,12 @@ def _tq_decode_combine_kernel(
         m_i = m_new
     inv = 1.0 / tl.where(gmask, l_i, 1.0)
     # 3. rotate the compressed tokens' value sum back once: Σ p n Πᵀ c = (Σ p n c) @ Π
-    rot = tl.load(rot_ptr + cols[:, None] * D + cols[None, :])
     acc_rot = acc_rot * inv[:, None]
-    if UNROT_F16:
-        back = tl.dot(acc_rot.to(tl.float16), rot.to(tl.float16))
-    else:
-        back = tl.dot(acc_rot, rot, input_precision="ieee")
-    out = back + acc_fp * inv[:, None]
+    out = acc_fp * inv[:, None]
+    if UNROT:
+        rot = tl.load(rot_ptr + cols[:, None] * D + cols[None, :])
+        out += tl.dot(acc_rot, rot, input_precision="ieee")
+    elif S > 0:  # the launcher rotates back: leave Σ p n c / l in this program's first partial slot
+        tl.debug_barrier()
+        tl.store(acc_ptr + (pid * S * G + g)[:, None] * D + cols[None, :], acc_rot, mask=gmask[:, None])
     tl.store(o_ptr + b * sob + (h * G + g)[:, None] * soh + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
