@@ -36,3 +36,14 @@ def test_bad_bits_name_valid_values(bits):
 def test_unpack_checks_size():
     with pytest.raises(ValueError, match="expected 2 packed bytes"):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 4, 4)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_byte_table_decodes_like_unpack(bits):
+    from tqpatch.packing import byte_table
+
+    values = torch.linspace(-1, 1, 2**bits)
+    codes = torch.randint(0, 2**bits, (4, 37), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    decoded = byte_table(values, bits)[packed.long()].flatten(-2)[..., :37]
+    assert torch.equal(decoded, values[codes])

@@ -36,6 +36,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     nbytes = packed_nbytes(d, bits)
     if bits == 8:
         return codes.to(torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, lowest code in the lowest bits
+        per_byte = 8 // bits
+        pad = nbytes * per_byte - d
+        grouped = torch.nn.functional.pad(codes.to(torch.int32), (0, pad)).unflatten(-1, (nbytes, per_byte))
+        shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
+        return (grouped << shifts).sum(-1).to(torch.uint8)
     shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
     stream = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., d, bits]
     stream = stream.flatten(-2)  # [..., d*bits]
@@ -45,6 +51,17 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     stream = stream.unflatten(-1, (nbytes, 8))  # [..., nbytes, 8]
     weights = torch.arange(8, device=codes.device, dtype=torch.int32)
     return (stream << weights).sum(-1).to(torch.uint8)
+
+
+def byte_table(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """For bits in {1, 2, 4, 8}: the [256, 8/bits] table mapping a packed byte to the values of its codes.
+
+    values: [2^bits]. Decoding then is one gather per byte: table[packed].flatten(-2).
+    """
+    if 8 % bits:
+        raise ValueError(f"byte tables need bits dividing 8 (1, 2, 4, 8), got {bits}")
+    every_byte = torch.arange(256, device=values.device, dtype=torch.uint8).unsqueeze(-1)
+    return values[unpack_codes(every_byte, bits, 8 // bits)]
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
@@ -57,6 +74,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
         raise ValueError(f"expected {expected} packed bytes for {num_codes} codes of {bits} bits, got {packed.shape[-1]}")
     if bits == 8:
         return packed.to(torch.int64)
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # [..., nbytes, 8/bits]
+        return codes.flatten(-2)[..., :num_codes].to(torch.int64)
     positions = torch.arange(8, device=packed.device, dtype=torch.int32)
     stream = (packed.to(torch.int32).unsqueeze(-1) >> positions) & 1  # [..., nbytes, 8]
     stream = stream.flatten(-2)[..., : num_codes * bits].unflatten(-1, (num_codes, bits))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .codebook import get_codebook
-from .packing import check_bits, pack_codes, packed_nbytes, unpack_codes
+from .packing import byte_table, check_bits, pack_codes, packed_nbytes, unpack_codes
 from .rotation import haar_rotation, qjl_matrix
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -93,6 +93,7 @@ class TurboQuantMSE:
         self.norm_dtype = norm_dtype
         self.codebook = get_codebook(head_dim, bits)
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[torch.device, torch.Tensor] = {}
 
     # -- per-device constants -------------------------------------------------
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +129,11 @@ class TurboQuantMSE:
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Rotated unit-scale reconstruction ỹ = c[idx]: packed [..., nbytes] uint8 -> [..., d] float32."""
-        return self.centroids(codes.device)[unpack_codes(codes, self.bits, self.head_dim)]
+        if 8 % self.bits:
+            return self.centroids(codes.device)[unpack_codes(codes, self.bits, self.head_dim)]
+        if codes.device not in self._tables:  # bits 1, 2, 4, 8: one gather per byte
+            self._tables[codes.device] = byte_table(self.centroids(codes.device), self.bits)
+        return self._tables[codes.device][codes.long()].flatten(-2)[..., : self.head_dim]
 
     # -- public API ----------------------------------------------------------
     @property
