@@ -178,23 +178,25 @@ def plot_needle(result: NeedleResult, setting: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * len(result.lengths) * 2, 1.6 + 0.45 * len(result.depths)), squeeze=False)
-    for ax, name in zip(axes[0], (result.settings[0], setting)):
+    width = 3.0 + 0.9 * len(result.lengths)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 1.8 + 0.5 * len(result.depths)), squeeze=False, layout="constrained")
+    for k, (ax, name) in enumerate(zip(axes[0], (result.settings[0], setting))):
         data = result.recall[name]
         image = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(result.lengths)), [str(n) for n in result.lengths])
         ax.set_yticks(range(len(result.depths)), [f"{d:g}%" for d in result.depths])
         for i, row in enumerate(data):
             for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=9)
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
-        ax.set_title(f"{name}: recall {result.mean_recall[name]:.2f}")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(f"needle in a haystack, {result.model}")
+        if k == 0:
+            ax.set_ylabel("needle depth")
+        ax.set_title(f"{name}: recall {result.mean_recall[name]:.2f}", fontsize=10)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact recall")
+    fig.suptitle(f"needle in a haystack, {result.model}", fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
