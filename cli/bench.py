@@ -111,6 +111,25 @@ def bench_attention(bw: float, shapes) -> dict:
     from tqpatch.codec import TurboQuantCodec
 
     hq, hkv, d = 32, 8, 128
+    # choose the decode kernel's tile / warps / centroid lookup on the headline shape (k4v4, B=8, L=32k)
+    kc = TurboQuantCodec(d, 4, "mse", 0)
+    kp, vp = _random_parts(kc, 8, hkv, 32768), _random_parts(kc, 8, hkv, 32768)
+    q = torch.randn(8, hq, d, device="cuda", dtype=torch.bfloat16)
+    sweep = []
+    for block_t in (32, 64):
+        for warps in (4, 8):
+            for lut in (0, 1):
+                kernels.DECODE_TUNING.update(block_t=block_t, num_warps=warps, lut=lut)
+                try:
+                    ms = _ms(lambda: kernels.decode_attention(q, kc, kc, kp, vp, None, None, d**-0.5), 3, 20)
+                except Exception as exc:  # a variant that does not compile is reported, not fatal
+                    ms = float("inf")
+                    click.echo(f"variant {block_t}/{warps}/{lut} failed: {str(exc)[:200]}", err=True)
+                sweep.append({"block_t": block_t, "num_warps": warps, "lut": lut, "ms": ms})
+    best = min(sweep, key=lambda r: r["ms"])
+    kernels.DECODE_TUNING.update(block_t=best["block_t"], num_warps=best["num_warps"], lut=best["lut"])
+    click.echo(f"decode kernel sweep: {sweep}; using {kernels.DECODE_TUNING}", err=True)
+    del kp, vp
     rows = []
     for b, length in shapes:
         base, variants = _sdpa_ms(b, hq, hkv, length, d)
@@ -127,7 +146,7 @@ def bench_attention(bw: float, shapes) -> dict:
             del kp, vp
         rows.append(row)
         torch.cuda.empty_cache()
-    return {"rows": rows}
+    return {"tuning_sweep": sweep, "tuning": dict(kernels.DECODE_TUNING), "rows": rows}
 
 
 # -- end to end -------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from .reference import decode_attention_reference, encode_reference
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MSE_BITS = (1, 2, 3, 4)
 LOG2E = 1.4426950408889634
+# Decode-kernel launch settings (bench/RESULTS.md says how they were chosen): tokens per tile, warps, centroid lookup.
+DECODE_TUNING = {"block_t": 32, "num_warps": 4, "lut": 0}
 
 __all__ = [
     "HEAD_DIMS",
@@ -267,7 +269,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     if q.stride(-1) != 1:
         q = q.contiguous()
     qr = q.reshape(b * hq, d).float() @ kc["qmatT"]  # [B*Hq, d or 2d]: Π q (| S q)
-    block_t = block_t or (64 if d <= 128 else 32)
+    block_t = block_t or DECODE_TUNING["block_t"]
     programs = b * hkv
     if num_splits is None:
         sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
@@ -301,7 +303,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 m, l_, acc,
                 hkv, length, per_split, scale_log2, qjl_scale,
                 G=g, GP=gp, D=d, KB=kbits, VB=vbits, PROD=prod, HAS_MASK=valid is not None,
-                BLOCK_T=block_t, num_warps=4,
+                BLOCK_T=block_t, LUT=DECODE_TUNING["lut"], num_warps=DECODE_TUNING["num_warps"],
             )
         out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
         nf = 0 if fk is None else fk.shape[2]

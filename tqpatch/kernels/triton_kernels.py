@@ -48,10 +48,10 @@ def _tq_store_kernel(
     for blk in range(pid, nblocks, nprog):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < R
-        t = rows % T
+        t = (rows % T).to(tl.int64)
         bh = rows // T
-        h = bh % H
-        b = bh // H
+        h = (bh % H).to(tl.int64)
+        b = (bh // H).to(tl.int64)
         x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
         norm = tl.sqrt(tl.sum(x * x, axis=1))
         u = x / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
@@ -89,16 +89,38 @@ def _tq_store_kernel(
 
 
 @triton.jit
-def _unpack(row_ptr, tmask, D: tl.constexpr, BITS: tl.constexpr):
-    """Code indices [BT, D] int32, natural channel order, from rows of a packed b-bit stream."""
-    c = tl.arange(0, D)
-    bit = c * BITS
-    p = row_ptr[:, None] + (bit // 8)[None, :]
-    w = tl.load(p, mask=tmask[:, None], other=0).to(tl.int32)
-    if (8 % BITS) != 0:  # a code may straddle two bytes (b = 3)
-        straddle = ((bit % 8) + BITS) > 8
-        w = w | (tl.load(p + 1, mask=tmask[:, None] & straddle[None, :], other=0).to(tl.int32) << 8)
-    return (w >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """Code indices [BT, D] int32, natural channel order, from rows of a packed b-bit stream.
+
+    The row's bytes are loaded once ([BT, D*BITS/8], or three [BT, D/8] byte planes for b = 3)
+    and broadcast to the codes they hold, so no per-code pointers are built.
+    """
+    if (8 % BITS) == 0:
+        P: tl.constexpr = 8 // BITS  # codes per byte
+        NB: tl.constexpr = D // P
+        w = tl.load(row_ptr[:, None] + tl.arange(0, NB)[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        w = tl.reshape(tl.broadcast_to(w[:, :, None], (BT, NB, P)), (BT, D))
+        shift = (tl.arange(0, D) % P) * BITS
+    else:  # 8 codes in BITS bytes: build the word of each group of 8
+        grp = tl.arange(0, D // 8) * BITS
+        w = tl.zeros([BT, D // 8], dtype=tl.int32)
+        for j in tl.static_range(BITS):
+            w = w | (tl.load(row_ptr[:, None] + (grp + j)[None, :], mask=tmask[:, None], other=0).to(tl.int32) << (8 * j))
+        w = tl.reshape(tl.broadcast_to(w[:, :, None], (BT, D // 8, 8)), (BT, D))
+        shift = (tl.arange(0, D) % 8) * BITS
+    return (w >> shift[None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _lookup(cent_ptr, idx, BITS: tl.constexpr, LUT: tl.constexpr):
+    """centroids[idx]: a gather load (LUT=0) or a select chain over the 2^BITS values (LUT=1)."""
+    if LUT == 0:
+        return tl.load(cent_ptr + idx)
+    else:
+        val = tl.zeros(idx.shape, dtype=tl.float32) + tl.load(cent_ptr)
+        for j in tl.static_range(1, 1 << BITS):
+            val = tl.where(idx == j, tl.load(cent_ptr + j), val)
+        return val
 
 
 @triton.jit
@@ -117,13 +139,13 @@ def _tq_decode_split_kernel(
     Hkv, L, per_split, scale_log2, qjl_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, PROD: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, LUT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
-    b = pid_bh // Hkv
-    h = pid_bh % Hkv
+    b = (pid_bh // Hkv).to(tl.int64)
+    h = (pid_bh % Hkv).to(tl.int64)
     g = tl.arange(0, GP)
     gmask = g < G
     cols = tl.arange(0, D)
@@ -137,12 +159,13 @@ def _tq_decode_split_kernel(
     start = pid_s * per_split
     for t0 in range(0, per_split, BLOCK_T):
         offs = start + t0 + tl.arange(0, BLOCK_T)
-        tmask = offs < L  # per_split is a multiple of BLOCK_T: splits never overlap
-        kidx = _unpack(kc_ptr + b * skcb + h * skch + offs * skct, tmask, D, KB)
-        kval = tl.load(kcent_ptr + kidx)  # [BT, D] rotated unit keys
+        tmask = offs < L
+        offs = offs.to(tl.int64)  # per_split is a multiple of BLOCK_T: splits never overlap
+        kidx = _unpack(kc_ptr + b * skcb + h * skch + offs * skct, tmask, BLOCK_T, D, KB)
+        kval = _lookup(kcent_ptr, kidx, KB, LUT)  # [BT, D] rotated unit keys
         s = tl.dot(q_rot, tl.trans(kval))  # [GP, BT]
         if PROD:
-            sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, D, 1).to(tl.float32) * 2.0 - 1.0
+            sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, BLOCK_T, D, 1).to(tl.float32) * 2.0 - 1.0
             gam = tl.load(kr_ptr + b * skrb + h * skrh + offs * skrt, mask=tmask, other=0.0).to(tl.float32)
             s += tl.dot(q_sk, tl.trans(sgn)) * (qjl_scale * gam)[None, :]
         kn = tl.load(kn_ptr + b * sknb + h * sknh + offs * sknt, mask=tmask, other=0.0).to(tl.float32)
@@ -155,8 +178,8 @@ def _tq_decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.where(valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vidx = _unpack(vc_ptr + b * svcb + h * svch + offs * svct, tmask, D, VB)
-        vval = tl.load(vcent_ptr + vidx).to(tl.float16)  # [BT, D] rotated unit values
+        vidx = _unpack(vc_ptr + b * svcb + h * svch + offs * svct, tmask, BLOCK_T, D, VB)
+        vval = _lookup(vcent_ptr, vidx, VB, LUT).to(tl.float16)  # [BT, D] rotated unit values
         vn = tl.load(vn_ptr + b * svnb + h * svnh + offs * svnt, mask=tmask, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot((p * vn[None, :]).to(tl.float16), vval)
         m_i = m_new
@@ -181,8 +204,8 @@ def _tq_decode_combine_kernel(
     HAS_FMASK: tl.constexpr, BLOCK_F: tl.constexpr, UNROT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // Hkv
-    h = pid % Hkv
+    b = (pid // Hkv).to(tl.int64)
+    h = (pid % Hkv).to(tl.int64)
     g = tl.arange(0, GP)
     gmask = g < G
     cols = tl.arange(0, D)
