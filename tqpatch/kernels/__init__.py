@@ -32,7 +32,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 MSE_BITS = (1, 2, 3, 4)
 LOG2E = 1.4426950408889634
 # Decode-kernel launch settings (bench/RESULTS.md says how they were chosen): tokens per tile, warps, centroid lookup.
-DECODE_TUNING = {"block_t": 32, "num_warps": 4, "lut": 0}
+DECODE_TUNING = {"block_t": 64, "num_warps": 4, "lut": 0}  # the best of the sweep in bench/results.json
 
 __all__ = [
     "HEAD_DIMS",
