@@ -112,3 +112,9 @@ def test_use_cache_false_is_untouched():
         reference = model(prompt(), use_cache=False).logits
         tqpatch.patch(model, "k2v2")
         assert torch.equal(model(prompt(), use_cache=False).logits, reference)
+
+
+@pytest.mark.parametrize("name", ["center_keys", "center_values", "prefill_exact"])
+def test_boolean_fields_are_checked(name):
+    with pytest.raises(ValueError, match=f"{name} must be True or False"):
+        TurboQuantConfig(**{name: 1})

@@ -116,8 +116,43 @@ class SplitCodec:
         return sum(t.numel() * t.element_size() for t in (self.outlier_index, self.regular_index))
 
 
-def make_codec(head_dim: int, bits: float, method: str, seed: int) -> TurboQuantCodec | SplitCodec:
-    """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only)."""
+class CenteredCodec:
+    """Quantize x - μ instead of x, with μ [H, d] a per-head channel mean fixed from the first chunk.
+
+    Keys of RoPE models carry large per-channel offsets; ⟨q, μ⟩ is the same for
+    every key of a query, so softmax ignores it, but it inflates ‖x‖ and with
+    it TurboQuant's error (∝ ‖x‖). μ is taken over batch and tokens of the
+    first chunk, leaving out its first `skip` tokens (attention sinks have
+    atypical keys), and is added back on decode.
+    """
+
+    def __init__(self, inner, skip: int = 1):
+        self.inner = inner
+        self.skip = skip
+        self.mean: torch.Tensor | None = None  # [H, d] float16
+
+    def __getattr__(self, name):  # head_dim, bits, quantizer, ... of the wrapped codec
+        return getattr(self.__dict__["inner"], name)
+
+    def encode(self, x: torch.Tensor) -> Parts:  # x: [B, H, T, d]
+        if self.mean is None:
+            sample = x[:, :, self.skip :] if x.shape[2] > self.skip else x
+            self.mean = sample.float().mean(dim=(0, 2)).half()
+        return self.inner.encode(x.float() - self.mean.to(x.device).float()[None, :, None, :])
+
+    def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:
+        centered = self.inner.decode(parts, torch.float32)
+        return (centered + self.mean.to(centered.device).float()[None, :, None, :]).to(dtype)
+
+    @property
+    def extra_nbytes(self) -> int:
+        return self.inner.extra_nbytes + (0 if self.mean is None else self.mean.numel() * self.mean.element_size())
+
+
+def make_codec(head_dim: int, bits: float, method: str, seed: int, center: bool = False):
+    """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally mean-centered."""
     if split_bits(bits, head_dim)[0] == 0:
-        return TurboQuantCodec(head_dim, split_bits(bits, head_dim)[1], method, seed)
-    return SplitCodec(head_dim, bits, seed)
+        codec = TurboQuantCodec(head_dim, split_bits(bits, head_dim)[1], method, seed)
+    else:
+        codec = SplitCodec(head_dim, bits, seed)
+    return CenteredCodec(codec) if center else codec

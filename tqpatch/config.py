@@ -50,6 +50,9 @@ class TurboQuantConfig:
         other exactly and only tokens cached by earlier calls are read
         compressed (the seed document's behaviour). False: every token is
         read back compressed, the current ones included.
+    center_keys, center_values: quantize x - μ, with μ a per-layer, per-head
+        channel mean fixed from the first chunk the layer stores (see
+        codec.CenteredCodec); μ is added back on decode and counted as stored.
     seed: seeds the rotation Π and the QJL matrix S (shared by all layers).
     """
 
@@ -63,6 +66,8 @@ class TurboQuantConfig:
     protected_layers: tuple[int, ...] = field(default_factory=tuple)
     protected_bits: int | None = None
     prefill_exact: bool = True
+    center_keys: bool = False
+    center_values: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,8 +87,9 @@ class TurboQuantConfig:
         if self.protected_bits is not None:
             if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
                 raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
-        if not isinstance(self.prefill_exact, bool):
-            raise ValueError(f"prefill_exact must be True or False, got {self.prefill_exact!r}")
+        for name in ("prefill_exact", "center_keys", "center_values"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -119,6 +125,8 @@ class TurboQuantConfig:
             label += f"-r{self.residual_length}"
         if self.sink_tokens:
             label += f"-s{self.sink_tokens}"
+        if self.center_keys or self.center_values:
+            label += "-c" + ("k" if self.center_keys else "") + ("v" if self.center_values else "")
         return label
 
 
