@@ -19,7 +19,7 @@ DEFAULT_SETTINGS = "k4v4,k3v2,k2v2"
 # -- shared option helpers ------------------------------------------------------------------------
 def model_options(fn):
     """--model, --device, --dtype, --device-map."""
-    fn = click.option("--device-map", type=click.Choice(["auto"]), default=None, help="Spread the model over the visible GPUs (accelerate).")(fn)
+    fn = click.option("--device-map", type=click.Choice(["auto"]), default=None, help="Spread the model over the visible GPUs (accelerate) [default: off, the whole model on --device].")(fn)
     fn = click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None, help="Model dtype [default: float32 on CPU, bfloat16 on GPU].")(fn)
     fn = click.option("--device", default="cpu", help="Device for the model (cpu, cuda, cuda:1, mps); ignored with --device-map.")(fn)
     fn = click.option("--model", "model_spec", default=None, help="Embedded model name (smollm2, gemma3-270m), hub id, local folder or .gguf file [default: smollm2].")(fn)
@@ -143,10 +143,10 @@ def format_rows(prompt: str, rows: list[GenerationRow], width: int = 100) -> str
             verdict = f"IDENTICAL to {baseline.setting}"
         else:
             verdict = f"diverges from {baseline.setting} at generated token {row.first_divergence}"
-        lines.append(
-            f"[{row.setting}] {verdict} | KV cache {row.cache_bytes / 1024:.1f} KiB ({row.compression_ratio:.2f}x smaller than "
-            f"{row.baseline_cache_bytes / 1024:.1f} KiB, {row.bits_per_element:.2f} bits/element) | {row.tokens_per_second:.1f} tokens/s"
-        )
+        size = f"KV cache {row.cache_bytes / 1024:.1f} KiB ({row.bits_per_element:.2f} bits/element"
+        if row is not baseline:
+            size += f", {row.compression_ratio:.2f}x smaller than the same tokens uncompressed"
+        lines.append(f"[{row.setting}] {verdict} | {size}) | {row.tokens_per_second:.1f} tokens/s")
         lines += textwrap.wrap(row.text.strip(), width, initial_indent="    ", subsequent_indent="    ") or ["    (empty)"]
         lines.append("")
     return "\n".join(lines).rstrip()
