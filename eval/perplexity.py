@@ -21,7 +21,7 @@ Reported per setting:
   k_l / s_l the compressed / stored tokens of layer l before the chunk.
 - bits_per_element: true bits per cached K/V coordinate at the end of each
   window (everything stored, full-precision window included; `cache_stats`),
-  averaged over windows.
+  pooled over windows (Σ bits / Σ coordinates); compression_ratio likewise.
 
 Under `accelerate launch`, windows are sharded over processes
 (`shard_windows`) and the per-window sums are gathered on every process.
@@ -126,7 +126,7 @@ class PerplexityRow:
     compressed_key_fraction: float
     bits_per_element: float
     compression_ratio: float
-    cache_bytes: float  # mean over windows, at the end of the window
+    cache_bytes: int  # bytes held at the end of the largest window
     seconds: float
 
 
@@ -335,7 +335,6 @@ def aggregate(settings: list[Setting], stats: list[WindowStats]) -> list[Perplex
         mine = sorted((s for s in stats if s.setting == i), key=lambda s: s.window)
         predicted = sum(s.predicted for s in mine)
         nll = sum(s.nll_sum for s in mine)
-        n = max(len(mine), 1)
         if isinstance(setting, TurboQuantConfig):
             name, kb, vb, method, resid = setting.name, setting.key_bits, setting.value_bits, setting.key_method, setting.residual_length
         elif isinstance(setting, HFQuantizedSetting):
@@ -343,6 +342,10 @@ def aggregate(settings: list[Setting], stats: list[WindowStats]) -> list[Perplex
         else:
             name, kb, vb, method, resid = BASELINE, None, None, None, 0
         attended = sum(s.attended_pairs for s in mine)
+        # Pooled over windows (a short last window must not weigh like a full one): Σ bytes / Σ elements.
+        held = sum(s.cache_bytes for s in mine)
+        elements = sum(8 * s.cache_bytes / s.bits_per_element for s in mine if s.bits_per_element)
+        baseline_bytes = sum(s.compression_ratio * s.cache_bytes for s in mine)
         rows.append(
             PerplexityRow(
                 setting=name,
@@ -356,9 +359,9 @@ def aggregate(settings: list[Setting], stats: list[WindowStats]) -> list[Perplex
                 predicted_tokens=predicted,
                 compressed_tokens_read=int(round(sum(s.compressed_read for s in mine))),
                 compressed_key_fraction=sum(s.compressed_pairs for s in mine) / attended if attended else 0.0,
-                bits_per_element=sum(s.bits_per_element for s in mine) / n,
-                compression_ratio=sum(s.compression_ratio for s in mine) / n,
-                cache_bytes=sum(s.cache_bytes for s in mine) / n,
+                bits_per_element=8 * held / elements if elements else 0.0,
+                compression_ratio=baseline_bytes / held if held else 1.0,
+                cache_bytes=max((s.cache_bytes for s in mine), default=0),
                 seconds=sum(s.seconds for s in mine),
             )
         )

@@ -73,6 +73,18 @@ def test_compressed_tokens_are_counted_exactly(tiny):
     assert math.isfinite(k2.ppl) and k2.ppl > 1
 
 
+def test_bits_are_pooled_over_windows_of_unequal_length(tiny):
+    # Windows of 128 and 2 tokens, residual 32: the first ends with 96 compressed (3 bits: 2-bit codes + fp16 norm
+    # per 16 dims) + 32 exact tokens, the second with 2 exact tokens; float32 exact tokens are 32 bits.
+    result = decode_perplexity(
+        tiny, ByteTokenizer(), TEXT, [tqpatch.TurboQuantConfig.preset("k2v2", residual_length=32)], window=128, chunk=32, max_tokens=130, progress=False
+    )
+    assert result.windows == 2
+    row = result.rows[1]
+    assert row.bits_per_element == pytest.approx((96 * 3 + 34 * 32) / 130)
+    assert row.compression_ratio == pytest.approx(32 * 130 / (96 * 3 + 34 * 32))
+
+
 def test_the_model_is_left_unpatched(tiny):
     decode_perplexity(tiny, ByteTokenizer(), TEXT, [tqpatch.TurboQuantConfig.preset("k4v4")], window=64, chunk=32, max_tokens=64, progress=False)
     assert not tqpatch.is_patched(tiny)
