@@ -13,9 +13,14 @@ def offset_keys(seed=0, heads=3, tokens=200, d=64):
     return torch.randn(2, heads, tokens, d, generator=gen) + offsets[None, :, None, :]
 
 
-@pytest.mark.parametrize("bits,expected", [(2.5, (32, 3, 2)), (3.5, (32, 4, 3)), (4, (0, 4, 4)), (2.25, (16, 3, 2))])
-def test_split_bits(bits, expected):
-    assert split_bits(bits, 64) == expected
+@pytest.mark.parametrize(
+    "bits,step,expected",
+    [(2.5, 1, (32, 3, 2)), (3.5, 1, (32, 4, 3)), (4, 1, (0, 4, 4)), (2.25, 1, (16, 3, 2)), (2.5, 2, (16, 4, 2)), (4.25, 2, (8, 6, 4))],
+)
+def test_split_bits(bits, step, expected):
+    outliers, high, low = split_bits(bits, 64, step)
+    assert (outliers, high, low) == expected
+    assert (outliers * high + (64 - outliers) * low) / 64 == bits
 
 
 def test_make_codec_picks_the_kind():

@@ -28,6 +28,8 @@ def test_unknown_preset_names_the_valid_ones():
         (dict(residual_length=-1), "residual_length must be a non-negative integer"),
         (dict(protected_bits=0), "protected_bits must be None"),
         (dict(protected_layers=(-1,)), "protected_layers"),
+        (dict(outlier_step=5), "outlier_step must be 1, 2, 3 or 4"),
+        (dict(key_bits=7.5, outlier_step=2), "needs more than 8 bits"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -61,12 +61,12 @@ class SplitCodec:
     mean |x| over batch and tokens, per head.
     """
 
-    def __init__(self, head_dim: int, bits: float, seed: int = 0):
+    def __init__(self, head_dim: int, bits: float, seed: int = 0, step: int = 1):
         self.head_dim = head_dim
         self.bits = bits
         if head_dim > 256:
             raise ValueError(f"fractional bits support head_dim up to 256 (uint8 channel indices), got {head_dim}")
-        self.num_outliers, self.outlier_bits, self.regular_bits = split_bits(bits, head_dim)
+        self.num_outliers, self.outlier_bits, self.regular_bits = split_bits(bits, head_dim, step)
         if self.num_outliers == 0:
             raise ValueError(f"{bits} bits at head_dim {head_dim} needs no channel split; use TurboQuantCodec")
         self.outlier = TurboQuantMSE(self.num_outliers, self.outlier_bits, seed)
@@ -149,10 +149,11 @@ class CenteredCodec:
         return self.inner.extra_nbytes + (0 if self.mean is None else self.mean.numel() * self.mean.element_size())
 
 
-def make_codec(head_dim: int, bits: float, method: str, seed: int, center: bool = False):
+def make_codec(head_dim: int, bits: float, method: str, seed: int, center: bool = False, outlier_step: int = 1):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally mean-centered."""
-    if split_bits(bits, head_dim)[0] == 0:
-        codec = TurboQuantCodec(head_dim, split_bits(bits, head_dim)[1], method, seed)
+    outliers, high, _ = split_bits(bits, head_dim, outlier_step)
+    if outliers == 0:
+        codec = TurboQuantCodec(head_dim, high, method, seed)
     else:
-        codec = SplitCodec(head_dim, bits, seed)
+        codec = SplitCodec(head_dim, bits, seed, outlier_step)
     return CenteredCodec(codec) if center else codec

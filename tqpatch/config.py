@@ -9,21 +9,22 @@ KEY_METHODS = ("mse", "prod")
 MIN_BITS, MAX_BITS = 1, 8
 
 
-def split_bits(bits: float, head_dim: int) -> tuple[int, int, int]:
+def split_bits(bits: float, head_dim: int, step: int = 1) -> tuple[int, int, int]:
     """Fractional bits as the paper's outlier split: (outlier_channels, outlier_bits, regular_bits).
 
-    b = floor(b) + f is stored as round(f·d) outlier channels at floor(b)+1 bits
-    and the rest at floor(b) bits; integer b gives (0, b, b). E.g. 2.5 bits at
-    d = 128: 64 channels at 3 bits + 64 at 2 bits. (The paper's example, 32
-    channels at 3 bits + 96 at 2, averages 2.25 bits, not 2.5.)
+    b = floor(b) + f is stored as round(f·d/step) outlier channels at
+    floor(b)+step bits and the rest at floor(b) bits; integer b gives (0, b, b).
+    E.g. 2.5 bits at d = 128, step 1: 64 channels at 3 bits + 64 at 2 bits;
+    step 2: 32 channels at 4 bits + 96 at 2. (The paper's example, 32 channels
+    at 3 bits + 96 at 2, averages 2.25 bits, not 2.5.)
     """
     low = int(math.floor(bits))
-    outliers = int(round((bits - low) * head_dim))
+    outliers = int(round((bits - low) * head_dim / step))
     if outliers == 0:
         return 0, low, low
-    if outliers == head_dim:
-        return 0, low + 1, low + 1
-    return outliers, low + 1, low
+    if outliers >= head_dim:
+        return 0, low + step, low + step
+    return outliers, low + step, low
 
 
 def _check_bits(name: str, bits: float) -> None:
@@ -50,6 +51,8 @@ class TurboQuantConfig:
         other exactly and only tokens cached by earlier calls are read
         compressed (the seed document's behaviour). False: every token is
         read back compressed, the current ones included.
+    outlier_step: for fractional bits, how many extra bits the outlier channels
+        get (1: the paper's split; 2: half as many outliers, two bits more).
     center_keys, center_values: quantize x - μ, with μ a per-layer, per-head
         channel mean fixed from the first chunk the layer stores (see
         codec.CenteredCodec); μ is added back on decode and counted as stored.
@@ -68,6 +71,7 @@ class TurboQuantConfig:
     prefill_exact: bool = True
     center_keys: bool = False
     center_values: bool = False
+    outlier_step: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +88,12 @@ class TurboQuantConfig:
         object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.protected_layers):
             raise ValueError(f"protected_layers must be non-negative layer indices, got {self.protected_layers!r}")
+        if isinstance(self.outlier_step, bool) or self.outlier_step not in (1, 2, 3, 4):
+            raise ValueError(f"outlier_step must be 1, 2, 3 or 4, got {self.outlier_step!r}")
+        for name in ("key_bits", "value_bits"):
+            bits = getattr(self, name)
+            if bits != int(bits) and math.floor(bits) + self.outlier_step > MAX_BITS:
+                raise ValueError(f"{name}={bits} with outlier_step={self.outlier_step} needs more than {MAX_BITS} bits for the outlier channels")
         if self.protected_bits is not None:
             if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
                 raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
@@ -125,6 +135,8 @@ class TurboQuantConfig:
             label += f"-r{self.residual_length}"
         if self.sink_tokens:
             label += f"-s{self.sink_tokens}"
+        if self.outlier_step != 1 and (self.key_bits != int(self.key_bits) or self.value_bits != int(self.value_bits)):
+            label += f"-o{self.outlier_step}"
         if self.center_keys or self.center_values:
             label += "-c" + ("k" if self.center_keys else "") + ("v" if self.center_values else "")
         return label
