@@ -111,23 +111,29 @@ def bench_attention(bw: float, shapes) -> dict:
     from tqpatch.codec import TurboQuantCodec
 
     hq, hkv, d = 32, 8, 128
-    # choose the decode kernel's tile / warps / centroid lookup on the headline shape (k4v4, B=8, L=32k)
+    # choose the decode kernel's tile / warps / pipelining / centroid lookup / split count on the headline shape (k4v4, B=8, L=32k)
     kc = TurboQuantCodec(d, 4, "mse", 0)
     kp, vp = _random_parts(kc, 8, hkv, 32768), _random_parts(kc, 8, hkv, 32768)
     q = torch.randn(8, hq, d, device="cuda", dtype=torch.bfloat16)
     sweep = []
-    for block_t in (32, 64):
-        for warps in (4, 8):
-            for lut in (0, 1):
-                kernels.DECODE_TUNING.update(block_t=block_t, num_warps=warps, lut=lut)
-                try:
-                    ms = _ms(lambda: kernels.decode_attention(q, kc, kc, kp, vp, None, None, d**-0.5), 3, 20)
-                except Exception as exc:  # a variant that does not compile is reported, not fatal
-                    ms = float("inf")
-                    click.echo(f"variant {block_t}/{warps}/{lut} failed: {str(exc)[:200]}", err=True)
-                sweep.append({"block_t": block_t, "num_warps": warps, "lut": lut, "ms": ms})
+
+    def trial(**tuning):
+        kernels.DECODE_TUNING.update(tuning)
+        try:
+            ms = _ms(lambda: kernels.decode_attention(q, kc, kc, kp, vp, None, None, d**-0.5), 3, 20)
+        except Exception as exc:  # a variant that does not compile is reported, not fatal
+            ms = float("inf")
+            click.echo(f"variant {tuning} failed: {str(exc)[:200]}", err=True)
+        sweep.append({**kernels.DECODE_TUNING, "ms": ms})
+
+    for block_t, warps in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 16)):
+        for stages in (2, 3):
+            trial(block_t=block_t, num_warps=warps, num_stages=stages, lut=0, programs_per_sm=4)
     best = min(sweep, key=lambda r: r["ms"])
-    kernels.DECODE_TUNING.update(block_t=best["block_t"], num_warps=best["num_warps"], lut=best["lut"])
+    for per_sm in (2, 8, 16):
+        trial(**{**{k: v for k, v in best.items() if k != "ms"}, "programs_per_sm": per_sm})
+    best = min(sweep, key=lambda r: r["ms"])
+    kernels.DECODE_TUNING.update({k: v for k, v in best.items() if k != "ms"})
     click.echo(f"decode kernel sweep: {sweep}; using {kernels.DECODE_TUNING}", err=True)
     del kp, vp
     rows = []
@@ -304,7 +310,10 @@ def versions() -> dict:
     return info
 
 
-def run_bench(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str) -> dict:
+ATTENTION_SHAPES = ((8, 32768), (1, 131072), (32, 32768), (1, 32768), (8, 4096), (16, 65536))
+
+
+def run_bench(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str, shapes=ATTENTION_SHAPES) -> dict:
     if not torch.cuda.is_available():
         raise click.ClickException("tqpatch bench needs a CUDA GPU")
     torch.cuda.set_device(0)
@@ -321,7 +330,7 @@ def run_bench(out: Path, layers: int, batch: int, context: int, steps: int, veri
         save()
         click.echo(json.dumps(result["store"], indent=1), err=True)
     if "attention" in parts:
-        result["attention"] = bench_attention(bw, [(8, 32768), (1, 131072), (32, 32768), (1, 32768), (8, 4096), (16, 65536)])
+        result["attention"] = bench_attention(bw, shapes)
         click.echo(json.dumps(result["attention"], indent=1), err=True)
         save()
     if "e2e" in parts:
@@ -379,9 +388,11 @@ def register(main: click.Group, eval_group: click.Group) -> None:
 @click.option("--steps", type=int, default=10, help="Timed decode steps (after 3 warm-up steps).")
 @click.option("--verify/--no-verify", default=True, help="Check the predicted largest batch by filling and decoding at it.")
 @click.option("--parts", default="store,attention,e2e,fit", help="Comma-separated: store, attention, e2e, fit.")
-def bench_command(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str) -> None:
+@click.option("--shapes", default=None, help="Attention shapes as BxL, comma-separated (default: all six of bench/RESULTS.md), e.g. 8x32768,1x131072.")
+def bench_command(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str, shapes: str | None) -> None:
     """Time the kernels and end-to-end decoding on cuda:0 (see bench/RESULTS.md)."""
-    run_bench(out, layers, batch, context, steps, verify, set(parts.split(",")))
+    chosen = tuple(tuple(int(x) for x in s.split("x")) for s in shapes.split(",")) if shapes else ATTENTION_SHAPES
+    run_bench(out, layers, batch, context, steps, verify, set(parts.split(",")), chosen)
 
 
 if __name__ == "__main__":

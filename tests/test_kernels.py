@@ -121,6 +121,21 @@ def test_decode_attention_matches_reference(d, hkv, group, length, nfp, kbits, v
         assert _cos(out, ref) > COS_FLOOR
 
 
+@pytest.mark.parametrize("lut", [0, 1])
+@pytest.mark.parametrize("kbits,vbits", [(4, 2), (2, 4)])
+def test_decode_lookup_variants(lut, kbits, vbits, monkeypatch):
+    # both centroid lookups (gather, select chain), on both plane widths
+    monkeypatch.setitem(kernels.DECODE_TUNING, "lut", lut)
+    gen = torch.Generator().manual_seed(lut)
+    kc, vc = TurboQuantCodec(128, kbits, "mse", seed=2), TurboQuantCodec(128, vbits, "mse", seed=2)
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(torch.randn(2, 2, 150, 128, generator=gen)).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(torch.randn(2, 2, 150, 128, generator=gen)).items()}
+    q = torch.randn(2, 8, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    out = kernels.decode_attention(q, kc, vc, kp, vp, None, None, 128**-0.5, out_dtype=torch.float32, num_splits=2)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, None, None, 128**-0.5)
+    assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR
+
+
 def test_decode_attention_bf16_output():
     kc = vc = TurboQuantCodec(128, 4, "mse", seed=0)
     k, v = torch.randn(2, 2, 200, 128), torch.randn(2, 2, 200, 128)

@@ -31,8 +31,10 @@ from .reference import decode_attention_reference, encode_reference
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MSE_BITS = (1, 2, 3, 4)
 LOG2E = 1.4426950408889634
-# Decode-kernel launch settings (bench/RESULTS.md says how they were chosen): tokens per tile, warps, centroid lookup.
-DECODE_TUNING = {"block_t": 64, "num_warps": 4, "lut": 0}  # the best of the sweep in bench/results.json
+# Decode-kernel launch settings (bench/RESULTS.md says how they were chosen): tokens per tile, warps,
+# software-pipelining stages, centroid lookup (0 gather, 1 select chain), and the flash-decoding split
+# count, chosen so that B*Hkv*splits ≈ programs_per_sm programs per SM. The best of the H200 sweep.
+DECODE_TUNING = {"block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "programs_per_sm": 16}
 
 __all__ = [
     "HEAD_DIMS",
@@ -121,8 +123,27 @@ def _consts(codec, device: torch.device) -> dict[str, torch.Tensor]:
             s = codec.quantizer.qjl(device)
             c["projT"] = (rot @ s.T).contiguous()  # S Πᵀ r_rot as a row vector: r_rot @ Π Sᵀ
             c["qmatT"] = torch.cat([rot.T, s.T], dim=1).contiguous()  # [Π q | S q]
+        c["cent16"] = c["centroids"].half().contiguous()
+        planes = decode_planes(codec.head_dim, mse.bits)
+        if planes:  # the decode kernel's plane order: position j*d/P + k holds channel P*k + j
+            d = codec.head_dim
+            perm = torch.arange(d, device=device).view(d // planes, planes).T.reshape(-1)
+            qmat = c["qmatT"].clone()
+            qmat[:, :d] = c["qmatT"][:, :d][:, perm]
+            c["qmatT_planes"] = qmat.contiguous()  # [Π q in plane order (| S q)]
+            c["rot_planes"] = rot[perm].contiguous()  # value sums in plane order @ this = x
         per_device[device] = c
     return per_device[device]
+
+
+def decode_planes(head_dim: int, bits: int) -> int:
+    """Codes per byte P if the decode kernel reads these codes as P planes of head_dim/P channels, else 0.
+
+    Planes need 2 or 4 codes per byte (1-bit would need 8 accumulators; 3-bit codes straddle bytes)
+    and at least 16 channels per plane (tl.dot's smallest inner size).
+    """
+    planes = 8 // bits if bits in (2, 4) else 0
+    return planes if planes and head_dim // planes >= 16 else 0
 
 
 def _check_x(codec, x: torch.Tensor) -> None:
@@ -266,14 +287,16 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     kc, vc = _consts(key_codec, q.device), _consts(value_codec, q.device)
     prod = isinstance(key_codec.quantizer, TurboQuantProd)
     kbits, vbits = _mse_part(key_codec).bits, _mse_part(value_codec).bits
+    kpl, vpl = decode_planes(d, kbits), decode_planes(d, vbits)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    qr = q.reshape(b * hq, d).float() @ kc["qmatT"]  # [B*Hq, d or 2d]: Π q (| S q)
+    qr = q.reshape(b * hq, d).float() @ kc["qmatT_planes" if kpl else "qmatT"]  # [B*Hq, d or 2d]: Π q (| S q)
+    vrot = vc["rot_planes" if vpl else "rot"]  # rotates the value sums back from the partials' channel order
     block_t = block_t or DECODE_TUNING["block_t"]
     programs = b * hkv
     if num_splits is None:
         sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
-        want = triton_cdiv(4 * sms, programs)
+        want = triton_cdiv(DECODE_TUNING["programs_per_sm"] * sms, programs)
         num_splits = max(1, min(want, triton_cdiv(length, 4 * block_t)))
     per_split = triton_cdiv(triton_cdiv(max(length, 1), num_splits), block_t) * block_t
     splits = triton_cdiv(length, per_split) if length else 0
@@ -295,15 +318,16 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 knorms, knorms.stride(0), knorms.stride(1), knorms.stride(2),
                 kg, kg.stride(0), kg.stride(1), kg.stride(2),
                 kr, kr.stride(0), kr.stride(1), kr.stride(2),
-                kc["centroids"],
+                kc["cent16"],
                 vcodes, vcodes.stride(0), vcodes.stride(1), vcodes.stride(2),
                 vnorms, vnorms.stride(0), vnorms.stride(1), vnorms.stride(2),
-                vc["centroids"],
+                vc["cent16"],
                 mk, mk.stride(0) if valid is not None else 0, 0,
                 m, l_, acc,
                 hkv, length, per_split, scale_log2, qjl_scale,
                 G=g, GP=gp, D=d, KB=kbits, VB=vbits, PROD=prod, HAS_MASK=valid is not None,
-                BLOCK_T=block_t, LUT=DECODE_TUNING["lut"], num_warps=DECODE_TUNING["num_warps"],
+                BLOCK_T=block_t, KPL=kpl, VPL=vpl, LUT=DECODE_TUNING["lut"],
+                num_warps=DECODE_TUNING["num_warps"], num_stages=DECODE_TUNING["num_stages"],
             )
         out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
         nf = 0 if fk is None else fk.shape[2]
@@ -323,7 +347,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
             fv, fv.stride(0), fv.stride(1), fv.stride(2),
             nf,
             fm, fm.stride(0) if fp_valid is not None else 0, 0,
-            vc["rot"],
+            vrot,
             target, target.stride(0), target.stride(1),
             hkv, scale_log2,
             G=g, GP=gp, D=d, HAS_FMASK=fp_valid is not None, BLOCK_F=16, UNROT=unrot_in_kernel, num_warps=4,
@@ -332,7 +356,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
             out.copy_(target)
         elif not unrot_in_kernel:  # the kernel left Σ p n c / l in acc[:, 0]
             rotated = acc[:, 0].reshape(b, hq, d)
-            out.copy_(torch.addmm(target.view(b * hq, d), rotated.reshape(b * hq, d), vc["rot"]).view(b, hq, d))
+            out.copy_(torch.addmm(target.view(b * hq, d), rotated.reshape(b * hq, d), vrot).view(b, hq, d))
     return out
 
 

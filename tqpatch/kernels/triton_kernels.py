@@ -112,35 +112,52 @@ def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexp
 
 
 @triton.jit
-def _lookup(cent_ptr, idx, BITS: tl.constexpr, LUT: tl.constexpr):
-    """centroids[idx]: a gather load (LUT=0) or a select chain over the 2^BITS values (LUT=1)."""
-    if LUT == 0:
-        return tl.load(cent_ptr + idx)
-    else:
-        val = tl.zeros(idx.shape, dtype=tl.float32) + tl.load(cent_ptr)
+def _lookup(tab_ptr, idx, BITS: tl.constexpr, LUT: tl.constexpr):
+    """centroids[idx] in fp16 from the fp16 table: a gather load (LUT=0) or a select chain over the 2^BITS values (LUT=1)."""
+    if LUT == 1:
+        val = tl.zeros(idx.shape, dtype=tl.float16) + tl.load(tab_ptr)
         for j in tl.static_range(1, 1 << BITS):
-            val = tl.where(idx == j, tl.load(cent_ptr + j), val)
+            val = tl.where(idx == j, tl.load(tab_ptr + j), val)
         return val
+    else:
+        return tl.load(tab_ptr + idx)
+
+
+@triton.jit
+def _plane(tab_ptr, w, j: tl.constexpr, BITS: tl.constexpr, LUT: tl.constexpr):
+    """fp16 centroid values of code j (bits j*BITS..) of every byte of the tile w [BT, NB]."""
+    return _lookup(tab_ptr, (w >> (j * BITS)) & ((1 << BITS) - 1), BITS, LUT)
+
+
+@triton.jit
+def _plane_query(qr_ptr, qrow, gmask, j: tl.constexpr, NP: tl.constexpr):
+    """Columns j*NP .. (j+1)*NP of the (plane-ordered) rotated queries, fp16 [GP, NP]."""
+    return tl.load(qr_ptr + qrow[:, None] + j * NP + tl.arange(0, NP)[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
 
 
 @triton.jit
 def _tq_decode_split_kernel(
-    qr_ptr, sqr,                          # rotated queries [B*Hq, QW] fp32: Π q (| S q for prod keys)
+    qr_ptr, sqr,                          # rotated queries [B*Hq, QW] fp32: Π q (| S q for prod keys), plane order when KPL
     kc_ptr, skcb, skch, skct,             # key codes [B, Hkv, *, NBK] uint8
     kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16
     kg_ptr, skgb, skgh, skgt,             # key qjl signs [B, Hkv, *, D/8] uint8 (prod)
     kr_ptr, skrb, skrh, skrt,             # key residual norms [B, Hkv, *] fp16 (prod)
-    kcent_ptr,                            # key centroids [2^KB] fp32
+    kcent_ptr,                            # key centroids [2^KB] fp16
     vc_ptr, svcb, svch, svct,             # value codes [B, Hkv, *, NBV] uint8
     vn_ptr, svnb, svnh, svnt,             # value norms fp16
-    vcent_ptr,                            # value centroids [2^VB] fp32
+    vcent_ptr,                            # value centroids [2^VB] fp16
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
-    m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32
+    m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (plane order when VPL)
     Hkv, L, per_split, scale_log2, qjl_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, PROD: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_T: tl.constexpr, LUT: tl.constexpr,
+    BLOCK_T: tl.constexpr, KPL: tl.constexpr, VPL: tl.constexpr, LUT: tl.constexpr,
 ):
+    # KPL/VPL = P > 0 (codes per byte, 2 or 4): "plane" path. The byte tile [BT, D/P] is read once and
+    # code j of every byte (channels P*k + j) is one plane [BT, D/P] that feeds tl.dot directly: the
+    # queries come in plane order (Π's rows permuted on the host), the value sums are written in plane
+    # order and the combine kernel rotates back with Π's rows permuted the same way.
+    # KPL/VPL = 0: codes unpacked to natural channel order (3 bits, or planes too narrow for tl.dot).
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -150,22 +167,59 @@ def _tq_decode_split_kernel(
     gmask = g < G
     cols = tl.arange(0, D)
     qrow = (b * Hkv * G + h * G + g) * sqr
-    q_rot = tl.load(qr_ptr + qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0)  # [GP, D]
+    if KPL > 0:
+        NK: tl.constexpr = D // KPL
+        ck = tl.arange(0, NK)
+        q0 = _plane_query(qr_ptr, qrow, gmask, 0, NK)
+        q1 = _plane_query(qr_ptr, qrow, gmask, 1, NK)
+        if KPL == 4:
+            q2 = _plane_query(qr_ptr, qrow, gmask, 2, NK)
+            q3 = _plane_query(qr_ptr, qrow, gmask, 3, NK)
+    else:
+        q_rot = tl.load(qr_ptr + qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)  # [GP, D]
     if PROD:
-        q_sk = tl.load(qr_ptr + qrow[:, None] + D + cols[None, :], mask=gmask[:, None], other=0.0)
+        q_sk = tl.load(qr_ptr + qrow[:, None] + D + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
     m_i = tl.full([GP], NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
-    acc = tl.zeros([GP, D], dtype=tl.float32)
+    if VPL > 0:
+        NV: tl.constexpr = D // VPL
+        cv = tl.arange(0, NV)
+        acc0 = tl.zeros([GP, NV], dtype=tl.float32)
+        acc1 = tl.zeros([GP, NV], dtype=tl.float32)
+        if VPL == 4:
+            acc2 = tl.zeros([GP, NV], dtype=tl.float32)
+            acc3 = tl.zeros([GP, NV], dtype=tl.float32)
+    else:
+        acc = tl.zeros([GP, D], dtype=tl.float32)
     start = pid_s * per_split
+    end = tl.minimum(L, start + per_split)  # per_split is a multiple of BLOCK_T: splits never overlap
+    kbase = kc_ptr + b * skcb + h * skch
+    vbase = vc_ptr + b * svcb + h * svch
+    first = start + tl.arange(0, BLOCK_T)
+    if KPL > 0:  # the plane path prefetches the next tile's code bytes while this tile is computed
+        kw_next = tl.load(kbase + first.to(tl.int64)[:, None] * skct + ck[None, :], mask=(first < end)[:, None], other=0)
+    if VPL > 0:
+        vw_next = tl.load(vbase + first.to(tl.int64)[:, None] * svct + cv[None, :], mask=(first < end)[:, None], other=0)
     for t0 in range(0, per_split, BLOCK_T):
         offs = start + t0 + tl.arange(0, BLOCK_T)
         tmask = offs < L
-        offs = offs.to(tl.int64)  # per_split is a multiple of BLOCK_T: splits never overlap
-        kidx = _unpack(kc_ptr + b * skcb + h * skch + offs * skct, tmask, BLOCK_T, D, KB)
-        kval = _lookup(kcent_ptr, kidx, KB, LUT)  # [BT, D] rotated unit keys
-        s = tl.dot(q_rot, tl.trans(kval))  # [GP, BT]
+        nxt = (offs + BLOCK_T).to(tl.int64)
+        nmask = (offs + BLOCK_T) < end
+        offs = offs.to(tl.int64)
+        krow = kbase + offs * skct
+        if KPL > 0:
+            kw = kw_next.to(tl.int32)  # [BT, D/P] bytes
+            kw_next = tl.load(kbase + nxt[:, None] * skct + ck[None, :], mask=nmask[:, None], other=0)
+            s = tl.dot(q0, tl.trans(_plane(kcent_ptr, kw, 0, KB, LUT)))
+            s = tl.dot(q1, tl.trans(_plane(kcent_ptr, kw, 1, KB, LUT)), s)
+            if KPL == 4:
+                s = tl.dot(q2, tl.trans(_plane(kcent_ptr, kw, 2, KB, LUT)), s)
+                s = tl.dot(q3, tl.trans(_plane(kcent_ptr, kw, 3, KB, LUT)), s)
+        else:
+            kval = _lookup(kcent_ptr, _unpack(krow, tmask, BLOCK_T, D, KB), KB, LUT)  # [BT, D] rotated unit keys
+            s = tl.dot(q_rot, tl.trans(kval))  # [GP, BT]
         if PROD:
-            sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, BLOCK_T, D, 1).to(tl.float32) * 2.0 - 1.0
+            sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, BLOCK_T, D, 1).to(tl.float16) * 2.0 - 1.0
             gam = tl.load(kr_ptr + b * skrb + h * skrh + offs * skrt, mask=tmask, other=0.0).to(tl.float32)
             s += tl.dot(q_sk, tl.trans(sgn)) * (qjl_scale * gam)[None, :]
         kn = tl.load(kn_ptr + b * sknb + h * sknh + offs * sknt, mask=tmask, other=0.0).to(tl.float32)
@@ -178,15 +232,33 @@ def _tq_decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.where(valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vidx = _unpack(vc_ptr + b * svcb + h * svch + offs * svct, tmask, BLOCK_T, D, VB)
-        vval = _lookup(vcent_ptr, vidx, VB, LUT).to(tl.float16)  # [BT, D] rotated unit values
         vn = tl.load(vn_ptr + b * svnb + h * svnh + offs * svnt, mask=tmask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot((p * vn[None, :]).to(tl.float16), vval)
+        pv = (p * vn[None, :]).to(tl.float16)
+        vrow = vbase + offs * svct
+        if VPL > 0:
+            vw = vw_next.to(tl.int32)
+            vw_next = tl.load(vbase + nxt[:, None] * svct + cv[None, :], mask=nmask[:, None], other=0)
+            acc0 = tl.dot(pv, _plane(vcent_ptr, vw, 0, VB, LUT), acc0 * alpha[:, None])
+            acc1 = tl.dot(pv, _plane(vcent_ptr, vw, 1, VB, LUT), acc1 * alpha[:, None])
+            if VPL == 4:
+                acc2 = tl.dot(pv, _plane(vcent_ptr, vw, 2, VB, LUT), acc2 * alpha[:, None])
+                acc3 = tl.dot(pv, _plane(vcent_ptr, vw, 3, VB, LUT), acc3 * alpha[:, None])
+        else:
+            vval = _lookup(vcent_ptr, _unpack(vrow, tmask, BLOCK_T, D, VB), VB, LUT)  # [BT, D] rotated unit values
+            acc = tl.dot(pv, vval, acc * alpha[:, None])
         m_i = m_new
     out = pid_bh * n_split + pid_s
     tl.store(m_ptr + out * G + g, m_i, mask=gmask)
     tl.store(l_ptr + out * G + g, l_i, mask=gmask)
-    tl.store(acc_ptr + (out * G + g)[:, None] * D + cols[None, :], acc, mask=gmask[:, None])
+    if VPL > 0:
+        arow = acc_ptr + (out * G + g)[:, None] * D + cv[None, :]
+        tl.store(arow, acc0, mask=gmask[:, None])
+        tl.store(arow + NV, acc1, mask=gmask[:, None])
+        if VPL == 4:
+            tl.store(arow + 2 * NV, acc2, mask=gmask[:, None])
+            tl.store(arow + 3 * NV, acc3, mask=gmask[:, None])
+    else:
+        tl.store(acc_ptr + (out * G + g)[:, None] * D + cols[None, :], acc, mask=gmask[:, None])
 
 
 @triton.jit
@@ -197,7 +269,7 @@ def _tq_decode_combine_kernel(
     fv_ptr, sfvb, sfvh, sfvt,             # full-precision values [B, Hkv, F, D]
     F,
     fm_ptr, sfmb, fm_off,                 # valid flags uint8 [B, *]: fp token f -> column fm_off + f
-    rot_ptr,                              # Π [D, D] fp32 row-major: x = y @ Π
+    rot_ptr,                              # Π [D, D] fp32 row-major: x = y @ Π (rows in the partials' channel order)
     o_ptr, sob, soh,                      # out [B, Hq, D] (last stride 1)
     Hkv, scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
