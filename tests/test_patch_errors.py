@@ -120,3 +120,21 @@ def test_use_cache_false_is_untouched():
 def test_boolean_fields_are_checked(name):
     with pytest.raises(ValueError, match=f"{name} must be True or False"):
         TurboQuantConfig(**{name: 1})
+
+
+@pytest.mark.parametrize("spec", ["k4v4", "k2.5v2-o2-s4-r128", "k3v2-prod-ckv-p2.2b8-q", "k4v4-L0.29-seed3", "k3.5v3.5"])
+def test_setting_specs_round_trip_through_name(spec):
+    config = TurboQuantConfig.from_spec(spec)
+    assert TurboQuantConfig.from_spec(config.name) == config
+
+
+def test_spec_fields():
+    config = TurboQuantConfig.from_spec("k2.5v2-o2-s4-r128-ck-p1.2")
+    assert (config.key_bits, config.value_bits, config.outlier_step, config.sink_tokens, config.residual_length) == (2.5, 2, 2, 4, 128)
+    assert config.center_keys and not config.center_values and (config.protect_first, config.protect_last, config.protected_bits) == (1, 2, None)
+
+
+@pytest.mark.parametrize("spec,match", [("k4v4-zz", "unknown option 'zz'"), ("fast", "unknown setting 'fast'"), ("k9v4", r"key_bits must be")])
+def test_bad_specs_name_the_valid_forms(spec, match):
+    with pytest.raises(ValueError, match=match):
+        TurboQuantConfig.from_spec(spec)

@@ -126,7 +126,7 @@ class TurboQuantConfig:
 
     @property
     def name(self) -> str:
-        """A short label, e.g. 'k4v4', 'k2.5v2.5-prod-r128'."""
+        """A short label that `from_spec` reads back, e.g. 'k4v4', 'k2.5v2.5-o2-s4-r128', 'k3v2-prod-p2.2'."""
         fmt = lambda b: f"{b:g}"  # noqa: E731
         label = f"k{fmt(self.key_bits)}v{fmt(self.value_bits)}"
         if self.key_method != "mse":
@@ -135,11 +135,57 @@ class TurboQuantConfig:
             label += f"-r{self.residual_length}"
         if self.sink_tokens:
             label += f"-s{self.sink_tokens}"
-        if self.outlier_step != 1 and (self.key_bits != int(self.key_bits) or self.value_bits != int(self.value_bits)):
+        if self.outlier_step != 1:
             label += f"-o{self.outlier_step}"
         if self.center_keys or self.center_values:
             label += "-c" + ("k" if self.center_keys else "") + ("v" if self.center_values else "")
+        if self.protect_first or self.protect_last:
+            label += f"-p{self.protect_first}.{self.protect_last}" + ("" if self.protected_bits is None else f"b{self.protected_bits}")
+        if self.protected_layers:
+            label += "-L" + ".".join(map(str, self.protected_layers))
+        if not self.prefill_exact:
+            label += "-q"
+        if self.seed:
+            label += f"-seed{self.seed}"
         return label
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "TurboQuantConfig":
+        """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
+        prod | r{residual} | s{sinks} | o{outlier_step} | ck/cv/ckv (centering) |
+        p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
+        """
+        import re
+
+        spec = spec.strip()
+        if spec in PRESETS:
+            return PRESETS[spec]
+        head, *options = spec.split("-")
+        match = re.fullmatch(r"k(\d+(?:\.\d+)?)v(\d+(?:\.\d+)?)", head)
+        if not match:
+            raise ValueError(f"unknown setting {spec!r}: use a preset ({', '.join(PRESETS)}) or a spec like 'k4v4', 'k2.5v2-o2-r128' ({cls.from_spec.__doc__.split(':', 1)[1].strip()})")
+        as_number = lambda text: int(text) if float(text) == int(float(text)) else float(text)  # noqa: E731
+        fields: dict = {"key_bits": as_number(match[1]), "value_bits": as_number(match[2])}
+        patterns = {
+            r"prod|mse": lambda m: {"key_method": m[0]},
+            r"r(\d+)": lambda m: {"residual_length": int(m[1])},
+            r"s(\d+)": lambda m: {"sink_tokens": int(m[1])},
+            r"o(\d+)": lambda m: {"outlier_step": int(m[1])},
+            r"c(k?)(v?)": lambda m: {"center_keys": bool(m[1]), "center_values": bool(m[2])},
+            r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
+            r"L(\d+(?:\.\d+)*)": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))},
+            r"q": lambda m: {"prefill_exact": False},
+            r"seed(\d+)": lambda m: {"seed": int(m[1])},
+        }
+        for option in options:
+            for pattern, read in patterns.items():
+                found = re.fullmatch(pattern, option)
+                if found and found[0]:
+                    fields.update(read(found))
+                    break
+            else:
+                raise ValueError(f"unknown option {option!r} in setting {spec!r}; options: prod, r<N>, s<N>, o<N>, ck, cv, ckv, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>")
+        return cls(**fields)
 
 
 PRESETS: dict[str, TurboQuantConfig] = {
