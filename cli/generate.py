@@ -46,24 +46,31 @@ def split_list(value: str, option: str) -> list[str]:
 
 
 def parse_presets(value: str, option: str = "--settings") -> list[str]:
-    """Comma-separated preset names, each checked against tqpatch.PRESETS."""
-    from tqpatch.config import PRESETS
+    """Comma-separated settings: preset names or specs (TurboQuantConfig.from_spec), each checked."""
+    from tqpatch.config import TurboQuantConfig
 
     names = split_list(value, option)
     for name in names:
-        if name not in PRESETS:
-            raise click.BadParameter(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}", param_hint=option)
+        try:
+            TurboQuantConfig.from_spec(name)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
     return names
 
 
-def make_config(preset: str, **overrides):
-    """A preset with overrides, config errors turned into one-line usage errors."""
+def make_config(spec: str, **overrides):
+    """A setting with the CLI-wide options applied where the setting's own spec leaves the default."""
+    from dataclasses import fields, replace
+
     from tqpatch.config import TurboQuantConfig
 
+    config = TurboQuantConfig.from_spec(spec)
+    defaults = {f.name: f.default for f in fields(TurboQuantConfig)}
+    chosen = {k: v for k, v in overrides.items() if getattr(config, k) == defaults[k]}
     try:
-        return TurboQuantConfig.preset(preset, **overrides)
+        return replace(config, **chosen)
     except ValueError as exc:
-        raise click.UsageError(f"setting {preset} with {overrides}: {exc}") from None
+        raise click.UsageError(f"setting {spec} with {chosen}: {exc}") from None
 
 
 def prompt_ids(tokenizer, prompt: str, chat_template: bool):
@@ -155,7 +162,7 @@ def format_rows(prompt: str, rows: list[GenerationRow], width: int = 100) -> str
 @click.command("generate")
 @click.option("--prompt", default=DEFAULT_PROMPT, help="The user prompt.")
 @model_options
-@click.option("--settings", default=DEFAULT_SETTINGS, help="Comma-separated presets to compare with the uncompressed model (k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit).")
+@click.option("--settings", default=DEFAULT_SETTINGS, help="Comma-separated settings to compare with the uncompressed model: presets (k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit) or specs like k4.5v3.5-o2-s4 (see TurboQuantConfig.from_spec).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, help="Tokens to generate per setting.")
 @click.option("--residual-length", type=click.IntRange(min=0), default=0, help="Most recent tokens kept in full precision.")
 @click.option("--key-method", type=click.Choice(["mse", "prod"]), default="mse", help="TurboQuant variant for keys (values always mse).")

@@ -72,7 +72,7 @@ def test_ppl_compare_hf_quantized(tiny_model_dir, text_file):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--settings", "k4v4,k9v9"], "unknown preset 'k9v9'; valid presets:"),
+        (["--settings", "k4v4,k9v9"], "key_bits must be a number of bits in [1, 8]"),
         (["--window", 16, "--chunk", 32], "window (16) must be at least the chunk size (32)"),
         (["--text-file", "/no/such/file.txt"], "text file /no/such/file.txt does not exist"),
         (["--key-method", "mse,qjl"], "unknown value 'qjl'; valid: mse, prod"),

@@ -76,7 +76,7 @@ def test_generate_text_output_shows_every_setting(tiny_model_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--settings", "k5v1"], "unknown preset 'k5v1'; valid presets: k8v8, k4v4"),
+        (["--settings", "k5v1x"], "unknown setting 'k5v1x': use a preset (k8v8, k4v4"),
         (["--settings", "2.5bit", "--key-method", "prod"], "needs integer key_bits"),
         (["--model", "/nonexistent/model-folder"], "not found: looked for local folder"),
         (["--model", "missing.gguf"], "does not exist"),

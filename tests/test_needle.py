@@ -73,7 +73,7 @@ def test_needle_cli_writes_json_and_heat_maps(tiny_model_dir, tmp_path):
         (["--depths", "0,150"], "depth must be a percentage in 0..100, got 150"),
         (["--depths", "abc"], "expected comma-separated numbers"),
         (["--lengths", "16"], ">= 64 tokens"),
-        (["--settings", "k4v5"], "unknown preset 'k4v5'"),
+        (["--settings", "fast"], "unknown setting 'fast'"),
         (["--text-file", "/no/such/haystack.txt"], "does not exist"),
     ],
 )

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 KEY_METHODS = ("mse", "prod")
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, ck, cv, ckv, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -163,7 +164,7 @@ class TurboQuantConfig:
         head, *options = spec.split("-")
         match = re.fullmatch(r"k(\d+(?:\.\d+)?)v(\d+(?:\.\d+)?)", head)
         if not match:
-            raise ValueError(f"unknown setting {spec!r}: use a preset ({', '.join(PRESETS)}) or a spec like 'k4v4', 'k2.5v2-o2-r128' ({cls.from_spec.__doc__.split(':', 1)[1].strip()})")
+            raise ValueError(f"unknown setting {spec!r}: use a preset ({', '.join(PRESETS)}) or a spec 'k<K>v<V>[-option...]' like 'k2.5v2-o2-r128' (options: {SPEC_OPTIONS})")
         as_number = lambda text: int(text) if float(text) == int(float(text)) else float(text)  # noqa: E731
         fields: dict = {"key_bits": as_number(match[1]), "value_bits": as_number(match[2])}
         patterns = {
@@ -184,7 +185,7 @@ class TurboQuantConfig:
                     fields.update(read(found))
                     break
             else:
-                raise ValueError(f"unknown option {option!r} in setting {spec!r}; options: prod, r<N>, s<N>, o<N>, ck, cv, ckv, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>")
+                raise ValueError(f"unknown option {option!r} in setting {spec!r}; options: {SPEC_OPTIONS}")
         return cls(**fields)
 
 
