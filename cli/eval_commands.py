@@ -81,15 +81,16 @@ def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_l
         raise click.BadParameter(str(exc), param_hint="--window/--chunk") from None
     configs = _config_grid(settings, key_methods, residual_lengths)
     if compare == "hf-quantized":
-        try:
-            import optimum.quanto  # noqa: F401
-        except ImportError:
-            raise click.ClickException("--compare hf-quantized needs optimum-quanto: pip install 'tqpatch[compare]'") from None
+        # Options first, so a bad value is reported whether or not optimum-quanto is installed.
         bits = _int_list(hf_bits, "--hf-bits")
         if any(b not in (2, 4) for b in bits):
             raise click.BadParameter(f"QuantizedCache (quanto) supports 2 or 4 bits, got {hf_bits!r}", param_hint="--hf-bits")
         axes = _choices(hf_key_axis, "--hf-key-axis", tuple(HFQuantizedSetting.KEY_AXES))
         residuals = _int_list(residual_lengths, "--residual-length")
+        try:
+            import optimum.quanto  # noqa: F401
+        except ImportError:
+            raise click.ClickException("--compare hf-quantized needs optimum-quanto: pip install 'tqpatch[compare]'") from None
         configs += [HFQuantizedSetting(b, a, r, hf_group_size) for r in residuals for b in bits for a in axes]
     if text_file is not None and not text_file.is_file():
         raise click.BadParameter(f"text file {text_file} does not exist", param_hint="--text-file")
