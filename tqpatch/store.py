@@ -52,23 +52,17 @@ class TokenBuffer:
         return {name: t[:, :, : self.length] for name, t in self._storage.items()}
 
     def append(self, new: Parts) -> None:
+        """Copy new tokens (each part [B, H, T_new, ...]) after the live ones."""
         added = next(iter(new.values())).shape[2]
         if added == 0:
             return
-        needed = self.length + added
-        capacity = next(iter(self._storage.values())).shape[2] if self._storage else 0
-        if needed > capacity:
-            new_capacity = needed if not self._storage else needed + self.length // self.GROWTH
-            grown = {}
-            for name, t in new.items():
-                buf = t.new_empty(*t.shape[:2], new_capacity, *t.shape[3:])
-                if self.length:
-                    buf[:, :, : self.length] = self._storage[name][:, :, : self.length]
-                grown[name] = buf
-            self._storage = grown
-        for name, t in new.items():
-            self._storage[name][:, :, self.length : needed] = t
-        self.length = needed
+        if not self._storage:  # the first append allocates exactly what it holds
+            self._storage = {name: t.clone(memory_format=torch.contiguous_format) for name, t in new.items()}
+            self.length = added
+            return
+        for name, slot in self.reserve(added).items():
+            slot.copy_(new[name])
+        self.commit(added)
 
     def reserve(self, added: int) -> Parts | None:
         """Views [:, :, length:length+added] of the storage (grown if needed) for a kernel to write the next
