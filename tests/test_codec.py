@@ -64,3 +64,25 @@ def test_centering_mean_is_fixed_after_the_first_chunk_and_skips_the_first_token
     codec.encode(x[:, :, 50:] + 5.0)
     assert torch.equal(codec.mean, first)
     assert codec.extra_nbytes == 3 * 64 * 2
+
+
+def test_rotation_search_keeps_the_candidate_with_the_smallest_error():
+    from tqpatch.codec import RotationSearchCodec
+
+    x = offset_keys(seed=3)
+    codec = RotationSearchCodec(64, 2, "mse", seed=5, candidates=6)
+    out = codec.decode(codec.encode(x), torch.float32)
+    errors = []
+    for i in range(6):
+        single = TurboQuantCodec(64, 2, "mse", seed=5 + i)
+        errors.append(((single.decode(single.encode(x), torch.float32) - x) ** 2).sum().item())
+    assert codec.chosen == min(range(6), key=errors.__getitem__)
+    assert ((out - x) ** 2).sum().item() == pytest.approx(min(errors), rel=1e-6)
+    assert codec.quantizer.seed == 5 + codec.chosen and codec.candidates == []
+    later = offset_keys(seed=4)
+    assert torch.equal(codec.encode(later)["codes"], TurboQuantCodec(64, 2, "mse", 5 + codec.chosen).encode(later)["codes"])
+
+
+def test_rotation_search_with_one_candidate_is_plain_turboquant():
+    assert type(make_codec(64, 4, "mse", 0, rotation_candidates=1)) is TurboQuantCodec
+    assert make_codec(64, 2.5, "mse", 0, rotation_candidates=8).__class__ is SplitCodec  # split codecs do not search

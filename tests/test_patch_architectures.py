@@ -91,3 +91,15 @@ def test_gemma3_sliding_matches_unpatched_at_8_bits_past_the_window():
     reference = greedy(model, ids, new_tokens=40)
     tqpatch.patch(model, tqpatch.TurboQuantConfig(key_bits=8, value_bits=8, prefill_exact=False))
     assert torch.equal(greedy(model, ids, new_tokens=40), reference)
+
+
+def test_rotation_search_runs_inside_a_patched_model():
+    model = tiny_model("llama")
+    tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec("k2v2-rc4"))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt(length=24), past_key_values=cache)
+        model(prompt(length=1, seed=5), past_key_values=cache)
+    for layer in cache.layers:
+        assert layer.key_codec.chosen in range(4) and layer.value_codec.chosen in range(4)
+    assert tqpatch.cache_stats(cache).compressed_tokens == 25 * model.config.num_hidden_layers

@@ -29,6 +29,7 @@ def test_unknown_preset_names_the_valid_ones():
         (dict(protected_bits=0), "protected_bits must be None"),
         (dict(protected_layers=(-1,)), "protected_layers"),
         (dict(outlier_step=5), "outlier_step must be 1, 2, 3 or 4"),
+        (dict(rotation_candidates=0), "rotation_candidates must be an integer in 1..64"),
         (dict(key_bits=7.5, outlier_step=2), "needs more than 8 bits"),
     ],
 )
@@ -122,7 +123,7 @@ def test_boolean_fields_are_checked(name):
         TurboQuantConfig(**{name: 1})
 
 
-@pytest.mark.parametrize("spec", ["k4v4", "k2.5v2-o2-s4-r128", "k3v2-prod-ckv-p2.2b8-q", "k4v4-L0.29-seed3", "k3.5v3.5"])
+@pytest.mark.parametrize("spec", ["k4v4", "k2v2-rc8", "k2.5v2-o2-s4-r128", "k3v2-prod-ckv-p2.2b8-q", "k4v4-L0.29-seed3", "k3.5v3.5"])
 def test_setting_specs_round_trip_through_name(spec):
     config = TurboQuantConfig.from_spec(spec)
     assert TurboQuantConfig.from_spec(config.name) == config

@@ -135,6 +135,7 @@ def store_compressed(layer, buffer, codec, x: torch.Tensor) -> None:
     if not (getattr(layer, "fused", False) and _enabled and kernels.kernel_device(x) and kernels.supports(codec)):
         buffer.append(codec.encode(x))
         return
+    codec.prepare(x)  # e.g. RotationSearchCodec picks its rotation before the kernel reads it
     slots = buffer.reserve(x.shape[2])
     if slots is None:
         buffer.append(kernels.encode(codec, x))

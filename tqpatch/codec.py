@@ -43,6 +43,9 @@ class TurboQuantCodec:
     def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:  # -> [B, H, T, d]
         return self.quantizer.dequantize(QuantizedVectors(**parts, dtype=dtype))
 
+    def prepare(self, x: torch.Tensor) -> None:
+        """Called with the first chunk before it is encoded (by any path, kernels included); no-op here."""
+
     @property
     def bits_per_coordinate(self) -> float:
         return float(self.bits)
@@ -51,6 +54,36 @@ class TurboQuantCodec:
     def extra_nbytes(self) -> int:
         """Bytes held outside the per-token parts (none)."""
         return 0
+
+
+class RotationSearchCodec(TurboQuantCodec):
+    """TurboQuant with the best of `candidates` seeded rotations, chosen once per layer from the first chunk.
+
+    The error of one rotation on a set of keys is not the same for all
+    rotations: real keys share large common components, so how the rotation
+    places them against the codebook matters (on SmolLM2, k4v4's ΔPPL ranges
+    from +2.5% to +4.7% over four seeds). `prepare(x)` quantizes the first
+    chunk x [B, H, T, d] with seeds seed, seed+1, ..., seed+candidates-1 and
+    keeps the one with the smallest ‖x - x̃‖²; nothing extra is stored per token.
+    """
+
+    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, candidates: int = 8):
+        super().__init__(head_dim, bits, method, seed)
+        self.candidates = [self.quantizer] + [make_quantizer(head_dim, bits, method, seed + i) for i in range(1, candidates)]
+        self.chosen: int | None = None
+
+    def prepare(self, x: torch.Tensor) -> None:
+        if self.chosen is not None:
+            return
+        x32 = x.float()
+        errors = [((q.dequantize(q.quantize(x32)) - x32) ** 2).sum().item() for q in self.candidates]
+        self.chosen = min(range(len(errors)), key=errors.__getitem__)
+        self.quantizer = self.candidates[self.chosen]
+        self.candidates = []  # keep only the chosen quantizer's constants
+
+    def encode(self, x: torch.Tensor) -> Parts:
+        self.prepare(x)
+        return super().encode(x)
 
 
 class SplitCodec:
@@ -149,10 +182,15 @@ class CenteredCodec:
         return self.inner.extra_nbytes + (0 if self.mean is None else self.mean.numel() * self.mean.element_size())
 
 
-def make_codec(head_dim: int, bits: float, method: str, seed: int, center: bool = False, outlier_step: int = 1):
-    """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally mean-centered."""
+def make_codec(
+    head_dim: int, bits: float, method: str, seed: int, center: bool = False, outlier_step: int = 1, rotation_candidates: int = 1
+):
+    """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally mean-centered,
+    optionally choosing its rotation among `rotation_candidates` seeds."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
-    if outliers == 0:
+    if outliers == 0 and rotation_candidates > 1:
+        codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates)
+    elif outliers == 0:
         codec = TurboQuantCodec(head_dim, high, method, seed)
     else:
         codec = SplitCodec(head_dim, bits, seed, outlier_step)

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, ck, cv, ckv, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -54,6 +54,9 @@ class TurboQuantConfig:
         read back compressed, the current ones included.
     outlier_step: for fractional bits, how many extra bits the outlier channels
         get (1: the paper's split; 2: half as many outliers, two bits more).
+    rotation_candidates: per layer, try this many seeded rotations on the first
+        chunk and keep the one with the smallest reconstruction error (K and V
+        each; whole-vector codecs only; see codec.RotationSearchCodec).
     center_keys, center_values: quantize x - μ, with μ a per-layer, per-head
         channel mean fixed from the first chunk the layer stores (see
         codec.CenteredCodec); μ is added back on decode and counted as stored.
@@ -73,6 +76,7 @@ class TurboQuantConfig:
     center_keys: bool = False
     center_values: bool = False
     outlier_step: int = 1
+    rotation_candidates: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,6 +93,8 @@ class TurboQuantConfig:
         object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.protected_layers):
             raise ValueError(f"protected_layers must be non-negative layer indices, got {self.protected_layers!r}")
+        if isinstance(self.rotation_candidates, bool) or not isinstance(self.rotation_candidates, int) or not 1 <= self.rotation_candidates <= 64:
+            raise ValueError(f"rotation_candidates must be an integer in 1..64, got {self.rotation_candidates!r}")
         if isinstance(self.outlier_step, bool) or self.outlier_step not in (1, 2, 3, 4):
             raise ValueError(f"outlier_step must be 1, 2, 3 or 4, got {self.outlier_step!r}")
         for name in ("key_bits", "value_bits"):
@@ -138,6 +144,8 @@ class TurboQuantConfig:
             label += f"-s{self.sink_tokens}"
         if self.outlier_step != 1:
             label += f"-o{self.outlier_step}"
+        if self.rotation_candidates != 1:
+            label += f"-rc{self.rotation_candidates}"
         if self.center_keys or self.center_values:
             label += "-c" + ("k" if self.center_keys else "") + ("v" if self.center_values else "")
         if self.protect_first or self.protect_last:
@@ -153,7 +161,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | ck/cv/ckv (centering) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -172,6 +180,7 @@ class TurboQuantConfig:
             r"r(\d+)": lambda m: {"residual_length": int(m[1])},
             r"s(\d+)": lambda m: {"sink_tokens": int(m[1])},
             r"o(\d+)": lambda m: {"outlier_step": int(m[1])},
+            r"rc(\d+)": lambda m: {"rotation_candidates": int(m[1])},
             r"c(k?)(v?)": lambda m: {"center_keys": bool(m[1]), "center_values": bool(m[2])},
             r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
             r"L(\d+(?:\.\d+)*)": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))},

@@ -81,8 +81,8 @@ class TurboQuantHook(ModelHook):
         key_bits, value_bits = self.bits
         cfg = self.config
         return TurboQuantLayer(
-            key_codec=make_codec(head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step),
-            value_codec=make_codec(head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step),
+            key_codec=make_codec(head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates),
+            value_codec=make_codec(head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates),
             residual_length=cfg.residual_length,
             sink_tokens=cfg.sink_tokens,
             prefill_exact=cfg.prefill_exact,
