@@ -142,3 +142,16 @@ def test_long_prompt_dequantizes_one_layer_at_a_time(monkeypatch):
     assert cache.get_seq_length() == 8194
     assert len(peak) == 2 * 3
     assert max(peak) == 0, "another layer's dequantized K/V was still alive when a layer dequantized its own"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_store_and_return_their_dtype(dtype):
+    model = tiny_model("llama").to(dtype)
+    tqpatch.patch(model, "k4v4")
+    out = model.generate(prompt(), max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    cache = cache_of(out)
+    keys, values = cache.layers[0].stored_kv()
+    assert keys.dtype == values.dtype == dtype
+    stats = tqpatch.cache_stats(cache)
+    assert stats.compressed_tokens > 0
+    assert stats.compression_ratio == pytest.approx(16 / (4 + 16 / model.config.head_dim), rel=0.01)
