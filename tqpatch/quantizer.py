@@ -68,6 +68,19 @@ def check_input(x: torch.Tensor, head_dim: int) -> None:
         raise ValueError("input contains NaN or Inf; refusing to quantize it into the cache")
 
 
+def _check_shape_args(head_dim: int, bits: int) -> None:
+    check_bits(bits)
+    if not isinstance(head_dim, int) or head_dim < 3:
+        raise ValueError(f"head_dim must be an integer >= 3, got {head_dim!r}")
+
+
+def _norm_and_direction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n = ‖x‖ [...], u = x / n [..., d]) in float32; a zero vector gives n = 0, u = 0."""
+    x32 = x.float()
+    norms = torch.linalg.vector_norm(x32, dim=-1)
+    return norms, x32 / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+
+
 def _to_norm_dtype(norms: torch.Tensor, norm_dtype: torch.dtype) -> torch.Tensor:
     stored = norms.to(norm_dtype)
     if not bool(torch.isfinite(stored).all()):
@@ -84,9 +97,7 @@ class TurboQuantMSE:
     """
 
     def __init__(self, head_dim: int, bits: int, seed: int = 0, norm_dtype: torch.dtype = torch.float16):
-        check_bits(bits)
-        if not isinstance(head_dim, int) or head_dim < 3:
-            raise ValueError(f"head_dim must be an integer >= 3, got {head_dim!r}")
+        _check_shape_args(head_dim, bits)
         self.head_dim = head_dim
         self.bits = bits
         self.seed = seed
@@ -142,9 +153,7 @@ class TurboQuantMSE:
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         check_input(x, self.head_dim)
-        x32 = x.float()
-        norms = torch.linalg.vector_norm(x32, dim=-1)
-        unit = x32 / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        norms, unit = _norm_and_direction(x)
         codes = pack_codes(self.encode_unit(unit), self.bits)
         return QuantizedVectors(codes=codes, norms=_to_norm_dtype(norms, self.norm_dtype), dtype=x.dtype)
 
@@ -172,9 +181,7 @@ class TurboQuantProd:
     """
 
     def __init__(self, head_dim: int, bits: int, seed: int = 0, norm_dtype: torch.dtype = torch.float16):
-        check_bits(bits)
-        if not isinstance(head_dim, int) or head_dim < 3:
-            raise ValueError(f"head_dim must be an integer >= 3, got {head_dim!r}")
+        _check_shape_args(head_dim, bits)
         self.head_dim = head_dim
         self.bits = bits
         self.seed = seed
@@ -200,9 +207,7 @@ class TurboQuantProd:
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         check_input(x, self.head_dim)
-        x32 = x.float()
-        norms = torch.linalg.vector_norm(x32, dim=-1)
-        unit = x32 / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+        norms, unit = _norm_and_direction(x)
         if self.mse is not None:
             codes = pack_codes(self.mse.encode_unit(unit), self.mse.bits)
             base = self.mse.unrotate(self.mse.lookup(codes))
