@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tqpatch.quantizer import TurboQuantMSE, TurboQuantProd
+from tqpatch.eval.plotting import pyplot, save_figure
 
 UPPER_CONSTANT = math.sqrt(3) * math.pi / 2
 
@@ -87,10 +88,7 @@ def measure_distortion(head_dim: int = 128, bits: tuple[int, ...] = (1, 2, 3, 4)
 
 def plot_distortion(result: DistortionResult, path: Path) -> Path:
     """Two panels (MSE, inner-product error) on a log scale against the paper's bounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bits = sorted({r.bits for r in result.rows})
     lower = [4.0**-b for b in bits]
@@ -109,11 +107,7 @@ def plot_distortion(result: DistortionResult, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"TurboQuant distortion, d = {result.head_dim}, {result.num_vectors} unit vectors")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_distortion(result: DistortionResult, out_dir: Path) -> dict[str, Path]:

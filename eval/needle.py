@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicCache
 
 from tqpatch.config import TurboQuantConfig
 from tqpatch.patch import TQPatchError, is_patched, patch, unpatch
+from tqpatch.eval.plotting import pyplot, save_figure
 
 from .perplexity import cache_kwarg
 
@@ -173,10 +174,7 @@ def needle_in_haystack(
 
 def plot_needle(result: NeedleResult, setting: str, path: Path) -> Path:
     """Depth × length recall heat maps: the baseline beside `setting`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     width = 3.0 + 0.9 * len(result.lengths)
     fig, axes = plt.subplots(1, 2, figsize=(2 * width, 1.8 + 0.5 * len(result.depths)), squeeze=False, layout="constrained")
@@ -194,11 +192,7 @@ def plot_needle(result: NeedleResult, setting: str, path: Path) -> Path:
         ax.set_title(f"{name}: recall {result.mean_recall[name]:.2f}", fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact recall")
     fig.suptitle(f"needle in a haystack, {result.model}", fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_needle(result: NeedleResult, out_dir: Path) -> dict[str, Path]:
