@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: kernel tests, the multi-GPU check and (parts of) `tqpatch bench`; logs and JSON under $OUT.
-#   bash bench/gpu_session.sh tests,multi,bench   PARTS=store,attention   (see cli/bench.py --parts)
+#   bash bench/gpu_session.sh tests,multi,bench   PARTS=store,attention  SHAPES=8x32768   (see cli/bench.py --parts, --shapes)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 OUT=${OUT:-results/gpu}; mkdir -p "$OUT"
@@ -17,6 +17,6 @@ if [[ $what == *multi* ]]; then
   python3 bench/multi_gpu.py --out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi_gpu.log" || rc=1
 fi
 if [[ $what == *bench* ]]; then
-  python3 -m cli.bench --out "$OUT/bench_${PARTS//,/_}.json" --parts "${PARTS:-store,attention,e2e,fit}" 2>&1 | tee "$OUT/bench_${PARTS//,/_}.log" || rc=1
+  python3 -m cli.bench --out "$OUT/bench_${PARTS//,/_}.json" --parts "${PARTS:-store,attention,e2e,fit}" ${SHAPES:+--shapes $SHAPES} 2>&1 | tee "$OUT/bench_${PARTS//,/_}.log" || rc=1
 fi
 exit $rc

@@ -94,6 +94,46 @@ def bench_store(bw: float) -> dict:
     return {"rows": rows}
 
 
+def bench_store_sweep(bw: float) -> dict:
+    """Store-kernel launch settings (rotation precision, row block, column block, warps) on the 32k prefill at B=8:
+    time, bandwidth, and how far the codes move from the float32 reference (code mismatch, SQNR of the decode)."""
+    from tqpatch import kernels
+    from tqpatch.codec import TurboQuantCodec
+
+    b, h, t, d = 8, 8, 32768, 128
+    codec = TurboQuantCodec(d, 4, "mse", 0)
+    x = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    out = {"codes": torch.empty(b, h, t, d // 2, dtype=torch.uint8, device="cuda"), "norms": torch.empty(b, h, t, dtype=torch.float16, device="cuda")}
+    nbytes = x.numel() * 2 + sum(p.numel() * p.element_size() for p in out.values())
+    probe = x[:1, :, :2048]
+    ref = codec.encode(probe)
+    ref_deq = codec.decode(ref, torch.float32)
+    saved = dict(kernels.STORE_TUNING)
+    rows = []
+    try:
+        for precision in ("tf32x3", "tf32", "ieee"):
+            for block_r, bn, warps in ((64, 64, 8), (32, 64, 4), (64, 128, 8), (128, 128, 8), (32, 128, 4), (128, 64, 8)):
+                kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps)
+                row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps}
+                try:
+                    ms = _ms(lambda: kernels.encode_into(codec, x, out), 2, 10)
+                    got = kernels.encode(codec, probe)
+                    deq = codec.decode(got, torch.float32)
+                    row.update(
+                        ms=ms, GB_per_s=nbytes / ms / 1e6, fraction_of_copy=nbytes / (ms * 1e-3) / bw,
+                        code_mismatch=(got["codes"] != ref["codes"]).float().mean().item(),
+                        sqnr_db=10 * torch.log10(ref_deq.pow(2).sum() / (deq - ref_deq).pow(2).sum().clamp_min(1e-30)).item(),
+                    )
+                except Exception as exc:  # e.g. out of shared memory for this tile
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                print("store sweep", row, flush=True)
+                rows.append(row)
+    finally:
+        kernels.STORE_TUNING.clear()
+        kernels.STORE_TUNING.update(saved)
+    return {"shape": f"B={b} Hkv={h} T={t} d={d}, 4-bit mse", "bytes": nbytes, "rows": rows}
+
+
 def _sdpa_ms(b, hq, hkv, length, d):
     q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)
@@ -329,6 +369,9 @@ def run_bench(out: Path, layers: int, batch: int, context: int, steps: int, veri
         result["store"] = bench_store(bw)
         save()
         click.echo(json.dumps(result["store"], indent=1), err=True)
+    if "store_sweep" in parts:
+        result["store_sweep"] = bench_store_sweep(bw)
+        save()
     if "attention" in parts:
         result["attention"] = bench_attention(bw, shapes)
         click.echo(json.dumps(result["attention"], indent=1), err=True)
@@ -387,7 +430,7 @@ def register(main: click.Group, eval_group: click.Group) -> None:
 @click.option("--context", type=int, default=32768, help="Cached tokens per sequence for the end-to-end decode.")
 @click.option("--steps", type=int, default=10, help="Timed decode steps (after 3 warm-up steps).")
 @click.option("--verify/--no-verify", default=True, help="Check the predicted largest batch by filling and decoding at it.")
-@click.option("--parts", default="store,attention,e2e,fit", help="Comma-separated: store, attention, e2e, fit.")
+@click.option("--parts", default="store,attention,e2e,fit", help="Comma-separated: store, store_sweep, attention, e2e, fit.")
 @click.option("--shapes", default=None, help="Attention shapes as BxL, comma-separated (default: all six of bench/RESULTS.md), e.g. 8x32768,1x131072.")
 def bench_command(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str, shapes: str | None) -> None:
     """Time the kernels and end-to-end decoding on cuda:0 (see bench/RESULTS.md)."""

@@ -109,3 +109,16 @@ def test_stats_need_a_live_cache():
     with torch.no_grad():
         model(prompt(), past_key_values=cache)
     assert tqpatch.cache_stats(model).compressed_tokens == tqpatch.cache_stats(cache).compressed_tokens > 0
+
+
+def test_token_buffer_spare_room_is_bounded():
+    """Growing after a long prefill adds at most MAX_SPARE tokens of room (12.5% of 32k would cost a card ~4k tokens per layer)."""
+    from tqpatch.store import TokenBuffer
+
+    for prefill, spare in ((10, TokenBuffer.MIN_SPARE), (800, 100), (4000, TokenBuffer.MAX_SPARE)):
+        buffer = TokenBuffer()
+        buffer.append({"codes": torch.zeros(1, 2, prefill, 4, dtype=torch.uint8)})
+        buffer.append({"codes": torch.ones(1, 2, 1, 4, dtype=torch.uint8)})
+        assert buffer._storage["codes"].shape[2] == prefill + 1 + spare
+        assert torch.equal(buffer.parts["codes"][:, :, -1], torch.ones(1, 2, 4, dtype=torch.uint8))
+        assert buffer.nbytes_allocated == (prefill + 1 + spare) * 8

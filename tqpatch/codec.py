@@ -18,6 +18,7 @@ import torch
 
 from .config import split_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
+from .rope import RopeTable
 
 Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
@@ -152,11 +153,10 @@ class SplitCodec:
 class CenteredCodec:
     """Quantize x - μ instead of x, with μ [H, d] a per-head channel mean fixed from the first chunk.
 
-    Keys of RoPE models carry large per-channel offsets; ⟨q, μ⟩ is the same for
-    every key of a query, so softmax ignores it, but it inflates ‖x‖ and with
-    it TurboQuant's error (∝ ‖x‖). μ is taken over batch and tokens of the
-    first chunk, leaving out its first `skip` tokens (attention sinks have
-    atypical keys), and is added back on decode.
+    For values. (For keys see `RopeCenteredCodec`: a fixed post-RoPE mean does
+    not fit keys, whose offsets turn with position.) μ is taken over batch and
+    tokens of the first chunk, leaving out its first `skip` tokens (attention
+    sinks are atypical), and is added back on decode.
     """
 
     def __init__(self, inner, skip: int = 1):
@@ -182,11 +182,85 @@ class CenteredCodec:
         return self.inner.extra_nbytes + (0 if self.mean is None else self.mean.numel() * self.mean.element_size())
 
 
+class RopeCenteredCodec:
+    """Keys: quantize k_p - R_p μ, with μ [H, d] the per-head mean of the *pre-RoPE* keys of the first chunk.
+
+    Keys of RoPE models carry large per-channel offsets before RoPE; after it
+    they turn with position p, so a fixed post-RoPE mean misses them. Here the
+    first encoded chunk is un-rotated with the layer's `RopeTable` (fitted from
+    the model's cos/sin by `observe_rope`), μ is its mean over batch and tokens
+    (tokens before sequence index `skip` left out: attention sinks), and each
+    key at sequence index p stores k_p - R_p μ; decode adds R_p μ back, so
+    nothing extra is stored per token. ⟨q, R_p μ⟩ is exact and TurboQuant's
+    error scales with ‖k_p - R_p μ‖ instead of ‖k_p‖.
+
+    The store passes each chunk's sequence index (`first_index`); encode and
+    decode use the same indices, so the reconstruction is consistent even
+    where they differ from the model's positions (left padding), which costs
+    only centering quality. Without a fitted table (no RoPE, or the first
+    chunk came before any call with three tokens) μ stays 0: plain TurboQuant.
+    """
+
+    uses_positions = True
+
+    def __init__(self, inner, skip: int = 1):
+        self.inner = inner
+        self.skip = skip
+        self.rope = None  # RopeTable
+        self.mean: torch.Tensor | None = None  # [H, d] float32
+
+    def __getattr__(self, name):  # head_dim, bits, quantizer, ... of the wrapped codec
+        return getattr(self.__dict__["inner"], name)
+
+    def observe_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Fit the RoPE table from a call's cos/sin [B, T, d] (until the mean is fixed)."""
+        if self.rope is None and self.mean is None:
+            table = RopeTable.fit(cos, sin)
+            if table is not None and table.head_dim == self.head_dim:
+                self.rope = table
+
+    def _calibrate(self, x: torch.Tensor, first_index: int) -> None:  # x: [B, H, T, d]
+        if self.rope is None:
+            self.mean = x.new_zeros(x.shape[1], x.shape[-1], dtype=torch.float32)
+            return
+        pre = self.rope.invert(x, first_index)
+        keep = max(self.skip - first_index, 0)
+        sample = pre[:, :, keep:] if pre.shape[2] > keep else pre
+        self.mean = sample.mean(dim=(0, 2))
+
+    def _offset(self, like: torch.Tensor, first_index: int) -> torch.Tensor:
+        """R_p μ for the tokens of `like` [B, H, T, ...]: [1, H, T, d] float32."""
+        mean = self.mean.to(like.device)[None, :, None, :].expand(1, -1, like.shape[2], -1)
+        return self.rope.apply(mean, first_index) if self.rope is not None else mean
+
+    def encode(self, x: torch.Tensor, first_index: int = 0) -> Parts:
+        if self.mean is None:
+            self._calibrate(x, first_index)
+        return self.inner.encode(x.float() - self._offset(x, first_index))
+
+    def decode(self, parts: Parts, dtype: torch.dtype, first_index: int = 0) -> torch.Tensor:
+        centered = self.inner.decode(parts, torch.float32)
+        return (centered + self._offset(centered, first_index)).to(dtype)
+
+    @property
+    def extra_nbytes(self) -> int:
+        """μ in float16 and the RoPE frequencies: per layer, not per token."""
+        mean = 0 if self.mean is None else self.mean.numel() * 2
+        return self.inner.extra_nbytes + mean + (0 if self.rope is None else self.rope.frequencies.numel() * 4)
+
+
 def make_codec(
-    head_dim: int, bits: float, method: str, seed: int, center: bool = False, outlier_step: int = 1, rotation_candidates: int = 1
+    head_dim: int,
+    bits: float,
+    method: str,
+    seed: int,
+    center: bool = False,
+    outlier_step: int = 1,
+    rotation_candidates: int = 1,
+    rope: bool = False,
 ):
-    """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally mean-centered,
-    optionally choosing its rotation among `rotation_candidates` seeds."""
+    """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
+    rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if outliers == 0 and rotation_candidates > 1:
         codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates)
@@ -194,4 +268,6 @@ def make_codec(
         codec = TurboQuantCodec(head_dim, high, method, seed)
     else:
         codec = SplitCodec(head_dim, bits, seed, outlier_step)
-    return CenteredCodec(codec) if center else codec
+    if not center:
+        return codec
+    return RopeCenteredCodec(codec) if rope else CenteredCodec(codec)

@@ -81,7 +81,7 @@ class TurboQuantHook(ModelHook):
         key_bits, value_bits = self.bits
         cfg = self.config
         return TurboQuantLayer(
-            key_codec=make_codec(head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates),
+            key_codec=make_codec(head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates, rope=True),
             value_codec=make_codec(head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates),
             residual_length=cfg.residual_length,
             sink_tokens=cfg.sink_tokens,
@@ -115,7 +115,10 @@ class TurboQuantHook(ModelHook):
             head_dim = getattr(module, "head_dim", None) or module.config.hidden_size // module.config.num_attention_heads
             self.install(cache, head_dim)
             if self.bits is not None:
-                attention.prepare(module, cache.layers[self.layer_idx])
+                layer = cache.layers[self.layer_idx]
+                if kwargs.get("position_embeddings") is not None:
+                    layer.observe_rope(*kwargs["position_embeddings"])
+                attention.prepare(module, layer)
             state = self._state()
             if state is not None:
                 state.last_cache = weakref.ref(cache)

@@ -199,6 +199,11 @@ def d_bytes(head_dim: int, bits: int) -> int:
     return head_dim * bits // 8
 
 
+# Store-kernel launch settings; None = the default for the shape. `tqpatch bench --parts store_sweep` times the
+# alternatives. precision: the rotation product's tl.dot input_precision ("tf32x3", "tf32" or "ieee").
+STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": 8}
+
+
 def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
     tk = _tk()
     if x.stride(-1) != 1:
@@ -211,9 +216,10 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
     signs, rnorms = (out["qjl_signs"], out["residual_norms"]) if prod else (codes, norms)
     rows = b * h * t
     # tf32x3 dots keep split copies of both operands in shared memory: rotation tiles of at most [D, 64]
-    block_r = 32 if (prod or d > 128) else 64
-    bn = min(d, 64)
-    prec = "ieee" if interpreting() else "tf32x3"
+    tune = STORE_TUNING
+    block_r = tune["block_r"] or (32 if (prod or d > 128) else 64)
+    bn = min(d, tune["bn"] or 64)
+    prec = "ieee" if interpreting() else (tune["precision"] or "tf32x3")
     blocks = triton_cdiv(rows, block_r)
     grid = min(blocks, 4 * _sm_count(x.device.index or 0)) if x.is_cuda else min(blocks, 3)
     with _device_ctx(x.device):
@@ -225,7 +231,7 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
             norms, norms.stride(0), norms.stride(1), norms.stride(2),
             signs, signs.stride(0), signs.stride(1), signs.stride(2),
             rnorms, rnorms.stride(0), rnorms.stride(1), rnorms.stride(2),
-            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, num_warps=8, num_stages=1,
+            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, num_warps=tune["num_warps"], num_stages=1,
         )
 
 

@@ -1,0 +1,81 @@
+"""Rotary position embedding (RoPE), recovered from the (cos, sin) a model hands its attention layers.
+
+RoPE turns a pre-RoPE key k at position p into R_p k, rotating each channel
+pair (j, j + d/2) by the angle p·f_j and scaling by `s` (1 for plain RoPE):
+
+    R_p k = k ⊙ cos_p + rotate_half(k) ⊙ sin_p,   cos_p[j] = s·cos(p·f_j),  sin_p[j] = s·sin(p·f_j)
+
+`RopeTable.fit` reads f [d/2] and s from one call's cos/sin [B, T, d]: the
+angle advances by exactly f_j from one token to the next, so averaging the
+wrapped steps over consecutive tokens gives f (unambiguous while f_j < π,
+true of every RoPE variant in transformers). Knowing f, any position's
+rotation can be recomputed, so a store can add R_p μ back to a compressed key
+without storing anything per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the halves of the last axis."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class RopeTable:
+    """The rotations R_p of one layer: frequencies f [d/2] (float64) and scale s."""
+
+    # A fit is accepted when every token-to-token step is within this many radians of the mean step.
+    TOLERANCE = 0.05
+
+    def __init__(self, frequencies: torch.Tensor, scale: float):
+        self.frequencies = frequencies.double().cpu()
+        self.scale = float(scale)
+        self.head_dim = 2 * self.frequencies.numel()
+
+    @classmethod
+    def fit(cls, cos: torch.Tensor, sin: torch.Tensor) -> RopeTable | None:
+        """Frequencies and scale from cos/sin [B, T, d] (or [T, d]) of T ≥ 3 consecutive positions, else None.
+
+        None too when the layout is not transformers' rotate_half one (equal
+        halves), e.g. interleaved or partial RoPE, or the steps disagree.
+        """
+        cos = cos.detach().double().cpu().reshape(-1, *cos.shape[-2:])[0]  # row 0: [T, d]
+        sin = sin.detach().double().cpu().reshape(-1, *sin.shape[-2:])[0]
+        tokens, d = cos.shape
+        if tokens < 3 or d % 2:
+            return None
+        half = d // 2
+        if not (torch.allclose(cos[:, :half], cos[:, half:]) and torch.allclose(sin[:, :half], sin[:, half:])):
+            return None
+        scale = torch.hypot(cos, sin).mean().item()
+        angles = torch.atan2(sin[:, :half], cos[:, :half])  # [T, d/2]
+        steps = torch.remainder(angles[1:] - angles[:-1] + math.pi, 2 * math.pi) - math.pi  # wrapped to [-π, π)
+        frequencies = steps.mean(dim=0)
+        if scale <= 0 or (steps - frequencies).abs().max().item() > cls.TOLERANCE:
+            return None
+        return cls(frequencies, scale)
+
+    def cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_p, sin_p [T, d] float32 for positions [T]."""
+        angles = positions.double().cpu()[:, None] * self.frequencies[None, :]  # [T, d/2]
+        angles = torch.cat([angles, angles], dim=-1)
+        return (self.scale * angles.cos()).float().to(device), (self.scale * angles.sin()).float().to(device)
+
+    def apply(self, x: torch.Tensor, first_position: int) -> torch.Tensor:
+        """R_p x for x [..., T, d] at positions first_position, first_position + 1, ... (float32)."""
+        positions = torch.arange(first_position, first_position + x.shape[-2])
+        cos, sin = self.cos_sin(positions, x.device)
+        x = x.float()
+        return x * cos + rotate_half(x) * sin
+
+    def invert(self, x: torch.Tensor, first_position: int) -> torch.Tensor:
+        """R_p⁻¹ x (the pre-RoPE vectors) for x [..., T, d] at consecutive positions (float32)."""
+        positions = torch.arange(first_position, first_position + x.shape[-2])
+        cos, sin = self.cos_sin(positions, x.device)
+        x = x.float()
+        return (x * cos - rotate_half(x) * sin) / self.scale**2
