@@ -11,7 +11,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 rc=0
 if [[ $what == *tests* ]]; then
-  python3 -m pytest -q tests/test_kernels.py 2>&1 | tee "$OUT/test_kernels.log" || rc=1
+  python3 -m pytest -q tests/test_kernels.py ${TESTS:+-k "$TESTS"} 2>&1 | tee "$OUT/test_kernels.log" || rc=1
+fi
+if [[ $what == *ncu* ]]; then
+  ncu --clock-control none --profile-from-start off -k regex:_tq_ --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+      python3 bench/profile_kernels.py 2>&1 | tee "$OUT/ncu.txt" || rc=1
 fi
 if [[ $what == *multi* ]]; then
   python3 bench/multi_gpu.py --out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi_gpu.log" || rc=1

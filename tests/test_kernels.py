@@ -199,5 +199,23 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
     assert agree >= 0.97, agree
 
 
+def test_codecs_without_kernels_run_on_the_device_through_the_reference_path():
+    """RoPE-centered keys and split (fractional-bit) codecs have no kernel: patched CUDA decoding uses the PyTorch path and
+    matches the same model on the CPU."""
+    import tqpatch
+
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(7))
+    outputs = []
+    for device in (DEVICE, "cpu"):
+        model = _tiny_llama().to(device)
+        tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec("k3.5v3-ck-s2"))
+        try:
+            out = model.generate(ids.to(device), max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        finally:
+            tqpatch.unpatch(model)
+        outputs.append(torch.stack(out.logits).float().cpu())
+    assert _rel(outputs[0], outputs[1]) < 2e-2
+
+
 if os.environ.get("TQPATCH_KERNEL_TEST_VERBOSE"):  # pragma: no cover
     print("kernel tests on", DEVICE)

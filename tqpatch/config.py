@@ -57,9 +57,13 @@ class TurboQuantConfig:
     rotation_candidates: per layer, try this many seeded rotations on the first
         chunk and keep the one with the smallest reconstruction error (K and V
         each; whole-vector codecs only; see codec.RotationSearchCodec).
-    center_keys, center_values: quantize x - μ, with μ a per-layer, per-head
-        channel mean fixed from the first chunk the layer stores (see
-        codec.CenteredCodec); μ is added back on decode and counted as stored.
+    center_keys: quantize k_p - R_p μ, with μ the per-layer, per-head mean of the
+        *pre-RoPE* keys of the first chunk the layer stores and R_p the model's
+        rotary rotation at the key's position (read from the cos/sin the model
+        passes its attention; codec.RopeCenteredCodec). Nothing is stored per
+        token; μ is counted as stored.
+    center_values: quantize v - μ, μ the values' per-head mean over the first
+        chunk (codec.CenteredCodec).
     seed: seeds the rotation Π and the QJL matrix S (shared by all layers).
     """
 

@@ -201,7 +201,8 @@ def d_bytes(head_dim: int, bits: int) -> int:
 
 # Store-kernel launch settings; None = the default for the shape. `tqpatch bench --parts store_sweep` times the
 # alternatives. precision: the rotation product's tl.dot input_precision ("tf32x3", "tf32" or "ieee").
-STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": 8}
+# word_store: write each group of 8 codes as one int16/int32 (2- and 4-bit codes) instead of byte by byte.
+STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": 8, "word_store": True}
 
 
 def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
@@ -218,7 +219,9 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
     # tf32x3 dots keep split copies of both operands in shared memory: rotation tiles of at most [D, 64]
     tune = STORE_TUNING
     block_r = tune["block_r"] or (32 if (prod or d > 128) else 64)
-    bn = min(d, tune["bn"] or 64)
+    # A whole [D, D] rotation tile per program where shared memory allows (tf32x3: D <= 128, not prod).
+    bn = min(d, tune["bn"] or (64 if (prod or d > 128) else d))
+    word = mse.bits in (2, 4) and tune["word_store"] and all(v % mse.bits == 0 for v in (codes.data_ptr(), *codes.stride()[:3]))
     prec = "ieee" if interpreting() else (tune["precision"] or "tf32x3")
     blocks = triton_cdiv(rows, block_r)
     grid = min(blocks, 4 * _sm_count(x.device.index or 0)) if x.is_cuda else min(blocks, 3)
@@ -231,7 +234,7 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
             norms, norms.stride(0), norms.stride(1), norms.stride(2),
             signs, signs.stride(0), signs.stride(1), signs.stride(2),
             rnorms, rnorms.stride(0), rnorms.stride(1), rnorms.stride(2),
-            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, num_warps=tune["num_warps"], num_stages=1,
+            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, WORD=word, num_warps=tune["num_warps"], num_stages=1,
         )
 
 

@@ -32,7 +32,7 @@ def _tq_store_kernel(
     g_ptr, sgb, sgh, sgt,                 # qjl signs [B, H, *, D/8] uint8 (prod)
     r_ptr, srb, srh, srt,                 # residual norms [B, H, *] fp16 (prod)
     D: tl.constexpr, MB: tl.constexpr, PROD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, WORD: tl.constexpr,
 ):
     # Persistent: each program walks row blocks; with BN == D the rotation tile is loaded once per program.
     pid = tl.program_id(0)
@@ -71,8 +71,13 @@ def _tq_store_kernel(
             # 8 codes of MB bits fill exactly MB bytes: build the 8*MB-bit word, write its bytes.
             word = tl.sum(tl.reshape(idx, [BLOCK_R, G8, 8]) << shifts[None, None, :], axis=2)  # [BLOCK_R, G8]
             grp = k * G8 + tl.arange(0, G8)
-            for j in tl.static_range(MB):
-                tl.store(c_ptr + c_row[:, None] + (grp * MB + j)[None, :], ((word >> (8 * j)) & 255).to(tl.uint8), mask=rmask[:, None])
+            if WORD:  # MB = 2 or 4: the word is one aligned int16/int32 store (little-endian = byte order)
+                wtype = tl.int16 if MB == 2 else tl.int32
+                wptr = (c_ptr + c_row[:, None] + (grp * MB)[None, :]).to(tl.pointer_type(wtype))
+                tl.store(wptr, word.to(wtype), mask=rmask[:, None])
+            else:
+                for j in tl.static_range(MB):
+                    tl.store(c_ptr + c_row[:, None] + (grp * MB + j)[None, :], ((word >> (8 * j)) & 255).to(tl.uint8), mask=rmask[:, None])
             if PROD:
                 resid = y - tl.load(cent_ptr + idx)
                 gamma2 += tl.sum(resid * resid, axis=1)
