@@ -141,6 +141,17 @@ def _plane_query(qr_ptr, qrow, gmask, j: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(s, valid, m_i, l_i):
+    """One tile of the online softmax in base 2: scores s [GP, T] (log2 units), valid [T], running max m_i and
+    sum l_i [GP] -> (p [GP, T] = 2^(s - m_new) on valid tokens else 0, alpha = 2^(m_i - m_new), m_new, l_new)."""
+    s = tl.where(valid[None, :], s, NEG)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.where(valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _tq_decode_split_kernel(
     qr_ptr, sqr,                          # rotated queries [B*Hq, QW] fp32: Π q (| S q for prod keys), plane order when KPL
     kc_ptr, skcb, skch, skct,             # key codes [B, Hkv, *, NBK] uint8
@@ -232,11 +243,7 @@ def _tq_decode_split_kernel(
         valid = tmask
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
-        s = tl.where(valid[None, :], s, NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.where(valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _online_softmax_step(s, valid, m_i, l_i)
         vn = tl.load(vn_ptr + b * svnb + h * svnh + offs * svnt, mask=tmask, other=0.0).to(tl.float32)
         pv = (p * vn[None, :]).to(tl.float16)
         vrow = vbase + offs * svct
@@ -299,11 +306,7 @@ def _tq_decode_combine_kernel(
         valid = fmask
         if HAS_FMASK:
             valid = valid & (tl.load(fm_ptr + b * sfmb + fm_off + offs, mask=fmask, other=0) != 0)
-        s = tl.where(valid[None, :], s, NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.where(valid[None, :], tl.exp2(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _online_softmax_step(s, valid, m_i, l_i)
         v = tl.load(fv_ptr + b * sfvb + h * sfvh + offs[:, None] * sfvt + cols[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
         acc_fp = acc_fp * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
