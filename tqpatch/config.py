@@ -215,4 +215,6 @@ PRESETS: dict[str, TurboQuantConfig] = {
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, sink_tokens=4, center_keys=True),
     "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, sink_tokens=4, center_keys=True),
     "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, sink_tokens=4, center_keys=True),
+    "3.5bit+": TurboQuantConfig(key_bits=3.5, value_bits=3.5, sink_tokens=4, center_keys=True),
+    "2.5bit+": TurboQuantConfig(key_bits=2.5, value_bits=2.5, sink_tokens=4, center_keys=True),
 }
