@@ -126,3 +126,18 @@ def test_patched_model_fits_rope_in_every_layer_and_stays_close():
         assert isinstance(layer.key_codec, RopeCenteredCodec) and layer.key_codec.rope is not None
         assert isinstance(layer.value_codec, TurboQuantCodec)
     assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98
+
+
+def test_position_table_is_shared_grown_and_sliced_exactly():
+    from tqpatch import rope
+
+    _, cos, sin = model_cos_sin(start=0, tokens=8)
+    a, b = RopeTable.fit(cos, sin), RopeTable.fit(cos, sin)
+    first = a.cos_sin_range(5, 10, "cpu")
+    assert b.cos_sin_range(5, 10, "cpu")[0].data_ptr() == first[0].data_ptr()  # one table for both layers
+    far = a.cos_sin_range(3000, 4, "cpu")  # beyond the first table: grown
+    want = a.cos_sin(torch.arange(3000, 3004), "cpu")
+    assert torch.equal(far[0], want[0]) and torch.equal(far[1], want[1])
+    assert torch.equal(a.cos_sin_range(5, 10, "cpu")[0], first[0])
+    key = next(k for k in rope._TABLES if k[0] == a.frequencies.numpy().tobytes())
+    assert rope._TABLES[key][0].shape[0] >= 3004
