@@ -22,6 +22,6 @@ if [[ $what == *multi* ]]; then
   python3 bench/multi_gpu.py --out "$OUT/multi_gpu.json" 2>&1 | tee "$OUT/multi_gpu.log" || rc=1
 fi
 if [[ $what == *bench* ]]; then
-  python3 -m cli.bench --out "$OUT/bench_${PARTS//,/_}.json" --parts "${PARTS:-store,attention,e2e,fit}" ${SHAPES:+--shapes $SHAPES} 2>&1 | tee "$OUT/bench_${PARTS//,/_}.log" || rc=1
+  python3 -m cli.bench --out "$OUT/bench_${PARTS//,/_}.json" --parts "${PARTS:-store,attention,e2e,fit}" ${SHAPES:+--shapes $SHAPES} ${METHODS:+--methods $METHODS} 2>&1 | tee "$OUT/bench_${PARTS//,/_}.log" || rc=1
 fi
 exit $rc

@@ -256,6 +256,8 @@ def _fill(model, method: str, batch: int, length: int):
             hook = next(h for h in getattr(hook, "hooks", [hook]) if hasattr(h, "new_layer"))
             layer = hook.new_layer(d, None)
             layer.fused = True  # store with the kernel (what a CUDA prefill does)
+            positions = torch.arange(length, device="cuda")[None]
+            layer.observe_rope(*model.model.rotary_emb(k, positions))  # what the hook does in a real prefill
             layer.update(k, v)
             cache.layers[i] = layer
         else:
@@ -377,7 +379,11 @@ def versions() -> dict:
 ATTENTION_SHAPES = ((8, 32768), (1, 131072), (32, 32768), (1, 32768), (8, 4096), (16, 65536))
 
 
-def run_bench(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str, shapes=ATTENTION_SHAPES) -> dict:
+E2E_METHODS = ("bf16", "tqpatch-k4v4", "tqpatch-k2v2", "quanto-int4")
+
+
+def run_bench(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str, shapes=ATTENTION_SHAPES,
+              methods=E2E_METHODS) -> dict:
     if not torch.cuda.is_available():
         raise click.ClickException("tqpatch bench needs a CUDA GPU")
     torch.cuda.set_device(0)
@@ -403,7 +409,7 @@ def run_bench(out: Path, layers: int, batch: int, context: int, steps: int, veri
     if "e2e" in parts:
         _free()
         model = build_model(layers)
-        methods = ["bf16", "tqpatch-k4v4", "tqpatch-k2v2", "quanto-int4"]
+        methods = list(methods)
         result["end_to_end"] = e2e = bench_end_to_end(model, methods, batch, context, steps)
         e2e["layers"] = layers
         save()
@@ -460,10 +466,11 @@ def register(main: click.Group, eval_group: click.Group) -> None:
 @click.option("--verify/--no-verify", default=True, help="Check the predicted largest batch by filling and decoding at it.")
 @click.option("--parts", default="store,attention,e2e,fit", help="Comma-separated: store, store_sweep, attention, e2e, fit.")
 @click.option("--shapes", default=None, help="Attention shapes as BxL, comma-separated (default: all six of bench/RESULTS.md), e.g. 8x32768,1x131072.")
-def bench_command(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str, shapes: str | None) -> None:
+@click.option("--methods", default=",".join(E2E_METHODS), help="End-to-end caches, comma-separated: bf16, quanto-int4, tqpatch-<preset> (e.g. tqpatch-k4v4+).")
+def bench_command(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str, shapes: str | None, methods: str) -> None:
     """Time the kernels and end-to-end decoding on cuda:0 (see bench/RESULTS.md)."""
     chosen = tuple(tuple(int(x) for x in s.split("x")) for s in shapes.split(",")) if shapes else ATTENTION_SHAPES
-    run_bench(out, layers, batch, context, steps, verify, set(parts.split(",")), chosen)
+    run_bench(out, layers, batch, context, steps, verify, set(parts.split(",")), chosen, methods.split(","))
 
 
 if __name__ == "__main__":

@@ -122,3 +122,18 @@ def test_token_buffer_spare_room_is_bounded():
         assert buffer._storage["codes"].shape[2] == prefill + 1 + spare
         assert torch.equal(buffer.parts["codes"][:, :, -1], torch.ones(1, 2, 4, dtype=torch.uint8))
         assert buffer.nbytes_allocated == (prefill + 1 + spare) * 8
+
+
+def test_sink_tokens_do_not_pin_the_prefill_tensors():
+    """The exact sink tokens are copied out: a view would keep the caller's whole prefill K/V alive (found on the H200:
+    k4v4+ held 5 GiB per sequence at 32k instead of 1)."""
+    from tqpatch.codec import TurboQuantCodec
+    from tqpatch.store import TurboQuantLayer
+
+    layer = TurboQuantLayer(TurboQuantCodec(64, 4), TurboQuantCodec(64, 4), sink_tokens=4)
+    keys, values = torch.randn(2, 3, 500, 64), torch.randn(2, 3, 500, 64)
+    layer.update(keys, values)
+    for t in (layer.sink_keys, layer.sink_values):
+        assert t.shape[2] == 4
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        assert t.untyped_storage().data_ptr() not in (keys.untyped_storage().data_ptr(), values.untyped_storage().data_ptr())

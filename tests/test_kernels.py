@@ -136,6 +136,28 @@ def test_decode_lookup_variants(lut, kbits, vbits, monkeypatch):
     assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
+    """Centered keys: the kernel adds ⟨q, R_p μ⟩ (a per-row, per-token bias) to the scores of the compressed tokens."""
+    gen = torch.Generator().manual_seed(11)
+    b, hkv, group, length, d = 2, 2, 4, 301, 128
+    kc = vc = TurboQuantCodec(d, 4, "mse", seed=3)
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(torch.randn(b, hkv, length, d, generator=gen)).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(torch.randn(b, hkv, length, d, generator=gen)).items()}
+    q = torch.randn(b, hkv * group, d, generator=gen).to(DEVICE, torch.bfloat16)
+    fk = torch.randn(b, hkv, 2, d, generator=gen).to(DEVICE, torch.bfloat16)
+    bias = (torch.randn(b, hkv * group, length, generator=gen) * 8).to(DEVICE)
+    valid = (torch.arange(length)[None, :] >= torch.tensor([0, 40])[:, None]).to(DEVICE) if masked else None
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, key_bias=bias)
+    unbiased = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None)
+    assert _rel(unbiased, ref) > 0.1  # the bias matters at this size
+    for splits in (None, 3):
+        out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, out_dtype=torch.float32, num_splits=splits, key_bias=bias)
+        assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR
+    with pytest.raises(ValueError, match="key_bias must be"):
+        kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, key_bias=bias[:, :, :-1])
+
+
 def test_decode_attention_bf16_output():
     kc = vc = TurboQuantCodec(128, 4, "mse", seed=0)
     k, v = torch.randn(2, 2, 200, 128), torch.randn(2, 2, 200, 128)
@@ -158,7 +180,7 @@ def _tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=64):
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("preset", ["k4v4", "k2v2"])
+@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
     import tqpatch
@@ -200,8 +222,8 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
 
 
 def test_codecs_without_kernels_run_on_the_device_through_the_reference_path():
-    """RoPE-centered keys and split (fractional-bit) codecs have no kernel: patched CUDA decoding uses the PyTorch path and
-    matches the same model on the CPU."""
+    """Split (fractional-bit) codecs have no kernel, also under RoPE-centering: patched CUDA decoding uses the PyTorch
+    path and matches the same model on the CPU."""
     import tqpatch
 
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(7))

@@ -65,6 +65,7 @@ class _Snapshot:
     sink_values: torch.Tensor | None
     rest_keys: torch.Tensor | None  # [B, Hkv, R, d]: window (+ the new token when prefill_exact)
     rest_values: torch.Tensor | None
+    first: int = 0  # sequence index of compressed token 0 (RoPE-centered keys add R_p μ by it)
 
     @property
     def num_sink(self) -> int:
@@ -79,8 +80,8 @@ class _Snapshot:
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layer
-        keys = _cat(self.sink_keys, layer.key_codec.decode(self.key_parts, dtype), self.rest_keys)
-        values = _cat(self.sink_values, layer.value_codec.decode(self.value_parts, dtype), self.rest_values)
+        keys = _cat(self.sink_keys, layer._decode(layer.key_codec, self.key_parts, dtype, self.first), self.rest_keys)
+        values = _cat(self.sink_values, layer._decode(layer.value_codec, self.value_parts, dtype, self.first), self.rest_values)
         return keys, values
 
 
@@ -95,6 +96,12 @@ _pending: list = [None]  # (marker key tensor, snapshot) of the layer whose atte
 
 
 # -- the store side ------------------------------------------------------------------------------------
+def kernel_codec(codec):
+    """The codec whose codes the kernels read: a RoPE-centered key codec's inner codec (the kernels store
+    k - R_p μ and add ⟨q, R_p μ⟩ to the scores), else the codec itself."""
+    return codec.inner if getattr(codec, "uses_positions", False) else codec
+
+
 def fused_ready(layer, key_states: torch.Tensor) -> bool:
     return (
         _enabled
@@ -102,8 +109,8 @@ def fused_ready(layer, key_states: torch.Tensor) -> bool:
         and key_states.shape[-2] == 1
         and layer.num_compressed > 0
         and kernels.kernel_device(key_states)
-        and kernels.supports(layer.key_codec)
-        and kernels.supports(layer.value_codec)
+        and kernels.supports(kernel_codec(layer.key_codec))
+        and kernels.supports(kernel_codec(layer.value_codec))
     )
 
 
@@ -115,14 +122,14 @@ def fused_update(layer, key_states: torch.Tensor, value_states: torch.Tensor):
     if layer.prefill_exact:
         snap = _Snapshot(
             layer, layer.compressed_keys.parts, layer.compressed_values.parts, layer.sink_keys, layer.sink_values,
-            _cat(layer.window_keys, key_states), _cat(layer.window_values, value_states),
+            _cat(layer.window_keys, key_states), _cat(layer.window_values, value_states), layer.compressed_start,
         )
         layer._store(key_states, value_states)
     else:
         layer._store(key_states, value_states)
         snap = _Snapshot(
             layer, layer.compressed_keys.parts, layer.compressed_values.parts, layer.sink_keys, layer.sink_values,
-            layer.window_keys, layer.window_values,
+            layer.window_keys, layer.window_values, layer.compressed_start,
         )
     if layer.is_sliding:
         layer._trim_front(layer.stored_length - (layer.sliding_window - 1))
@@ -132,9 +139,12 @@ def fused_update(layer, key_states: torch.Tensor, value_states: torch.Tensor):
 
 def store_compressed(layer, buffer, codec, x: torch.Tensor) -> None:
     """Append x [B, H, T, d] to a TokenBuffer in compressed form; on CUDA the store kernel writes in place."""
-    if not (getattr(layer, "fused", False) and _enabled and kernels.kernel_device(x) and kernels.supports(codec)):
-        buffer.append(codec.encode(x))
+    first = layer.compressed_start + len(buffer)
+    if not (getattr(layer, "fused", False) and _enabled and kernels.kernel_device(x) and kernels.supports(kernel_codec(codec))):
+        buffer.append(layer._encode(codec, x, first))
         return
+    if getattr(codec, "uses_positions", False):
+        x, codec = codec.center(x, first), codec.inner
     codec.prepare(x)  # e.g. RotationSearchCodec picks its rotation before the kernel reads it
     slots = buffer.reserve(x.shape[2])
     if slots is None:
@@ -173,9 +183,11 @@ def _fused_attention(module, query, snap: _Snapshot, attention_mask, scaling):
             return None
         valid = row[:, s : s + n]
         fp_valid = row[:, s + n :] if s == 0 else torch.cat([row[:, :s], row[:, s + n :]], dim=1)
+    key_codec = snap.layer.key_codec
+    key_bias = key_codec.score_offset(query[:, :, 0, :], snap.first, n) if getattr(key_codec, "uses_positions", False) else None
     out = kernels.decode_attention(
-        query[:, :, 0, :], snap.layer.key_codec, snap.layer.value_codec, snap.key_parts, snap.value_parts,
-        fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype,
+        query[:, :, 0, :], kernel_codec(key_codec), kernel_codec(snap.layer.value_codec), snap.key_parts, snap.value_parts,
+        fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype, key_bias=key_bias,
     )
     return out.unsqueeze(1)  # [B, 1, Hq, d], as sdpa/eager return it
 

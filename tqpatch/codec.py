@@ -233,10 +233,33 @@ class RopeCenteredCodec:
         mean = self.mean.to(like.device)[None, :, None, :].expand(1, -1, like.shape[2], -1)
         return self.rope.apply(mean, first_index) if self.rope is not None else mean
 
-    def encode(self, x: torch.Tensor, first_index: int = 0) -> Parts:
+    def center(self, x: torch.Tensor, first_index: int) -> torch.Tensor:
+        """x - R_p μ [B, H, T, d] float32 (fixing μ on the first call): what the inner codec stores."""
         if self.mean is None:
             self._calibrate(x, first_index)
-        return self.inner.encode(x.float() - self._offset(x, first_index))
+        return x.float() - self._offset(x, first_index)
+
+    def encode(self, x: torch.Tensor, first_index: int = 0) -> Parts:
+        return self.inner.encode(self.center(x, first_index))
+
+    def score_offset(self, q: torch.Tensor, first_index: int, length: int) -> torch.Tensor:
+        """⟨q, R_p μ⟩ for one query token per row, q [B, Hq, d], and the `length` tokens from sequence index
+        first_index: [B, Hq, length] float32 (the decode kernel adds it to ⟨q, k̃ - R_p μ⟩).
+
+        With R_p μ = μ ⊙ cos_p + rotate_half(μ) ⊙ sin_p this is two products with the shared
+        position tables: (q ⊙ μ) · cos_p + (q ⊙ rotate_half(μ)) · sin_p, nothing of size L·d built."""
+        b, hq, d = q.shape
+        hkv = self.mean.shape[0]
+        mean = self.mean.to(q.device)[None, :, None, :]  # [1, Hkv, 1, d]
+        qg = q.float().view(b, hkv, hq // hkv, d)
+        if self.rope is None:
+            return (qg * mean).sum(-1).view(b, hq, 1).expand(b, hq, length)
+        cos, sin = self.rope.cos_sin_range(first_index, length, q.device)  # [L, d]
+        from .rope import rotate_half
+
+        a = (qg * mean).reshape(b * hq, d)
+        c = (qg * rotate_half(mean)).reshape(b * hq, d)
+        return (a @ cos.T + c @ sin.T).view(b, hq, length)
 
     def decode(self, parts: Parts, dtype: torch.dtype, first_index: int = 0) -> torch.Tensor:
         centered = self.inner.decode(parts, torch.float32)

@@ -211,8 +211,9 @@ class TurboQuantLayer(CacheLayerMixin):
         """Append new tokens [B, H, T, d]: fill the sinks, then the window; quantize what leaves the window."""
         if self.num_sink < self.sink_tokens:
             take = min(self.sink_tokens - self.num_sink, keys.shape[-2])
-            self.sink_keys = _cat(self.sink_keys, keys[..., :take, :])
-            self.sink_values = _cat(self.sink_values, values[..., :take, :])
+            # A copy: a view would pin the caller's whole K/V tensor (a prefill's, uncompressed) in memory.
+            self.sink_keys = _cat(self.sink_keys, keys[..., :take, :]).clone()
+            self.sink_values = _cat(self.sink_values, values[..., :take, :]).clone()
             keys, values = keys[..., take:, :], values[..., take:, :]
             self.compressed_start += take
         if keys.shape[-2] == 0:

@@ -271,6 +271,7 @@ def decode_attention(
     out_dtype: torch.dtype | None = None,
     block_t: int | None = None,
     num_splits: int | None = None,
+    key_bias: torch.Tensor | None = None,  # [B, Hq, L] float32 added to ⟨q, k̃⟩ (centered keys' ⟨q, R_p μ⟩)
 ) -> torch.Tensor:
     """Attention of one query token over compressed + full-precision tokens: [B, Hq, d] in out_dtype (default q's)."""
     out_dtype = out_dtype or q.dtype
@@ -282,12 +283,16 @@ def decode_attention(
         raise ValueError(f"key parts [B, Hkv, L] {tuple(kn.shape)} do not fit queries [B, Hq, d] {tuple(q.shape)}")
     if key_codec.head_dim != d or value_codec.head_dim != d:
         raise ValueError(f"codecs are for head_dim {key_codec.head_dim}/{value_codec.head_dim}, queries have {d}")
+    if key_bias is not None and tuple(key_bias.shape) != (b, hq, kn.shape[2]):
+        raise ValueError(f"key_bias must be [B, Hq, L] = {(b, hq, kn.shape[2])}, got {tuple(key_bias.shape)}")
     if not (supports(key_codec) and supports(value_codec) and _use_triton(q)):
-        return decode_attention_reference(q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid).to(out_dtype)
-    return _launch_decode(q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits)
+        return decode_attention_reference(
+            q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, key_bias
+        ).to(out_dtype)
+    return _launch_decode(q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias)
 
 
-def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp_valid, out_dtype, block_t, num_splits):
+def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias=None):
     tk = _tk()
     b, hq, d = q.shape
     hkv, length = kp["norms"].shape[1], kp["norms"].shape[2]
@@ -321,6 +326,11 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
             kg, kr = (kp["qjl_signs"], kp["residual_norms"]) if prod else (kp["codes"], kp["norms"])
             kcodes, knorms, vcodes, vnorms = kp["codes"], kp["norms"], vp["codes"], vp["norms"]
             mk = valid if valid is not None else kcodes
+            if key_bias is not None:
+                key_bias = key_bias.float().reshape(b * hq, length)
+                if key_bias.stride(1) != 1:
+                    key_bias = key_bias.contiguous()
+            kb = key_bias if key_bias is not None else knorms
             tk._tq_decode_split_kernel[(programs, splits)](
                 qr, qr.stride(0),
                 kcodes, kcodes.stride(0), kcodes.stride(1), kcodes.stride(2),
@@ -332,9 +342,10 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 vnorms, vnorms.stride(0), vnorms.stride(1), vnorms.stride(2),
                 vc["cent16"],
                 mk, mk.stride(0) if valid is not None else 0, 0,
+                kb, kb.stride(0) if key_bias is not None else 0,
                 m, l_, acc,
                 hkv, length, per_split, scale_log2, qjl_scale,
-                G=g, GP=gp, D=d, KB=kbits, VB=vbits, PROD=prod, HAS_MASK=valid is not None,
+                G=g, GP=gp, D=d, KB=kbits, VB=vbits, PROD=prod, HAS_MASK=valid is not None, HAS_BIAS=key_bias is not None,
                 BLOCK_T=block_t, KPL=kpl, VPL=vpl, LUT=DECODE_TUNING["lut"],
                 num_warps=DECODE_TUNING["num_warps"], num_stages=DECODE_TUNING["num_stages"],
             )

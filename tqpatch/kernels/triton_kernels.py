@@ -163,10 +163,11 @@ def _tq_decode_split_kernel(
     vn_ptr, svnb, svnh, svnt,             # value norms fp16
     vcent_ptr,                            # value centroids [2^VB] fp16
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
+    kbias_ptr, skb,                       # score bias [B*Hq, L] fp32 (HAS_BIAS): added to ⟨q, k̃⟩ (centered keys)
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (plane order when VPL)
     Hkv, L, per_split, scale_log2, qjl_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    KB: tl.constexpr, VB: tl.constexpr, PROD: tl.constexpr, HAS_MASK: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr, PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr, KPL: tl.constexpr, VPL: tl.constexpr, LUT: tl.constexpr,
 ):
     # KPL/VPL = P > 0 (codes per byte, 2 or 4): "plane" path. The byte tile [BT, D/P] is read once and
@@ -240,6 +241,9 @@ def _tq_decode_split_kernel(
             s += tl.dot(q_sk, tl.trans(sgn)) * (qjl_scale * gam)[None, :]
         kn = tl.load(kn_ptr + b * sknb + h * sknh + offs * sknt, mask=tmask, other=0.0).to(tl.float32)
         s = s * (kn * scale_log2)[None, :]
+        if HAS_BIAS:
+            brow = (b * Hkv * G + h * G + g) * skb
+            s += tl.load(kbias_ptr + brow[:, None] + offs[None, :], mask=gmask[:, None] & tmask[None, :], other=0.0) * scale_log2
         valid = tmask
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
