@@ -21,6 +21,9 @@ The pieces:
    the dequantized K/V from the snapshot and runs the original function, so
    results never depend on the path. Prefill (more than one query token) and
    every CPU call run the original path unchanged.
+5. Keys centered before RoPE (`center_keys`) use the kernels too: the store
+   subtracts R_p μ before the store kernel, and the decode kernel adds
+   ⟨q, R_p μ⟩ (`RopeCenteredCodec.score_offset`) to each compressed score.
 
 `fused_decode(False)` turns the fused path off (a context manager), e.g. to
 compare both paths in tests and benchmarks.
