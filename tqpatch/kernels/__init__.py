@@ -221,6 +221,7 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
     block_r = tune["block_r"] or (32 if (prod or d > 128) else 64)
     # A whole [D, D] rotation tile per program where shared memory allows (tf32x3: D <= 128, not prod).
     bn = min(d, tune["bn"] or (64 if (prod or d > 128) else d))
+    # 8 codes of MB bits are MB bytes: one int16 (MB=2) or int32 (MB=4) store where every row start is MB-aligned.
     word = mse.bits in (2, 4) and tune["word_store"] and all(v % mse.bits == 0 for v in (codes.data_ptr(), *codes.stride()[:3]))
     prec = "ieee" if interpreting() else (tune["precision"] or "tf32x3")
     blocks = triton_cdiv(rows, block_r)
