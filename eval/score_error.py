@@ -13,9 +13,8 @@ reads compressed (those stored by earlier chunks), we report
 
 Queries and keys are recomputed from each chosen layer's input (Llama-family
 attention: q/k projections, then RoPE from the position embeddings the model
-passes), keys are encoded the way a `TurboQuantLayer` stores them (chunk by
-chunk, sequence indices for RoPE-aware centering), with the codec `patch`
-would build for the setting.
+passes), keys are stored chunk by chunk in the `TurboQuantLayer` that `patch` would
+build for the setting, and read back from it.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tqpatch.codec import make_codec
 from tqpatch.config import TurboQuantConfig
+from tqpatch.patch import make_layer
 
 
 @dataclass
@@ -66,24 +65,14 @@ def capture_queries_keys(model, ids: torch.Tensor, layers: list[int]) -> dict[in
 
 
 def stored_keys(keys: torch.Tensor, cos, sin, config: TurboQuantConfig, chunk: int) -> torch.Tensor:
-    """The keys [1, H, T, d] as a TurboQuantLayer returns them after storing them `chunk` tokens at a time
-    (the first `config.sink_tokens` exact)."""
-    codec = make_codec(keys.shape[-1], config.key_bits, config.key_method, config.seed, config.center_keys,
-                       config.outlier_step, config.rotation_candidates, rope=True)
-    sinks = min(config.sink_tokens, keys.shape[2])
-    out = [keys[:, :, :sinks]]
+    """The keys [1, H, T, d] as the TurboQuantLayer `patch` would build reads them back after storing them
+    `chunk` tokens at a time (sinks, window and RoPE-aware centering included)."""
+    layer = make_layer(config, keys.shape[-1], config.key_bits, config.value_bits)
     for start in range(0, keys.shape[2], chunk):
-        end = start + chunk
-        start = max(start, sinks)
-        if start >= end:
-            continue
-        piece = keys[:, :, start:end]
-        if getattr(codec, "uses_positions", False):
-            codec.observe_rope(cos[:, start:end], sin[:, start:end])
-            out.append(codec.decode(codec.encode(piece, start), torch.float32, start))
-        else:
-            out.append(codec.decode(codec.encode(piece), torch.float32))
-    return torch.cat(out, dim=2)
+        layer.observe_rope(cos[:, start : start + chunk], sin[:, start : start + chunk])
+        piece = keys[:, :, start : start + chunk]
+        layer.update(piece, piece)  # the values are not looked at
+    return layer.stored_kv()[0].float()
 
 
 def score_errors(model, ids: torch.Tensor, settings: list[str], layers: list[int], chunk: int = 32) -> list[ScoreError]:

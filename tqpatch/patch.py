@@ -68,6 +68,18 @@ def self_attention_cache(cache: object) -> Cache:
     return cache
 
 
+def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits: float, sliding_window: int | None = None) -> TurboQuantLayer:
+    """The TurboQuantLayer a patched attention module stores its K/V in (codecs, window, sinks from `cfg`)."""
+    return TurboQuantLayer(
+        key_codec=make_codec(head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates, rope=True),
+        value_codec=make_codec(head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates),
+        residual_length=cfg.residual_length,
+        sink_tokens=cfg.sink_tokens,
+        prefill_exact=cfg.prefill_exact,
+        sliding_window=sliding_window,
+    )
+
+
 class TurboQuantHook(ModelHook):
     """Installs this attention module's TurboQuantLayer into the cache of each call."""
 
@@ -78,16 +90,7 @@ class TurboQuantHook(ModelHook):
         self._state = weakref.ref(state)
 
     def new_layer(self, head_dim: int, sliding_window: int | None) -> TurboQuantLayer:
-        key_bits, value_bits = self.bits
-        cfg = self.config
-        return TurboQuantLayer(
-            key_codec=make_codec(head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates, rope=True),
-            value_codec=make_codec(head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates),
-            residual_length=cfg.residual_length,
-            sink_tokens=cfg.sink_tokens,
-            prefill_exact=cfg.prefill_exact,
-            sliding_window=sliding_window,
-        )
+        return make_layer(self.config, head_dim, *self.bits, sliding_window)
 
     def install(self, cache: Cache, head_dim: int) -> None:
         layers = cache.layers
