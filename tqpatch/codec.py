@@ -18,7 +18,7 @@ import torch
 
 from .config import split_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
-from .rope import RopeTable
+from .rope import RopeTable, rotate_half
 
 Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
@@ -255,8 +255,6 @@ class RopeCenteredCodec:
         if self.rope is None:
             return (qg * mean).sum(-1).view(b, hq, 1).expand(b, hq, length)
         cos, sin = self.rope.cos_sin_range(first_index, length, q.device)  # [L, d]
-        from .rope import rotate_half
-
         a = (qg * mean).reshape(b * hq, d)
         c = (qg * rotate_half(mean)).reshape(b * hq, d)
         return (a @ cos.T + c @ sin.T).view(b, hq, length)

@@ -36,6 +36,7 @@ class RopeTable:
         self.frequencies = frequencies.double().cpu()
         self.scale = float(scale)
         self.head_dim = 2 * self.frequencies.numel()
+        self._table_key = (self.frequencies.numpy().tobytes(), self.scale)  # equal for all layers with this RoPE
 
     @classmethod
     def fit(cls, cos: torch.Tensor, sin: torch.Tensor) -> RopeTable | None:
@@ -71,7 +72,7 @@ class RopeTable:
         kept per device and shared by every RopeTable with the same frequencies (all layers of a model
         with one RoPE), grown by doubling: a decode step over L cached tokens costs a slice, not L·d/2
         cosines."""
-        key = (self.frequencies.numpy().tobytes(), self.scale, str(torch.device(device)))
+        key = (*self._table_key, str(torch.device(device)))
         table = _TABLES.get(key)
         needed = first + count
         if table is None or table[0].shape[0] < needed:
