@@ -222,15 +222,10 @@ class TurboQuantLayer(CacheLayerMixin):
         window_values = _cat(self.window_values, values)
         overflow = window_keys.shape[-2] - self.residual_length
         if overflow > 0:
-            if self.fused:  # CUDA: the store kernel writes the codes in place
-                from .attention import store_compressed
+            from .attention import store_compressed  # the store kernel on fused CUDA layers, else codec.encode
 
-                store_compressed(self, self.compressed_keys, self.key_codec, window_keys[..., :overflow, :])
-                store_compressed(self, self.compressed_values, self.value_codec, window_values[..., :overflow, :])
-            else:
-                first = self.compressed_start + self.num_compressed
-                self.compressed_keys.append(self._encode(self.key_codec, window_keys[..., :overflow, :], first))
-                self.compressed_values.append(self._encode(self.value_codec, window_values[..., :overflow, :], first))
+            store_compressed(self, self.compressed_keys, self.key_codec, window_keys[..., :overflow, :])
+            store_compressed(self, self.compressed_values, self.value_codec, window_values[..., :overflow, :])
             window_keys, window_values = window_keys[..., overflow:, :], window_values[..., overflow:, :]
         # Copy out of the caller's tensors, so the window never pins a larger buffer.
         self.window_keys, self.window_values = window_keys.clone(), window_values.clone()
