@@ -38,7 +38,8 @@ class ScoreError:
 
 
 def capture_queries_keys(model, ids: torch.Tensor, layers: list[int]) -> dict[int, tuple]:
-    """{layer: (q [1, Hq, T, d], k [1, Hkv, T, d], cos, sin)} post-RoPE, from one forward pass over ids [T]."""
+    """{layer: (q [1, Hq, T, d], k [1, Hkv, T, d], cos, sin, q_pre [1, T, Hq, d])}: q and k post-RoPE, q_pre the
+    queries before RoPE (what `shape_keys` codecs observe), from one forward pass over ids [T]."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     captured, handles = {}, []
@@ -49,10 +50,10 @@ def capture_queries_keys(model, ids: torch.Tensor, layers: list[int]) -> dict[in
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             cos, sin = kwargs["position_embeddings"]
             shape = (*hidden.shape[:-1], -1, module.head_dim)
-            q = module.q_proj(hidden).view(shape).transpose(1, 2)
+            q_pre = module.q_proj(hidden).view(shape)
             k = module.k_proj(hidden).view(shape).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            captured[idx] = (q.detach().float(), k.detach().float(), cos, sin)
+            q, k = apply_rotary_pos_emb(q_pre.transpose(1, 2), k, cos, sin)
+            captured[idx] = (q.detach().float(), k.detach().float(), cos, sin, q_pre.detach().float())
 
         handles.append(attn.register_forward_pre_hook(grab, with_kwargs=True))
     try:
@@ -64,12 +65,15 @@ def capture_queries_keys(model, ids: torch.Tensor, layers: list[int]) -> dict[in
     return captured
 
 
-def stored_keys(keys: torch.Tensor, cos, sin, config: TurboQuantConfig, chunk: int) -> torch.Tensor:
+def stored_keys(keys: torch.Tensor, cos, sin, config: TurboQuantConfig, chunk: int, queries: torch.Tensor | None = None) -> torch.Tensor:
     """The keys [1, H, T, d] as the TurboQuantLayer `patch` would build reads them back after storing them
-    `chunk` tokens at a time (sinks, window and RoPE-aware centering included)."""
+    `chunk` tokens at a time (sinks, window, RoPE-aware centering and, given the pre-RoPE queries
+    [1, T, Hq, d], query shaping included)."""
     layer = make_layer(config, keys.shape[-1], config.key_bits, config.value_bits)
     for start in range(0, keys.shape[2], chunk):
         layer.observe_rope(cos[:, start : start + chunk], sin[:, start : start + chunk])
+        if queries is not None:
+            layer.observe_queries(queries[:, start : start + chunk], keys.shape[1])
         piece = keys[:, :, start : start + chunk]
         layer.update(piece, piece)  # the values are not looked at
     return layer.stored_kv()[0].float()
@@ -79,7 +83,7 @@ def score_errors(model, ids: torch.Tensor, settings: list[str], layers: list[int
     """ScoreError per setting and layer for the token ids [T] (one window); keys read compressed: earlier chunks only."""
     captured = capture_queries_keys(model, ids, layers)
     rows = []
-    for idx, (q, k, cos, sin) in captured.items():
+    for idx, (q, k, cos, sin, q_pre) in captured.items():
         hq, hkv, t, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
         group = hq // hkv
         exact = torch.einsum("bhid,bhjd->bhij", q, k.repeat_interleave(group, dim=1)) / math.sqrt(d)  # [1, Hq, T, T]
@@ -88,7 +92,7 @@ def score_errors(model, ids: torch.Tensor, settings: list[str], layers: list[int
         rows_with_keys = compressed.any(dim=1)
         for spec in settings:
             config = TurboQuantConfig.from_spec(spec)
-            k_hat = stored_keys(k, cos, sin, config, chunk).repeat_interleave(group, dim=1)
+            k_hat = stored_keys(k, cos, sin, config, chunk, q_pre).repeat_interleave(group, dim=1)
             err = torch.einsum("bhid,bhjd->bhij", q, k.repeat_interleave(group, dim=1) - k_hat) / math.sqrt(d)
             mask = compressed[None, None].expand_as(err)
             count = compressed.sum(dim=1).clamp_min(1)  # [T]

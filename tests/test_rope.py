@@ -1,11 +1,11 @@
-"""RoPE recovery (tqpatch.rope) and RoPE-aware key centering (RopeCenteredCodec) in codecs and stores."""
+"""RoPE recovery (tqpatch.rope) and RoPE-aware key centering (RopeKeyCodec) in codecs and stores."""
 
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tiny_models import prompt, tiny_model
-from tqpatch.codec import CenteredCodec, RopeCenteredCodec, TurboQuantCodec, make_codec
+from tqpatch.codec import CenteredCodec, RopeKeyCodec, TurboQuantCodec, make_codec
 from tqpatch.rope import RopeTable
 from tqpatch.store import TurboQuantLayer
 
@@ -63,7 +63,7 @@ def test_rope_centering_cuts_the_key_error_where_a_fixed_mean_cannot(bits):
     keys, mean = rope_keys(table)
 
     def error(codec):
-        if isinstance(codec, RopeCenteredCodec):
+        if isinstance(codec, RopeKeyCodec):
             codec.observe_rope(cos, sin)
             out = torch.cat([codec.decode(codec.encode(keys[:, :, s : s + 32], s), torch.float32, s) for s in (0, 32, 64)], dim=2)
         else:
@@ -72,7 +72,7 @@ def test_rope_centering_cuts_the_key_error_where_a_fixed_mean_cannot(bits):
 
     plain, fixed = TurboQuantCodec(16, bits), CenteredCodec(TurboQuantCodec(16, bits))
     rope = make_codec(16, bits, "mse", 0, center=True, rope=True)
-    assert isinstance(rope, RopeCenteredCodec)
+    assert isinstance(rope, RopeKeyCodec)
     assert error(rope) < 0.5 * error(plain)
     assert error(rope) < 0.5 * error(fixed)
     assert (rope.mean - mean).abs().max() < 0.9  # the pre-RoPE offset, from 31 tokens (σ of each channel ≈ 0.18)
@@ -123,7 +123,7 @@ def test_patched_model_fits_rope_in_every_layer_and_stays_close():
         out = torch.cat([model(ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 40, 8)], dim=1)
         tqpatch.unpatch(model)
     for layer in cache.layers:
-        assert isinstance(layer.key_codec, RopeCenteredCodec) and layer.key_codec.rope is not None
+        assert isinstance(layer.key_codec, RopeKeyCodec) and layer.key_codec.rope is not None
         assert isinstance(layer.value_codec, TurboQuantCodec)
     assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98
 

@@ -21,9 +21,10 @@ The pieces:
    the dequantized K/V from the snapshot and runs the original function, so
    results never depend on the path. Prefill (more than one query token) and
    every CPU call run the original path unchanged.
-5. Keys centered before RoPE (`center_keys`) use the kernels too: the store
-   subtracts R_p μ before the store kernel, and the decode kernel adds
-   ⟨q, R_p μ⟩ (`RopeCenteredCodec.score_offset`) to each compressed score.
+5. Keys centered before RoPE (`center_keys`) or query-shaped (`shape_keys`)
+   use the kernels too: the store stores A (k - R_p μ) with the store kernel,
+   and the decode kernel scores the codes with A⁻¹q (`code_query`) and adds
+   ⟨q, R_p μ⟩ (`RopeKeyCodec.score_offset`) to each compressed score.
 
 `fused_decode(False)` turns the fused path off (a context manager), e.g. to
 compare both paths in tests and benchmarks.
@@ -187,10 +188,12 @@ def _fused_attention(module, query, snap: _Snapshot, attention_mask, scaling):
         valid = row[:, s : s + n]
         fp_valid = row[:, s + n :] if s == 0 else torch.cat([row[:, :s], row[:, s + n :]], dim=1)
     key_codec = snap.layer.key_codec
-    key_bias = key_codec.score_offset(query[:, :, 0, :], snap.first, n) if getattr(key_codec, "uses_positions", False) else None
+    q = query[:, :, 0, :]
+    key_bias = key_codec.score_offset(q, snap.first, n) if getattr(key_codec, "uses_positions", False) else None
     out = kernels.decode_attention(
-        query[:, :, 0, :], kernel_codec(key_codec), kernel_codec(snap.layer.value_codec), snap.key_parts, snap.value_parts,
+        q, kernel_codec(key_codec), kernel_codec(snap.layer.value_codec), snap.key_parts, snap.value_parts,
         fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype, key_bias=key_bias,
+        code_query=key_codec.shape_queries(q) if getattr(key_codec, "shaping", None) is not None else None,
     )
     return out.unsqueeze(1)  # [B, 1, Hq, d], as sdpa/eager return it
 

@@ -19,6 +19,7 @@ import torch
 from .config import split_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rope import RopeTable, rotate_half
+from .shaping import QueryMoments, rope_average, shaping_transform
 
 Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
@@ -153,7 +154,7 @@ class SplitCodec:
 class CenteredCodec:
     """Quantize x - μ instead of x, with μ [H, d] a per-head channel mean fixed from the first chunk.
 
-    For values. (For keys see `RopeCenteredCodec`: a fixed post-RoPE mean does
+    For values. (For keys see `RopeKeyCodec`: a fixed post-RoPE mean does
     not fit keys, whose offsets turn with position.) μ is taken over batch and
     tokens of the first chunk, leaving out its first `skip` tokens (attention
     sinks are atypical), and is added back on decode.
@@ -182,69 +183,113 @@ class CenteredCodec:
         return self.inner.extra_nbytes + (0 if self.mean is None else self.mean.numel() * self.mean.element_size())
 
 
-class RopeCenteredCodec:
-    """Keys: quantize k_p - R_p μ, with μ [H, d] the per-head mean of the *pre-RoPE* keys of the first chunk.
+class RopeKeyCodec:
+    """Keys: quantize A (k_p - R_p μ): centered before RoPE (μ) and error-shaped by the queries (A).
 
-    Keys of RoPE models carry large per-channel offsets before RoPE; after it
-    they turn with position p, so a fixed post-RoPE mean misses them. Here the
-    first encoded chunk is un-rotated with the layer's `RopeTable` (fitted from
-    the model's cos/sin by `observe_rope`), μ is its mean over batch and tokens
-    (tokens before sequence index `skip` left out: attention sinks), and each
-    key at sequence index p stores k_p - R_p μ; decode adds R_p μ back, so
-    nothing extra is stored per token. ⟨q, R_p μ⟩ is exact and TurboQuant's
-    error scales with ‖k_p - R_p μ‖ instead of ‖k_p‖.
+    Centering (`center`): keys of RoPE models carry large per-channel offsets
+    before RoPE; after it they turn with position p, so a fixed post-RoPE mean
+    misses them. The first encoded chunk is un-rotated with the layer's
+    `RopeTable` (fitted from the model's cos/sin by `observe_rope`), μ [H, d] is
+    its mean over batch and tokens (tokens before sequence index `skip` left
+    out: attention sinks), and each key at sequence index p stores k_p - R_p μ;
+    decode adds R_p μ back, so nothing extra is stored per token. ⟨q, R_p μ⟩ is
+    exact and TurboQuant's error scales with ‖k_p - R_p μ‖ instead of ‖k_p‖.
+
+    Shaping (`shape`): the stored vector is A (k_p - R_p μ), A [H, d, d] the
+    symmetric map of `tqpatch.shaping` fitted on the same first chunk and the
+    pre-RoPE queries seen before it (`observe_queries`), so the isotropic
+    quantization error lands where queries look least; decode applies A⁻¹
+    (or the fused kernel scores with A⁻¹q, `shape_queries`).
 
     The store passes each chunk's sequence index (`first_index`); encode and
     decode use the same indices, so the reconstruction is consistent even
     where they differ from the model's positions (left padding), which costs
-    only centering quality. Without a fitted table (no RoPE, or the first
-    chunk came before any call with three tokens) μ stays 0: plain TurboQuant.
+    only quality. Without a fitted table (no RoPE, or the first chunk came
+    before any call with three tokens) μ stays 0 and A is fitted without RoPE
+    averaging; without observed queries A stays I.
     """
 
     uses_positions = True
 
-    def __init__(self, inner, skip: int = 1):
+    def __init__(self, inner, skip: int = 1, center: bool = True, shape: bool = False):
         self.inner = inner
         self.skip = skip
+        self.center_keys = center
         self.rope = None  # RopeTable
-        self.mean: torch.Tensor | None = None  # [H, d] float32
+        self.mean: torch.Tensor | None = None  # [H, d] float32, fixed on the first encode
+        self.queries = QueryMoments() if shape else None
+        self.shaping: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, A⁻¹) [H, d, d] float32
 
     def __getattr__(self, name):  # head_dim, bits, quantizer, ... of the wrapped codec
         return getattr(self.__dict__["inner"], name)
 
+    @property
+    def calibrated(self) -> bool:
+        return self.mean is not None
+
+    @property
+    def wants_queries(self) -> bool:
+        return self.queries is not None and self.mean is None
+
     def observe_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Fit the RoPE table from a call's cos/sin [B, T, d] (until the mean is fixed)."""
+        """Fit the RoPE table from a call's cos/sin [B, T, d] (until the codec is calibrated)."""
         if self.rope is None and self.mean is None:
             table = RopeTable.fit(cos, sin)
             if table is not None and table.head_dim == self.head_dim:
                 self.rope = table
 
+    def observe_queries(self, queries: torch.Tensor, kv_heads: int) -> None:
+        """Pre-RoPE queries [B, T, Hq, d] of a call, until the first encode fixes A."""
+        if self.wants_queries:
+            self.queries.observe(queries, kv_heads)
+
     def _calibrate(self, x: torch.Tensor, first_index: int) -> None:  # x: [B, H, T, d]
-        if self.rope is None:
-            self.mean = x.new_zeros(x.shape[1], x.shape[-1], dtype=torch.float32)
-            return
-        pre = self.rope.invert(x, first_index)
+        pre = self.rope.invert(x, first_index) if self.rope is not None else x.float()
         keep = max(self.skip - first_index, 0)
         sample = pre[:, :, keep:] if pre.shape[2] > keep else pre
-        self.mean = sample.mean(dim=(0, 2))
+        mean = sample.mean(dim=(0, 2)) if self.center_keys and self.rope is not None else sample.new_zeros(x.shape[1], x.shape[-1])
+        if self.queries is not None and self.queries.count:
+            centered = (sample - mean[None, :, None, :]).double()
+            sigma_k = torch.einsum("bhti,bhtj->hij", centered, centered).cpu() / (centered.shape[0] * centered.shape[2])
+            sigma_q = self.queries.mean
+            if self.rope is not None:
+                sigma_q, sigma_k = rope_average(sigma_q, self.rope), rope_average(sigma_k, self.rope)
+            a, a_inv = shaping_transform(sigma_q, sigma_k)
+            self.shaping = (a.to(x.device), a_inv.to(x.device))
+        self.mean = mean
 
     def _offset(self, like: torch.Tensor, first_index: int) -> torch.Tensor:
         """R_p μ for the tokens of `like` [B, H, T, ...]: [1, H, T, d] float32."""
         mean = self.mean.to(like.device)[None, :, None, :].expand(1, -1, like.shape[2], -1)
         return self.rope.apply(mean, first_index) if self.rope is not None else mean
 
+    def _apply(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """x [B, H, T, d] times A (which=0) or A⁻¹ (which=1) per head (both symmetric)."""
+        if self.shaping is None:
+            return x
+        return torch.einsum("bhtd,hde->bhte", x, self.shaping[which].to(x.device))
+
     def center(self, x: torch.Tensor, first_index: int) -> torch.Tensor:
-        """x - R_p μ [B, H, T, d] float32 (fixing μ on the first call): what the inner codec stores."""
+        """A (x - R_p μ) [B, H, T, d] float32 (calibrating on the first call): what the inner codec stores."""
         if self.mean is None:
             self._calibrate(x, first_index)
-        return x.float() - self._offset(x, first_index)
+        return self._apply(x.float() - self._offset(x, first_index), 0)
 
     def encode(self, x: torch.Tensor, first_index: int = 0) -> Parts:
         return self.inner.encode(self.center(x, first_index))
 
+    def shape_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """A⁻¹q for queries q [B, Hq, d] (grouped over the KV heads): the inner codes score with these."""
+        if self.shaping is None:
+            return q
+        b, hq, d = q.shape
+        hkv = self.shaping[1].shape[0]
+        shaped = torch.einsum("bhgd,hde->bhge", q.float().view(b, hkv, hq // hkv, d), self.shaping[1].to(q.device))
+        return shaped.reshape(b, hq, d).to(q.dtype)
+
     def score_offset(self, q: torch.Tensor, first_index: int, length: int) -> torch.Tensor:
         """⟨q, R_p μ⟩ for one query token per row, q [B, Hq, d], and the `length` tokens from sequence index
-        first_index: [B, Hq, length] float32 (the decode kernel adds it to ⟨q, k̃ - R_p μ⟩).
+        first_index: [B, Hq, length] float32 (the decode kernel adds it to ⟨A⁻¹q, A(k̃ - R_p μ)⟩).
 
         With R_p μ = μ ⊙ cos_p + rotate_half(μ) ⊙ sin_p this is two products with the shared
         position tables: (q ⊙ μ) · cos_p + (q ⊙ rotate_half(μ)) · sin_p, nothing of size L·d built."""
@@ -260,14 +305,16 @@ class RopeCenteredCodec:
         return (a @ cos.T + c @ sin.T).view(b, hq, length)
 
     def decode(self, parts: Parts, dtype: torch.dtype, first_index: int = 0) -> torch.Tensor:
-        centered = self.inner.decode(parts, torch.float32)
+        centered = self._apply(self.inner.decode(parts, torch.float32), 1)
         return (centered + self._offset(centered, first_index)).to(dtype)
 
     @property
     def extra_nbytes(self) -> int:
-        """μ in float16 and the RoPE frequencies: per layer, not per token."""
+        """μ and A (upper triangle) in float16 and the RoPE frequencies: per layer, not per token."""
         mean = 0 if self.mean is None else self.mean.numel() * 2
-        return self.inner.extra_nbytes + mean + (0 if self.rope is None else self.rope.frequencies.numel() * 4)
+        shaping = 0 if self.shaping is None else self.shaping[0].shape[0] * self.head_dim * (self.head_dim + 1)  # d(d+1)/2 × 2 bytes
+        rope = 0 if self.rope is None else self.rope.frequencies.numel() * 4
+        return self.inner.extra_nbytes + mean + shaping + rope
 
 
 def make_codec(
@@ -279,9 +326,11 @@ def make_codec(
     outlier_step: int = 1,
     rotation_candidates: int = 1,
     rope: bool = False,
+    shape: bool = False,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
-    rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys)."""
+    rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
+    optionally query-shaped (`shape`, keys only: RopeKeyCodec)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if outliers == 0 and rotation_candidates > 1:
         codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates)
@@ -289,6 +338,6 @@ def make_codec(
         codec = TurboQuantCodec(head_dim, high, method, seed)
     else:
         codec = SplitCodec(head_dim, bits, seed, outlier_step)
-    if not center:
-        return codec
-    return RopeCenteredCodec(codec) if rope else CenteredCodec(codec)
+    if rope and (center or shape):
+        return RopeKeyCodec(codec, center=center, shape=shape)
+    return CenteredCodec(codec) if center else codec

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -60,10 +60,14 @@ class TurboQuantConfig:
     center_keys: quantize k_p - R_p μ, with μ the per-layer, per-head mean of the
         *pre-RoPE* keys of the first chunk the layer stores and R_p the model's
         rotary rotation at the key's position (read from the cos/sin the model
-        passes its attention; codec.RopeCenteredCodec). Nothing is stored per
+        passes its attention; codec.RopeKeyCodec). Nothing is stored per
         token; μ is counted as stored.
     center_values: quantize v - μ, μ the values' per-head mean over the first
         chunk (codec.CenteredCodec).
+    shape_keys: store A k (A⁻¹ applied on decode), A [d, d] per layer and KV
+        head fitted on the first chunk's keys and the queries seen up to it so
+        the key error lands where queries look least (tqpatch.shaping); A is
+        counted as stored.
     seed: seeds the rotation Π and the QJL matrix S (shared by all layers).
     """
 
@@ -79,6 +83,7 @@ class TurboQuantConfig:
     prefill_exact: bool = True
     center_keys: bool = False
     center_values: bool = False
+    shape_keys: bool = False
     outlier_step: int = 1
     rotation_candidates: int = 1
     seed: int = 0
@@ -108,7 +113,7 @@ class TurboQuantConfig:
         if self.protected_bits is not None:
             if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
                 raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
-        for name in ("prefill_exact", "center_keys", "center_values"):
+        for name in ("prefill_exact", "center_keys", "center_values", "shape_keys"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -152,6 +157,8 @@ class TurboQuantConfig:
             label += f"-rc{self.rotation_candidates}"
         if self.center_keys or self.center_values:
             label += "-c" + ("k" if self.center_keys else "") + ("v" if self.center_values else "")
+        if self.shape_keys:
+            label += "-qs"
         if self.protect_first or self.protect_last:
             label += f"-p{self.protect_first}.{self.protect_last}" + ("" if self.protected_bits is None else f"b{self.protected_bits}")
         if self.protected_layers:
@@ -165,7 +172,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -188,6 +195,7 @@ class TurboQuantConfig:
             r"c(k?)(v?)": lambda m: {"center_keys": bool(m[1]), "center_values": bool(m[2])},
             r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
             r"L(\d+(?:\.\d+)*)": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))},
+            r"qs": lambda m: {"shape_keys": True},
             r"q": lambda m: {"prefill_exact": False},
             r"seed(\d+)": lambda m: {"seed": int(m[1])},
         }

@@ -39,6 +39,7 @@ class PatchState:
     config: TurboQuantConfig
     modules: list[torch.nn.Module] = field(default_factory=list)
     last_cache: weakref.ReferenceType | None = None
+    query_hooks: list = field(default_factory=list)  # handles of the forward hooks `shape_keys` reads queries with
 
 
 def _cache_of_call(kwargs: dict) -> tuple[str | None, object]:
@@ -71,7 +72,9 @@ def self_attention_cache(cache: object) -> Cache:
 def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits: float, sliding_window: int | None = None) -> TurboQuantLayer:
     """The TurboQuantLayer a patched attention module stores its K/V in (codecs, window, sinks from `cfg`)."""
     return TurboQuantLayer(
-        key_codec=make_codec(head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates, rope=True),
+        key_codec=make_codec(
+            head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates, rope=True, shape=cfg.shape_keys
+        ),
         value_codec=make_codec(head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates),
         residual_length=cfg.residual_length,
         sink_tokens=cfg.sink_tokens,
@@ -88,6 +91,8 @@ class TurboQuantHook(ModelHook):
         self.layer_idx = layer_idx
         self.bits = config.layer_bits(layer_idx, num_layers)
         self._state = weakref.ref(state)
+        self._calibrating: TurboQuantLayer | None = None  # the layer of the current call while it wants queries
+        self._kv_heads = 1
 
     def new_layer(self, head_dim: int, sliding_window: int | None) -> TurboQuantLayer:
         return make_layer(self.config, head_dim, *self.bits, sliding_window)
@@ -121,11 +126,31 @@ class TurboQuantHook(ModelHook):
                 layer = cache.layers[self.layer_idx]
                 if kwargs.get("position_embeddings") is not None:
                     layer.observe_rope(*kwargs["position_embeddings"])
+                self._calibrating = layer if layer.wants_queries else None
+                self._kv_heads = getattr(module.config, "num_key_value_heads", None) or module.config.num_attention_heads
                 attention.prepare(module, layer)
             state = self._state()
             if state is not None:
                 state.last_cache = weakref.ref(cache)
         return args, kwargs
+
+
+    def observe_queries(self, projection, inputs, output) -> None:
+        """Forward hook on the attention's query projection (or its q_norm): pre-RoPE queries for `shape_keys`."""
+        layer, self._calibrating = self._calibrating, None
+        if layer is not None and isinstance(output, torch.Tensor):
+            head_dim = layer.key_codec.head_dim
+            if output.dim() >= 3 and output.shape[-1] % head_dim == 0:
+                layer.observe_queries(output.reshape(*output.shape[:2], -1, head_dim), self._kv_heads)
+
+
+def query_module(attention_module: torch.nn.Module) -> torch.nn.Module | None:
+    """The submodule whose output is the pre-RoPE query: `q_norm` where the model normalises queries, else `q_proj`."""
+    for name in ("q_norm", "q_proj"):
+        found = getattr(attention_module, name, None)
+        if isinstance(found, torch.nn.Module):
+            return found
+    return None
 
 
 def find_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -169,8 +194,12 @@ def patch(model: torch.nn.Module, config: TurboQuantConfig | str | None = None) 
     num_layers = max(module.layer_idx for _, module in modules) + 1
     state = PatchState(config=config)
     for _, module in modules:
-        add_hook_to_module(module, TurboQuantHook(config, module.layer_idx, num_layers, state), append=True)
+        hook = TurboQuantHook(config, module.layer_idx, num_layers, state)
+        add_hook_to_module(module, hook, append=True)
         state.modules.append(module)
+        projection = query_module(module) if config.shape_keys else None
+        if projection is not None:
+            state.query_hooks.append(projection.register_forward_hook(hook.observe_queries))
     setattr(model, _STATE_ATTR, state)
     attention.enable([m for m in state.modules if config.layer_bits(m.layer_idx, num_layers) is not None])
     return model
@@ -182,6 +211,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     if state is None:
         raise TQPatchError("this model is not patched by tqpatch")
     attention.disable(state.modules)
+    for handle in state.query_hooks:
+        handle.remove()
     for module in state.modules:
         hook = getattr(module, "_hf_hook", None)
         if isinstance(hook, TurboQuantHook):

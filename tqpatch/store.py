@@ -199,6 +199,16 @@ class TurboQuantLayer(CacheLayerMixin):
             if getattr(codec, "uses_positions", False):
                 codec.observe_rope(cos, sin)
 
+    @property
+    def wants_queries(self) -> bool:
+        """True while the key codec is fitting a query-shaped transform (before its first encode)."""
+        return getattr(self.key_codec, "wants_queries", False)
+
+    def observe_queries(self, queries: torch.Tensor, kv_heads: int) -> None:
+        """Pre-RoPE queries [B, T, Hq, d] of this call (read by `shape_keys` codecs until they calibrate)."""
+        if self.wants_queries:
+            self.key_codec.observe_queries(queries, kv_heads)
+
     @staticmethod
     def _encode(codec: Codec, x: torch.Tensor, first_index: int) -> Parts:
         return codec.encode(x, first_index) if getattr(codec, "uses_positions", False) else codec.encode(x)

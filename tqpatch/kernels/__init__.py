@@ -273,6 +273,7 @@ def decode_attention(
     block_t: int | None = None,
     num_splits: int | None = None,
     key_bias: torch.Tensor | None = None,  # [B, Hq, L] float32 added to ⟨q, k̃⟩ (centered keys' ⟨q, R_p μ⟩)
+    code_query: torch.Tensor | None = None,  # [B, Hq, d] scores the compressed tokens instead of q (shaped keys' A⁻¹q)
 ) -> torch.Tensor:
     """Attention of one query token over compressed + full-precision tokens: [B, Hq, d] in out_dtype (default q's)."""
     out_dtype = out_dtype or q.dtype
@@ -286,14 +287,18 @@ def decode_attention(
         raise ValueError(f"codecs are for head_dim {key_codec.head_dim}/{value_codec.head_dim}, queries have {d}")
     if key_bias is not None and tuple(key_bias.shape) != (b, hq, kn.shape[2]):
         raise ValueError(f"key_bias must be [B, Hq, L] = {(b, hq, kn.shape[2])}, got {tuple(key_bias.shape)}")
+    if code_query is not None and code_query.shape != q.shape:
+        raise ValueError(f"code_query must have the queries' shape {tuple(q.shape)}, got {tuple(code_query.shape)}")
     if not (supports(key_codec) and supports(value_codec) and _use_triton(q)):
         return decode_attention_reference(
-            q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, key_bias
+            q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, key_bias, code_query
         ).to(out_dtype)
-    return _launch_decode(q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias)
+    return _launch_decode(
+        q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias, code_query
+    )
 
 
-def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias=None):
+def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias=None, code_query=None):
     tk = _tk()
     b, hq, d = q.shape
     hkv, length = kp["norms"].shape[1], kp["norms"].shape[2]
@@ -305,7 +310,8 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     kpl, vpl = decode_planes(d, kbits), decode_planes(d, vbits)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    qr = q.reshape(b * hq, d).float() @ kc["qmatT_planes" if kpl else "qmatT"]  # [B*Hq, d or 2d]: Π q (| S q)
+    scoring = q if code_query is None else code_query
+    qr = scoring.reshape(b * hq, d).float() @ kc["qmatT_planes" if kpl else "qmatT"]  # [B*Hq, d or 2d]: Π q (| S q)
     vrot = vc["rot_planes" if vpl else "rot"]  # rotates the value sums back from the partials' channel order
     block_t = block_t or DECODE_TUNING["block_t"]
     programs = b * hkv

@@ -29,10 +29,12 @@ def decode_attention_reference(
     valid: torch.Tensor | None = None,  # [B, L] bool, compressed token validity (None: all valid)
     fp_valid: torch.Tensor | None = None,  # [B, F] bool
     key_bias: torch.Tensor | None = None,  # [B, Hq, L] float32, added to ⟨q, k̃⟩ of the compressed tokens
+    code_query: torch.Tensor | None = None,  # [B, Hq, d]: scores the compressed tokens instead of q
 ) -> torch.Tensor:
     """Softmax attention of one query token over dequantized compressed tokens + exact fp tokens, float32: [B, Hq, d].
 
-    Logit of compressed token j: (⟨q, k̃_j⟩ + key_bias[j]) · scaling (key_bias: ⟨q, R_p μ⟩ of centered keys)."""
+    Logit of compressed token j: (⟨q_c, k̃_j⟩ + key_bias[j]) · scaling, with q_c = code_query or q
+    (key_bias: ⟨q, R_p μ⟩ of centered keys; code_query: A⁻¹q of query-shaped keys); fp token: ⟨q, k⟩ · scaling."""
     keys = [key_codec.decode(key_parts, torch.float32)]
     values = [value_codec.decode(value_parts, torch.float32)]
     b = q.shape[0]
@@ -45,9 +47,11 @@ def decode_attention_reference(
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # [B, Hq, L, d]
     v = v.repeat_interleave(groups, dim=1)
+    n = keys[0].shape[2]
     scores = torch.einsum("bhd,bhld->bhl", q.float(), k)
+    if code_query is not None:
+        scores = torch.cat([torch.einsum("bhd,bhld->bhl", code_query.float(), k[:, :, :n]), scores[..., n:]], dim=-1)
     if key_bias is not None:
-        n = key_bias.shape[-1]
         scores = torch.cat([scores[..., :n] + key_bias.float(), scores[..., n:]], dim=-1)
     scores = scores * scaling
     scores = scores.masked_fill(~m[:, None, :], float("-inf"))

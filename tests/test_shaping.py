@@ -1,0 +1,144 @@
+"""Query-shaped key error (tqpatch.shaping, RopeKeyCodec(shape=True), `shape_keys`): math, codec, patch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import prompt, tiny_model
+
+from tqpatch import kernels
+from tqpatch.codec import RopeKeyCodec, TurboQuantCodec, make_codec
+from tqpatch.config import TurboQuantConfig
+from tqpatch.rope import RopeTable
+from tqpatch.shaping import QueryMoments, rope_average, shaping_gain, shaping_transform
+
+
+def _anisotropic(d: int, rank: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(d, rank, generator=gen, dtype=torch.float64) * torch.linspace(3, 0.5, rank, dtype=torch.float64)
+    return basis @ basis.T + 0.01 * torch.eye(d, dtype=torch.float64)
+
+
+def test_transform_reaches_the_geometric_mean_bound_and_is_a_symmetric_pair():
+    d = 32
+    sq, sk = _anisotropic(d, 3, 0), _anisotropic(d, 20, 1)
+    a, a_inv = shaping_transform(sq, sk, shrink=0.0)
+    assert torch.allclose(a, a.T, atol=1e-5) and torch.allclose(a @ a_inv, torch.eye(d), atol=1e-4)
+    assert torch.linalg.det(a.double()).item() == pytest.approx(1.0, rel=1e-3)
+    values, vectors = torch.linalg.eigh(sk)
+    sk_half = (vectors * values.sqrt()) @ vectors.T
+    inner = torch.linalg.eigvalsh(sk_half @ sq @ sk_half).clamp_min(0).sqrt().sum()
+    bound = inner**2 / (sq.trace() * sk.trace())
+    assert shaping_gain(sq, sk, a).item() == pytest.approx(bound.item(), rel=1e-3)
+    assert bound < 0.5  # a rank-3 query against 20-dimensional keys: most of the error can go elsewhere
+    assert shaping_gain(sq, sk, torch.eye(d)).item() == pytest.approx(1.0)
+    # random symmetric perturbations of the optimum only do worse
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        noise = torch.randn(d, d, generator=gen, dtype=torch.float64) * 0.05
+        perturbed = torch.linalg.matrix_exp(noise + noise.T) @ a.double()
+        assert shaping_gain(sq, sk, (perturbed + perturbed.T) / 2) >= shaping_gain(sq, sk, a) - 1e-6
+
+
+def test_isotropic_queries_leave_keys_unshaped():
+    sk = _anisotropic(16, 10, 3)
+    a, _ = shaping_transform(torch.eye(16, dtype=torch.float64), sk, shrink=0.0)
+    # with Σq = I the optimum is A² ∝ Σk^{-1/2}: whitening halfway; the gain is (tr Σk^{1/2})² / (d tr Σk)
+    expected = torch.linalg.eigvalsh(sk).sqrt().sum() ** 2 / (16 * sk.trace())
+    assert shaping_gain(torch.eye(16), sk, a).item() == pytest.approx(expected.item(), rel=1e-3)
+    a_same, _ = shaping_transform(sk, sk, shrink=0.0)  # Σq = Σk: A² ∝ I
+    assert torch.allclose(a_same, torch.eye(16), atol=1e-3)
+
+
+def test_rope_average_is_the_mean_over_rotated_positions():
+    d, horizon = 16, 40
+    frequencies = 1.0 / (100.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    table = RopeTable(frequencies, 1.0)
+    sigma = _anisotropic(d, 6, 4)
+    cos, sin = table.cos_sin(torch.arange(horizon), torch.device("cpu"))
+    eye = torch.eye(d, dtype=torch.float64)
+    brute = torch.zeros(d, d, dtype=torch.float64)
+    for p in range(horizon):
+        rotation = table.apply(eye[:, None, :], p)[:, 0].double().T  # columns: R_p e_i
+        brute += rotation @ sigma @ rotation.T
+    assert torch.allclose(rope_average(sigma, table, horizon), brute / horizon, atol=1e-4)
+    assert cos.shape == (horizon, d)
+
+
+def test_query_moments_sum_over_the_heads_of_a_group():
+    moments = QueryMoments()
+    q = torch.randn(2, 5, 4, 8)  # [B, T, Hq, d], 2 KV heads of 2 query heads
+    moments.observe(q[:, :3], kv_heads=2)
+    moments.observe(q[:, 3:], kv_heads=2)
+    flat = q.reshape(10, 2, 2, 8)
+    expected = torch.einsum("nhgi,nhgj->hij", flat, flat) / 10
+    assert moments.count == 10 and torch.allclose(moments.mean.float(), expected, atol=1e-5)
+
+
+def _low_rank_queries_and_keys(heads=2, tokens=96, d=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.randn(heads, d, 2, generator=gen)
+    queries = torch.einsum("hdr,bthr->bthd", directions, torch.randn(1, tokens, heads, 2, generator=gen)) * 3
+    keys = torch.randn(1, heads, tokens, d, generator=gen)
+    return queries, keys
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_shaped_codec_cuts_the_score_error_of_low_rank_queries(bits):
+    """Without RoPE (no table) A is fitted on the raw second moments; the decode still reconstructs the keys."""
+    queries, keys = _low_rank_queries_and_keys()
+
+    def score_error(codec):
+        if isinstance(codec, RopeKeyCodec):
+            codec.observe_queries(queries[:, :32], kv_heads=2)
+            out = torch.cat([codec.decode(codec.encode(keys[:, :, s : s + 32], s), torch.float32, s) for s in (0, 32, 64)], dim=2)
+        else:
+            out = torch.cat([codec.decode(codec.encode(keys[:, :, s : s + 32]), torch.float32) for s in (0, 32, 64)], dim=2)
+        return torch.einsum("bthd,bhsd->bhts", queries, keys - out).pow(2).mean().sqrt()
+
+    shaped = make_codec(32, bits, "mse", 0, rope=True, shape=True)
+    assert isinstance(shaped, RopeKeyCodec) and not shaped.center_keys
+    plain_error, shaped_error = score_error(TurboQuantCodec(32, bits)), score_error(shaped)
+    assert shaped.shaping is not None and not shaped.wants_queries
+    assert shaped_error < 0.8 * plain_error, (shaped_error, plain_error)
+    assert (shaped.mean == 0).all()
+
+
+def test_decode_reference_scores_codes_with_the_shaped_query():
+    """decode_attention(q, code_query=A⁻¹q) on the inner codes equals attention with q over the decoded keys."""
+    queries, keys = _low_rank_queries_and_keys(tokens=64)
+    codec = make_codec(32, 4, "mse", 0, rope=True, shape=True)
+    codec.observe_queries(queries[:, :32], kv_heads=2)
+    values = TurboQuantCodec(32, 4)
+    key_parts = codec.inner.encode(codec.center(keys, 0))
+    value_parts = values.encode(torch.randn(1, 2, 64, 32))
+    fp = torch.randn(1, 2, 3, 32)
+    q = torch.randn(1, 2, 32)
+    via_codes = kernels.decode_attention_reference(q, codec.inner, values, key_parts, value_parts, fp, fp, 0.2, code_query=codec.shape_queries(q))
+    decoded = codec.decode(key_parts, torch.float32, 0)
+    exact = kernels.decode_attention_reference(q, TurboQuantCodec(32, 8), values, TurboQuantCodec(32, 8).encode(decoded), value_parts, fp, fp, 0.2)
+    unshaped = kernels.decode_attention_reference(q, codec.inner, values, key_parts, value_parts, fp, fp, 0.2)
+    assert (via_codes - exact).norm() < 0.05 * (unshaped - exact).norm() + 1e-3
+
+
+def test_patch_feeds_queries_to_shaped_layers_and_unpatch_removes_the_hooks():
+    import tqpatch
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ids = prompt(length=40)
+    config = TurboQuantConfig.from_spec("k4v4-s2-ck-qs")
+    assert config.shape_keys and config.name == "k4v4-s2-ck-qs"
+    with torch.no_grad():
+        exact = model(ids).logits
+        tqpatch.patch(model, config)
+        cache = DynamicCache(config=model.config)
+        out = torch.cat([model(ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 40, 8)], dim=1)
+        tqpatch.unpatch(model)
+    for layer in cache.layers:
+        codec = layer.key_codec
+        assert isinstance(codec, RopeKeyCodec) and codec.queries.count == 8  # the first call's tokens (batch 1)
+        assert codec.shaping is not None and not layer.wants_queries
+    assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98
+    assert all(not attn.q_proj._forward_hooks for attn in (layer.self_attn for layer in model.model.layers))
+    assert cache.layers[0].memory()["compressed_bytes"] > 0

@@ -1,0 +1,104 @@
+"""Query-shaped key error: a per-head linear map that puts TurboQuant's key error where queries do not look.
+
+TurboQuant's error on a stored vector y is isotropic: E[e eᵀ] = σ² I with
+σ² ∝ ‖y‖². For keys only the score error q·e matters, and queries of one
+head are far from isotropic (their second moment has an effective rank of
+about 4 of 64 on SmolLM2). Storing y = A k instead of k, and scoring with
+A⁻¹q (q·k = (A⁻¹q)·(A k), A symmetric), the score error variance over queries
+and keys becomes
+
+    E[(A⁻¹q · e)²] ∝ tr(Σ_q A⁻²) · tr(A² Σ_k),      Σ_q = E[q qᵀ], Σ_k = E[k kᵀ],
+
+which the matrix geometric mean minimises (A = I gives tr Σ_q · tr Σ_k):
+
+    A² = P = Σ_k^{-1/2} (Σ_k^{1/2} Σ_q Σ_k^{1/2})^{1/2} Σ_k^{-1/2},
+    gain = tr((Σ_k^{1/2} Σ_q Σ_k^{1/2})^{1/2})² / (tr Σ_q · tr Σ_k) ≤ 1.
+
+Keys are stored after RoPE, so Σ_q and Σ_k are the second moments of the
+*post*-RoPE vectors over the positions a sequence will use. They are
+estimated from the first chunk's pre-RoPE queries and keys (which do not
+depend on position), averaged over RoPE rotations of positions 0..horizon-1
+(`rope_average`), and shrunk towards a multiple of I (few tokens, 64-256
+dimensions). Nothing is stored per token; A is per layer and KV head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .rope import RopeTable, rotate_half
+
+SHRINK = 0.5  # weight of the isotropic part in both second moments (first chunks are short)
+HORIZON = 2048  # positions RoPE is averaged over
+
+
+def rope_average(sigma: torch.Tensor, table: RopeTable, horizon: int = HORIZON) -> torch.Tensor:
+    """E_p[R_p Σ R_pᵀ] over positions 0..horizon-1 for pre-RoPE second moments sigma [..., d, d] (float64).
+
+    With R_p = C_p + S_p J (C, S diagonal cos/sin, J = rotate_half as a matrix):
+    R Σ Rᵀ = CΣC + CΣJᵀS + SJΣC + SJΣJᵀS, so only E[c_i c_j], E[c_i s_j], E[s_i s_j] are needed.
+    """
+    d = sigma.shape[-1]
+    cos, sin = table.cos_sin(torch.arange(horizon), torch.device("cpu"))
+    cos, sin = cos.double(), sin.double()
+    ecc, ess, ecs = cos.T @ cos / horizon, sin.T @ sin / horizon, cos.T @ sin / horizon  # [d, d]
+    j = rotate_half(torch.eye(d, dtype=torch.float64)).T  # j @ x == rotate_half(x)
+    sigma = sigma.double().cpu()
+    return sigma * ecc + (sigma @ j.T) * ecs + (j @ sigma) * ecs.T + (j @ sigma @ j.T) * ess
+
+
+def _shrunk(sigma: torch.Tensor, shrink: float) -> torch.Tensor:
+    d = sigma.shape[-1]
+    scale = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] / d
+    return (1 - shrink) * sigma + shrink * scale * torch.eye(d, dtype=sigma.dtype)
+
+
+def _power(m: torch.Tensor, power: float) -> torch.Tensor:
+    """m^power for symmetric positive semi-definite m [..., d, d] (eigenvalues floored at 1e-9 of the largest)."""
+    values, vectors = torch.linalg.eigh(m)
+    values = values.maximum(values.amax(-1, keepdim=True) * 1e-9)
+    return (vectors * values[..., None, :] ** power) @ vectors.transpose(-1, -2)
+
+
+def shaping_transform(sigma_q: torch.Tensor, sigma_k: torch.Tensor, shrink: float = SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, A⁻¹) [..., d, d] float32 minimising tr(Σ_q A⁻²)·tr(A² Σ_k) (module docstring), A symmetric.
+
+    sigma_q, sigma_k [..., d, d]: post-RoPE second moments (any scale). A is scaled to det 1 (its
+    scale does not matter: TurboQuant stores the norm)."""
+    sq, sk = _shrunk(sigma_q.double(), shrink), _shrunk(sigma_k.double(), shrink)
+    sk_half, sk_inv_half = _power(sk, 0.5), _power(sk, -0.5)
+    p = sk_inv_half @ _power(sk_half @ sq @ sk_half, 0.5) @ sk_inv_half
+    values, vectors = torch.linalg.eigh((p + p.transpose(-1, -2)) / 2)
+    values = values.clamp_min(values.amax(-1, keepdim=True) * 1e-9)
+    values = values / values.log().mean(-1, keepdim=True).exp()  # det P = 1
+    root = lambda power: (vectors * values[..., None, :] ** power) @ vectors.transpose(-1, -2)  # noqa: E731
+    return root(0.5).float(), root(-0.5).float()
+
+
+def shaping_gain(sigma_q: torch.Tensor, sigma_k: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """tr(Σ_q A⁻²)·tr(A² Σ_k) / (tr Σ_q · tr Σ_k) [...]: the score error variance with A relative to A = I."""
+    a = a.double()
+    a_inv = torch.linalg.inv(a)
+    tr = lambda m: m.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    sq, sk = sigma_q.double(), sigma_k.double()
+    return tr(sq @ a_inv @ a_inv) * tr(a @ a @ sk) / (tr(sq) * tr(sk))
+
+
+class QueryMoments:
+    """Running E[q qᵀ] of pre-RoPE queries per KV head, summed over the query heads that share it."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None  # [Hkv, d, d] float64 (CPU)
+        self.count = 0
+
+    def observe(self, queries: torch.Tensor, kv_heads: int) -> None:
+        """queries [B, T, Hq, d] (pre-RoPE), Hq a multiple of kv_heads."""
+        b, t, hq, d = queries.shape
+        q = queries.detach().double().reshape(b * t, kv_heads, hq // kv_heads, d)
+        moments = torch.einsum("nhgi,nhgj->hij", q, q).cpu()
+        self.total = moments if self.total is None else self.total + moments
+        self.count += b * t
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        return None if self.total is None else self.total / self.count
