@@ -23,7 +23,8 @@ def test_captured_keys_are_the_ones_the_cache_receives():
 def test_sinks_stay_exact_and_more_bits_mean_smaller_errors():
     model = tiny_model("llama")
     ids = prompt(length=96)[0]
-    q, k, cos, sin = capture_queries_keys(model, ids, [1])[1]
+    q, k, cos, sin, q_pre = capture_queries_keys(model, ids, [1])[1]
+    assert q_pre.shape == (1, q.shape[2], q.shape[1], q.shape[3])  # [1, T, Hq, d] before RoPE
     stored = stored_keys(k, cos, sin, TurboQuantConfig.from_spec("k2v2-s4-ck"), chunk=32)
     assert stored.shape == k.shape
     assert torch.equal(stored[:, :, :4], k[:, :, :4]) and not torch.allclose(stored[:, :, 4:], k[:, :, 4:])
