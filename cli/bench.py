@@ -258,6 +258,8 @@ def _fill(model, method: str, batch: int, length: int):
             layer.fused = True  # store with the kernel (what a CUDA prefill does)
             positions = torch.arange(length, device="cuda")[None]
             layer.observe_rope(*model.model.rotary_emb(k, positions))  # what the hook does in a real prefill
+            if layer.wants_queries:  # query-shaped keys: what the q_proj hook hands over in a real prefill
+                layer.observe_queries(torch.randn(batch, min(length, 256), cfg.num_attention_heads, d, device="cuda"), hkv)
             layer.update(k, v)
             cache.layers[i] = layer
         else:
@@ -289,7 +291,7 @@ def _with_method(model, method: str):
     if tqpatch.is_patched(model):
         tqpatch.unpatch(model)
     if method.startswith("tqpatch-"):
-        tqpatch.patch(model, tqpatch.TurboQuantConfig.preset(method.split("-", 1)[1]))
+        tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec(method.split("-", 1)[1]))
 
 
 def _free():
@@ -466,7 +468,7 @@ def register(main: click.Group, eval_group: click.Group) -> None:
 @click.option("--verify/--no-verify", default=True, help="Check the predicted largest batch by filling and decoding at it.")
 @click.option("--parts", default="store,attention,e2e,fit", help="Comma-separated: store, store_sweep, attention, e2e, fit.")
 @click.option("--shapes", default=None, help="Attention shapes as BxL, comma-separated (default: all six of bench/RESULTS.md), e.g. 8x32768,1x131072.")
-@click.option("--methods", default=",".join(E2E_METHODS), help="End-to-end caches, comma-separated: bf16, quanto-int4, tqpatch-<preset> (e.g. tqpatch-k4v4+).")
+@click.option("--methods", default=",".join(E2E_METHODS), help="End-to-end caches, comma-separated: bf16, quanto-int4, tqpatch-<preset or spec> (e.g. tqpatch-k4v4+, tqpatch-k4v4-s4-ck-qs).")
 def bench_command(out: Path, layers: int, batch: int, context: int, steps: int, verify: bool, parts: str, shapes: str | None, methods: str) -> None:
     """Time the kernels and end-to-end decoding on cuda:0 (see bench/RESULTS.md)."""
     chosen = tuple(tuple(int(x) for x in s.split("x")) for s in shapes.split(",")) if shapes else ATTENTION_SHAPES

@@ -158,6 +158,25 @@ def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
         kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, key_bias=bias[:, :, :-1])
 
 
+def test_decode_attention_scores_codes_with_the_code_query_and_fp_tokens_with_q():
+    """Query-shaped keys: compressed tokens are scored with A⁻¹q (`code_query`), full-precision ones with q."""
+    gen = torch.Generator().manual_seed(12)
+    b, hkv, group, length, d = 2, 2, 4, 257, 64
+    kc = vc = TurboQuantCodec(d, 4, "mse", seed=1)
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(torch.randn(b, hkv, length, d, generator=gen)).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(torch.randn(b, hkv, length, d, generator=gen)).items()}
+    q = torch.randn(b, hkv * group, d, generator=gen).to(DEVICE, torch.bfloat16)
+    code_q = (torch.randn(b, hkv * group, d, generator=gen) * 2).to(DEVICE, torch.bfloat16)
+    fk = torch.randn(b, hkv, 3, d, generator=gen).to(DEVICE, torch.bfloat16)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, code_query=code_q)
+    assert _rel(kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5), ref) > 0.1
+    for splits in (None, 2):
+        out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, out_dtype=torch.float32, num_splits=splits, code_query=code_q)
+        assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR
+    with pytest.raises(ValueError, match="code_query must"):
+        kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, code_query=code_q[:, :1])
+
+
 def test_decode_attention_bf16_output():
     kc = vc = TurboQuantCodec(128, 4, "mse", seed=0)
     k, v = torch.randn(2, 2, 200, 128), torch.randn(2, 2, 200, 128)
@@ -180,14 +199,14 @@ def _tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=64):
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+"])
+@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k4v4-ck-qs"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
     import tqpatch
     from tqpatch import attention
 
     model = _tiny_llama()
-    tqpatch.patch(model, tqpatch.TurboQuantConfig.preset(preset, residual_length=4, sink_tokens=2))
+    tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec(preset).with_(residual_length=4, sink_tokens=2))
     try:
         gen = torch.Generator().manual_seed(5)
         ids = torch.randint(0, 256, (2, 40), generator=gen).to(DEVICE)
@@ -198,9 +217,12 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
         calls = []
         original = attention._fused_attention
 
+        shaped = []
+
         def spy(*args, **kw):
             out = original(*args, **kw)
             calls.append(out is not None)
+            shaped.append(getattr(args[2].layer.key_codec, "shaping", None) is not None)
             return out
 
         attention._fused_attention = spy
@@ -213,6 +235,7 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
     finally:
         tqpatch.unpatch(model)
     assert calls and all(calls), "decode steps did not take the fused kernel path"
+    assert all(shaped) == ("qs" in preset)  # query-shaped keys: the kernel scored the codes with A⁻¹q
     assert model.config._attn_implementation == "sdpa"
     logits_f, logits_r = torch.stack(fused.logits).float(), torch.stack(ref.logits).float()
     assert _rel(logits_f, logits_r) < 2e-2

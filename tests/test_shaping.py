@@ -10,7 +10,7 @@ from tqpatch import kernels
 from tqpatch.codec import RopeKeyCodec, TurboQuantCodec, make_codec
 from tqpatch.config import TurboQuantConfig
 from tqpatch.rope import RopeTable
-from tqpatch.shaping import QueryMoments, rope_average, shaping_gain, shaping_transform
+from tqpatch.shaping import QueryMoments, rope_average, shaping_gain, shaping_transform, stored_nbytes, stored_transform
 
 
 def _anisotropic(d: int, rank: int, seed: int) -> torch.Tensor:
@@ -142,3 +142,41 @@ def test_patch_feeds_queries_to_shaped_layers_and_unpatch_removes_the_hooks():
     assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98
     assert all(not attn.q_proj._forward_hooks for attn in (layer.self_attn for layer in model.model.layers))
     assert cache.layers[0].memory()["compressed_bytes"] > 0
+
+
+def test_stored_transform_is_symmetric_int8_with_an_exact_inverse_and_keeps_the_gain():
+    d = 64
+    sq, sk = _anisotropic(d, 4, 5), _anisotropic(d, 30, 6)
+    a, _ = shaping_transform(sq, sk)
+    stored, stored_inv = stored_transform(a)
+    assert torch.equal(stored, stored.T)
+    assert torch.allclose(stored.double() @ stored_inv.double(), torch.eye(d, dtype=torch.float64), atol=1e-4)
+    # each row's upper part is an int8 multiple of that row's float16 scale
+    scale = (a.abs() * torch.ones(d, d).triu().bool()).amax(-1, keepdim=True) / 127
+    steps = stored / scale.half().float()
+    assert torch.allclose(steps.triu(), steps.triu().round(), atol=1e-3)
+    assert shaping_gain(sq, sk, stored).item() == pytest.approx(shaping_gain(sq, sk, a).item(), rel=0.02)
+    assert stored_nbytes(3, 64) == 3 * (64 * 65 // 2 + 128)
+
+
+@pytest.mark.parametrize(
+    "arch,shaped",
+    [("llama", [True] * 2), ("qwen3", [True] * 2), ("gemma3", [False, False, True, False]), ("phi3", [False] * 2), ("gpt2", [False] * 3)],
+)
+def test_which_layers_get_shaped_across_architectures(arch, shaped):
+    """Full-attention layers with a q_proj/q_norm are shaped; sliding-window layers and models without a separate
+    query projection (Phi-3's fused qkv, GPT-2) keep A = I and still run."""
+    import tqpatch
+    from transformers import DynamicCache
+
+    model = tiny_model(arch)
+    ids = prompt(length=24)
+    with torch.no_grad():
+        exact = model(ids).logits
+        tqpatch.patch(model, TurboQuantConfig.from_spec("k4v4-s2-ck-qs"))
+        cache = DynamicCache(config=model.config)
+        out = torch.cat([model(ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 24, 8)], dim=1)
+        tqpatch.unpatch(model)
+    got = [getattr(layer.key_codec, "shaping", None) is not None for layer in cache.layers]
+    assert got[: len(shaped)] == shaped
+    assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.95

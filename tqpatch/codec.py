@@ -19,7 +19,7 @@ import torch
 from .config import split_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rope import RopeTable, rotate_half
-from .shaping import QueryMoments, rope_average, shaping_transform
+from .shaping import QueryMoments, rope_average, shaping_transform, stored_nbytes, stored_transform
 
 Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
@@ -254,7 +254,7 @@ class RopeKeyCodec:
             sigma_q = self.queries.mean
             if self.rope is not None:
                 sigma_q, sigma_k = rope_average(sigma_q, self.rope), rope_average(sigma_k, self.rope)
-            a, a_inv = shaping_transform(sigma_q, sigma_k)
+            a, a_inv = stored_transform(shaping_transform(sigma_q, sigma_k)[0])
             self.shaping = (a.to(x.device), a_inv.to(x.device))
         self.mean = mean
 
@@ -310,9 +310,9 @@ class RopeKeyCodec:
 
     @property
     def extra_nbytes(self) -> int:
-        """μ and A (upper triangle) in float16 and the RoPE frequencies: per layer, not per token."""
+        """μ in float16, A as stored (int8 upper triangle + row scales) and the RoPE frequencies: per layer."""
         mean = 0 if self.mean is None else self.mean.numel() * 2
-        shaping = 0 if self.shaping is None else self.shaping[0].shape[0] * self.head_dim * (self.head_dim + 1)  # d(d+1)/2 × 2 bytes
+        shaping = 0 if self.shaping is None else stored_nbytes(self.shaping[0].shape[0], self.head_dim)
         rope = 0 if self.rope is None else self.rope.frequencies.numel() * 4
         return self.inner.extra_nbytes + mean + shaping + rope
 

@@ -67,7 +67,9 @@ class TurboQuantConfig:
     shape_keys: store A k (A⁻¹ applied on decode), A [d, d] per layer and KV
         head fitted on the first chunk's keys and the queries seen up to it so
         the key error lands where queries look least (tqpatch.shaping); A is
-        counted as stored.
+        stored in int8 (d(d+1)/2 bytes per head, counted). Full-attention
+        layers only: on a sliding-window layer A would cost as much as its
+        short cache.
     seed: seeds the rotation Π and the QJL matrix S (shared by all layers).
     """
 

@@ -70,10 +70,14 @@ def self_attention_cache(cache: object) -> Cache:
 
 
 def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits: float, sliding_window: int | None = None) -> TurboQuantLayer:
-    """The TurboQuantLayer a patched attention module stores its K/V in (codecs, window, sinks from `cfg`)."""
+    """The TurboQuantLayer a patched attention module stores its K/V in (codecs, window, sinks from `cfg`).
+
+    `shape_keys` applies to full-attention layers only: a sliding-window layer holds at most its window
+    (512 tokens on Gemma 3), against which the stored d×d map costs too much (measured: README)."""
     return TurboQuantLayer(
         key_codec=make_codec(
-            head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates, rope=True, shape=cfg.shape_keys
+            head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates,
+            rope=True, shape=cfg.shape_keys and sliding_window is None,
         ),
         value_codec=make_codec(head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates),
         residual_length=cfg.residual_length,

@@ -75,6 +75,25 @@ def shaping_transform(sigma_q: torch.Tensor, sigma_k: torch.Tensor, shrink: floa
     return root(0.5).float(), root(-0.5).float()
 
 
+def stored_transform(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Â, Â⁻¹) [..., d, d] float32: A rounded to what is stored, int8 upper triangle with one scale per row
+    (d(d+1)/2 bytes + d float16 scales per head), mirrored so Â stays symmetric; Â⁻¹ is derived from Â,
+    so encode (Â) and decode/queries (Â⁻¹) agree exactly and only Â counts as stored."""
+    a = a.double()
+    d = a.shape[-1]
+    upper = torch.ones(d, d, dtype=torch.bool).triu()
+    scale = (a.abs() * upper).amax(-1, keepdim=True).clamp_min(1e-30) / 127  # [..., d, 1], row i covers j >= i
+    scale = scale.half().double()
+    rounded = torch.round(a / scale).clamp(-127, 127) * scale
+    stored = torch.where(upper, rounded, rounded.transpose(-1, -2))
+    return stored.float(), torch.linalg.inv(stored).float()
+
+
+def stored_nbytes(heads: int, head_dim: int) -> int:
+    """Bytes of `stored_transform`'s Â for `heads` heads: int8 upper triangle + float16 row scales."""
+    return heads * (head_dim * (head_dim + 1) // 2 + 2 * head_dim)
+
+
 def shaping_gain(sigma_q: torch.Tensor, sigma_k: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """tr(Σ_q A⁻²)·tr(A² Σ_k) / (tr Σ_q · tr Σ_k) [...]: the score error variance with A relative to A = I."""
     a = a.double()
