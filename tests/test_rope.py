@@ -139,5 +139,23 @@ def test_position_table_is_shared_grown_and_sliced_exactly():
     want = a.cos_sin(torch.arange(3000, 3004), "cpu")
     assert torch.equal(far[0], want[0]) and torch.equal(far[1], want[1])
     assert torch.equal(a.cos_sin_range(5, 10, "cpu")[0], first[0])
+    assert torch.equal(a.joined_range(3000, 4, "cpu"), torch.cat(want, dim=-1))
     key = next(k for k in rope._TABLES if k[0] == a.frequencies.numpy().tobytes())
-    assert rope._TABLES[key][0].shape[0] >= 3004
+    assert rope._TABLES[key].shape == (rope._TABLES[key].shape[0], 2 * a.head_dim) and rope._TABLES[key].shape[0] >= 3004
+
+
+def test_score_offset_is_the_query_times_the_rotated_mean():
+    """⟨q, R_p μ⟩ from the shared position table equals the product with R_p μ built token by token."""
+    _, cos, sin = model_cos_sin()
+    table = RopeTable.fit(cos, sin)
+    keys, _ = rope_keys(table, heads=2)
+    codec = make_codec(16, 4, "mse", 0, center=True, rope=True)
+    codec.observe_rope(cos, sin)
+    codec.encode(keys[:, :, :32], 7)
+    q = torch.randn(3, 6, 16)  # [B, Hq, d]: 3 query heads per KV head
+    first, length = 40, 25
+    offsets = codec._offset(torch.zeros(1, 2, length, 16), first)[0]  # [Hkv, L, d] = R_p μ
+    want = torch.einsum("bgd,gld->bgl", q, offsets.repeat_interleave(3, dim=0))
+    assert torch.allclose(codec.score_offset(q, first, length), want, atol=1e-4)
+    rotated = table.apply(codec.mean[:, None, :].expand(2, length, 16), first)  # R_p μ via RopeTable.apply
+    assert torch.allclose(offsets, rotated, atol=1e-5)

@@ -217,6 +217,7 @@ class RopeKeyCodec:
         self.center_keys = center
         self.rope = None  # RopeTable
         self.mean: torch.Tensor | None = None  # [H, d] float32, fixed on the first encode
+        self._pair: torch.Tensor | None = None  # [μ | rotate_half(μ)] [H, 2d] on the device last used
         self.queries = QueryMoments() if shape else None
         self.shaping: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, A⁻¹) [H, d, d] float32
 
@@ -260,8 +261,18 @@ class RopeKeyCodec:
 
     def _offset(self, like: torch.Tensor, first_index: int) -> torch.Tensor:
         """R_p μ for the tokens of `like` [B, H, T, ...]: [1, H, T, d] float32."""
-        mean = self.mean.to(like.device)[None, :, None, :].expand(1, -1, like.shape[2], -1)
-        return self.rope.apply(mean, first_index) if self.rope is not None else mean
+        if self.rope is None:
+            return self.mean.to(like.device)[None, :, None, :].expand(1, -1, like.shape[2], -1)
+        # R_p μ = μ ⊙ cos_p + rotate_half(μ) ⊙ sin_p, both halves in one product with [cos_p | sin_p]
+        joined = self.rope.joined_range(first_index, like.shape[2], like.device)  # [T, 2d]
+        pair = self._mean_pair(like.device)  # [H, 2d]
+        return (pair[:, None, :] * joined[None]).view(pair.shape[0], -1, 2, self.head_dim).sum(2)[None]
+
+    def _mean_pair(self, device: torch.device) -> torch.Tensor:
+        """[μ | rotate_half(μ)] [H, 2d] float32 on `device`, made once per device."""
+        if self._pair is None or self._pair.device != torch.device(device):
+            self._pair = torch.cat([self.mean, rotate_half(self.mean)], dim=-1).to(device)
+        return self._pair
 
     def _apply(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """x [B, H, T, d] times A (which=0) or A⁻¹ (which=1) per head (both symmetric)."""
@@ -291,18 +302,17 @@ class RopeKeyCodec:
         """⟨q, R_p μ⟩ for one query token per row, q [B, Hq, d], and the `length` tokens from sequence index
         first_index: [B, Hq, length] float32 (the decode kernel adds it to ⟨A⁻¹q, A(k̃ - R_p μ)⟩).
 
-        With R_p μ = μ ⊙ cos_p + rotate_half(μ) ⊙ sin_p this is two products with the shared
-        position tables: (q ⊙ μ) · cos_p + (q ⊙ rotate_half(μ)) · sin_p, nothing of size L·d built."""
+        With R_p μ = μ ⊙ cos_p + rotate_half(μ) ⊙ sin_p this is one product with the shared
+        position table: [q ⊙ μ | q ⊙ rotate_half(μ)] · [cos_p | sin_p], nothing of size L·d built."""
         b, hq, d = q.shape
         hkv = self.mean.shape[0]
-        mean = self.mean.to(q.device)[None, :, None, :]  # [1, Hkv, 1, d]
-        qg = q.float().view(b, hkv, hq // hkv, d)
         if self.rope is None:
-            return (qg * mean).sum(-1).view(b, hq, 1).expand(b, hq, length)
-        cos, sin = self.rope.cos_sin_range(first_index, length, q.device)  # [L, d]
-        a = (qg * mean).reshape(b * hq, d)
-        c = (qg * rotate_half(mean)).reshape(b * hq, d)
-        return (a @ cos.T + c @ sin.T).view(b, hq, length)
+            mean = self.mean.to(q.device)[None, :, None, :]
+            return (q.float().view(b, hkv, hq // hkv, d) * mean).sum(-1).view(b, hq, 1).expand(b, hq, length)
+        joined = self.rope.joined_range(first_index, length, q.device)  # [L, 2d]
+        pair = self._mean_pair(q.device).view(1, hkv, 1, 2, d)
+        coefficients = (q.float().view(b, hkv, hq // hkv, 1, d) * pair).view(b * hq, 2 * d)  # [q ⊙ μ | q ⊙ rotate_half(μ)]
+        return (coefficients @ joined.T).view(b, hq, length)
 
     def decode(self, parts: Parts, dtype: torch.dtype, first_index: int = 0) -> torch.Tensor:
         centered = self._apply(self.inner.decode(parts, torch.float32), 1)

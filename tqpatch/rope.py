@@ -68,18 +68,23 @@ class RopeTable:
         return (self.scale * angles.cos()).float().to(device), (self.scale * angles.sin()).float().to(device)
 
     def cos_sin_range(self, first: int, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos_p, sin_p [count, d] float32 for positions first .. first + count - 1, sliced from a table
+        """cos_p, sin_p [count, d] float32 for positions first .. first + count - 1 (views of `joined_range`)."""
+        joined = self.joined_range(first, count, device)
+        return joined[:, : self.head_dim], joined[:, self.head_dim :]
+
+    def joined_range(self, first: int, count: int, device: torch.device) -> torch.Tensor:
+        """[cos_p | sin_p] [count, 2d] float32 for positions first .. first + count - 1, sliced from a table
         kept per device and shared by every RopeTable with the same frequencies (all layers of a model
         with one RoPE), grown by doubling: a decode step over L cached tokens costs a slice, not L·d/2
         cosines."""
         key = (*self._table_key, str(torch.device(device)))
         table = _TABLES.get(key)
         needed = first + count
-        if table is None or table[0].shape[0] < needed:
-            size = max(needed, 2 * (0 if table is None else table[0].shape[0]), 1024)
-            table = self.cos_sin(torch.arange(size), device)
+        if table is None or table.shape[0] < needed:
+            size = max(needed, 2 * (0 if table is None else table.shape[0]), 1024)
+            table = torch.cat(self.cos_sin(torch.arange(size), device), dim=-1)
             _TABLES[key] = table
-        return table[0][first:needed], table[1][first:needed]
+        return table[first:needed]
 
     def apply(self, x: torch.Tensor, first_position: int) -> torch.Tensor:
         """R_p x for x [..., T, d] at positions first_position, first_position + 1, ... (float32)."""
@@ -94,5 +99,5 @@ class RopeTable:
         return (x * cos - rotate_half(x) * sin) / self.scale**2
 
 
-# (frequencies, scale, device) -> (cos, sin) [P, d] float32 for positions 0 .. P-1
-_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# (frequencies, scale, device) -> [cos | sin] [P, 2d] float32 for positions 0 .. P-1
+_TABLES: dict[tuple, torch.Tensor] = {}
