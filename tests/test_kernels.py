@@ -199,14 +199,15 @@ def _tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=64):
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k4v4-ck-qs"])
+@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k4v4-ck"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
     import tqpatch
     from tqpatch import attention
 
     model = _tiny_llama()
-    tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec(preset).with_(residual_length=4, sink_tokens=2))
+    config = tqpatch.TurboQuantConfig.from_spec(preset).with_(residual_length=4, sink_tokens=2)
+    tqpatch.patch(model, config)
     try:
         gen = torch.Generator().manual_seed(5)
         ids = torch.randint(0, 256, (2, 40), generator=gen).to(DEVICE)
@@ -235,7 +236,7 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
     finally:
         tqpatch.unpatch(model)
     assert calls and all(calls), "decode steps did not take the fused kernel path"
-    assert all(shaped) == ("qs" in preset)  # query-shaped keys: the kernel scored the codes with A⁻¹q
+    assert all(shaped) == config.shape_keys  # query-shaped keys (k4v4+): the kernel scored the codes with A⁻¹q
     assert model.config._attn_implementation == "sdpa"
     logits_f, logits_r = torch.stack(fused.logits).float(), torch.stack(ref.logits).float()
     assert _rel(logits_f, logits_r) < 2e-2
