@@ -136,17 +136,23 @@ def test_decode_lookup_variants(lut, kbits, vbits, monkeypatch):
     assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
-    """Centered keys: the kernel adds ⟨q, R_p μ⟩ (a per-row, per-token bias) to the scores of the compressed tokens."""
-    gen = torch.Generator().manual_seed(11)
-    b, hkv, group, length, d = 2, 2, 4, 301, 128
-    kc = vc = TurboQuantCodec(d, 4, "mse", seed=3)
+def _random_decode_inputs(seed: int, b: int, hkv: int, group: int, length: int, d: int, fp_tokens: int):
+    """(generator, key codec, value codec, key parts, value parts, q [B, Hq, d] bf16, fp keys [B, Hkv, F, d] bf16)."""
+    gen = torch.Generator().manual_seed(seed)
+    kc = vc = TurboQuantCodec(d, 4, "mse", seed=seed)
     kp = {n: t.to(DEVICE) for n, t in kc.encode(torch.randn(b, hkv, length, d, generator=gen)).items()}
     vp = {n: t.to(DEVICE) for n, t in vc.encode(torch.randn(b, hkv, length, d, generator=gen)).items()}
     q = torch.randn(b, hkv * group, d, generator=gen).to(DEVICE, torch.bfloat16)
-    fk = torch.randn(b, hkv, 2, d, generator=gen).to(DEVICE, torch.bfloat16)
-    bias = (torch.randn(b, hkv * group, length, generator=gen) * 8).to(DEVICE)
+    fk = torch.randn(b, hkv, fp_tokens, d, generator=gen).to(DEVICE, torch.bfloat16)
+    return gen, kc, vc, kp, vp, q, fk
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
+    """Centered keys: the kernel adds ⟨q, R_p μ⟩ (a per-row, per-token bias) to the scores of the compressed tokens."""
+    gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(11, b=2, hkv=2, group=4, length=301, d=128, fp_tokens=2)
+    b, hq, d, length = q.shape[0], q.shape[1], q.shape[2], kp["norms"].shape[2]
+    bias = (torch.randn(b, hq, length, generator=gen) * 8).to(DEVICE)
     valid = (torch.arange(length)[None, :] >= torch.tensor([0, 40])[:, None]).to(DEVICE) if masked else None
     ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, key_bias=bias)
     unbiased = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None)
@@ -160,14 +166,9 @@ def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
 
 def test_decode_attention_scores_codes_with_the_code_query_and_fp_tokens_with_q():
     """Query-shaped keys: compressed tokens are scored with A⁻¹q (`code_query`), full-precision ones with q."""
-    gen = torch.Generator().manual_seed(12)
-    b, hkv, group, length, d = 2, 2, 4, 257, 64
-    kc = vc = TurboQuantCodec(d, 4, "mse", seed=1)
-    kp = {n: t.to(DEVICE) for n, t in kc.encode(torch.randn(b, hkv, length, d, generator=gen)).items()}
-    vp = {n: t.to(DEVICE) for n, t in vc.encode(torch.randn(b, hkv, length, d, generator=gen)).items()}
-    q = torch.randn(b, hkv * group, d, generator=gen).to(DEVICE, torch.bfloat16)
-    code_q = (torch.randn(b, hkv * group, d, generator=gen) * 2).to(DEVICE, torch.bfloat16)
-    fk = torch.randn(b, hkv, 3, d, generator=gen).to(DEVICE, torch.bfloat16)
+    gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(12, b=2, hkv=2, group=4, length=257, d=64, fp_tokens=3)
+    d = q.shape[-1]
+    code_q = (torch.randn(q.shape, generator=gen) * 2).to(DEVICE, torch.bfloat16)
     ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, code_query=code_q)
     assert _rel(kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5), ref) > 0.1
     for splits in (None, 2):
