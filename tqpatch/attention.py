@@ -189,7 +189,7 @@ def _fused_attention(module, query, snap: _Snapshot, attention_mask, scaling):
         fp_valid = row[:, s + n :] if s == 0 else torch.cat([row[:, :s], row[:, s + n :]], dim=1)
     key_codec = snap.layer.key_codec
     q = query[:, :, 0, :]
-    key_bias = key_codec.score_offset(q, snap.first, n) if getattr(key_codec, "uses_positions", False) else None
+    key_bias = key_codec.score_offset(q, snap.first, n) if getattr(key_codec, "has_offset", False) else None
     out = kernels.decode_attention(
         q, kernel_codec(key_codec), kernel_codec(snap.layer.value_codec), snap.key_parts, snap.value_parts,
         fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype, key_bias=key_bias,

@@ -225,8 +225,9 @@ class RopeKeyCodec:
         return getattr(self.__dict__["inner"], name)
 
     @property
-    def calibrated(self) -> bool:
-        return self.mean is not None
+    def has_offset(self) -> bool:
+        """True once μ is fixed and nonzero by construction (centering on, RoPE table fitted): scores need ⟨q, R_p μ⟩."""
+        return self.mean is not None and self.center_keys and self.rope is not None
 
     @property
     def wants_queries(self) -> bool:

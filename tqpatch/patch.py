@@ -138,7 +138,6 @@ class TurboQuantHook(ModelHook):
                 state.last_cache = weakref.ref(cache)
         return args, kwargs
 
-
     def observe_queries(self, projection, inputs, output) -> None:
         """Forward hook on the attention's query projection (or its q_norm): pre-RoPE queries for `shape_keys`."""
         layer, self._calibrating = self._calibrating, None
