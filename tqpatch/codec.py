@@ -256,7 +256,7 @@ class RopeKeyCodec:
             sigma_q = self.queries.mean
             if self.rope is not None:
                 sigma_q, sigma_k = rope_average(sigma_q, self.rope), rope_average(sigma_k, self.rope)
-            a, a_inv = stored_transform(shaping_transform(sigma_q, sigma_k)[0])
+            a, a_inv = stored_transform(shaping_transform(sigma_q, sigma_k))
             self.shaping = (a.to(x.device), a_inv.to(x.device))
         self.mean = mean
 

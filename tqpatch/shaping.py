@@ -60,19 +60,18 @@ def _power(m: torch.Tensor, power: float) -> torch.Tensor:
     return (vectors * values[..., None, :] ** power) @ vectors.transpose(-1, -2)
 
 
-def shaping_transform(sigma_q: torch.Tensor, sigma_k: torch.Tensor, shrink: float = SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, A⁻¹) [..., d, d] float32 minimising tr(Σ_q A⁻²)·tr(A² Σ_k) (module docstring), A symmetric.
+def shaping_transform(sigma_q: torch.Tensor, sigma_k: torch.Tensor, shrink: float = SHRINK) -> torch.Tensor:
+    """A [..., d, d] float32, symmetric with det 1, minimising tr(Σ_q A⁻²)·tr(A² Σ_k) (module docstring).
 
-    sigma_q, sigma_k [..., d, d]: post-RoPE second moments (any scale). A is scaled to det 1 (its
-    scale does not matter: TurboQuant stores the norm)."""
+    sigma_q, sigma_k [..., d, d]: post-RoPE second moments (any scale). The scale of A does not
+    matter (TurboQuant stores the norm); `stored_transform` rounds it and gives its inverse."""
     sq, sk = _shrunk(sigma_q.double(), shrink), _shrunk(sigma_k.double(), shrink)
     sk_half, sk_inv_half = _power(sk, 0.5), _power(sk, -0.5)
     p = sk_inv_half @ _power(sk_half @ sq @ sk_half, 0.5) @ sk_inv_half
     values, vectors = torch.linalg.eigh((p + p.transpose(-1, -2)) / 2)
     values = values.clamp_min(values.amax(-1, keepdim=True) * 1e-9)
     values = values / values.log().mean(-1, keepdim=True).exp()  # det P = 1
-    root = lambda power: (vectors * values[..., None, :] ** power) @ vectors.transpose(-1, -2)  # noqa: E731
-    return root(0.5).float(), root(-0.5).float()
+    return ((vectors * values[..., None, :].sqrt()) @ vectors.transpose(-1, -2)).float()  # A = P^{1/2}
 
 
 def stored_transform(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
