@@ -131,7 +131,8 @@ class TurboQuantHook(ModelHook):
                 if kwargs.get("position_embeddings") is not None:
                     layer.observe_rope(*kwargs["position_embeddings"])
                 self._calibrating = layer if layer.wants_queries else None
-                self._kv_heads = getattr(module.config, "num_key_value_heads", None) or module.config.num_attention_heads
+                if self._calibrating is not None:  # only until the first encode, not on every decode step
+                    self._kv_heads = getattr(module.config, "num_key_value_heads", None) or module.config.num_attention_heads
                 attention.prepare(module, layer)
             state = self._state()
             if state is not None:
