@@ -12,17 +12,18 @@ from tqpatch.config import split_bits
 from tqpatch.store import TurboQuantLayer
 from tiny_models import prompt, tiny_model
 
-NORM_BYTES = 2  # fp16
+FP16_BYTES = 2
 
 
-def formula_bytes_per_vector(head_dim: int, bits: float, method: str) -> float:
-    """Stored bytes of one K or V vector of one head, from the config alone."""
+def formula_bytes_per_vector(head_dim: int, bits: float, method: str, norm_bits: int = 16) -> float:
+    """Stored bytes of one K or V vector of one head, from the config alone (prod residual norms stay fp16)."""
+    norm_bytes = norm_bits // 8
     outliers, hi, lo = split_bits(bits, head_dim)
     if outliers:
-        return math.ceil(outliers * hi / 8) + math.ceil((head_dim - outliers) * lo / 8) + 2 * NORM_BYTES
+        return math.ceil(outliers * hi / 8) + math.ceil((head_dim - outliers) * lo / 8) + 2 * norm_bytes
     if method == "prod":
-        return math.ceil(head_dim * (bits - 1) / 8) + NORM_BYTES + math.ceil(head_dim / 8) + NORM_BYTES
-    return math.ceil(head_dim * bits / 8) + NORM_BYTES
+        return math.ceil(head_dim * (bits - 1) / 8) + norm_bytes + math.ceil(head_dim / 8) + FP16_BYTES
+    return math.ceil(head_dim * bits / 8) + norm_bytes
 
 
 CASES = [
@@ -31,6 +32,9 @@ CASES = [
     tqpatch.TurboQuantConfig(key_bits=3, value_bits=2, key_method="prod"),
     tqpatch.TurboQuantConfig(key_bits=2.5, value_bits=3.5),
     tqpatch.TurboQuantConfig(key_bits=2, value_bits=2, residual_length=16, sink_tokens=4),
+    tqpatch.TurboQuantConfig(key_bits=4, value_bits=4, norm_bits=8),
+    tqpatch.TurboQuantConfig(key_bits=2.5, value_bits=3, key_method="mse", norm_bits=8),
+    tqpatch.TurboQuantConfig(key_bits=3, value_bits=2, key_method="prod", norm_bits=8),
 ]
 
 
@@ -48,7 +52,8 @@ def test_bytes_per_token_per_layer_match_formula(config):
     head_dim = model.config.head_dim
     fp_tokens = config.residual_length + config.sink_tokens
     per_token = heads * batch * (
-        formula_bytes_per_vector(head_dim, config.key_bits, config.key_method) + formula_bytes_per_vector(head_dim, config.value_bits, "mse")
+        formula_bytes_per_vector(head_dim, config.key_bits, config.key_method, config.norm_bits)
+        + formula_bytes_per_vector(head_dim, config.value_bits, "mse", config.norm_bits)
     )
     fp_per_token = heads * batch * 2 * head_dim * 4  # fp32 model
     stats = tqpatch.cache_stats(cache)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .config import split_bits
+from .norms import LogNormQuantizer, check_norm_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rope import RopeTable, rotate_half
 from .shaping import QueryMoments, rope_average, shaping_transform, stored_nbytes, stored_transform
@@ -30,19 +31,30 @@ def make_quantizer(head_dim: int, bits: int, method: str, seed: int) -> TurboQua
 
 
 class TurboQuantCodec:
-    """Whole-vector TurboQuant: parts codes [B,H,T,nb] (+ norms, + QJL signs/residual norms for prod)."""
+    """Whole-vector TurboQuant: parts codes [B,H,T,nb] (+ norms, + QJL signs/residual norms for prod).
 
-    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0):
+    norm_bits=8 stores the norms as 8-bit log codes (`tqpatch.norms`) instead of float16
+    (prod keys' residual norms stay float16)."""
+
+    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, norm_bits: int = 16):
+        check_norm_bits(norm_bits)
         self.head_dim = head_dim
         self.bits = bits
         self.method = method
+        self.norm_bits = norm_bits
         self.quantizer = make_quantizer(head_dim, bits, method, seed)
+        self.norm_codes = LogNormQuantizer() if norm_bits == 8 else None
 
     def encode(self, x: torch.Tensor) -> Parts:  # x: [B, H, T, d]
         q = self.quantizer.quantize(x)
-        return {name: getattr(q, name) for name in _FIELDS if getattr(q, name) is not None}
+        parts = {name: getattr(q, name) for name in _FIELDS if getattr(q, name) is not None}
+        if self.norm_codes is not None:
+            parts["norms"] = self.norm_codes.encode(parts["norms"])
+        return parts
 
     def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:  # -> [B, H, T, d]
+        if self.norm_codes is not None:
+            parts = {**parts, "norms": self.norm_codes.decode(parts["norms"])}
         return self.quantizer.dequantize(QuantizedVectors(**parts, dtype=dtype))
 
     def prepare(self, x: torch.Tensor) -> None:
@@ -54,8 +66,8 @@ class TurboQuantCodec:
 
     @property
     def extra_nbytes(self) -> int:
-        """Bytes held outside the per-token parts (none)."""
-        return 0
+        """Bytes held outside the per-token parts: the 8-bit norms' per-head ranges (else none)."""
+        return 0 if self.norm_codes is None else self.norm_codes.extra_nbytes
 
 
 class RotationSearchCodec(TurboQuantCodec):
@@ -69,8 +81,8 @@ class RotationSearchCodec(TurboQuantCodec):
     keeps the one with the smallest ‖x - x̃‖²; nothing extra is stored per token.
     """
 
-    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, candidates: int = 8):
-        super().__init__(head_dim, bits, method, seed)
+    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, candidates: int = 8, norm_bits: int = 16):
+        super().__init__(head_dim, bits, method, seed, norm_bits)
         self.candidates = [self.quantizer] + [make_quantizer(head_dim, bits, method, seed + i) for i in range(1, candidates)]
         self.chosen: int | None = None
 
@@ -96,9 +108,11 @@ class SplitCodec:
     mean |x| over batch and tokens, per head.
     """
 
-    def __init__(self, head_dim: int, bits: float, seed: int = 0, step: int = 1):
+    def __init__(self, head_dim: int, bits: float, seed: int = 0, step: int = 1, norm_bits: int = 16):
+        check_norm_bits(norm_bits)
         self.head_dim = head_dim
         self.bits = bits
+        self.norm_bits = norm_bits
         if head_dim > 256:
             raise ValueError(f"fractional bits support head_dim up to 256 (uint8 channel indices), got {head_dim}")
         self.num_outliers, self.outlier_bits, self.regular_bits = split_bits(bits, head_dim, step)
@@ -108,6 +122,8 @@ class SplitCodec:
         self.regular = TurboQuantMSE(head_dim - self.num_outliers, self.regular_bits, seed)
         self.outlier_index: torch.Tensor | None = None
         self.regular_index: torch.Tensor | None = None
+        # one norm per channel group and vector: 8-bit log codes (norm_bits=8) or float16
+        self.norm_codes = {"hi": LogNormQuantizer(), "lo": LogNormQuantizer()} if norm_bits == 8 else None
 
     @property
     def calibrated(self) -> bool:
@@ -128,11 +144,19 @@ class SplitCodec:
             self.calibrate(x)
         hi = self.outlier.quantize(self._gather(x, self.outlier_index))
         lo = self.regular.quantize(self._gather(x, self.regular_index))
-        return {"hi_codes": hi.codes, "hi_norms": hi.norms, "lo_codes": lo.codes, "lo_norms": lo.norms}
+        parts = {"hi_codes": hi.codes, "hi_norms": hi.norms, "lo_codes": lo.codes, "lo_norms": lo.norms}
+        if self.norm_codes is not None:
+            for group, quantizer in self.norm_codes.items():
+                parts[f"{group}_norms"] = quantizer.encode(parts[f"{group}_norms"])
+        return parts
+
+    def _norms(self, parts: Parts, group: str) -> torch.Tensor:
+        norms = parts[f"{group}_norms"]
+        return norms if self.norm_codes is None else self.norm_codes[group].decode(norms)
 
     def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:
-        hi = self.outlier.dequantize(QuantizedVectors(parts["hi_codes"], parts["hi_norms"], dtype=torch.float32))
-        lo = self.regular.dequantize(QuantizedVectors(parts["lo_codes"], parts["lo_norms"], dtype=torch.float32))
+        hi = self.outlier.dequantize(QuantizedVectors(parts["hi_codes"], self._norms(parts, "hi"), dtype=torch.float32))
+        lo = self.regular.dequantize(QuantizedVectors(parts["lo_codes"], self._norms(parts, "lo"), dtype=torch.float32))
         b, h, t, _ = hi.shape
         out = torch.empty(b, h, t, self.head_dim, device=hi.device, dtype=torch.float32)
         for index, part in ((self.outlier_index, hi), (self.regular_index, lo)):
@@ -145,10 +169,11 @@ class SplitCodec:
 
     @property
     def extra_nbytes(self) -> int:
-        """The channel indices: one byte per channel per head."""
+        """The channel indices (one byte per channel per head) and the 8-bit norms' per-head ranges."""
         if not self.calibrated:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.outlier_index, self.regular_index))
+        ranges = 0 if self.norm_codes is None else sum(q.extra_nbytes for q in self.norm_codes.values())
+        return ranges + sum(t.numel() * t.element_size() for t in (self.outlier_index, self.regular_index))
 
 
 class CenteredCodec:
@@ -338,17 +363,18 @@ def make_codec(
     rotation_candidates: int = 1,
     rope: bool = False,
     shape: bool = False,
+    norm_bits: int = 16,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
-    optionally query-shaped (`shape`, keys only: RopeKeyCodec)."""
+    optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if outliers == 0 and rotation_candidates > 1:
-        codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates)
+        codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits)
     elif outliers == 0:
-        codec = TurboQuantCodec(head_dim, high, method, seed)
+        codec = TurboQuantCodec(head_dim, high, method, seed, norm_bits)
     else:
-        codec = SplitCodec(head_dim, bits, seed, outlier_step)
+        codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits)
     if rope and (center or shape):
         return RopeKeyCodec(codec, center=center, shape=shape)
     return CenteredCodec(codec) if center else codec

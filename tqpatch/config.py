@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from .norms import check_norm_bits
+
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -70,6 +72,11 @@ class TurboQuantConfig:
         stored in int8 (d(d+1)/2 bytes per head, counted). Full-attention
         layers only: on a sliding-window layer A would cost as much as its
         short cache.
+    norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
+        8 stores it as an 8-bit log code with a per-head range fixed from the
+        first chunk (tqpatch.norms): half the norm bits (0.125 bits per
+        coordinate less at head_dim 64) for ~1% relative norm error. The fused
+        CUDA kernels read float16 norms only; 8-bit norms run the PyTorch path.
     seed: seeds the rotation Π and the QJL matrix S (shared by all layers).
     """
 
@@ -88,6 +95,7 @@ class TurboQuantConfig:
     shape_keys: bool = False
     outlier_step: int = 1
     rotation_candidates: int = 1
+    norm_bits: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -118,6 +126,7 @@ class TurboQuantConfig:
         for name in ("prefill_exact", "center_keys", "center_values", "shape_keys"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_norm_bits(self.norm_bits)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -161,6 +170,8 @@ class TurboQuantConfig:
             label += "-c" + ("k" if self.center_keys else "") + ("v" if self.center_values else "")
         if self.shape_keys:
             label += "-qs"
+        if self.norm_bits != 16:
+            label += f"-n{self.norm_bits}"
         if self.protect_first or self.protect_last:
             label += f"-p{self.protect_first}.{self.protect_last}" + ("" if self.protected_bits is None else f"b{self.protected_bits}")
         if self.protected_layers:
@@ -174,7 +185,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -198,6 +209,7 @@ class TurboQuantConfig:
             r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
             r"L(\d+(?:\.\d+)*)": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))},
             r"qs": lambda m: {"shape_keys": True},
+            r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
             r"q": lambda m: {"prefill_exact": False},
             r"seed(\d+)": lambda m: {"seed": int(m[1])},
         }

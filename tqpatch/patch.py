@@ -77,9 +77,11 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
     return TurboQuantLayer(
         key_codec=make_codec(
             head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates,
-            rope=True, shape=cfg.shape_keys and sliding_window is None,
+            rope=True, shape=cfg.shape_keys and sliding_window is None, norm_bits=cfg.norm_bits,
         ),
-        value_codec=make_codec(head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates),
+        value_codec=make_codec(
+            head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,
+        ),
         residual_length=cfg.residual_length,
         sink_tokens=cfg.sink_tokens,
         prefill_exact=cfg.prefill_exact,

@@ -88,8 +88,8 @@ def _device_ctx(device: torch.device):
 
 def _mse_part(codec) -> TurboQuantMSE | None:
     """The TurboQuant_mse quantizer whose codes the kernels read, or None if the codec is unsupported."""
-    if not isinstance(codec, TurboQuantCodec) or codec.head_dim not in HEAD_DIMS:
-        return None
+    if not isinstance(codec, TurboQuantCodec) or codec.head_dim not in HEAD_DIMS or codec.norm_bits != 16:
+        return None  # (the kernels read and write float16 norms)
     q = codec.quantizer
     if isinstance(q, TurboQuantProd):
         q = q.mse
