@@ -1,6 +1,8 @@
-"""Compile the decode split kernel for sm_90 (H100/H200) without a GPU; print ptxas registers, spills, shared memory.
+"""Compile the decode split kernel or the store kernel for sm_90 (H100/H200) without a GPU; print ptxas
+registers, spills, shared memory.
 
     .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS ...]   e.g. 32,4,3,4 64,8,2,2
+    .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
 
 Uses the ptxas that ships with Triton. Integer arguments are specialized as on the B=8, Hkv=8, L=32k
 bench shape (pointers and multiples of 16 marked divisible by 16, ones folded), so the pipelining
@@ -26,6 +28,39 @@ from tqpatch.kernels import triton_kernels as tk
 PTXAS = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas"))[0]
 
 
+def _ptxas_report(k) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        r = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+    return " ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines() if "Used" in line or "spill" in line)
+
+
+def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 128, stages: int = 1) -> str:
+    """The store kernel as launched for a contiguous [8, 8, 32768, d] bf16 input (mse codes, word stores)."""
+    fn = tk._tq_store_kernel
+    t, nb = 32768, d * bits // 8
+    ints = dict(sxb=8 * t * d, sxh=t * d, sxt=d, H=8, T=t, R=64 * t, scb=8 * t * nb, sch=t * nb, sct=nb, snb=8 * t, snh=t, snt=1,
+                sgb=8 * t * nb, sgh=t * nb, sgt=nb, srb=8 * t, srh=t, srt=1)
+    bn = d if d <= 128 else 64
+    const = dict(D=d, MB=bits, PROD=False, BLOCK_R=block_r, BN=bn, PREC=precision, WORD=bits in (2, 4), NORM8=False)
+    const.update({n: 1 for n, v in ints.items() if v == 1})
+    ptr_types = {"x_ptr": "*bf16", "rhi_ptr": "*fp16", "rlo_ptr": "*fp16", "c_ptr": "*u8", "g_ptr": "*u8", "n_ptr": "*fp16", "r_ptr": "*fp16"}
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n.endswith("_ptr"):
+            sig[n] = ptr_types.get(n, "*fp32")
+        elif n in const:
+            sig[n] = "constexpr"
+        else:
+            sig[n] = "i32" if n in ("H", "T", "R") else "i64"
+        if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return f"store precision={precision} block_r={block_r} warps={warps} stages={stages} bits={bits} d={d}: shared {k.metadata.shared} B; {_ptxas_report(k)}"
+
+
 def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128) -> str:
     fn = tk._tq_decode_split_kernel
     nb, length = d * bits // 8, 32768
@@ -33,7 +68,7 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
                 skgh=length * d // 8, skgt=d // 8, skrb=8 * length, skrh=length, skrt=1, svcb=8 * length * nb, svch=length * nb, svct=nb,
                 svnb=8 * length, svnh=length, svnt=1, smb=0, mask_off=0, Hkv=8, L=length, per_split=1024)
     planes = decode_planes(d, bits)
-    const = dict(G=4, GP=16, D=d, KB=bits, VB=bits, PROD=False, HAS_MASK=False, BLOCK_T=block_t, KPL=planes, VPL=planes, LUT=0)
+    const = dict(G=4, GP=16, D=d, KB=bits, VB=bits, PROD=False, HAS_MASK=False, BLOCK_T=block_t, KPL=planes, VPL=planes, LUT=0, KN8=False, VN8=False)
     const.update({n: 1 for n, v in ints.items() if v == 1})
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
@@ -47,15 +82,15 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages))
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(k.asm["ptx"])
-        r = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
-    report = " ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines() if "Used" in line or "spill" in line)
+    report = _ptxas_report(k)
     return f"block_t={block_t} warps={warps} stages={stages} bits={bits} planes={planes}: shared {k.metadata.shared} B; {report}"
 
 
 if __name__ == "__main__":
-    for spec in sys.argv[1:] or ["32,4,3,4", "32,4,3,2", "32,4,3,3"]:
-        print(compile_split(*map(int, spec.split(","))), flush=True)
+    if sys.argv[1:2] == ["store"]:
+        for spec in sys.argv[2:] or ["fp16x3,64,8,4", "tf32x3,64,8,4", "fp16x3,64,4,4", "fp16x3,128,8,4", "fp16x3,64,8,2"]:
+            precision, *numbers = spec.split(",")
+            print(compile_store(precision, *map(int, numbers)), flush=True)
+    else:
+        for spec in sys.argv[1:] or ["32,4,3,4", "32,4,3,2", "32,4,3,3"]:
+            print(compile_split(*map(int, spec.split(","))), flush=True)

@@ -94,8 +94,8 @@ def bench_store(bw: float) -> dict:
 
     b, h, t, d = 8, 8, 32768, 128
     rows = []
-    for bits, method in ((4, "mse"), (2, "mse"), (4, "prod")):
-        codec = TurboQuantCodec(d, bits, method, 0)
+    for bits, method, norm_bits in ((4, "mse", 16), (4, "mse", 8), (2, "mse", 16), (4, "prod", 16)):
+        codec = TurboQuantCodec(d, bits, method, 0, norm_bits)
         x = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # the model's layout
         out = kernels.encode(codec, x[:, :, :16])
         out = {n: torch.empty(b, h, t, *p.shape[3:], dtype=p.dtype, device="cuda") for n, p in out.items()}
@@ -105,7 +105,7 @@ def bench_store(bw: float) -> dict:
         one_out = {n: p[:, :, :1] for n, p in out.items()}
         ms_one = _ms(lambda: kernels.encode_into(codec, one, one_out), 10, 200)
         rows.append({
-            "what": f"store {codec.bits}-bit {method}, B={b} Hkv={h} T={t} d={d}",
+            "what": f"store {codec.bits}-bit {method}{'' if norm_bits == 16 else ', 8-bit norms'}, B={b} Hkv={h} T={t} d={d}",
             "ms": ms, "bytes": nbytes, "GB_per_s": nbytes / ms / 1e6, "fraction_of_copy": nbytes / (ms * 1e-3) / bw,
             "append_one_token_ms": ms_one,
         })
@@ -114,7 +114,7 @@ def bench_store(bw: float) -> dict:
 
 
 def bench_store_sweep(bw: float) -> dict:
-    """Store-kernel launch settings (rotation precision, row block, column block, warps) on the 32k prefill at B=8:
+    """Store-kernel launch settings (rotation precision, row block, column block, warps, stages) on the 32k prefill at B=8:
     time, bandwidth, and how far the codes move from the float32 reference (code mismatch, SQNR of the decode)."""
     from tqpatch import kernels
     from tqpatch.codec import TurboQuantCodec
@@ -130,11 +130,12 @@ def bench_store_sweep(bw: float) -> dict:
     saved = dict(kernels.STORE_TUNING)
     rows = []
     try:
-        configs = [(p, 64, 64, 8, w) for p in ("tf32x3", "tf32") for w in (False, True)]
-        configs += [(p, r, 128, n, w) for p in ("tf32x3", "tf32") for r, n in ((64, 8), (32, 4), (64, 4)) for w in (False, True)]
-        for precision, block_r, bn, warps, word in configs:
-            kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps, word_store=word)
-            row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "word_store": word}
+        # (precision, row block, column block, warps, stages); word stores on (run 8: always faster)
+        configs = [("tf32x3", 64, 128, 8, 1), ("tf32", 64, 128, 8, 1)]
+        configs += [("fp16x3", r, 128, n, st) for r, n in ((64, 4), (128, 8), (64, 8), (32, 4)) for st in (1, 2)]
+        for precision, block_r, bn, warps, stages in configs:
+            kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps, num_stages=stages, word_store=True)
+            row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages, "word_store": True}
             try:
                 ms = _ms(lambda: kernels.encode_into(codec, x, out), 2, 10)
                 got = kernels.encode(codec, probe)
@@ -203,8 +204,11 @@ def bench_attention(bw: float, shapes) -> dict:
         base, variants = _sdpa_ms(b, hq, hkv, length, d)
         bf16_bytes = 2 * b * hkv * length * d * 2
         row = {"B": b, "L": length, "bf16_sdpa_ms": base, "bf16_sdpa_variants": variants, "bf16_GB_per_s": bf16_bytes / base / 1e6}
-        for name, kb, vb, method in (("k4v4", 4, 4, "mse"), ("k2v2", 2, 2, "mse"), ("k3v3", 3, 3, "mse"), ("k4v4-prod", 4, 4, "prod")):
-            kc, vc = TurboQuantCodec(d, kb, method, 0), TurboQuantCodec(d, vb, "mse", 0)
+        settings = (("k4v4", 4, 4, "mse", 16), ("k4v4-n8", 4, 4, "mse", 8), ("k2v2", 2, 2, "mse", 16), ("k3v3", 3, 3, "mse", 16), ("k4v4-prod", 4, 4, "prod", 16))
+        for name, kb, vb, method, norm_bits in settings:
+            kc, vc = TurboQuantCodec(d, kb, method, 0, norm_bits), TurboQuantCodec(d, vb, "mse", 0, norm_bits)
+            for codec in (kc, vc):  # 8-bit norms: fix their ranges as a first chunk would (random codes below)
+                codec.prepare(torch.randn(1, hkv, 64, d, device="cuda"))
             kp, vp = _random_parts(kc, b, hkv, length), _random_parts(vc, b, hkv, length)
             q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
             fk = torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16)

@@ -66,6 +66,56 @@ def test_store_kernel_matches_quantizer(d, bits, method):
     assert sqnr > 40, sqnr
 
 
+@pytest.mark.parametrize("precision", ["fp16x3", "tf32x3"])
+def test_store_kernel_split_precisions_give_the_float32_codes(precision, monkeypatch):
+    """fp16x3 and tf32x3 carry ~22 significant bits: codes differ from float32 only within rounding of a boundary."""
+    monkeypatch.setitem(kernels.STORE_TUNING, "precision", precision)
+    gen = torch.Generator().manual_seed(5)
+    codec = TurboQuantCodec(128, 4, "mse", seed=1)
+    x = (torch.randn(3, 4, 61, 128, generator=gen) * 3).to(DEVICE)
+    got, ref = kernels.encode(codec, x), codec.encode(x)
+    assert (got["codes"] != ref["codes"]).float().mean().item() <= 1e-4
+    assert _rel(got["norms"], ref["norms"]) < 1e-3
+
+
+def test_store_kernel_rejects_fp16x3_for_prod_keys(monkeypatch):
+    monkeypatch.setitem(kernels.STORE_TUNING, "precision", "fp16x3")
+    with pytest.raises(ValueError, match="fp16x3 rotation supports mse codes only"):
+        kernels.encode(TurboQuantCodec(64, 3, "prod"), torch.randn(1, 2, 4, 64, device=DEVICE))
+
+
+@pytest.mark.parametrize("d,bits", [(64, 4), (128, 2), (256, 3)])
+def test_store_kernel_writes_8_bit_norm_codes_like_the_codec(d, bits):
+    gen = torch.Generator().manual_seed(d + bits)
+    codec = TurboQuantCodec(d, bits, "mse", seed=2, norm_bits=8)
+    x = torch.randn(2, 3, 45, d, generator=gen) * torch.exp2(torch.rand(2, 3, 45, 1, generator=gen) * 3)
+    x[0, 1, 7] = 0  # a zero vector: norm code 0
+    x = x.to(DEVICE)
+    codec.prepare(x)  # both paths use the ranges fixed here
+    got, ref = kernels.encode(codec, x), codec.encode(x)
+    assert got["norms"].dtype == torch.uint8 and got["norms"][0, 1, 7] == 0
+    assert (got["norms"] != ref["norms"]).float().mean().item() <= 2e-3  # log2 rounding may differ at a code boundary
+    assert (got["norms"].int() - ref["norms"].int()).abs().max() <= 1
+    assert (got["codes"] != ref["codes"]).float().mean().item() <= 2e-3
+    deq, deq_ref = codec.decode(got, torch.float32), codec.decode(ref, torch.float32)
+    assert 10 * torch.log10(deq_ref.pow(2).sum() / (deq - deq_ref).pow(2).sum().clamp_min(1e-30)).item() > 35
+
+
+@pytest.mark.parametrize("key_norm_bits,value_norm_bits", [(8, 8), (8, 16), (16, 8)])
+def test_decode_attention_reads_8_bit_norm_codes(key_norm_bits, value_norm_bits):
+    gen = torch.Generator().manual_seed(key_norm_bits + 2 * value_norm_bits)
+    kc, vc = TurboQuantCodec(128, 4, "mse", seed=1, norm_bits=key_norm_bits), TurboQuantCodec(128, 2, "mse", seed=1, norm_bits=value_norm_bits)
+    scale_k = torch.exp2(torch.rand(2, 2, 333, 1, generator=gen) * 4)  # norms over 4 octaves
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(torch.randn(2, 2, 333, 128, generator=gen) * scale_k).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(torch.randn(2, 2, 333, 128, generator=gen) * scale_k.flip(2)).items()}
+    q = (torch.randn(2, 8, 128, generator=gen) / 4).to(DEVICE, torch.bfloat16)
+    fk = torch.randn(2, 2, 2, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, 128**-0.5)
+    for splits in (None, 3):
+        out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, 128**-0.5, out_dtype=torch.float32, num_splits=splits)
+        assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR
+
+
 def test_store_kernel_writes_into_buffer_views():
     codec = TurboQuantCodec(128, 4, "mse", seed=0)
     x = torch.randn(2, 4, 5, 128, device=DEVICE)
@@ -200,7 +250,7 @@ def _tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=64):
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k4v4-ck"])
+@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k4v4-ck", "k2v2-s4-ck-qs-n8"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
     import tqpatch

@@ -58,7 +58,10 @@ class TurboQuantCodec:
         return self.quantizer.dequantize(QuantizedVectors(**parts, dtype=dtype))
 
     def prepare(self, x: torch.Tensor) -> None:
-        """Called with the first chunk before it is encoded (by any path, kernels included); no-op here."""
+        """Called with the first chunk before it is encoded (by any path, kernels included): fixes the 8-bit
+        norms' ranges from its norms (rounded to float16, as `encode` sees them)."""
+        if self.norm_codes is not None and not self.norm_codes.calibrated:
+            self.norm_codes.calibrate(torch.linalg.vector_norm(x.float(), dim=-1).half())
 
     @property
     def bits_per_coordinate(self) -> float:
@@ -87,6 +90,7 @@ class RotationSearchCodec(TurboQuantCodec):
         self.chosen: int | None = None
 
     def prepare(self, x: torch.Tensor) -> None:
+        super().prepare(x)
         if self.chosen is not None:
             return
         x32 = x.float()

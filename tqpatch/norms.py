@@ -33,6 +33,7 @@ class LogNormQuantizer:
     def __init__(self) -> None:
         self.low: torch.Tensor | None = None  # [H] float32, log2 of the norm that code 1 stands for
         self.step: torch.Tensor | None = None  # [H] float32, octaves per code
+        self._ranges: dict[torch.device, torch.Tensor] = {}
 
     @property
     def calibrated(self) -> bool:
@@ -49,6 +50,14 @@ class LogNormQuantizer:
         high = torch.where(empty, torch.full_like(high, FALLBACK[1]), high + MARGIN)
         self.low = low
         self.step = (high - low).clamp_min(1e-3) / (self.LEVELS - 1)
+        self._ranges = {}
+
+    def ranges(self, device: torch.device) -> torch.Tensor:
+        """[low | step] as one [2, H] float32 tensor on `device` (what the kernels read), made once per device."""
+        device = torch.device(device)
+        if device not in self._ranges:
+            self._ranges[device] = torch.stack([self.low, self.step]).float().to(device).contiguous()
+        return self._ranges[device]
 
     def encode(self, norms: torch.Tensor) -> torch.Tensor:
         """norms [B, H, T] (any float dtype, >= 0) -> uint8 codes [B, H, T]."""

@@ -11,7 +11,7 @@ Triton is imported lazily: CPU installs never need it.
 
 Supported by the kernels: TurboQuantCodec (whole vectors) with mse bits 1..4
 (keys and values) or prod keys with 2..5 bits (mse part 1..4 bits + QJL signs),
-head_dim a power of two in 16..256. Everything else (SplitCodec's
+head_dim a power of two in 16..256, float16 or 8-bit log norms. Everything else (SplitCodec's
 fractional bits, more bits) uses the reference path.
 """
 
@@ -88,8 +88,8 @@ def _device_ctx(device: torch.device):
 
 def _mse_part(codec) -> TurboQuantMSE | None:
     """The TurboQuant_mse quantizer whose codes the kernels read, or None if the codec is unsupported."""
-    if not isinstance(codec, TurboQuantCodec) or codec.head_dim not in HEAD_DIMS or codec.norm_bits != 16:
-        return None  # (the kernels read and write float16 norms)
+    if not isinstance(codec, TurboQuantCodec) or codec.head_dim not in HEAD_DIMS:
+        return None
     q = codec.quantizer
     if isinstance(q, TurboQuantProd):
         q = q.mse
@@ -124,6 +124,8 @@ def _consts(codec, device: torch.device) -> dict[str, torch.Tensor]:
             c["projT"] = (rot @ s.T).contiguous()  # S Πᵀ r_rot as a row vector: r_rot @ Π Sᵀ
             c["qmatT"] = torch.cat([rot.T, s.T], dim=1).contiguous()  # [Π q | S q]
         c["cent16"] = c["centroids"].half().contiguous()
+        rot_hi = c["rotT"].half()  # the store kernel's fp16x3 rotation: 4096 Πᵀ = hi + lo
+        c["rotT_hi"], c["rotT_lo"] = (rot_hi * 4096).contiguous(), ((c["rotT"] - rot_hi.float()) * 4096).half().contiguous()
         planes = decode_planes(codec.head_dim, mse.bits)
         if planes:  # the decode kernel's plane order: position j*d/P + k holds channel P*k + j
             d = codec.head_dim
@@ -153,12 +155,17 @@ def _check_x(codec, x: torch.Tensor) -> None:
         raise TypeError(f"expected a floating tensor, got {x.dtype}")
 
 
+def _norm_dtype(codec) -> torch.dtype:
+    """How the codec stores norms: float16, or uint8 log codes (norm_bits=8)."""
+    return torch.uint8 if codec.norm_bits == 8 else torch.float16
+
+
 def _empty_parts(codec, x: torch.Tensor) -> Parts:
     b, h, t, d = x.shape
     mse = _mse_part(codec)
     parts = {
         "codes": torch.empty(b, h, t, d * mse.bits // 8, dtype=torch.uint8, device=x.device),
-        "norms": torch.empty(b, h, t, dtype=torch.float16, device=x.device),
+        "norms": torch.empty(b, h, t, dtype=_norm_dtype(codec), device=x.device),
     }
     if isinstance(codec.quantizer, TurboQuantProd):
         parts["qjl_signs"] = torch.empty(b, h, t, d // 8, dtype=torch.uint8, device=x.device)
@@ -190,8 +197,9 @@ def encode_into(codec, x: torch.Tensor, out: Parts) -> None:
     for name, width in widths.items():
         t = out.get(name)
         shape_ok = t is not None and tuple(t.shape[:3]) == tuple(x.shape[:3]) and (t.dim() == 3 if width is None else (t.dim() == 4 and t.shape[3] == width and t.stride(3) == 1))
-        if not shape_ok or t.dtype != (torch.float16 if width is None else torch.uint8):
-            raise ValueError(f"output part {name!r}: expected [B, H, T{'' if width is None else f', {width}'}] {'float16' if width is None else 'uint8'}, got {None if t is None else (t.dtype, tuple(t.shape))}")
+        dtype = (_norm_dtype(codec) if name == "norms" else torch.float16) if width is None else torch.uint8
+        if not shape_ok or t.dtype != dtype:
+            raise ValueError(f"output part {name!r}: expected [B, H, T{'' if width is None else f', {width}'}] {dtype}, got {None if t is None else (t.dtype, tuple(t.shape))}")
     _launch_store(codec, x, out)
 
 
@@ -200,9 +208,10 @@ def d_bytes(head_dim: int, bits: int) -> int:
 
 
 # Store-kernel launch settings; None = the default for the shape. `tqpatch bench --parts store_sweep` times the
-# alternatives. precision: the rotation product's tl.dot input_precision ("tf32x3", "tf32" or "ieee").
+# alternatives. precision: how the rotation product is computed: "fp16x3" (three fp16 MMAs on hi/lo splits of
+# both operands; mse codes only, the default for them), or a tl.dot input_precision ("tf32x3", "tf32", "ieee").
 # word_store: write each group of 8 codes as one int16/int32 (2- and 4-bit codes) instead of byte by byte.
-STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": 8, "word_store": True}
+STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True}
 
 
 def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
@@ -215,27 +224,40 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
     prod = isinstance(codec.quantizer, TurboQuantProd)
     codes, norms = out["codes"], out["norms"]
     signs, rnorms = (out["qjl_signs"], out["residual_norms"]) if prod else (codes, norms)
+    norm8 = codec.norm_codes is not None
+    if norm8:
+        codec.prepare(x)  # fixes the norm codes' ranges on the first chunk
+    nrange = codec.norm_codes.ranges(x.device) if norm8 else c["rotT"]
     rows = b * h * t
-    # tf32x3 dots keep split copies of both operands in shared memory: rotation tiles of at most [D, 64]
+    # Split-precision dots keep hi/lo copies of both operands in shared memory: rotation tiles of at most [D, 64]
     tune = STORE_TUNING
     block_r = tune["block_r"] or (32 if (prod or d > 128) else 64)
-    # A whole [D, D] rotation tile per program where shared memory allows (tf32x3: D <= 128, not prod).
+    # A whole [D, D] rotation tile per program where shared memory allows (D <= 128, not prod).
     bn = min(d, tune["bn"] or (64 if (prod or d > 128) else d))
     # 8 codes of MB bits are MB bytes: one int16 (MB=2) or int32 (MB=4) store where every row start is MB-aligned.
     word = mse.bits in (2, 4) and tune["word_store"] and all(v % mse.bits == 0 for v in (codes.data_ptr(), *codes.stride()[:3]))
-    prec = "ieee" if interpreting() else (tune["precision"] or "tf32x3")
+    prec = tune["precision"] or ("tf32x3" if prod else "fp16x3")
+    if prod and prec == "fp16x3":
+        raise ValueError("the store kernel's fp16x3 rotation supports mse codes only; use tf32x3 for prod keys")
+    if interpreting() and prec != "fp16x3":
+        prec = "ieee"  # the interpreter has no tf32
+    # fp16x3 at [64, D] rows: one warpgroup (4 warps) keeps all three MMAs in one accumulator layout
+    # (8 warps on 64 rows made Triton convert the accumulator between them: bench/compile_check.py store)
+    warps = tune["num_warps"] or (4 if prec == "fp16x3" and block_r <= 64 and d <= 128 else 8)
     blocks = triton_cdiv(rows, block_r)
     grid = min(blocks, 4 * _sm_count(x.device.index or 0)) if x.is_cuda else min(blocks, 3)
     with _device_ctx(x.device):
         tk._tq_store_kernel[(grid,)](
             x, x.stride(0), x.stride(1), x.stride(2),
             h, t, rows,
-            c["rotT"], c["boundaries"], c["centroids"], c.get("projT", c["rotT"]),
+            c["rotT"], c["rotT_hi"], c["rotT_lo"], c["boundaries"], c["centroids"], c.get("projT", c["rotT"]),
             codes, codes.stride(0), codes.stride(1), codes.stride(2),
             norms, norms.stride(0), norms.stride(1), norms.stride(2),
+            nrange,
             signs, signs.stride(0), signs.stride(1), signs.stride(2),
             rnorms, rnorms.stride(0), rnorms.stride(1), rnorms.stride(2),
-            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, WORD=word, num_warps=tune["num_warps"], num_stages=1,
+            D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, WORD=word, NORM8=norm8,
+            num_warps=warps, num_stages=tune["num_stages"],
         )
 
 
@@ -328,6 +350,9 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     fp_valid = _as_flags(fp_valid)
     scale_log2 = float(scaling) * LOG2E
     qjl_scale = key_codec.quantizer.qjl_scale if prod else 0.0
+    kn8, vn8 = key_codec.norm_codes is not None, value_codec.norm_codes is not None
+    krange = key_codec.norm_codes.ranges(q.device) if kn8 else kc["rot"]
+    vrange = value_codec.norm_codes.ranges(q.device) if vn8 else vc["rot"]
     with _device_ctx(q.device):
         if splits:
             kg, kr = (kp["qjl_signs"], kp["residual_norms"]) if prod else (kp["codes"], kp["norms"])
@@ -348,12 +373,13 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 vcodes, vcodes.stride(0), vcodes.stride(1), vcodes.stride(2),
                 vnorms, vnorms.stride(0), vnorms.stride(1), vnorms.stride(2),
                 vc["cent16"],
+                krange, vrange,
                 mk, mk.stride(0) if valid is not None else 0, 0,
                 kb, kb.stride(0) if key_bias is not None else 0,
                 m, l_, acc,
                 hkv, length, per_split, scale_log2, qjl_scale,
                 G=g, GP=gp, D=d, KB=kbits, VB=vbits, PROD=prod, HAS_MASK=valid is not None, HAS_BIAS=key_bias is not None,
-                BLOCK_T=block_t, KPL=kpl, VPL=vpl, LUT=DECODE_TUNING["lut"],
+                BLOCK_T=block_t, KPL=kpl, VPL=vpl, LUT=DECODE_TUNING["lut"], KN8=kn8, VN8=vn8,
                 num_warps=DECODE_TUNING["num_warps"], num_stages=DECODE_TUNING["num_stages"],
             )
         out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
@@ -392,7 +418,7 @@ def decode_bytes(b: int, hkv: int, length: int, key_codec, value_codec) -> int:
     total = 0
     for codec in (key_codec, value_codec):
         mse = _mse_part(codec)
-        per = codec.head_dim * mse.bits / 8 + 2
+        per = codec.head_dim * mse.bits / 8 + (1 if codec.norm_bits == 8 else 2)
         if isinstance(codec.quantizer, TurboQuantProd):
             per += codec.head_dim / 8 + 2
         total += per

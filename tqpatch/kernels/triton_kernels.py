@@ -24,25 +24,38 @@ def _tq_store_kernel(
     x_ptr, sxb, sxh, sxt,                 # x [B, H, T, D] any float dtype (last stride 1)
     H, T, R,                              # R = B*H*T rows
     rotT_ptr,                             # Πᵀ [D, D] fp32 contiguous: y = u @ Πᵀ
-    bnd_ptr,                              # boundaries [2^MB - 1] fp32
+    rhi_ptr, rlo_ptr,                     # PREC "fp16x3": 4096 Πᵀ = hi + lo, both fp16 [D, D] contiguous
+    bnd_ptr,                              # boundaries [2^MB - 1] fp32, symmetric about the middle one (≈ 0)
     cent_ptr,                             # centroids [2^MB] fp32 (prod: residual)
     projT_ptr,                            # Π Sᵀ [D, D] fp32 (prod): S r = r_rot @ (Π Sᵀ)
     c_ptr, scb, sch, sct,                 # codes [B, H, *, D*MB/8] uint8 (last stride 1)
-    n_ptr, snb, snh, snt,                 # norms [B, H, *] fp16
+    n_ptr, snb, snh, snt,                 # norms [B, H, *] fp16, or uint8 log codes (NORM8)
+    nrange_ptr,                           # NORM8: [2, H] fp32, log2 of code 1's norm and octaves per code, per head
     g_ptr, sgb, sgh, sgt,                 # qjl signs [B, H, *, D/8] uint8 (prod)
     r_ptr, srb, srh, srt,                 # residual norms [B, H, *] fp16 (prod)
     D: tl.constexpr, MB: tl.constexpr, PROD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, WORD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, WORD: tl.constexpr, NORM8: tl.constexpr,
 ):
     # Persistent: each program walks row blocks; with BN == D the rotation tile is loaded once per program.
+    # PREC "fp16x3": 4096 y = u_hi·hi + u_lo·hi + u_hi·lo, three fp16 MMAs into one accumulator, with
+    # u = u_hi + u_lo and 4096 Πᵀ = hi + lo split into fp16 parts (the dropped u_lo·lo is ~2^-22 of y): the
+    # precision of tf32x3 at half its shared memory and twice its MMA rate (mse only). The boundaries are
+    # scaled by 4096 instead of the products.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     nblocks = tl.cdiv(R, BLOCK_R)
     cols = tl.arange(0, D)
     G8: tl.constexpr = BN // 8
+    HALF: tl.constexpr = 1 << (MB - 1)
     shifts = tl.arange(0, 8) * MB
+    SCALE: tl.constexpr = 4096.0 if PREC == "fp16x3" else 1.0
+    mid = tl.load(bnd_ptr + HALF - 1) * SCALE
     if BN == D:
-        rot_all = tl.load(rotT_ptr + cols[:, None] * D + cols[None, :])  # [D, D]
+        if PREC == "fp16x3":
+            rhi_all = tl.load(rhi_ptr + cols[:, None] * D + cols[None, :])  # [D, D] fp16
+            rlo_all = tl.load(rlo_ptr + cols[:, None] * D + cols[None, :])
+        else:
+            rot_all = tl.load(rotT_ptr + cols[:, None] * D + cols[None, :])  # [D, D]
         if PROD:
             proj_all = tl.load(projT_ptr + cols[:, None] * D + cols[None, :])
     for blk in range(pid, nblocks, nprog):
@@ -55,21 +68,36 @@ def _tq_store_kernel(
         x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
         norm = tl.sqrt(tl.sum(x * x, axis=1))
         u = x / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
+        if PREC == "fp16x3":
+            u_hi = u.to(tl.float16)
+            u_lo = (u - u_hi.to(tl.float32)).to(tl.float16)  # |u_lo| <= 2^-11 |u| (fp16 subnormals keep 2^-24)
         c_row = b * scb + h * sch + t * sct
         if PROD:
             proj = tl.zeros([BLOCK_R, D], dtype=tl.float32)
             gamma2 = tl.zeros([BLOCK_R], dtype=tl.float32)
         for k in tl.static_range(D // BN):
             ncols = k * BN + tl.arange(0, BN)
-            if BN == D:
+            if PREC == "fp16x3":
+                if BN == D:
+                    rhi, rlo = rhi_all, rlo_all
+                else:
+                    rhi = tl.load(rhi_ptr + cols[:, None] * D + ncols[None, :])
+                    rlo = tl.load(rlo_ptr + cols[:, None] * D + ncols[None, :])
+                y = tl.dot(u_hi, rlo, tl.dot(u_lo, rhi, tl.dot(u_hi, rhi)))  # 4096 y
+            elif BN == D:
                 y = tl.dot(u, rot_all, input_precision=PREC)
             else:
                 y = tl.dot(u, tl.load(rotT_ptr + cols[:, None] * D + ncols[None, :]), input_precision=PREC)  # [BLOCK_R, BN]
-            idx = tl.zeros([BLOCK_R, BN], dtype=tl.int32)
-            for j in tl.static_range((1 << MB) - 1):
-                idx += (y > tl.load(bnd_ptr + j)).to(tl.int32)
+            # The codebook is symmetric: count the positive boundaries below |y| (half the comparisons of
+            # counting all 2^MB - 1), then idx = HALF + count above the middle boundary, HALF - 1 - count below.
+            a = tl.abs(y)
+            count = tl.zeros([BLOCK_R, BN], dtype=tl.int32)
+            for j in tl.static_range(HALF - 1):
+                count += (a > tl.load(bnd_ptr + HALF + j) * SCALE).to(tl.int32)
+            idx = tl.where(y > mid, HALF + count, HALF - 1 - count)
             # 8 codes of MB bits fill exactly MB bytes: build the 8*MB-bit word, write its bytes.
-            word = tl.sum(tl.reshape(idx, [BLOCK_R, G8, 8]) << shifts[None, None, :], axis=2)  # [BLOCK_R, G8]
+            idx8 = tl.reshape(idx.to(tl.int8), [BLOCK_R, G8, 8]).to(tl.int32)  # (int8 through any layout change)
+            word = tl.sum(idx8 << shifts[None, None, :], axis=2)  # [BLOCK_R, G8]
             grp = k * G8 + tl.arange(0, G8)
             if WORD:  # MB = 2 or 4: the word is one aligned int16/int32 store (little-endian = byte order)
                 wtype = tl.int16 if MB == 2 else tl.int32
@@ -85,7 +113,15 @@ def _tq_store_kernel(
                     proj += tl.dot(resid, proj_all, input_precision=PREC)
                 else:
                     proj += tl.dot(resid, tl.load(projT_ptr + ncols[:, None] * D + cols[None, :]), input_precision=PREC)
-        tl.store(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16), mask=rmask)
+        if NORM8:  # tqpatch.norms: code = 1 + round((log2 n - low_h) / step_h) in 1..255, 0 for n = 0 (n rounded to fp16 first)
+            n16 = norm.to(tl.float16).to(tl.float32)
+            low = tl.load(nrange_ptr + h, mask=rmask, other=0.0)
+            step = tl.load(nrange_ptr + H + h, mask=rmask, other=1.0)
+            code = tl.floor((tl.log2(tl.maximum(n16, 1.1754943508222875e-38)) - low) / step + 0.5) + 1.0
+            code = tl.where(n16 > 0, tl.minimum(tl.maximum(code, 1.0), 255.0), 0.0)
+            tl.store(n_ptr + b * snb + h * snh + t * snt, code.to(tl.uint8), mask=rmask)
+        else:
+            tl.store(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16), mask=rmask)
         if PROD:
             bits = (proj >= 0).to(tl.int32)
             sw = tl.sum(tl.reshape(bits, [BLOCK_R, D // 8, 8]) << tl.arange(0, 8)[None, None, :], axis=2)
@@ -141,6 +177,16 @@ def _plane_query(qr_ptr, qrow, gmask, j: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _load_norms(ptr, tmask, low, step, N8: tl.constexpr):
+    """Norms [BT] float32 of a tile: fp16 values, or 8-bit log codes (N8) -> 2^(low + (code - 1) step), 0 for code 0."""
+    if N8:
+        code = tl.load(ptr, mask=tmask, other=0).to(tl.float32)
+        return tl.where(code > 0, tl.exp2(low + (code - 1.0) * step), 0.0)
+    else:
+        return tl.load(ptr, mask=tmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _online_softmax_step(s, valid, m_i, l_i):
     """One tile of the online softmax in base 2: scores s [GP, T] (log2 units), valid [T], running max m_i and
     sum l_i [GP] -> (p [GP, T] = 2^(s - m_new) on valid tokens else 0, alpha = 2^(m_i - m_new), m_new, l_new)."""
@@ -155,20 +201,21 @@ def _online_softmax_step(s, valid, m_i, l_i):
 def _tq_decode_split_kernel(
     qr_ptr, sqr,                          # rotated queries [B*Hq, QW] fp32: Π q (| S q for prod keys), plane order when KPL
     kc_ptr, skcb, skch, skct,             # key codes [B, Hkv, *, NBK] uint8
-    kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16
+    kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16, or uint8 log codes (KN8)
     kg_ptr, skgb, skgh, skgt,             # key qjl signs [B, Hkv, *, D/8] uint8 (prod)
     kr_ptr, skrb, skrh, skrt,             # key residual norms [B, Hkv, *] fp16 (prod)
     kcent_ptr,                            # key centroids [2^KB] fp16
     vc_ptr, svcb, svch, svct,             # value codes [B, Hkv, *, NBV] uint8
-    vn_ptr, svnb, svnh, svnt,             # value norms fp16
+    vn_ptr, svnb, svnh, svnt,             # value norms fp16, or uint8 log codes (VN8)
     vcent_ptr,                            # value centroids [2^VB] fp16
+    krange_ptr, vrange_ptr,               # KN8/VN8: [2, Hkv] fp32 (low, step) of the norm codes, per KV head
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     kbias_ptr, skb,                       # score bias [B*Hq, L] fp32 (HAS_BIAS): added to ⟨q, k̃⟩ (centered keys)
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (plane order when VPL)
     Hkv, L, per_split, scale_log2, qjl_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_T: tl.constexpr, KPL: tl.constexpr, VPL: tl.constexpr, LUT: tl.constexpr,
+    BLOCK_T: tl.constexpr, KPL: tl.constexpr, VPL: tl.constexpr, LUT: tl.constexpr, KN8: tl.constexpr, VN8: tl.constexpr,
 ):
     # KPL/VPL = P > 0 (codes per byte, 2 or 4): "plane" path. The byte tile [BT, D/P] is read once and
     # code j of every byte (channels P*k + j) is one plane [BT, D/P] that feeds tl.dot directly: the
@@ -198,6 +245,11 @@ def _tq_decode_split_kernel(
         q_sk = tl.load(qr_ptr + qrow[:, None] + D + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
     m_i = tl.full([GP], NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
+    k_low, k_step, v_low, v_step = 0.0, 0.0, 0.0, 0.0
+    if KN8:
+        k_low, k_step = tl.load(krange_ptr + h), tl.load(krange_ptr + Hkv + h)
+    if VN8:
+        v_low, v_step = tl.load(vrange_ptr + h), tl.load(vrange_ptr + Hkv + h)
     if VPL > 0:
         NV: tl.constexpr = D // VPL
         cv = tl.arange(0, NV)
@@ -239,7 +291,7 @@ def _tq_decode_split_kernel(
             sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, BLOCK_T, D, 1).to(tl.float16) * 2.0 - 1.0
             gam = tl.load(kr_ptr + b * skrb + h * skrh + offs * skrt, mask=tmask, other=0.0).to(tl.float32)
             s += tl.dot(q_sk, tl.trans(sgn)) * (qjl_scale * gam)[None, :]
-        kn = tl.load(kn_ptr + b * sknb + h * sknh + offs * sknt, mask=tmask, other=0.0).to(tl.float32)
+        kn = _load_norms(kn_ptr + b * sknb + h * sknh + offs * sknt, tmask, k_low, k_step, KN8)
         s = s * (kn * scale_log2)[None, :]
         if HAS_BIAS:
             brow = (b * Hkv * G + h * G + g) * skb
@@ -248,7 +300,7 @@ def _tq_decode_split_kernel(
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
         p, alpha, m_new, l_i = _online_softmax_step(s, valid, m_i, l_i)
-        vn = tl.load(vn_ptr + b * svnb + h * svnh + offs * svnt, mask=tmask, other=0.0).to(tl.float32)
+        vn = _load_norms(vn_ptr + b * svnb + h * svnh + offs * svnt, tmask, v_low, v_step, VN8)
         pv = (p * vn[None, :]).to(tl.float16)
         vrow = vbase + offs * svct
         if VPL > 0:
