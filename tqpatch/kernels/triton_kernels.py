@@ -177,13 +177,10 @@ def _plane_query(qr_ptr, qrow, gmask, j: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def _load_norms(ptr, tmask, low, step, N8: tl.constexpr):
-    """Norms [BT] float32 of a tile: fp16 values, or 8-bit log codes (N8) -> 2^(low + (code - 1) step), 0 for code 0."""
-    if N8:
-        code = tl.load(ptr, mask=tmask, other=0).to(tl.float32)
-        return tl.where(code > 0, tl.exp2(low + (code - 1.0) * step), 0.0)
-    else:
-        return tl.load(ptr, mask=tmask, other=0.0).to(tl.float32)
+def _norm_from_code(code, low, step):
+    """8-bit log norm codes (tqpatch.norms) -> float32 norms: 2^(low + (code - 1) step), 0 for code 0."""
+    code = code.to(tl.float32)
+    return tl.where(code > 0, tl.exp2(low + (code - 1.0) * step), 0.0)
 
 
 @triton.jit
@@ -265,6 +262,12 @@ def _tq_decode_split_kernel(
     kbase = kc_ptr + b * skcb + h * skch
     vbase = vc_ptr + b * svcb + h * svch
     first = start + tl.arange(0, BLOCK_T)
+    # 8-bit norm codes are prefetched a tile ahead by hand (one byte per token is too narrow for the async copies
+    # Triton pipelines the fp16 norms with)
+    if KN8:
+        kn_next = tl.load(kn_ptr + b * sknb + h * sknh + first.to(tl.int64) * sknt, mask=first < end, other=0)
+    if VN8:
+        vn_next = tl.load(vn_ptr + b * svnb + h * svnh + first.to(tl.int64) * svnt, mask=first < end, other=0)
     if KPL > 0:  # the plane path prefetches the next tile's code bytes while this tile is computed
         kw_next = tl.load(kbase + first.to(tl.int64)[:, None] * skct + ck[None, :], mask=(first < end)[:, None], other=0)
     if VPL > 0:
@@ -291,7 +294,11 @@ def _tq_decode_split_kernel(
             sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, BLOCK_T, D, 1).to(tl.float16) * 2.0 - 1.0
             gam = tl.load(kr_ptr + b * skrb + h * skrh + offs * skrt, mask=tmask, other=0.0).to(tl.float32)
             s += tl.dot(q_sk, tl.trans(sgn)) * (qjl_scale * gam)[None, :]
-        kn = _load_norms(kn_ptr + b * sknb + h * sknh + offs * sknt, tmask, k_low, k_step, KN8)
+        if KN8:
+            kn = _norm_from_code(kn_next, k_low, k_step)
+            kn_next = tl.load(kn_ptr + b * sknb + h * sknh + nxt * sknt, mask=nmask, other=0)
+        else:
+            kn = tl.load(kn_ptr + b * sknb + h * sknh + offs * sknt, mask=tmask, other=0.0).to(tl.float32)
         s = s * (kn * scale_log2)[None, :]
         if HAS_BIAS:
             brow = (b * Hkv * G + h * G + g) * skb
@@ -300,7 +307,11 @@ def _tq_decode_split_kernel(
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
         p, alpha, m_new, l_i = _online_softmax_step(s, valid, m_i, l_i)
-        vn = _load_norms(vn_ptr + b * svnb + h * svnh + offs * svnt, tmask, v_low, v_step, VN8)
+        if VN8:
+            vn = _norm_from_code(vn_next, v_low, v_step)
+            vn_next = tl.load(vn_ptr + b * svnb + h * svnh + nxt * svnt, mask=nmask, other=0)
+        else:
+            vn = tl.load(vn_ptr + b * svnb + h * svnh + offs * svnt, mask=tmask, other=0.0).to(tl.float32)
         pv = (p * vn[None, :]).to(tl.float16)
         vrow = vbase + offs * svct
         if VPL > 0:
