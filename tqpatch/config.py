@@ -75,8 +75,8 @@ class TurboQuantConfig:
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per
-        coordinate less at head_dim 64) for ~1% relative norm error. The fused
-        CUDA kernels read float16 norms only; 8-bit norms run the PyTorch path.
+        coordinate less at head_dim 64) for ~1% relative norm error; the fused
+        CUDA kernels read and write both.
     seed: seeds the rotation Π and the QJL matrix S (shared by all layers).
     """
 
