@@ -1,7 +1,7 @@
 """Compile the decode split kernel or the store kernel for sm_90 (H100/H200) without a GPU; print ptxas
 registers, spills, shared memory.
 
-    .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8]] ...]   e.g. 32,4,3,4 64,8,2,2 32,4,3,4,128,1
+    .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT]]] ...]   e.g. 32,4,3,4 64,8,2,2 32,4,3,4,128,1,2
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
 
 Uses the ptxas that ships with Triton. Integer arguments are specialized as on the B=8, Hkv=8, L=32k
@@ -61,14 +61,14 @@ def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 
     return f"store precision={precision} block_r={block_r} warps={warps} stages={stages} bits={bits} d={d}: shared {k.metadata.shared} B; {_ptxas_report(k)}"
 
 
-def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0) -> str:
+def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0) -> str:
     fn = tk._tq_decode_split_kernel
     nb, length = d * bits // 8, 32768
     ints = dict(sqr=d, skcb=8 * length * nb, skch=length * nb, skct=nb, sknb=8 * length, sknh=length, sknt=1, skgb=8 * length * d // 8,
                 skgh=length * d // 8, skgt=d // 8, skrb=8 * length, skrh=length, skrt=1, svcb=8 * length * nb, svch=length * nb, svct=nb,
                 svnb=8 * length, svnh=length, svnt=1, smb=0, mask_off=0, Hkv=8, L=length, per_split=1024)
     planes = decode_planes(d, bits)
-    const = dict(G=4, GP=16, D=d, KB=bits, VB=bits, PROD=False, HAS_MASK=False, BLOCK_T=block_t, KPL=planes, VPL=planes, LUT=0, KN8=bool(n8), VN8=bool(n8))
+    const = dict(G=4, GP=16, D=d, KB=bits, VB=bits, PROD=False, HAS_MASK=False, BLOCK_T=block_t, KPL=planes, VPL=planes, LUT=lut, KN8=bool(n8), VN8=bool(n8))
     const.update({n: 1 for n, v in ints.items() if v == 1})
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
@@ -84,7 +84,7 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
     k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages))
     report = _ptxas_report(k)
-    return f"block_t={block_t} warps={warps} stages={stages} bits={bits} planes={planes}{' 8-bit norms' if n8 else ''}: shared {k.metadata.shared} B; {report}"
+    return f"block_t={block_t} warps={warps} stages={stages} bits={bits} planes={planes}{' 8-bit norms' if n8 else ''} lut={lut}: shared {k.metadata.shared} B; {report}"
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def test_decode_attention_matches_reference(d, hkv, group, length, nfp, kbits, v
         assert _cos(out, ref) > COS_FLOOR
 
 
-@pytest.mark.parametrize("lut", [0, 1])
+@pytest.mark.parametrize("lut", [0, 1, 2])
 @pytest.mark.parametrize("kbits,vbits", [(4, 2), (2, 4)])
 def test_decode_lookup_variants(lut, kbits, vbits, monkeypatch):
     # both centroid lookups (gather, select chain), on both plane widths

@@ -154,8 +154,19 @@ def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexp
 
 @triton.jit
 def _lookup(tab_ptr, idx, BITS: tl.constexpr, LUT: tl.constexpr):
-    """centroids[idx] in fp16 from the fp16 table: a gather load (LUT=0) or a select chain over the 2^BITS values (LUT=1)."""
-    if LUT == 1:
+    """centroids[idx] in fp16 from the fp16 table: a gather load (LUT=0), a select chain over the 2^BITS values
+    (LUT=1), or over the 2^(BITS-1) magnitudes of the symmetric codebook, c[H + k] = -c[H - 1 - k], then the sign
+    (LUT=2). The select chains are arithmetic, so the compiler may change the layout of the code bytes instead of
+    the looked-up values."""
+    if LUT == 2:
+        H: tl.constexpr = 1 << (BITS - 1)
+        neg = idx < H
+        k = tl.where(neg, (H - 1) - idx, idx - H)
+        mag = tl.zeros(idx.shape, dtype=tl.float16) + tl.load(tab_ptr + H)
+        for j in tl.static_range(1, H):
+            mag = tl.where(k == j, tl.load(tab_ptr + H + j), mag)
+        return tl.where(neg, -mag, mag)
+    elif LUT == 1:
         val = tl.zeros(idx.shape, dtype=tl.float16) + tl.load(tab_ptr)
         for j in tl.static_range(1, 1 << BITS):
             val = tl.where(idx == j, tl.load(tab_ptr + j), val)
