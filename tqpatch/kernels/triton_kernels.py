@@ -156,8 +156,8 @@ def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexp
 def _lookup(tab_ptr, idx, BITS: tl.constexpr, LUT: tl.constexpr):
     """centroids[idx] in fp16 from the fp16 table: a gather load (LUT=0), a select chain over the 2^BITS values
     (LUT=1), or over the 2^(BITS-1) magnitudes of the symmetric codebook, c[H + k] = -c[H - 1 - k], then the sign
-    (LUT=2). The select chains are arithmetic, so the compiler may change the layout of the code bytes instead of
-    the looked-up values."""
+    (LUT=2). The chains avoid the gather but cost more issue slots: both measured slower on the H200
+    (bench/RESULTS.md, run 20); they stay as tuning variants that `tqpatch bench` sweeps."""
     if LUT == 2:
         H: tl.constexpr = 1 << (BITS - 1)
         neg = idx < H
