@@ -149,7 +149,6 @@ def store_compressed(layer, buffer, codec, x: torch.Tensor) -> None:
         return
     if getattr(codec, "uses_positions", False):
         x, codec = codec.center(x, first), codec.inner
-    codec.prepare(x)  # e.g. RotationSearchCodec picks its rotation before the kernel reads it
     slots = buffer.reserve(x.shape[2])
     if slots is None:
         buffer.append(kernels.encode(codec, x))

@@ -219,14 +219,13 @@ def _launch_store(codec, x: torch.Tensor, out: Parts) -> None:
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, h, t, d = x.shape
+    codec.prepare(x)  # a first chunk fixes what the codec calibrates (rotation choice, norm ranges) before its constants are read
     mse = _mse_part(codec)
     c = _consts(codec, x.device)
     prod = isinstance(codec.quantizer, TurboQuantProd)
     codes, norms = out["codes"], out["norms"]
     signs, rnorms = (out["qjl_signs"], out["residual_norms"]) if prod else (codes, norms)
     norm8 = codec.norm_codes is not None
-    if norm8:
-        codec.prepare(x)  # fixes the norm codes' ranges on the first chunk
     nrange = codec.norm_codes.ranges(x.device) if norm8 else c["rotT"]
     rows = b * h * t
     # Split-precision dots keep hi/lo copies of both operands in shared memory: rotation tiles of at most [D, 64]
