@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import prompt, tiny_model
 
 import tqpatch
 from tqpatch.codec import make_codec
 from tqpatch.norms import MARGIN, LogNormQuantizer
-from tiny_models import prompt, tiny_model
 
 
 def test_round_trip_error_is_within_half_a_step():

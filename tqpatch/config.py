@@ -224,7 +224,7 @@ class TurboQuantConfig:
         return cls(**fields)
 
 
-_QUALITY = dict(sink_tokens=4, center_keys=True, shape_keys=True, norm_bits=8)  # what "+" adds (spec "-s4-ck-qs-n8")
+_QUALITY = {"sink_tokens": 4, "center_keys": True, "shape_keys": True, "norm_bits": 8}  # what "+" adds (spec "-s4-ck-qs-n8")
 
 PRESETS: dict[str, TurboQuantConfig] = {
     "k8v8": TurboQuantConfig(key_bits=8, value_bits=8),

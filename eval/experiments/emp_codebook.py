@@ -4,11 +4,14 @@ import sys
 from pathlib import Path
 
 import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
+from tqpatch.eval import data
+from transformers import DynamicCache
+
 from tqpatch.models import load_model
 from tqpatch.quantizer import TurboQuantMSE
-import tqpatch.eval.data as data
-from transformers import DynamicCache
+
 model, tok = load_model("smollm2")
 text = data.read_text_file(data.default_text_file())
 all_ids = tok(text, add_special_tokens=False).input_ids

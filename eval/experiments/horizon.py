@@ -11,6 +11,6 @@ value = int(os.environ["HORIZON"])
 shaping.rope_average.__defaults__ = (value,)
 print(f"[horizon] {value}", flush=True)
 sys.argv = ["tqpatch"] + sys.argv[1:]
-from cli.main import main  # noqa: E402
+from cli.main import main
 
 main()

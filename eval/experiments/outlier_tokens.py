@@ -1,14 +1,14 @@
 """Oracle: keep a fraction of key tokens exact, chosen per (chunk, head) by quantization error (or at random).
 Usage: FRAC=0.03 MODE=err python outlier_tokens.py eval ppl ...   (bits reported are NOT corrected)"""
+import importlib
 import math
 import os
 import sys
 from pathlib import Path
 
 import torch
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
-import importlib
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 P = importlib.import_module("tqpatch.patch")  # the module (tqpatch.patch is also a function)
 
 FRAC = float(os.environ.get("FRAC", "0.03"))
@@ -27,7 +27,7 @@ class TokenOutlierKeys:
     def encode(self, x, first_index=0):
         parts = self._enc(x, first_index)
         rec = self._dec(parts, torch.float32, first_index)
-        B, H, T, d = x.shape
+        B, H, T, _ = x.shape
         k = max(1, math.floor(FRAC * T + 0.5)) if FRAC > 0 else 0
         flag = torch.zeros(B, H, T, 1, dtype=torch.bool)
         if k:
@@ -58,7 +58,9 @@ def make_codec(*a, **kw):
 P.make_codec = make_codec
 
 import atexit
+
 atexit.register(lambda: print(f"[oracle] MODE={MODE} FRAC={FRAC} flagged {STATS['flag']}/{STATS['total']} = {STATS['flag']/max(STATS['total'],1):.4f}", flush=True))
 sys.argv = ["tqpatch"] + sys.argv[1:]
 from cli.main import main
+
 main()

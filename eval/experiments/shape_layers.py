@@ -3,6 +3,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 P = importlib.import_module("tqpatch.patch")
 start = int(os.environ["SHAPE_FROM"])
@@ -12,4 +13,5 @@ def new_layer(self, head_dim, sliding_window):
 P.TurboQuantHook.new_layer = new_layer
 sys.argv = ["tqpatch"] + sys.argv[1:]
 from cli.main import main
+
 main()

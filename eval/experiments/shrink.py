@@ -3,6 +3,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 shaping = importlib.import_module("tqpatch.shaping")
 value = float(os.environ["SHRINK"])
@@ -10,4 +11,5 @@ shaping.shaping_transform.__defaults__ = (value,)
 print(f"[shrink] {value}", flush=True)
 sys.argv = ["tqpatch"] + sys.argv[1:]
 from cli.main import main
+
 main()
