@@ -22,7 +22,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tqpatch.kernels import decode_planes
+from tqpatch.kernels import decode_planes, nibble_lut_asm
+from tqpatch.quantizer import TurboQuantMSE
 from tqpatch.kernels import triton_kernels as tk
 
 PTXAS = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas"))[0]
@@ -69,6 +70,9 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
                 svnb=8 * length, svnh=length, svnt=1, smb=0, mask_off=0, Hkv=8, L=length, per_split=1024)
     planes = decode_planes(d, bits)
     const = dict(G=4, GP=16, D=d, KB=bits, VB=bits, PROD=False, HAS_MASK=False, BLOCK_T=block_t, KPL=planes, VPL=planes, LUT=lut, KN8=bool(n8), VN8=bool(n8))
+    if lut == 3 and bits == 4:  # the byte-permute lookup of a real 4-bit codebook
+        asm = nibble_lut_asm(TurboQuantMSE(d, 4).centroids("cpu").half())
+        const.update(KASM=asm, VASM=asm)
     const.update({n: 1 for n, v in ints.items() if v == 1})
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):

@@ -138,6 +138,40 @@ def _consts(codec, device: torch.device) -> dict[str, torch.Tensor]:
     return per_device[device]
 
 
+def nibble_lut_asm(cent16: torch.Tensor) -> str:
+    """PTX for the decode kernel's LUT=3: 4 code bytes in $4 -> the fp16 centroids of their low nibbles in $0, $1 and
+    of their high nibbles in $2, $3, looked up in registers. The 16 fp16 centroids are split into low and high bytes,
+    8 words of immediates; prmt picks a byte of 8 by the index's bits 0-2 (entries 0-7 and 8-15 separately), and bit
+    3 chooses between the two (a byte mask from prmt's sign-replicate mode and one lop3)."""
+    bits = cent16.detach().cpu().contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    lo_bytes, hi_bytes = [int(v) & 0xFF for v in bits], [int(v) >> 8 for v in bits]
+    word = lambda b, k: b[4 * k] | b[4 * k + 1] << 8 | b[4 * k + 2] << 16 | b[4 * k + 3] << 24  # noqa: E731
+    lines = ["{", ".reg .b32 tl0, tl1, tl2, tl3, th0, th1, th2, th3, i, t, u, sel, m, la, lb, ha, hb, lo, hi;"]
+    lines += [f"mov.b32 tl{k}, {word(lo_bytes, k):#010x};" for k in range(4)]
+    lines += [f"mov.b32 th{k}, {word(hi_bytes, k):#010x};" for k in range(4)]
+    for first, (shift, out0, out1) in enumerate(((0, "$0", "$1"), (4, "$2", "$3"))):
+        lines.append(f"shr.b32 i, $4, {shift};" if shift else "mov.b32 i, $4;")
+        lines += [
+            "and.b32 i, i, 0x0F0F0F0F;",  # one 4-bit index per byte
+            "and.b32 t, i, 0x07070707;",
+            "shr.b32 u, t, 4;",
+            "or.b32 t, t, u;",
+            "prmt.b32 sel, t, t, 0x0020;",  # the four 3-bit indices as prmt selector nibbles
+            "shl.b32 u, i, 4;",
+            "prmt.b32 m, u, u, 0xBA98;",  # 0xFF in the bytes whose index has bit 3 set
+            "prmt.b32 la, tl0, tl1, sel;",
+            "prmt.b32 lb, tl2, tl3, sel;",
+            "lop3.b32 lo, la, lb, m, 0xD8;",  # (la & ~m) | (lb & m)
+            "prmt.b32 ha, th0, th1, sel;",
+            "prmt.b32 hb, th2, th3, sel;",
+            "lop3.b32 hi, ha, hb, m, 0xD8;",
+            f"prmt.b32 {out0}, lo, hi, 0x5140;",  # fp16 values of codes 0, 1
+            f"prmt.b32 {out1}, lo, hi, 0x7362;",  # and 2, 3
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
 def decode_planes(head_dim: int, bits: int) -> int:
     """Codes per byte P if the decode kernel reads these codes as P planes of head_dim/P channels, else 0.
 
@@ -349,6 +383,9 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     fp_valid = _as_flags(fp_valid)
     scale_log2 = float(scaling) * LOG2E
     qjl_scale = key_codec.quantizer.qjl_scale if prod else 0.0
+    lut = DECODE_TUNING["lut"]
+    kasm = nibble_lut_asm(kc["cent16"]) if lut == 3 and kbits == 4 and kpl else ""
+    vasm = nibble_lut_asm(vc["cent16"]) if lut == 3 and vbits == 4 and vpl else ""
     kn8, vn8 = key_codec.norm_codes is not None, value_codec.norm_codes is not None
     krange = key_codec.norm_codes.ranges(q.device) if kn8 else kc["rot"]
     vrange = value_codec.norm_codes.ranges(q.device) if vn8 else vc["rot"]
@@ -378,7 +415,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 m, l_, acc,
                 hkv, length, per_split, scale_log2, qjl_scale,
                 G=g, GP=gp, D=d, KB=kbits, VB=vbits, PROD=prod, HAS_MASK=valid is not None, HAS_BIAS=key_bias is not None,
-                BLOCK_T=block_t, KPL=kpl, VPL=vpl, LUT=DECODE_TUNING["lut"], KN8=kn8, VN8=vn8,
+                BLOCK_T=block_t, KPL=kpl, VPL=vpl, LUT=lut, KN8=kn8, VN8=vn8, KASM=kasm, VASM=vasm,
                 num_warps=DECODE_TUNING["num_warps"], num_stages=DECODE_TUNING["num_stages"],
             )
         out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)

@@ -176,6 +176,14 @@ def _lookup(tab_ptr, idx, BITS: tl.constexpr, LUT: tl.constexpr):
 
 
 @triton.jit
+def _nibble_planes(w8, ASM: tl.constexpr):
+    """LUT=3, 4-bit codes: both planes of a byte tile w8 [BT, NB] uint8 -> (fp16 centroids of the low nibbles,
+    of the high nibbles), looked up in registers by byte permutes (PTX prmt) with the 16-entry table baked into
+    ASM (`kernels.nibble_lut_asm`): no gather."""
+    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [w8], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
 def _plane(tab_ptr, w, j: tl.constexpr, BITS: tl.constexpr, LUT: tl.constexpr):
     """fp16 centroid values of code j (bits j*BITS..) of every byte of the tile w [BT, NB]."""
     return _lookup(tab_ptr, (w >> (j * BITS)) & ((1 << BITS) - 1), BITS, LUT)
@@ -224,6 +232,7 @@ def _tq_decode_split_kernel(
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr, KPL: tl.constexpr, VPL: tl.constexpr, LUT: tl.constexpr, KN8: tl.constexpr, VN8: tl.constexpr,
+    KASM: tl.constexpr = "", VASM: tl.constexpr = "",  # LUT=3: the byte-permute lookups of the key / value tables
 ):
     # KPL/VPL = P > 0 (codes per byte, 2 or 4): "plane" path. The byte tile [BT, D/P] is read once and
     # code j of every byte (channels P*k + j) is one plane [BT, D/P] that feeds tl.dot directly: the
@@ -291,10 +300,15 @@ def _tq_decode_split_kernel(
         offs = offs.to(tl.int64)
         krow = kbase + offs * skct
         if KPL > 0:
+            if LUT == 3 and KB == 4:
+                k0, k1 = _nibble_planes(kw_next, KASM)
             kw = kw_next.to(tl.int32)  # [BT, D/P] bytes
             kw_next = tl.load(kbase + nxt[:, None] * skct + ck[None, :], mask=nmask[:, None], other=0)
-            s = tl.dot(q0, tl.trans(_plane(kcent_ptr, kw, 0, KB, LUT)))
-            s = tl.dot(q1, tl.trans(_plane(kcent_ptr, kw, 1, KB, LUT)), s)
+            if LUT == 3 and KB == 4:
+                s = tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0)))
+            else:
+                s = tl.dot(q0, tl.trans(_plane(kcent_ptr, kw, 0, KB, LUT)))
+                s = tl.dot(q1, tl.trans(_plane(kcent_ptr, kw, 1, KB, LUT)), s)
             if KPL == 4:
                 s = tl.dot(q2, tl.trans(_plane(kcent_ptr, kw, 2, KB, LUT)), s)
                 s = tl.dot(q3, tl.trans(_plane(kcent_ptr, kw, 3, KB, LUT)), s)
@@ -326,10 +340,16 @@ def _tq_decode_split_kernel(
         pv = (p * vn[None, :]).to(tl.float16)
         vrow = vbase + offs * svct
         if VPL > 0:
+            if LUT == 3 and VB == 4:
+                v0, v1 = _nibble_planes(vw_next, VASM)
             vw = vw_next.to(tl.int32)
             vw_next = tl.load(vbase + nxt[:, None] * svct + cv[None, :], mask=nmask[:, None], other=0)
-            acc0 = tl.dot(pv, _plane(vcent_ptr, vw, 0, VB, LUT), acc0 * alpha[:, None])
-            acc1 = tl.dot(pv, _plane(vcent_ptr, vw, 1, VB, LUT), acc1 * alpha[:, None])
+            if LUT == 3 and VB == 4:
+                acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
+                acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
+            else:
+                acc0 = tl.dot(pv, _plane(vcent_ptr, vw, 0, VB, LUT), acc0 * alpha[:, None])
+                acc1 = tl.dot(pv, _plane(vcent_ptr, vw, 1, VB, LUT), acc1 * alpha[:, None])
             if VPL == 4:
                 acc2 = tl.dot(pv, _plane(vcent_ptr, vw, 2, VB, LUT), acc2 * alpha[:, None])
                 acc3 = tl.dot(pv, _plane(vcent_ptr, vw, 3, VB, LUT), acc3 * alpha[:, None])
