@@ -179,7 +179,8 @@ def _lookup(tab_ptr, idx, BITS: tl.constexpr, LUT: tl.constexpr):
 def _nibble_planes(w8, ASM: tl.constexpr):
     """LUT=3, 4-bit codes: both planes of a byte tile w8 [BT, NB] uint8 -> (fp16 centroids of the low nibbles,
     of the high nibbles), looked up in registers by byte permutes (PTX prmt) with the 16-entry table baked into
-    ASM (`kernels.nibble_lut_asm`): no gather."""
+    ASM (`kernels.nibble_lut_asm`): no gather, but ~4 integer instructions per value, which measured slower
+    than the L1 gather on the H200 (bench/RESULTS.md, run 22); a tuning variant the bench sweeps."""
     return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [w8], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
