@@ -124,6 +124,8 @@ def _consts(codec, device: torch.device) -> dict[str, torch.Tensor]:
             c["projT"] = (rot @ s.T).contiguous()  # S Πᵀ r_rot as a row vector: r_rot @ Π Sᵀ
             c["qmatT"] = torch.cat([rot.T, s.T], dim=1).contiguous()  # [Π q | S q]
         c["cent16"] = c["centroids"].half().contiguous()
+        if mse.bits == 4:  # the decode kernel's LUT=3 lookup, built once per codebook
+            c["nibble_asm"] = nibble_lut_asm(c["cent16"])
         rot_hi = c["rotT"].half()  # the store kernel's fp16x3 rotation: 4096 Πᵀ = hi + lo
         c["rotT_hi"], c["rotT_lo"] = (rot_hi * 4096).contiguous(), ((c["rotT"] - rot_hi.float()) * 4096).half().contiguous()
         planes = decode_planes(codec.head_dim, mse.bits)
@@ -384,8 +386,8 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     scale_log2 = float(scaling) * LOG2E
     qjl_scale = key_codec.quantizer.qjl_scale if prod else 0.0
     lut = DECODE_TUNING["lut"]
-    kasm = nibble_lut_asm(kc["cent16"]) if lut == 3 and kbits == 4 and kpl else ""
-    vasm = nibble_lut_asm(vc["cent16"]) if lut == 3 and vbits == 4 and vpl else ""
+    kasm = kc.get("nibble_asm", "") if lut == 3 and kpl else ""
+    vasm = vc.get("nibble_asm", "") if lut == 3 and vpl else ""
     kn8, vn8 = key_codec.norm_codes is not None, value_codec.norm_codes is not None
     krange = key_codec.norm_codes.ranges(q.device) if kn8 else kc["rot"]
     vrange = value_codec.norm_codes.ranges(q.device) if vn8 else vc["rot"]
