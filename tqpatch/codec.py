@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from .config import split_bits
+from .config import eigen_split_groups, split_bits
 from .norms import LogNormQuantizer, check_norm_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rope import RopeTable, rotate_half
-from .shaping import QueryMoments, rope_average, shaping_transform, stored_nbytes, stored_transform
+from .shaping import QueryMoments, eigen_ordered, rope_average, shaping_transform, stored_nbytes, stored_transform
 
 Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
@@ -105,29 +105,37 @@ class RotationSearchCodec(TurboQuantCodec):
 
 
 class SplitCodec:
-    """Fractional bits: outlier channels at `outlier_bits`, the rest at `regular_bits`, per KV head.
+    """Two precisions per vector: outlier channels at `outlier_bits`, the rest at `regular_bits`, per KV head.
+
+    Fractional bits use the paper's outlier split (`split_bits`); `groups` =
+    (num_outliers, outlier_bits, regular_bits) sets the split directly (an
+    eigen split, `TurboQuantConfig.key_split`). regular_bits = 0 drops the
+    regular channels: they decode to 0 and store no codes and no norm.
 
     outlier_index [H, n_out] and regular_index [H, d - n_out] (uint8, d <= 256) are set by
     `calibrate(x)` from the first chunk: the n_out channels with the largest
-    mean |x| over batch and tokens, per head.
+    mean |x| over batch and tokens, per head; or by `calibrate_leading(heads)`:
+    the first n_out channels (a basis ordered by importance).
     """
 
-    def __init__(self, head_dim: int, bits: float, seed: int = 0, step: int = 1, norm_bits: int = 16):
+    def __init__(self, head_dim: int, bits: float, seed: int = 0, step: int = 1, norm_bits: int = 16,
+                 groups: tuple[int, int, int] | None = None):
         check_norm_bits(norm_bits)
         self.head_dim = head_dim
-        self.bits = bits
         self.norm_bits = norm_bits
         if head_dim > 256:
             raise ValueError(f"fractional bits support head_dim up to 256 (uint8 channel indices), got {head_dim}")
-        self.num_outliers, self.outlier_bits, self.regular_bits = split_bits(bits, head_dim, step)
-        if self.num_outliers == 0:
+        self.num_outliers, self.outlier_bits, self.regular_bits = groups or split_bits(bits, head_dim, step)
+        if not 0 < self.num_outliers < head_dim:
             raise ValueError(f"{bits} bits at head_dim {head_dim} needs no channel split; use TurboQuantCodec")
+        self.bits = self.bits_per_coordinate
         self.outlier = TurboQuantMSE(self.num_outliers, self.outlier_bits, seed)
-        self.regular = TurboQuantMSE(head_dim - self.num_outliers, self.regular_bits, seed)
+        self.regular = TurboQuantMSE(head_dim - self.num_outliers, self.regular_bits, seed) if self.regular_bits else None
         self.outlier_index: torch.Tensor | None = None
         self.regular_index: torch.Tensor | None = None
-        # one norm per channel group and vector: 8-bit log codes (norm_bits=8) or float16
-        self.norm_codes = {"hi": LogNormQuantizer(), "lo": LogNormQuantizer()} if norm_bits == 8 else None
+        # one norm per stored channel group and vector: 8-bit log codes (norm_bits=8) or float16
+        groups_stored = ("hi", "lo") if self.regular is not None else ("hi",)
+        self.norm_codes = {group: LogNormQuantizer() for group in groups_stored} if norm_bits == 8 else None
 
     @property
     def calibrated(self) -> bool:
@@ -135,7 +143,13 @@ class SplitCodec:
 
     def calibrate(self, x: torch.Tensor) -> None:  # x: [B, H, T, d]
         score = x.float().abs().mean(dim=(0, 2))  # [H, d]
-        order = torch.argsort(score, dim=-1, descending=True)
+        self._set_order(torch.argsort(score, dim=-1, descending=True))
+
+    def calibrate_leading(self, heads: int) -> None:
+        """Outliers = channels 0..n_out-1 of every head (for inputs in a basis ordered by importance)."""
+        self._set_order(torch.arange(self.head_dim).expand(heads, -1))
+
+    def _set_order(self, order: torch.Tensor) -> None:  # [H, d], most important first
         self.outlier_index = order[:, : self.num_outliers].sort(dim=-1).values.to(torch.uint8)
         self.regular_index = order[:, self.num_outliers :].sort(dim=-1).values.to(torch.uint8)
 
@@ -147,8 +161,10 @@ class SplitCodec:
         if not self.calibrated:
             self.calibrate(x)
         hi = self.outlier.quantize(self._gather(x, self.outlier_index))
-        lo = self.regular.quantize(self._gather(x, self.regular_index))
-        parts = {"hi_codes": hi.codes, "hi_norms": hi.norms, "lo_codes": lo.codes, "lo_norms": lo.norms}
+        parts = {"hi_codes": hi.codes, "hi_norms": hi.norms}
+        if self.regular is not None:
+            lo = self.regular.quantize(self._gather(x, self.regular_index))
+            parts.update(lo_codes=lo.codes, lo_norms=lo.norms)
         if self.norm_codes is not None:
             for group, quantizer in self.norm_codes.items():
                 parts[f"{group}_norms"] = quantizer.encode(parts[f"{group}_norms"])
@@ -160,10 +176,13 @@ class SplitCodec:
 
     def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:
         hi = self.outlier.dequantize(QuantizedVectors(parts["hi_codes"], self._norms(parts, "hi"), dtype=torch.float32))
-        lo = self.regular.dequantize(QuantizedVectors(parts["lo_codes"], self._norms(parts, "lo"), dtype=torch.float32))
         b, h, t, _ = hi.shape
-        out = torch.empty(b, h, t, self.head_dim, device=hi.device, dtype=torch.float32)
-        for index, part in ((self.outlier_index, hi), (self.regular_index, lo)):
+        out = torch.zeros(b, h, t, self.head_dim, device=hi.device, dtype=torch.float32)
+        groups = [(self.outlier_index, hi)]
+        if self.regular is not None:
+            lo = self.regular.dequantize(QuantizedVectors(parts["lo_codes"], self._norms(parts, "lo"), dtype=torch.float32))
+            groups.append((self.regular_index, lo))
+        for index, part in groups:
             out.scatter_(-1, index.to(hi.device, torch.int64)[None, :, None, :].expand(b, h, t, -1), part)
         return out.to(dtype)
 
@@ -212,6 +231,9 @@ class CenteredCodec:
         return self.inner.extra_nbytes + (0 if self.mean is None else self.mean.numel() * self.mean.element_size())
 
 
+EIGEN_ENTRY_BITS = 4  # B of an eigen split is stored in 4-bit entries: d²/2 bytes, as much as a symmetric int8 A
+
+
 class RopeKeyCodec:
     """Keys: quantize A (k_p - R_p μ): centered before RoPE (μ) and error-shaped by the queries (A).
 
@@ -230,6 +252,12 @@ class RopeKeyCodec:
     quantization error lands where queries look least; decode applies A⁻¹
     (or the fused kernel scores with A⁻¹q, `shape_queries`).
 
+    Eigen split (`eigen`, inner codec a SplitCodec): the stored vector is
+    B (k_p - R_p μ), B = Qᵀ A rotated into the eigenbasis of the shaped keys
+    (`shaping.eigen_ordered`, leading directions first), and the inner codec's
+    outlier group is the leading directions: bits go where the score error is.
+    B is not symmetric (stored whole, d² bytes per head).
+
     The store passes each chunk's sequence index (`first_index`); encode and
     decode use the same indices, so the reconstruction is consistent even
     where they differ from the model's positions (left padding), which costs
@@ -240,15 +268,19 @@ class RopeKeyCodec:
 
     uses_positions = True
 
-    def __init__(self, inner, skip: int = 1, center: bool = True, shape: bool = False):
+    def __init__(self, inner, skip: int = 1, center: bool = True, shape: bool = False, eigen: bool = False):
+        if eigen and not (shape and isinstance(inner, SplitCodec)):
+            raise ValueError("an eigen split needs query shaping and a SplitCodec")
         self.inner = inner
+        self.eigen = eigen
         self.skip = skip
         self.center_keys = center
         self.rope = None  # RopeTable
         self.mean: torch.Tensor | None = None  # [H, d] float32, fixed on the first encode
         self._pair: torch.Tensor | None = None  # [μ | rotate_half(μ)] [H, 2d] on the device last used
         self.queries = QueryMoments() if shape else None
-        self.shaping: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, A⁻¹) [H, d, d] float32
+        # (M, M⁻¹) [H, d, d] float32, row-vector convention (stored = x @ M): M = A, or Bᵀ for an eigen split
+        self.shaping: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __getattr__(self, name):  # head_dim, bits, quantizer, ... of the wrapped codec
         return getattr(self.__dict__["inner"], name)
@@ -285,8 +317,14 @@ class RopeKeyCodec:
             sigma_q = self.queries.mean
             if self.rope is not None:
                 sigma_q, sigma_k = rope_average(sigma_q, self.rope), rope_average(sigma_k, self.rope)
-            a, a_inv = stored_transform(shaping_transform(sigma_q, sigma_k))
-            self.shaping = (a.to(x.device), a_inv.to(x.device))
+            a = shaping_transform(sigma_q, sigma_k)
+            if self.eigen:
+                b = eigen_ordered(a, sigma_k)  # y = B k, leading directions first
+                m, m_inv = stored_transform(b.transpose(-1, -2), symmetric=False, entry_bits=EIGEN_ENTRY_BITS)
+                self.inner.calibrate_leading(x.shape[1])
+            else:
+                m, m_inv = stored_transform(a)
+            self.shaping = (m.to(x.device), m_inv.to(x.device))
         self.mean = mean
 
     def _offset(self, like: torch.Tensor, first_index: int) -> torch.Tensor:
@@ -305,7 +343,7 @@ class RopeKeyCodec:
         return self._pair
 
     def _apply(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        """x [B, H, T, d] times A (which=0) or A⁻¹ (which=1) per head (both symmetric)."""
+        """x [B, H, T, d] times M (which=0: encode) or M⁻¹ (which=1: decode) per head."""
         if self.shaping is None:
             return x
         return torch.einsum("bhtd,hde->bhte", x, self.shaping[which].to(x.device))
@@ -320,12 +358,13 @@ class RopeKeyCodec:
         return self.inner.encode(self.center(x, first_index))
 
     def shape_queries(self, q: torch.Tensor) -> torch.Tensor:
-        """A⁻¹q for queries q [B, Hq, d] (grouped over the KV heads): the inner codes score with these."""
+        """A⁻¹q (eigen split: B⁻ᵀq) for queries q [B, Hq, d] (grouped over the KV heads): the inner codes
+        score with these, q·k = q·(B⁻¹ y) = (B⁻ᵀ q)·y, i.e. row vectors q @ M⁻ᵀ."""
         if self.shaping is None:
             return q
         b, hq, d = q.shape
         hkv = self.shaping[1].shape[0]
-        shaped = torch.einsum("bhgd,hde->bhge", q.float().view(b, hkv, hq // hkv, d), self.shaping[1].to(q.device))
+        shaped = torch.einsum("bhgd,hed->bhge", q.float().view(b, hkv, hq // hkv, d), self.shaping[1].to(q.device))
         return shaped.reshape(b, hq, d).to(q.dtype)
 
     def score_offset(self, q: torch.Tensor, first_index: int, length: int) -> torch.Tensor:
@@ -350,9 +389,9 @@ class RopeKeyCodec:
 
     @property
     def extra_nbytes(self) -> int:
-        """μ in float16, A as stored (int8 upper triangle + row scales) and the RoPE frequencies: per layer."""
+        """μ in float16, A as stored (int8 upper triangle or whole B, + row scales) and the RoPE frequencies: per layer."""
         mean = 0 if self.mean is None else self.mean.numel() * 2
-        shaping = 0 if self.shaping is None else stored_nbytes(self.shaping[0].shape[0], self.head_dim)
+        shaping = 0 if self.shaping is None else stored_nbytes(self.shaping[0].shape[0], self.head_dim, symmetric=not self.eigen, entry_bits=EIGEN_ENTRY_BITS if self.eigen else 8)
         rope = 0 if self.rope is None else self.rope.frequencies.numel() * 4
         return self.inner.extra_nbytes + mean + shaping + rope
 
@@ -368,11 +407,18 @@ def make_codec(
     rope: bool = False,
     shape: bool = False,
     norm_bits: int = 16,
+    split: tuple[int, int] | None = None,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
-    optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`)."""
+    optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`).
+    `split` = (high, low) bits: an eigen split of query-shaped keys at `bits` on average (`eigen_split_groups`)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
+    if split is not None:
+        if not (rope and shape):
+            raise ValueError("an eigen split (key_split) needs query-shaped keys")
+        codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split))
+        return RopeKeyCodec(codec, center=center, shape=True, eigen=True)
     if outliers == 0 and rotation_candidates > 1:
         codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits)
     elif outliers == 0:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .norms import check_norm_bits
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -28,6 +28,22 @@ def split_bits(bits: float, head_dim: int, step: int = 1) -> tuple[int, int, int
     if outliers >= head_dim:
         return 0, low + step, low + step
     return outliers, low + step, low
+
+
+def _check_split(bits: float, split: tuple) -> None:
+    if len(split) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in split) or not 0 <= split[1] < bits < split[0] <= MAX_BITS:
+        raise ValueError(f"key_split must be integer bits (high, low) with 0 <= low < key_bits={bits:g} < high <= {MAX_BITS}, got {split!r}")
+
+
+def eigen_split_groups(bits: float, head_dim: int, high: int, low: int) -> tuple[int, int, int]:
+    """An eigen split of `bits` per coordinate on average: (leading_directions, high, low) with
+    m = round(d (bits - low) / (high - low)) leading directions at `high` bits and the rest at `low`
+    (low = 0: dropped). E.g. 4 bits as (5, 3) at d = 64: 32 directions at 5 bits + 32 at 3."""
+    _check_split(bits, (high, low))
+    leading = int(round(head_dim * (bits - low) / (high - low)))
+    if not 0 < leading < head_dim:
+        raise ValueError(f"an eigen split ({high}, {low}) of {bits:g} bits at head_dim {head_dim} leaves a group empty")
+    return leading, high, low
 
 
 def _check_bits(name: str, bits: float) -> None:
@@ -72,6 +88,12 @@ class TurboQuantConfig:
         stored in int8 (d(d+1)/2 bytes per head, counted). Full-attention
         layers only: on a sliding-window layer A would cost as much as its
         short cache.
+    key_split: (high, low) bits: keys stored in the eigenbasis of their query-shaped
+        second moment (needs shape_keys), the leading directions at `high` bits and
+        the rest at `low` (0: dropped), key_bits on average (`eigen_split_groups`):
+        transform coding, bits where the score error is. Each group has its own
+        norm; B is stored whole (d² bytes per head, counted). Full-attention layers
+        only (others store plain key_bits); reference path only (no fused kernel).
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per
@@ -96,6 +118,7 @@ class TurboQuantConfig:
     outlier_step: int = 1
     rotation_candidates: int = 1
     norm_bits: int = 16
+    key_split: tuple[int, int] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -127,6 +150,11 @@ class TurboQuantConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_norm_bits(self.norm_bits)
+        if self.key_split is not None:
+            object.__setattr__(self, "key_split", tuple(self.key_split))
+            _check_split(self.key_bits, self.key_split)
+            if not self.shape_keys or self.key_method != "mse":
+                raise ValueError("key_split needs shape_keys=True and key_method='mse' (it splits the query-shaped eigenbasis)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -172,6 +200,8 @@ class TurboQuantConfig:
             label += "-qs"
         if self.norm_bits != 16:
             label += f"-n{self.norm_bits}"
+        if self.key_split is not None:
+            label += "-e{}.{}".format(*self.key_split)
         if self.protect_first or self.protect_last:
             label += f"-p{self.protect_first}.{self.protect_last}" + ("" if self.protected_bits is None else f"b{self.protected_bits}")
         if self.protected_layers:
@@ -185,7 +215,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -210,6 +240,7 @@ class TurboQuantConfig:
             r"L(\d+(?:\.\d+)*)": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))},
             r"qs": lambda m: {"shape_keys": True},
             r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
+            r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
             r"q": lambda m: {"prefill_exact": False},
             r"seed(\d+)": lambda m: {"seed": int(m[1])},
         }

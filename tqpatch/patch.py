@@ -73,11 +73,14 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
     """The TurboQuantLayer a patched attention module stores its K/V in (codecs, window, sinks from `cfg`).
 
     `shape_keys` applies to full-attention layers only: a sliding-window layer holds at most its window
-    (512 tokens on Gemma 3), against which the stored d×d map costs too much (measured: README)."""
+    (512 tokens on Gemma 3), against which the stored d×d map costs too much (measured: README); so does
+    `key_split`, which also skips protected layers (they store their own bits)."""
+    shape = cfg.shape_keys and sliding_window is None
+    split = cfg.key_split if shape and key_bits == cfg.key_bits else None
     return TurboQuantLayer(
         key_codec=make_codec(
             head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates,
-            rope=True, shape=cfg.shape_keys and sliding_window is None, norm_bits=cfg.norm_bits,
+            rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split,
         ),
         value_codec=make_codec(
             head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,

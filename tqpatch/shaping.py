@@ -74,23 +74,47 @@ def shaping_transform(sigma_q: torch.Tensor, sigma_k: torch.Tensor, shrink: floa
     return ((vectors * values[..., None, :].sqrt()) @ vectors.transpose(-1, -2)).float()  # A = P^{1/2}
 
 
-def stored_transform(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Â, Â⁻¹) [..., d, d] float32: A rounded to what is stored, int8 upper triangle with one scale per row
-    (d(d+1)/2 bytes + d float16 scales per head), mirrored so Â stays symmetric; Â⁻¹ is derived from Â,
-    so encode (Â) and decode/queries (Â⁻¹) agree exactly and only Â counts as stored."""
+def eigen_ordered(a: torch.Tensor, sigma_k: torch.Tensor) -> torch.Tensor:
+    """B = Qᵀ A [..., d, d] float64: A followed by the rotation into the eigenbasis of the shaped keys'
+    second moment A Σ_k A = Q diag(μ) Qᵀ, eigenvalues μ descending.
+
+    With A the geometric-mean shaping, both the shaped second moment and the shaped score metric
+    A⁻¹ Σ_q A⁻¹ are diagonal in this basis with the same eigenvalues μ_i = sqrt(λ_i), λ_i those of
+    Σ_q^{1/2} Σ_k Σ_q^{1/2}. So coordinate i of B k carries a share μ_i / Σμ of both the key energy
+    and the score error: the leading coordinates are where extra bits pay (transform coding), which
+    is what an eigen split (`TurboQuantConfig.key_split`) gives them."""
+    a, sigma_k = a.double(), sigma_k.double()
+    values, vectors = torch.linalg.eigh(a @ sigma_k @ a.transpose(-1, -2))
+    order = values.argsort(dim=-1, descending=True)
+    vectors = torch.gather(vectors, -1, order[..., None, :].expand_as(vectors))
+    return vectors.transpose(-1, -2) @ a
+
+
+def stored_transform(a: torch.Tensor, symmetric: bool = True, entry_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Â, Â⁻¹) [..., d, d] float32: A rounded to what is stored, `entry_bits`-bit integers (8 or 4) with one
+    float16 scale per row.
+
+    symmetric: only the upper triangle is stored and mirrored, so Â stays symmetric; else the whole
+    matrix. Â⁻¹ is derived from Â, so encode (Â) and decode/queries (Â⁻¹) agree exactly and only Â
+    counts as stored: rounding A costs a little shaping gain, never correctness."""
+    if entry_bits not in (4, 8):
+        raise ValueError(f"entry_bits must be 4 or 8, got {entry_bits!r}")
     a = a.double()
     d = a.shape[-1]
-    upper = torch.ones(d, d, dtype=torch.bool).triu()
-    scale = (a.abs() * upper).amax(-1, keepdim=True).clamp_min(1e-30) / 127  # [..., d, 1], row i covers j >= i
+    top = 2 ** (entry_bits - 1) - 1  # 127 or 7
+    upper = torch.ones(d, d, dtype=torch.bool).triu() if symmetric else torch.ones(d, d, dtype=torch.bool)
+    scale = (a.abs() * upper).amax(-1, keepdim=True).clamp_min(1e-30) / top  # [..., d, 1], row i covers j >= i
     scale = scale.half().double()
-    rounded = torch.round(a / scale).clamp(-127, 127) * scale
+    rounded = torch.round(a / scale).clamp(-top, top) * scale
     stored = torch.where(upper, rounded, rounded.transpose(-1, -2))
     return stored.float(), torch.linalg.inv(stored).float()
 
 
-def stored_nbytes(heads: int, head_dim: int) -> int:
-    """Bytes of `stored_transform`'s Â for `heads` heads: int8 upper triangle + float16 row scales."""
-    return heads * (head_dim * (head_dim + 1) // 2 + 2 * head_dim)
+def stored_nbytes(heads: int, head_dim: int, symmetric: bool = True, entry_bits: int = 8) -> int:
+    """Bytes of `stored_transform`'s Â for `heads` heads: the upper triangle (or whole matrix) at
+    `entry_bits` per entry + float16 row scales."""
+    entries = head_dim * (head_dim + 1) // 2 if symmetric else head_dim * head_dim
+    return heads * ((entries * entry_bits + 7) // 8 + 2 * head_dim)
 
 
 def shaping_gain(sigma_q: torch.Tensor, sigma_k: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

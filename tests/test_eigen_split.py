@@ -1,0 +1,124 @@
+"""Eigen split of query-shaped keys (shaping.eigen_ordered, SplitCodec groups, `key_split`): math, codec, config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_shaping import _anisotropic, _low_rank_queries_and_keys
+from tiny_models import prompt, tiny_model
+
+from tqpatch import kernels
+from tqpatch.codec import RopeKeyCodec, SplitCodec, TurboQuantCodec, make_codec
+from tqpatch.config import TurboQuantConfig, eigen_split_groups
+from tqpatch.shaping import eigen_ordered, shaping_transform, stored_nbytes, stored_transform
+
+
+def test_eigen_basis_diagonalises_keys_and_score_metric_alike():
+    """With the geometric-mean A, B = QᵀA makes B Σk Bᵀ and B⁻ᵀ Σq B⁻¹ the same descending diagonal."""
+    d = 24
+    sq, sk = _anisotropic(d, 3, 0), _anisotropic(d, 12, 1)
+    b = eigen_ordered(shaping_transform(sq, sk, shrink=0.0).double(), sk)
+    keys = b @ sk @ b.T
+    b_inv = torch.linalg.inv(b)
+    metric = b_inv.T @ sq @ b_inv
+    diagonal = keys.diagonal()
+    assert torch.allclose(keys, torch.diag(diagonal), atol=1e-6 * diagonal.max())
+    assert (diagonal[:-1] >= diagonal[1:] - 1e-9).all()
+    assert torch.allclose(metric, keys * metric.trace() / keys.trace(), atol=1e-4 * diagonal.max() * metric.trace() / keys.trace())
+
+
+def test_stored_transform_whole_matrix_in_4_bits_keeps_an_exact_inverse():
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 16, 16, generator=gen, dtype=torch.float64) + 4 * torch.eye(16, dtype=torch.float64)
+    stored, stored_inv = stored_transform(a, symmetric=False, entry_bits=4)
+    assert not torch.equal(stored, stored.transpose(-1, -2))
+    assert torch.allclose(stored.double() @ stored_inv.double(), torch.eye(16, dtype=torch.float64).expand(2, -1, -1), atol=1e-4)
+    scale = a.abs().amax(-1, keepdim=True) / 7
+    steps = stored / scale.half().float()
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 7 + 1e-3
+    assert stored_nbytes(2, 16, symmetric=False, entry_bits=4) == 2 * (16 * 16 // 2 + 32)
+    with pytest.raises(ValueError, match="entry_bits must be 4 or 8"):
+        stored_transform(a, entry_bits=6)
+
+
+@pytest.mark.parametrize("low", [0, 1])
+def test_split_codec_groups_and_dropped_channels(low):
+    codec = SplitCodec(32, 2.0, groups=(12, 4, low))
+    x = torch.randn(1, 2, 10, 32)
+    codec.calibrate_leading(2)
+    parts = codec.encode(x)
+    out = codec.decode(parts, torch.float32)
+    assert codec.bits_per_coordinate == (12 * 4 + 20 * low) / 32
+    assert torch.equal(codec.outlier_index[0].long(), torch.arange(12))
+    hi_error = (out[..., :12] - x[..., :12]).norm() / x[..., :12].norm()
+    assert hi_error < 0.2
+    if low == 0:
+        assert set(parts) == {"hi_codes", "hi_norms"} and (out[..., 12:] == 0).all()
+    else:
+        assert "lo_codes" in parts and (out[..., 12:] - x[..., 12:]).norm() / x[..., 12:].norm() < 0.9
+
+
+def test_eigen_split_groups_and_config_validation():
+    assert eigen_split_groups(4, 64, 5, 3) == (32, 5, 3)
+    assert eigen_split_groups(2, 64, 3, 1) == (32, 3, 1)
+    assert eigen_split_groups(2, 64, 4, 0) == (32, 4, 0)
+    assert eigen_split_groups(2, 64, 4, 1) == (21, 4, 1)
+    config = TurboQuantConfig.from_spec("k2v2-s4-ck-qs-n8-e3.1")
+    assert config.key_split == (3, 1) and config.name == "k2v2-s4-ck-qs-n8-e3.1"
+    with pytest.raises(ValueError, match="needs shape_keys=True"):
+        TurboQuantConfig.from_spec("k2v2-e3.1")
+    with pytest.raises(ValueError, match=r"0 <= low < key_bits=2 < high <= 8"):
+        TurboQuantConfig.from_spec("k2v2-qs-e2.1")
+    with pytest.raises(ValueError, match="leaves a group empty"):
+        eigen_split_groups(1.01, 16, 8, 1)
+
+
+@pytest.mark.parametrize("split", [(3, 1), (4, 0)])
+def test_eigen_split_codec_cuts_the_score_error_against_plain_shaping(split):
+    """Low-rank queries: spending the bits on the leading shaped directions beats shaping alone at the same bits."""
+    queries, keys = _low_rank_queries_and_keys()
+
+    def score_error(codec):
+        codec.observe_queries(queries[:, :32], kv_heads=2)
+        out = torch.cat([codec.decode(codec.encode(keys[:, :, s : s + 32], s), torch.float32, s) for s in (0, 32, 64)], dim=2)
+        return torch.einsum("bthd,bhsd->bhts", queries, keys - out).pow(2).mean().sqrt()
+
+    shaped = make_codec(32, 2, "mse", 0, rope=True, shape=True)
+    split_codec = make_codec(32, 2, "mse", 0, rope=True, shape=True, split=split)
+    assert isinstance(split_codec, RopeKeyCodec) and split_codec.eigen and isinstance(split_codec.inner, SplitCodec)
+    assert split_codec.inner.bits_per_coordinate == 2
+    shaped_error, split_error = score_error(shaped), score_error(split_codec)
+    assert split_error < 0.8 * shaped_error, (split_error, shaped_error)
+    assert split_codec.extra_nbytes > 2 * (32 * 32 // 2)  # B (4-bit entries, both heads) is counted
+
+
+def test_eigen_split_queries_score_the_codes_like_the_decoded_keys():
+    """B is not symmetric: the codes score with B⁻ᵀq (shape_queries), equal to q·decode(k)."""
+    queries, keys = _low_rank_queries_and_keys(tokens=64)
+    codec = make_codec(32, 2, "mse", 0, rope=True, shape=True, split=(3, 1))
+    codec.observe_queries(queries[:, :32], kv_heads=2)
+    parts = codec.inner.encode(codec.center(keys, 0))
+    q = torch.randn(1, 4, 32)  # 2 query heads per KV head
+    via_codes = torch.einsum("bhgd,bhtd->bhgt", codec.shape_queries(q).view(1, 2, 2, 32), codec.inner.decode(parts, torch.float32))
+    via_keys = torch.einsum("bhgd,bhtd->bhgt", q.view(1, 2, 2, 32), codec.decode(parts, torch.float32, 0))
+    assert torch.allclose(via_codes, via_keys, atol=1e-3 * via_keys.abs().max())
+    assert not kernels.supports(codec.inner)  # split codecs take the reference path
+
+
+def test_patched_model_with_an_eigen_split_runs_and_stays_close():
+    import tqpatch
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ids = prompt(length=40)
+    config = TurboQuantConfig.from_spec("k3v4-s2-ck-qs-e4.2")
+    with torch.no_grad():
+        exact = model(ids).logits
+        tqpatch.patch(model, config)
+        cache = DynamicCache(config=model.config)
+        out = torch.cat([model(ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 40, 8)], dim=1)
+        tqpatch.unpatch(model)
+    for layer in cache.layers:
+        assert layer.key_codec.eigen and layer.key_codec.inner.calibrated
+    assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98
+    assert isinstance(make_codec(32, 4, "mse", 0), TurboQuantCodec)
