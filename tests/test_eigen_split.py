@@ -122,22 +122,3 @@ def test_patched_model_with_an_eigen_split_runs_and_stays_close():
         assert layer.key_codec.eigen and layer.key_codec.inner.calibrated
     assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98
     assert isinstance(make_codec(32, 4, "mse", 0), TurboQuantCodec)
-
-
-def test_ratio_norm_stores_one_norm_and_predicts_the_other():
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(1, 2, 40, 32, generator=gen) * torch.tensor([3.0, 0.5])[None, :, None, None]  # heads of different scale
-    own = SplitCodec(32, 2.0, groups=(16, 3, 1))
-    ratio = SplitCodec(32, 2.0, groups=(16, 3, 1), ratio_norm=True)
-    for codec in (own, ratio):
-        codec.calibrate_leading(2)
-    parts_own, parts_ratio = own.encode(x), ratio.encode(x)
-    assert "lo_norms" in parts_own and "lo_norms" not in parts_ratio
-    # iid coordinates: both groups carry half the energy, so ρ ≈ 1 in both heads
-    assert torch.allclose(ratio.norm_ratio.float(), torch.ones(2), atol=0.1)
-    error = lambda codec, parts: ((codec.decode(parts, torch.float32) - x).norm() / x.norm()).item()  # noqa: E731
-    assert error(ratio, parts_ratio) < 1.25 * error(own, parts_own)
-    assert ratio.extra_nbytes == own.extra_nbytes + 2 * 2
-    assert TurboQuantConfig.from_spec("k2v2-s3-ck-qs-n8-e3.1r").key_split_ratio_norm
-    with pytest.raises(ValueError, match="needs key_split"):
-        TurboQuantConfig(key_split_ratio_norm=True)

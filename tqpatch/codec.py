@@ -111,9 +111,6 @@ class SplitCodec:
     (num_outliers, outlier_bits, regular_bits) sets the split directly (an
     eigen split, `TurboQuantConfig.key_split`). regular_bits = 0 drops the
     regular channels: they decode to 0 and store no codes and no norm.
-    ratio_norm: the regular group stores no norm; it decodes with ρ_h times
-    the outlier group's norm, ρ_h [H] the least-squares ratio ‖x_reg‖/‖x_out‖
-    over the first chunk (float16, counted): one norm per vector instead of two.
 
     outlier_index [H, n_out] and regular_index [H, d - n_out] (uint8, d <= 256) are set by
     `calibrate(x)` from the first chunk: the n_out channels with the largest
@@ -122,7 +119,7 @@ class SplitCodec:
     """
 
     def __init__(self, head_dim: int, bits: float, seed: int = 0, step: int = 1, norm_bits: int = 16,
-                 groups: tuple[int, int, int] | None = None, ratio_norm: bool = False):
+                 groups: tuple[int, int, int] | None = None):
         check_norm_bits(norm_bits)
         self.head_dim = head_dim
         self.norm_bits = norm_bits
@@ -136,10 +133,8 @@ class SplitCodec:
         self.regular = TurboQuantMSE(head_dim - self.num_outliers, self.regular_bits, seed) if self.regular_bits else None
         self.outlier_index: torch.Tensor | None = None
         self.regular_index: torch.Tensor | None = None
-        self.ratio_norm = ratio_norm and self.regular is not None
-        self.norm_ratio: torch.Tensor | None = None  # ρ [H] float16 (ratio_norm), fixed on the first encode
         # one norm per stored channel group and vector: 8-bit log codes (norm_bits=8) or float16
-        groups_stored = ("hi", "lo") if self.regular is not None and not self.ratio_norm else ("hi",)
+        groups_stored = ("hi", "lo") if self.regular is not None else ("hi",)
         self.norm_codes = {group: LogNormQuantizer() for group in groups_stored} if norm_bits == 8 else None
 
     @property
@@ -169,13 +164,7 @@ class SplitCodec:
         parts = {"hi_codes": hi.codes, "hi_norms": hi.norms}
         if self.regular is not None:
             lo = self.regular.quantize(self._gather(x, self.regular_index))
-            parts["lo_codes"] = lo.codes
-            if self.ratio_norm:
-                if self.norm_ratio is None:
-                    lo_n, hi_n = lo.norms.float(), hi.norms.float()  # [B, H, T]; least squares ‖x_reg‖ ≈ ρ ‖x_out‖
-                    self.norm_ratio = ((lo_n * hi_n).sum(dim=(0, 2)) / (hi_n * hi_n).sum(dim=(0, 2)).clamp_min(1e-30)).half()
-            else:
-                parts["lo_norms"] = lo.norms
+            parts.update(lo_codes=lo.codes, lo_norms=lo.norms)
         if self.norm_codes is not None:
             for group, quantizer in self.norm_codes.items():
                 parts[f"{group}_norms"] = quantizer.encode(parts[f"{group}_norms"])
@@ -191,9 +180,7 @@ class SplitCodec:
         out = torch.zeros(b, h, t, self.head_dim, device=hi.device, dtype=torch.float32)
         groups = [(self.outlier_index, hi)]
         if self.regular is not None:
-            lo_norms = (self._norms(parts, "hi").float() * self.norm_ratio.to(hi.device).float()[None, :, None]
-                        if self.ratio_norm else self._norms(parts, "lo"))
-            lo = self.regular.dequantize(QuantizedVectors(parts["lo_codes"], lo_norms, dtype=torch.float32))
+            lo = self.regular.dequantize(QuantizedVectors(parts["lo_codes"], self._norms(parts, "lo"), dtype=torch.float32))
             groups.append((self.regular_index, lo))
         for index, part in groups:
             out.scatter_(-1, index.to(hi.device, torch.int64)[None, :, None, :].expand(b, h, t, -1), part)
@@ -205,11 +192,10 @@ class SplitCodec:
 
     @property
     def extra_nbytes(self) -> int:
-        """The channel indices (one byte per channel per head), the 8-bit norms' per-head ranges and ρ."""
+        """The channel indices (one byte per channel per head) and the 8-bit norms' per-head ranges."""
         if not self.calibrated:
             return 0
         ranges = 0 if self.norm_codes is None else sum(q.extra_nbytes for q in self.norm_codes.values())
-        ranges += 0 if self.norm_ratio is None else self.norm_ratio.numel() * 2
         return ranges + sum(t.numel() * t.element_size() for t in (self.outlier_index, self.regular_index))
 
 
@@ -422,19 +408,16 @@ def make_codec(
     shape: bool = False,
     norm_bits: int = 16,
     split: tuple[int, int] | None = None,
-    split_ratio_norm: bool = False,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
     optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`).
-    `split` = (high, low) bits: an eigen split of query-shaped keys at `bits` on average (`eigen_split_groups`),
-    the low group's norm stored or (`split_ratio_norm`) predicted from the high group's."""
+    `split` = (high, low) bits: an eigen split of query-shaped keys at `bits` on average (`eigen_split_groups`)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if split is not None:
         if not (rope and shape):
             raise ValueError("an eigen split (key_split) needs query-shaped keys")
-        codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split),
-                           ratio_norm=split_ratio_norm)
+        codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split))
         return RopeKeyCodec(codec, center=center, shape=True, eigen=True)
     if outliers == 0 and rotation_candidates > 1:
         codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits)

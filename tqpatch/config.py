@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .norms import check_norm_bits
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>[r], p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -94,9 +94,6 @@ class TurboQuantConfig:
         transform coding, bits where the score error is. Each group has its own
         norm; B is stored whole (d² bytes per head, counted). Full-attention layers
         only (others store plain key_bits); reference path only (no fused kernel).
-    key_split_ratio_norm: with key_split, the low group stores no norm and decodes
-        with the high group's norm times a per-head ratio fixed on the first chunk
-        (spec suffix `r`: `e3.1r`): 8 or 16 bits less per key vector.
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per
@@ -122,7 +119,6 @@ class TurboQuantConfig:
     rotation_candidates: int = 1
     norm_bits: int = 16
     key_split: tuple[int, int] | None = None
-    key_split_ratio_norm: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -159,8 +155,6 @@ class TurboQuantConfig:
             _check_split(self.key_bits, self.key_split)
             if not self.shape_keys or self.key_method != "mse":
                 raise ValueError("key_split needs shape_keys=True and key_method='mse' (it splits the query-shaped eigenbasis)")
-        if not isinstance(self.key_split_ratio_norm, bool) or (self.key_split_ratio_norm and self.key_split is None):
-            raise ValueError(f"key_split_ratio_norm must be True or False and needs key_split, got {self.key_split_ratio_norm!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -207,7 +201,7 @@ class TurboQuantConfig:
         if self.norm_bits != 16:
             label += f"-n{self.norm_bits}"
         if self.key_split is not None:
-            label += "-e{}.{}".format(*self.key_split) + ("r" if self.key_split_ratio_norm else "")
+            label += "-e{}.{}".format(*self.key_split)
         if self.protect_first or self.protect_last:
             label += f"-p{self.protect_first}.{self.protect_last}" + ("" if self.protected_bits is None else f"b{self.protected_bits}")
         if self.protected_layers:
@@ -221,7 +215,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low}[r] (eigen split of keys, r: low norm predicted) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -246,7 +240,7 @@ class TurboQuantConfig:
             r"L(\d+(?:\.\d+)*)": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))},
             r"qs": lambda m: {"shape_keys": True},
             r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
-            r"e(\d+)\.(\d+)(r?)": lambda m: {"key_split": (int(m[1]), int(m[2])), "key_split_ratio_norm": bool(m[3])},
+            r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
             r"q": lambda m: {"prefill_exact": False},
             r"seed(\d+)": lambda m: {"seed": int(m[1])},
         }

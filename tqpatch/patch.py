@@ -80,7 +80,7 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
     return TurboQuantLayer(
         key_codec=make_codec(
             head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates,
-            rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split, split_ratio_norm=cfg.key_split_ratio_norm,
+            rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split,
         ),
         value_codec=make_codec(
             head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,
