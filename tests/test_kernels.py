@@ -298,16 +298,17 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
     assert agree >= 0.97, agree
 
 
-def test_codecs_without_kernels_run_on_the_device_through_the_reference_path():
-    """Split (fractional-bit) codecs have no kernel, also under RoPE-centering: patched CUDA decoding uses the PyTorch
-    path and matches the same model on the CPU."""
+@pytest.mark.parametrize("spec", ["k3.5v3-ck-s2", "k2v2-s2-ck-qs-n8-e3.1"])
+def test_codecs_without_kernels_run_on_the_device_through_the_reference_path(spec):
+    """Split (fractional-bit, eigen-split) codecs have no kernel, also under RoPE-centering: patched CUDA decoding uses
+    the PyTorch path and matches the same model on the CPU."""
     import tqpatch
 
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(7))
     outputs = []
     for device in (DEVICE, "cpu"):
         model = _tiny_llama().to(device)
-        tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec("k3.5v3-ck-s2"))
+        tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec(spec))
         try:
             out = model.generate(ids.to(device), max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
         finally:
