@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_shaping import _anisotropic, _low_rank_queries_and_keys
@@ -122,3 +124,16 @@ def test_patched_model_with_an_eigen_split_runs_and_stays_close():
         assert layer.key_codec.eigen and layer.key_codec.inner.calibrated
     assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98
     assert isinstance(make_codec(32, 4, "mse", 0), TurboQuantCodec)
+
+
+def test_eigen_split_warns_when_the_first_chunk_is_too_short_for_its_basis():
+    queries, keys = _low_rank_queries_and_keys()
+    codec = make_codec(32, 2, "mse", 0, rope=True, shape=True, split=(3, 1))
+    codec.observe_queries(queries[:, :5], kv_heads=2)
+    with pytest.warns(UserWarning, match="eigen split fitted on 4 key vectors at head_dim 32"):  # the first token is left out
+        codec.encode(keys[:, :, :5], 0)
+    long_enough = make_codec(32, 2, "mse", 0, rope=True, shape=True, split=(3, 1))
+    long_enough.observe_queries(queries[:, :9], kv_heads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        long_enough.encode(keys[:, :, :9], 0)

@@ -94,6 +94,9 @@ class TurboQuantConfig:
         transform coding, bits where the score error is. Each group has its own
         norm; B is stored whole (d² bytes per head, counted). Full-attention layers
         only (others store plain key_bits); reference path only (no fused kernel).
+        B is fitted on the first chunk a layer stores: it needs a few dozen key
+        vectors (it warns below d/4; README: it hurt Gemma-3 at d 256 with 32-token
+        first chunks and helped with 256-token ones).
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per
