@@ -137,3 +137,65 @@ def test_eigen_split_warns_when_the_first_chunk_is_too_short_for_its_basis():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         long_enough.encode(keys[:, :, :9], 0)
+
+
+def test_refit_fits_the_key_codec_again_on_more_tokens_and_reencodes_them():
+    """refit_tokens: after N compressed keys a fresh codec is fitted on all of them (and all queries so far);
+    the stored codes are those of the fresh codec, the exact copies are gone, reads stayed compressed."""
+    import tqpatch
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ids = prompt(length=48)
+    config = TurboQuantConfig.from_spec("k3v4-s2-ck-qs-e4.2-fit20")
+    assert config.refit_tokens == 20 and config.name == "k3v4-s2-ck-qs-e4.2-fit20"
+    seen = []
+    with torch.no_grad():
+        reference = DynamicCache(config=model.config)
+        exact = model(ids, past_key_values=reference, use_cache=True).logits
+        exact_keys = reference.layers[0].keys.float()  # [1, H, 48, d]
+        tqpatch.patch(model, config)
+        cache = DynamicCache(config=model.config)
+        outs = []
+        for s in range(0, 48, 8):
+            outs.append(model(ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits)
+            layer = cache.layers[0]
+            seen.append((layer.refit_pending, None if layer._exact_keys is None else layer._exact_keys.shape[-2], layer.key_codec))
+        tqpatch.unpatch(model)
+    # sinks take 2 tokens; compressed keys after each call: 6, 14, 22 (refit), 30, ...
+    assert [(pending, n) for pending, n, _ in seen[:4]] == [(True, 6), (True, 14), (False, None), (False, None)]
+    first_codec, refit_codec = seen[0][2], seen[2][2]
+    assert refit_codec is not first_codec and refit_codec is seen[-1][2]
+    assert refit_codec.queries.count == 24  # the queries of the three calls up to the refit
+    assert not torch.equal(refit_codec.shaping[0], first_codec.shaping[0])
+    layer = cache.layers[0]
+    # all stored codes (those of the first calls too) are the refit codec's: they decode close to the exact keys
+    keys_now = layer._decode(layer.key_codec, layer.compressed_keys.parts, torch.float32, layer.compressed_start)
+    assert keys_now.shape[-2] == 46 and layer.memory()["full_precision_tokens"] == 2
+    cosine = torch.nn.functional.cosine_similarity(keys_now, exact_keys[..., 2:, :], dim=-1)
+    assert cosine.min() > 0.9, cosine.min()
+    out = torch.cat(outs, dim=1)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98
+
+
+def test_refit_is_off_by_default_and_validated():
+    assert TurboQuantConfig().refit_tokens == 0
+    with pytest.raises(ValueError, match="refit_tokens must be a non-negative integer"):
+        TurboQuantConfig(refit_tokens=-1)
+
+
+def test_refit_copies_follow_crop_and_batch_changes():
+    from tqpatch.patch import make_layer
+
+    layer = make_layer(TurboQuantConfig.from_spec("k4v4-ck-fit64"), 16, 4, 4)
+    keys, values = torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    layer.lazy_initialization(keys, values)
+    layer.update(keys, values)
+    assert layer.refit_pending and layer._exact_keys.shape == (2, 2, 20, 16)
+    assert layer.memory()["full_precision_bytes"] == layer._exact_keys.numel() * 4  # the copies are counted
+    layer.crop(-5)
+    assert layer._exact_keys.shape[-2] == layer.num_compressed == 15
+    layer.batch_select_indices(torch.tensor([1]))
+    assert layer._exact_keys.shape[0] == 1 and torch.equal(layer._exact_keys, keys[1:, :, :15])
+    layer.update(torch.randn(1, 2, 60, 16), torch.randn(1, 2, 60, 16))
+    assert not layer.refit_pending and layer._exact_keys is None and layer.num_compressed == 75

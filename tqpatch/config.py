@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .norms import check_norm_bits
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, fit<N>, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -97,6 +97,11 @@ class TurboQuantConfig:
         B is fitted on the first chunk a layer stores: it needs a few dozen key
         vectors (it warns below d/4; README: it hurt Gemma-3 at d 256 with 32-token
         first chunks and helped with 256-token ones).
+    refit_tokens: full-attention layers keep exact copies of their first N
+        compressed keys and, once they hold N, fit the key codec again on all of
+        them (μ, A, an eigen split's basis, 8-bit norm ranges; and the queries seen
+        until then) and encode them again; reads stay compressed (0 = off: fitted on
+        the first chunk only). The copies count as full-precision bytes while held.
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per
@@ -122,6 +127,7 @@ class TurboQuantConfig:
     rotation_candidates: int = 1
     norm_bits: int = 16
     key_split: tuple[int, int] | None = None
+    refit_tokens: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,7 +137,7 @@ class TurboQuantConfig:
             raise ValueError(f"key_method must be one of {KEY_METHODS}, got {self.key_method!r}")
         if self.key_method == "prod" and self.key_bits != int(self.key_bits):
             raise ValueError(f"key_method='prod' needs integer key_bits (1..8), got {self.key_bits}")
-        for name in ("residual_length", "sink_tokens", "protect_first", "protect_last"):
+        for name in ("residual_length", "sink_tokens", "protect_first", "protect_last", "refit_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -205,6 +211,8 @@ class TurboQuantConfig:
             label += f"-n{self.norm_bits}"
         if self.key_split is not None:
             label += "-e{}.{}".format(*self.key_split)
+        if self.refit_tokens:
+            label += f"-fit{self.refit_tokens}"
         if self.protect_first or self.protect_last:
             label += f"-p{self.protect_first}.{self.protect_last}" + ("" if self.protected_bits is None else f"b{self.protected_bits}")
         if self.protected_layers:
@@ -218,7 +226,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | fit{N} (refit keys on N tokens) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -244,6 +252,7 @@ class TurboQuantConfig:
             r"qs": lambda m: {"shape_keys": True},
             r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
             r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
+            r"fit(\d+)": lambda m: {"refit_tokens": int(m[1])},
             r"q": lambda m: {"prefill_exact": False},
             r"seed(\d+)": lambda m: {"seed": int(m[1])},
         }

@@ -77,11 +77,17 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
     `key_split`, which also skips protected layers (they store their own bits)."""
     shape = cfg.shape_keys and sliding_window is None
     split = cfg.key_split if shape and key_bits == cfg.key_bits else None
-    return TurboQuantLayer(
-        key_codec=make_codec(
+
+    def make_key_codec():
+        return make_codec(
             head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates,
             rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split,
-        ),
+        )
+
+    return TurboQuantLayer(
+        key_codec=make_key_codec(),
+        refit_tokens=cfg.refit_tokens,
+        make_key_codec=make_key_codec,
         value_codec=make_codec(
             head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,
         ),

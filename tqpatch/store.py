@@ -12,6 +12,13 @@ the layer's sequence are kept in up to three places, oldest first:
 - sliding-window layers (Gemma 2/3, Mistral) keep only their last
   `sliding_window - 1` tokens, like transformers' DynamicSlidingWindowLayer.
 
+Refit (`refit_tokens`, full-attention layers): the key codec is fitted on the
+first chunk it stores (centering μ, query shaping A, an eigen split's basis),
+which may be a few dozen tokens. With refit_tokens = N the layer also keeps
+exact copies of its first N compressed keys; once it holds N, a fresh key codec
+is fitted on all of them (and on the queries seen until then), they are encoded
+again with it and the copies are dropped. Reads are compressed throughout.
+
 `update` returns the layer's K/V for attention, dequantized in the model's
 dtype for this call only: no dequantized copy outlives the call, so at most
 one layer's dequantized K/V exists at a time.
@@ -129,6 +136,8 @@ class TurboQuantLayer(CacheLayerMixin):
         sink_tokens: int = 0,
         prefill_exact: bool = True,
         sliding_window: int | None = None,
+        refit_tokens: int = 0,
+        make_key_codec=None,
     ):
         super().__init__()
         self.key_codec = key_codec
@@ -150,6 +159,11 @@ class TurboQuantLayer(CacheLayerMixin):
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
         self.fused = False  # set by tqpatch.attention.prepare: decode steps attend on the codes (CUDA)
+        # refit (module docstring): exact copies of the first compressed keys until the key codec is fitted again
+        self.refit_tokens = refit_tokens if (make_key_codec is not None and not self.is_sliding) else 0
+        self._make_key_codec = make_key_codec
+        self.refit_pending = self.refit_tokens > 0
+        self._exact_keys: torch.Tensor | None = None  # [B, H, n, d] model dtype, n < refit_tokens
 
     def __repr__(self) -> str:
         kind = "sliding" if self.is_sliding else "full"
@@ -201,13 +215,16 @@ class TurboQuantLayer(CacheLayerMixin):
 
     @property
     def wants_queries(self) -> bool:
-        """True while the key codec is fitting a query-shaped transform (before its first encode)."""
-        return getattr(self.key_codec, "wants_queries", False)
+        """True while the key codec is fitting a query-shaped transform (before its first encode, or its refit)."""
+        moments = getattr(self.key_codec, "queries", None)
+        return getattr(self.key_codec, "wants_queries", False) or (self.refit_pending and moments is not None)
 
     def observe_queries(self, queries: torch.Tensor, kv_heads: int) -> None:
-        """Pre-RoPE queries [B, T, Hq, d] of this call (read by `shape_keys` codecs until they calibrate)."""
-        if self.wants_queries:
+        """Pre-RoPE queries [B, T, Hq, d] of this call (read by `shape_keys` codecs until they calibrate or refit)."""
+        if getattr(self.key_codec, "wants_queries", False):
             self.key_codec.observe_queries(queries, kv_heads)
+        elif self.wants_queries:
+            self.key_codec.queries.observe(queries, kv_heads)
 
     @staticmethod
     def _encode(codec: Codec, x: torch.Tensor, first_index: int) -> Parts:
@@ -236,9 +253,28 @@ class TurboQuantLayer(CacheLayerMixin):
 
             store_compressed(self, self.compressed_keys, self.key_codec, window_keys[..., :overflow, :])
             store_compressed(self, self.compressed_values, self.value_codec, window_values[..., :overflow, :])
+            if self.refit_pending:
+                self._exact_keys = _cat(self._exact_keys, window_keys[..., :overflow, :]).clone()
+                if self._exact_keys.shape[-2] >= self.refit_tokens:
+                    self._refit()
             window_keys, window_values = window_keys[..., overflow:, :], window_values[..., overflow:, :]
         # Copy out of the caller's tensors, so the window never pins a larger buffer.
         self.window_keys, self.window_values = window_keys.clone(), window_values.clone()
+
+    def _refit(self) -> None:
+        """Fit a fresh key codec on the exact copies of all compressed keys (and the queries seen so far),
+        encode them again with it and drop the copies."""
+        from .attention import store_compressed
+
+        old, fresh = self.key_codec, self._make_key_codec()
+        for name in ("rope", "queries"):  # what the old codec observed: the RoPE table, the queries up to now
+            if getattr(old, name, None) is not None:
+                setattr(fresh, name, getattr(old, name))
+        self.key_codec = fresh
+        self.compressed_keys = TokenBuffer()
+        store_compressed(self, self.compressed_keys, fresh, self._exact_keys)
+        self._exact_keys = None
+        self.refit_pending = False
 
     def _trim_front(self, count: int) -> None:
         """Forget the `count` oldest stored tokens (sliding-window layers)."""
@@ -312,6 +348,8 @@ class TurboQuantLayer(CacheLayerMixin):
         if from_compressed:
             self.compressed_keys.keep(0, self.num_compressed - from_compressed)
             self.compressed_values.keep(0, len(self.compressed_values) - from_compressed)
+            if self._exact_keys is not None:
+                self._exact_keys = self._exact_keys[..., : self.num_compressed, :]
         from_sink = remove - from_window - from_compressed
         if from_sink:
             self.sink_keys = self.sink_keys[..., : self.num_sink - from_sink, :]
@@ -322,7 +360,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         self.compressed_keys.map_batch(fn)
         self.compressed_values.map_batch(fn)
-        for name in ("sink_keys", "sink_values", "window_keys", "window_values"):
+        for name in ("sink_keys", "sink_values", "window_keys", "window_values", "_exact_keys"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -342,7 +380,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.compressed_keys = TokenBuffer()
         self.compressed_values = TokenBuffer()
-        self.sink_keys = self.sink_values = self.window_keys = self.window_values = None
+        self.sink_keys = self.sink_values = self.window_keys = self.window_values = self._exact_keys = None
         self.cumulative_length = 0
         self.compressed_start = 0
         self.is_initialized = False
@@ -356,7 +394,7 @@ class TurboQuantLayer(CacheLayerMixin):
     # -- accounting ----------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         """Token counts and bytes held by this layer (compressed codes, full-precision sinks and window)."""
-        full_precision = [self.sink_keys, self.sink_values, self.window_keys, self.window_values]
+        full_precision = [self.sink_keys, self.sink_values, self.window_keys, self.window_values, self._exact_keys]
         fp_bytes = sum(_tensor_nbytes(t) for t in full_precision)
         compressed_bytes = self.compressed_keys.nbytes + self.compressed_values.nbytes
         extra = self.key_codec.extra_nbytes + self.value_codec.extra_nbytes
