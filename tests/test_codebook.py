@@ -77,9 +77,9 @@ def test_large_d_centroids_match_design_notes():
 
 def test_missing_pair_builds_with_warning_naming_command():
     get_codebook.cache_clear()
-    with pytest.warns(UserWarning, match="tqpatch build-codebooks --dims 40 --bits 3"):
-        book = get_codebook(40, 3)
-    assert book.d == 40 and book.centroids.shape == (8,)
+    with pytest.warns(UserWarning, match="tqpatch build-codebooks --dims 44 --bits 3"):
+        book = get_codebook(44, 3)
+    assert book.d == 44 and book.centroids.shape == (8,)
 
 
 @pytest.mark.parametrize("bits", [0, 9])
