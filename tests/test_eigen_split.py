@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from test_shaping import _anisotropic, _low_rank_queries_and_keys
-from tiny_models import prompt, tiny_model
+from tiny_models import patched_in_chunks, prompt, tiny_model
 
 from tqpatch import kernels
 from tqpatch.codec import RopeKeyCodec, SplitCodec, TurboQuantCodec, make_codec
@@ -108,18 +108,7 @@ def test_eigen_split_queries_score_the_codes_like_the_decoded_keys():
 
 
 def test_patched_model_with_an_eigen_split_runs_and_stays_close():
-    import tqpatch
-    from transformers import DynamicCache
-
-    model = tiny_model("llama")
-    ids = prompt(length=40)
-    config = TurboQuantConfig.from_spec("k3v4-s2-ck-qs-e4.2")
-    with torch.no_grad():
-        exact = model(ids).logits
-        tqpatch.patch(model, config)
-        cache = DynamicCache(config=model.config)
-        out = torch.cat([model(ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 40, 8)], dim=1)
-        tqpatch.unpatch(model)
+    exact, out, cache = patched_in_chunks(tiny_model("llama"), prompt(length=40), TurboQuantConfig.from_spec("k3v4-s2-ck-qs-e4.2"))
     for layer in cache.layers:
         assert layer.key_codec.eigen and layer.key_codec.inner.calibrated
     assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98

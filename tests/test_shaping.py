@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import prompt, tiny_model
+from tiny_models import patched_in_chunks, prompt, tiny_model
 
 from tqpatch import kernels
 from tqpatch.codec import RopeKeyCodec, TurboQuantCodec, make_codec
@@ -122,19 +122,10 @@ def test_decode_reference_scores_codes_with_the_shaped_query():
 
 
 def test_patch_feeds_queries_to_shaped_layers_and_unpatch_removes_the_hooks():
-    import tqpatch
-    from transformers import DynamicCache
-
     model = tiny_model("llama")
-    ids = prompt(length=40)
     config = TurboQuantConfig.from_spec("k4v4-s2-ck-qs")
     assert config.shape_keys and config.name == "k4v4-s2-ck-qs"
-    with torch.no_grad():
-        exact = model(ids).logits
-        tqpatch.patch(model, config)
-        cache = DynamicCache(config=model.config)
-        out = torch.cat([model(ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 40, 8)], dim=1)
-        tqpatch.unpatch(model)
+    exact, out, cache = patched_in_chunks(model, prompt(length=40), config)
     for layer in cache.layers:
         codec = layer.key_codec
         assert isinstance(codec, RopeKeyCodec) and codec.queries.count == 8  # the first call's tokens (batch 1)

@@ -50,3 +50,19 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 
 def prompt(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def patched_in_chunks(model: torch.nn.Module, ids: torch.Tensor, config, chunk: int = 8):
+    """(exact logits of one pass, logits of `ids` fed in chunks through a patched model, its cache); unpatches."""
+    import tqpatch
+
+    with torch.no_grad():
+        exact = model(ids).logits
+        tqpatch.patch(model, config)
+        try:
+            cache = tf.DynamicCache(config=model.config)
+            steps = range(0, ids.shape[1], chunk)
+            out = torch.cat([model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits for s in steps], dim=1)
+        finally:
+            tqpatch.unpatch(model)
+    return exact, out, cache
