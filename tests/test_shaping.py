@@ -106,19 +106,24 @@ def test_shaped_codec_cuts_the_score_error_of_low_rank_queries(bits):
 
 def test_decode_reference_scores_codes_with_the_shaped_query():
     """decode_attention(q, code_query=A⁻¹q) on the inner codes equals attention with q over the decoded keys."""
+    gen = torch.Generator().manual_seed(11)
     queries, keys = _low_rank_queries_and_keys(tokens=64)
     codec = make_codec(32, 4, "mse", 0, rope=True, shape=True)
     codec.observe_queries(queries[:, :32], kv_heads=2)
     values = TurboQuantCodec(32, 4)
     key_parts = codec.inner.encode(codec.center(keys, 0))
-    value_parts = values.encode(torch.randn(1, 2, 64, 32))
-    fp = torch.randn(1, 2, 3, 32)
-    q = torch.randn(1, 2, 32)
+    value_parts = values.encode(torch.randn(1, 2, 64, 32, generator=gen))
+    fp = torch.randn(1, 2, 3, 32, generator=gen)
+    q = torch.randn(1, 2, 32, generator=gen)
     via_codes = kernels.decode_attention_reference(q, codec.inner, values, key_parts, value_parts, fp, fp, 0.2, code_query=codec.shape_queries(q))
-    decoded = codec.decode(key_parts, torch.float32, 0)
-    exact = kernels.decode_attention_reference(q, TurboQuantCodec(32, 8), values, TurboQuantCodec(32, 8).encode(decoded), value_parts, fp, fp, 0.2)
+    # softmax attention of q over the decoded keys (A⁻¹ applied) and the fp tokens, written out
+    k = torch.cat([codec.decode(key_parts, torch.float32, 0), fp], dim=2)[0]  # [H, L, d]
+    v = torch.cat([values.decode(value_parts, torch.float32), fp], dim=2)[0]
+    weights = torch.softmax(torch.einsum("hd,hld->hl", q[0], k) * 0.2, dim=-1)
+    exact = torch.einsum("hl,hld->hd", weights, v)[None]
     unshaped = kernels.decode_attention_reference(q, codec.inner, values, key_parts, value_parts, fp, fp, 0.2)
-    assert (via_codes - exact).norm() < 0.05 * (unshaped - exact).norm() + 1e-3
+    assert (via_codes - exact).norm() < 1e-4 * exact.norm()
+    assert (unshaped - exact).norm() > 100 * (via_codes - exact).norm()  # the shaped query is what makes them agree
 
 
 def test_patch_feeds_queries_to_shaped_layers_and_unpatch_removes_the_hooks():

@@ -258,7 +258,7 @@ class RopeKeyCodec:
     B (k_p - R_p μ), B = Qᵀ A rotated into the eigenbasis of the shaped keys
     (`shaping.eigen_ordered`, leading directions first), and the inner codec's
     outlier group is the leading directions: bits go where the score error is.
-    B is not symmetric (stored whole, d² bytes per head).
+    B is not symmetric: stored whole, in 4-bit entries (d²/2 bytes per head).
 
     The store passes each chunk's sequence index (`first_index`); encode and
     decode use the same indices, so the reconstruction is consistent even
@@ -321,9 +321,10 @@ class RopeKeyCodec:
                 sigma_q, sigma_k = rope_average(sigma_q, self.rope), rope_average(sigma_k, self.rope)
             a = shaping_transform(sigma_q, sigma_k)
             if self.eigen:
-                if centered.shape[0] * centered.shape[2] < self.head_dim // 4:  # measured: 28 of 64 helped, 28 of 256 hurt
+                vectors = centered.shape[0] * centered.shape[2]
+                if vectors < self.head_dim // 4:  # measured: 28 of 64 helped, 28 of 256 hurt
                     warnings.warn(
-                        f"eigen split fitted on {centered.shape[0] * centered.shape[2]} key vectors at head_dim {self.head_dim}: "
+                        f"eigen split fitted on {vectors} key vectors at head_dim {self.head_dim}: "
                         f"with fewer than head_dim/4 its basis is mostly noise and it can lose to plain shaping (README: "
                         f"Gemma-3 at d 256 with 32-token first chunks); store a longer first chunk (the prompt) or drop key_split",
                         stacklevel=2,
@@ -398,9 +399,13 @@ class RopeKeyCodec:
 
     @property
     def extra_nbytes(self) -> int:
-        """μ in float16, A as stored (int8 upper triangle or whole B, + row scales) and the RoPE frequencies: per layer."""
+        """μ in float16, A as stored (int8 upper triangle, or B whole in 4-bit entries; + row scales) and the RoPE
+        frequencies: per layer."""
         mean = 0 if self.mean is None else self.mean.numel() * 2
-        shaping = 0 if self.shaping is None else stored_nbytes(self.shaping[0].shape[0], self.head_dim, symmetric=not self.eigen, entry_bits=EIGEN_ENTRY_BITS if self.eigen else 8)
+        shaping = 0
+        if self.shaping is not None:
+            storage = dict(symmetric=False, entry_bits=EIGEN_ENTRY_BITS) if self.eigen else {}
+            shaping = stored_nbytes(self.shaping[0].shape[0], self.head_dim, **storage)
         rope = 0 if self.rope is None else self.rope.frequencies.numel() * 4
         return self.inner.extra_nbytes + mean + shaping + rope
 
