@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 WIKITEXT_FILE = "wikitext-2-raw-test.txt"
@@ -51,7 +52,8 @@ def load_dataset_text(name: str) -> str:
 
 
 def load_text(text_file: str | Path | None = None, dataset: str | None = None) -> tuple[str, str]:
-    """(text, source label): `text_file`, else `dataset`, else the shared WikiText-2 file."""
+    """(text, source label): `text_file`, else `dataset`, else the shared WikiText-2 file (labelled by its path
+    relative to the working directory, so results written from the repo name no path of this machine)."""
     if text_file is not None and dataset is not None:
         raise DataError("give either a text file or a dataset, not both")
     if dataset is not None:
@@ -60,4 +62,5 @@ def load_text(text_file: str | Path | None = None, dataset: str | None = None) -
         text_file = default_text_file()
         if text_file is None:
             raise DataError(f"no text given and the shared {WIKITEXT_FILE} was not found beside the repo; pass --text-file PATH or --dataset wikitext")
+        return read_text_file(text_file), os.path.relpath(text_file)
     return read_text_file(text_file), str(text_file)

@@ -197,3 +197,12 @@ def test_smollm2_perplexity_is_pinned(smollm2, wikitext):
     assert got["k2v2-s4-ck"] < 0.92 * got["k2v2"] and got["k2v2-s4-ck-qs-n8"] < 0.93 * got["k2v2"]  # the quality levers at 2 bits
     assert got["k2v2-s3-ck-qs-n8-e3.1"] < 0.96 * got["k2v2-s4-ck-qs-n8"]  # the eigen split on top
     assert all(row.compressed_tokens_read == 2 * 32 * sum(range(16)) for row in result.rows[1:3])
+
+
+def test_default_text_is_labelled_by_a_relative_path():
+    from tqpatch.eval.data import load_text
+
+    if default_text_file() is None:
+        pytest.skip("the shared WikiText-2 file is not beside the repo")
+    _, source = load_text()
+    assert not source.startswith("/") and source.endswith("wikitext-2-raw-test.txt")
