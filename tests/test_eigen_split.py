@@ -104,7 +104,7 @@ def test_eigen_split_queries_score_the_codes_like_the_decoded_keys():
     via_codes = torch.einsum("bhgd,bhtd->bhgt", codec.shape_queries(q).view(1, 2, 2, 32), codec.inner.decode(parts, torch.float32))
     via_keys = torch.einsum("bhgd,bhtd->bhgt", q.view(1, 2, 2, 32), codec.decode(parts, torch.float32, 0))
     assert torch.allclose(via_codes, via_keys, atol=1e-3 * via_keys.abs().max())
-    assert not kernels.supports(codec.inner)  # split codecs take the reference path
+    assert kernels.supports(codec.inner)  # the decode kernel reads the split codes (tests/test_kernels.py)
 
 
 def test_patched_model_with_an_eigen_split_runs_and_stays_close():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tqpatch import kernels
-from tqpatch.codec import TurboQuantCodec
+from tqpatch.codec import SplitCodec, TurboQuantCodec
 
 if kernels.interpreting() and kernels.triton_available():
     DEVICE = "cpu"
@@ -171,12 +171,10 @@ def test_decode_attention_matches_reference(d, hkv, group, length, nfp, kbits, v
         assert _cos(out, ref) > COS_FLOOR
 
 
-@pytest.mark.parametrize("lut", [0, 1, 2, 3])
+@pytest.mark.parametrize("lut", [0, 1, 2])
 @pytest.mark.parametrize("kbits,vbits", [(4, 2), (2, 4), (4, 4)])
 def test_decode_lookup_variants(lut, kbits, vbits, monkeypatch):
-    # every centroid lookup (gather, select chains, byte permutes for 4-bit codes), on both plane widths
-    if lut == 3 and kernels.interpreting():
-        pytest.skip("LUT=3 is inline PTX: the interpreter cannot run it")
+    # every centroid lookup (gather, select chains), on both plane widths
     monkeypatch.setitem(kernels.DECODE_TUNING, "lut", lut)
     gen = torch.Generator().manual_seed(lut)
     kc, vc = TurboQuantCodec(128, kbits, "mse", seed=2), TurboQuantCodec(128, vbits, "mse", seed=2)
@@ -186,6 +184,68 @@ def test_decode_lookup_variants(lut, kbits, vbits, monkeypatch):
     out = kernels.decode_attention(q, kc, vc, kp, vp, None, None, 128**-0.5, out_dtype=torch.float32, num_splits=2)
     ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, None, None, 128**-0.5)
     assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR
+
+
+SPLIT_CASES = [
+    # d, key groups (outliers, high, low), value groups, norm bits: equal halves (the paper's 3.5 / 2.5 bits), an
+    # eigen split's uneven groups (24 + 40 at d 64: widths padded in the kernel), a dropped group, 3-bit groups
+    # (natural order), d 256 (value sums rotated back by the launcher)
+    (128, (64, 4, 3), (64, 3, 2), 8),
+    (64, (32, 3, 2), (32, 4, 3), 16),
+    (64, (24, 4, 2), (32, 3, 2), 8),
+    (64, (32, 3, 0), (40, 4, 2), 8),
+    (64, (26, 3, 1), (21, 4, 3), 16),  # widths off whole bytes: 26 x 3 and 38 x 1 bits, 21 x 4 bits
+    (256, (64, 4, 2), (128, 4, 3), 16),
+]
+if FAST:
+    SPLIT_CASES = [c for c in SPLIT_CASES if c[0] <= 128]
+
+
+def _calibrated_split(d: int, groups: tuple[int, int, int], norm_bits: int, x: torch.Tensor, seed: int) -> SplitCodec:
+    codec = SplitCodec(d, 0.0, seed=seed, norm_bits=norm_bits, groups=groups)
+    codec.encode(x[:, :, :8])  # calibrates the channel groups (mean |x| of this chunk) and the norm ranges
+    return codec
+
+
+@pytest.mark.parametrize("d,kgroups,vgroups,norm_bits", SPLIT_CASES)
+def test_decode_attention_reads_split_codes(d, kgroups, vgroups, norm_bits):
+    """Split codecs (two channel groups with their own bits, rotation and norm; or one, the other dropped)."""
+    gen = torch.Generator().manual_seed(d + kgroups[0])
+    b, hkv, group, length = 2, 2, 4, 301
+    k = torch.randn(b, hkv, length, d, generator=gen) * (1 + 3 * torch.rand(d, generator=gen)) + 0.5  # uneven channels
+    v = torch.randn(b, hkv, length, d, generator=gen)
+    kc, vc = _calibrated_split(d, kgroups, norm_bits, k, 1), _calibrated_split(d, vgroups, norm_bits, v, 2)
+    assert kernels.supports(kc) and kernels.supports(vc)
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(k).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(v).items()}
+    q = (torch.randn(b, hkv * group, d, generator=gen) / 2).to(DEVICE, torch.bfloat16)
+    fk = torch.randn(b, hkv, 3, d, generator=gen).to(DEVICE, torch.bfloat16)
+    valid = (torch.arange(length)[None, :] >= torch.tensor([0, 37])[:, None]).to(DEVICE)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid)
+    whole = TurboQuantCodec(d, kgroups[1], "mse", seed=1)  # the same keys under one group score differently
+    assert _rel(kernels.decode_attention_reference(q, whole, vc, {n: t.to(DEVICE) for n, t in whole.encode(k).items()}, vp, fk, fk, d**-0.5, valid), ref) > 1e-3
+    for splits in (None, 3):
+        out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, out_dtype=torch.float32, num_splits=splits)
+        assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, (splits, _rel(out, ref))
+
+
+@pytest.mark.parametrize("d,groups,norm_bits", [(128, (64, 4, 3), 8), (64, (32, 2, 1), 16), (64, (24, 4, 2), 8), (64, (32, 3, 0), 16)])
+def test_store_kernel_writes_split_codes_like_the_codec(d, groups, norm_bits):
+    """Each group whose width is a kernel size is written by the store kernel (24 + 40: the PyTorch encode)."""
+    gen = torch.Generator().manual_seed(d + groups[0])
+    x = (torch.randn(2, 3, 45, d, generator=gen) * (1 + 3 * torch.rand(d, generator=gen))).to(DEVICE)
+    codec = _calibrated_split(d, groups, norm_bits, x.cpu(), 0)
+    got, ref = kernels.encode(codec, x), codec.encode(x)
+    assert set(got) == set(ref)
+    for name in ref:
+        assert got[name].shape == ref[name].shape and got[name].dtype == ref[name].dtype, name
+        if name.endswith("codes"):
+            assert (got[name] != ref[name]).float().mean().item() <= 2e-3, name
+    deq, deq_ref = codec.decode(got, torch.float32), codec.decode(ref, torch.float32)
+    assert 10 * torch.log10(deq_ref.pow(2).sum() / (deq - deq_ref).pow(2).sum().clamp_min(1e-30)).item() > 35
+    storage = {n: torch.zeros(2, 3, 50, *t.shape[3:], dtype=t.dtype, device=DEVICE) for n, t in ref.items()}
+    kernels.encode_into(codec, x, {n: t[:, :, 5:] for n, t in storage.items()})
+    assert all((storage[n][:, :, 5:] != ref[n]).float().mean().item() <= 2e-3 for n in ref if n.endswith("codes"))
 
 
 def _random_decode_inputs(seed: int, b: int, hkv: int, group: int, length: int, d: int, fp_tokens: int):
@@ -252,7 +312,8 @@ def _tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=64):
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40"])
+@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40",
+                                    "3.5bit+", "2.5bit", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
     import tqpatch
@@ -298,11 +359,12 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
     assert agree >= 0.97, agree
 
 
-@pytest.mark.parametrize("spec", ["k3.5v3-ck-s2", "k2v2-s2-ck-qs-n8-e3.1"])
+@pytest.mark.parametrize("spec", ["k3.75v4-s2-ck-qs-n8-e5.3", "k4v4-cv"])
 def test_codecs_without_kernels_run_on_the_device_through_the_reference_path(spec):
-    """Split (fractional-bit, eigen-split) codecs have no kernel, also under RoPE-centering: patched CUDA decoding uses
-    the PyTorch path and matches the same model on the CPU."""
+    """Codecs the kernels cannot read (a 5-bit group; centered values): patched CUDA decoding uses the PyTorch path
+    and matches the same model on the CPU."""
     import tqpatch
+    from tqpatch.attention import kernel_codec
 
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(7))
     outputs = []
@@ -314,6 +376,8 @@ def test_codecs_without_kernels_run_on_the_device_through_the_reference_path(spe
         finally:
             tqpatch.unpatch(model)
         outputs.append(torch.stack(out.logits).float().cpu())
+        for layer in out.past_key_values.layers:
+            assert not (kernels.supports(kernel_codec(layer.key_codec)) and kernels.supports(kernel_codec(layer.value_codec)))
     assert _rel(outputs[0], outputs[1]) < 2e-2
 
 

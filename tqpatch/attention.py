@@ -77,7 +77,7 @@ class _Snapshot:
 
     @property
     def num_compressed(self) -> int:
-        return self.key_parts["norms"].shape[2]
+        return next(iter(self.key_parts.values())).shape[2]  # every part is [B, Hkv, L, ...]
 
     def fp(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return _cat(self.sink_keys, self.rest_keys), _cat(self.sink_values, self.rest_values)

@@ -130,8 +130,9 @@ def _tq_store_kernel(
 
 
 @triton.jit
-def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """Code indices [BT, D] int32, natural channel order, from rows of a packed b-bit stream.
+def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, NBY: tl.constexpr):
+    """Code indices [BT, D] int32, natural channel order, from rows of a packed b-bit stream of NBY bytes
+    (D may pad the row: codes past its NBY bytes read as 0).
 
     The row's bytes are loaded once ([BT, D*BITS/8], or three [BT, D/8] byte planes for b = 3)
     and broadcast to the codes they hold, so no per-code pointers are built.
@@ -139,14 +140,15 @@ def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexp
     if (8 % BITS) == 0:
         P: tl.constexpr = 8 // BITS  # codes per byte
         NB: tl.constexpr = D // P
-        w = tl.load(row_ptr[:, None] + tl.arange(0, NB)[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        w = _row_bytes(row_ptr, tmask, NB, NBY).to(tl.int32)
         w = tl.reshape(tl.broadcast_to(w[:, :, None], (BT, NB, P)), (BT, D))
         shift = (tl.arange(0, D) % P) * BITS
     else:  # 8 codes in BITS bytes: build the word of each group of 8
         grp = tl.arange(0, D // 8) * BITS
         w = tl.zeros([BT, D // 8], dtype=tl.int32)
         for j in tl.static_range(BITS):
-            w = w | (tl.load(row_ptr[:, None] + (grp + j)[None, :], mask=tmask[:, None], other=0).to(tl.int32) << (8 * j))
+            cb = grp + j
+            w = w | (tl.load(row_ptr[:, None] + cb[None, :], mask=tmask[:, None] & (cb < NBY)[None, :], other=0).to(tl.int32) << (8 * j))
         w = tl.reshape(tl.broadcast_to(w[:, :, None], (BT, D // 8, 8)), (BT, D))
         shift = (tl.arange(0, D) % 8) * BITS
     return (w >> shift[None, :]) & ((1 << BITS) - 1)
@@ -176,15 +178,6 @@ def _lookup(tab_ptr, idx, BITS: tl.constexpr, LUT: tl.constexpr):
 
 
 @triton.jit
-def _nibble_planes(w8, ASM: tl.constexpr):
-    """LUT=3, 4-bit codes: both planes of a byte tile w8 [BT, NB] uint8 -> (fp16 centroids of the low nibbles,
-    of the high nibbles), looked up in registers by byte permutes (PTX prmt) with the 16-entry table baked into
-    ASM (`kernels.nibble_lut_asm`): no gather, but ~4 integer instructions per value, which measured slower
-    than the L1 gather on the H200 (bench/RESULTS.md, run 22); a tuning variant the bench sweeps."""
-    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [w8], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-
-
-@triton.jit
 def _plane(tab_ptr, w, j: tl.constexpr, BITS: tl.constexpr, LUT: tl.constexpr):
     """fp16 centroid values of code j (bits j*BITS..) of every byte of the tile w [BT, NB]."""
     return _lookup(tab_ptr, (w >> (j * BITS)) & ((1 << BITS) - 1), BITS, LUT)
@@ -197,10 +190,94 @@ def _plane_query(qr_ptr, qrow, gmask, j: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def _norm_from_code(code, low, step):
-    """8-bit log norm codes (tqpatch.norms) -> float32 norms: 2^(low + (code - 1) step), 0 for code 0."""
-    code = code.to(tl.float32)
-    return tl.where(code > 0, tl.exp2(low + (code - 1.0) * step), 0.0)
+def _group_queries(qr_ptr, qrow, gmask, W: tl.constexpr, PL: tl.constexpr):
+    """A code group's rotated queries (its W columns from qrow on): PL planes fp16 [GP, W/PL], or the whole
+    group [GP, W] for PL = 1. Planes a group does not have repeat plane 0 (unused)."""
+    NP: tl.constexpr = W // PL
+    q0 = _plane_query(qr_ptr, qrow, gmask, 0, NP)
+    q1, q2, q3 = q0, q0, q0
+    if PL >= 2:
+        q1 = _plane_query(qr_ptr, qrow, gmask, 1, NP)
+    if PL == 4:
+        q2 = _plane_query(qr_ptr, qrow, gmask, 2, NP)
+        q3 = _plane_query(qr_ptr, qrow, gmask, 3, NP)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _row_bytes(rows, mask, NB: tl.constexpr, NBY: tl.constexpr):
+    """The first NB code bytes [BT, NB] uint8 of the rows starting at `rows` [BT] (bytes past a row's NBY read 0)."""
+    cb = tl.arange(0, NB)
+    if NBY < NB:
+        return tl.load(rows[:, None] + cb[None, :], mask=mask[:, None] & (cb < NBY)[None, :], other=0)
+    else:
+        return tl.load(rows[:, None] + cb[None, :], mask=mask[:, None], other=0)
+
+
+@triton.jit
+def _plane_bytes(rows, mask, W: tl.constexpr, PL: tl.constexpr, NBY: tl.constexpr):
+    """A plane group's byte tile [BT, W/PL] (prefetched a tile ahead); a placeholder for groups read in natural order."""
+    if PL > 1:
+        return _row_bytes(rows, mask, W // PL, NBY)
+    else:
+        return tl.zeros([1], dtype=tl.uint8)
+
+
+@triton.jit
+def _group_scores(q0, q1, q2, q3, w, rows, tmask, cent_ptr,
+                  BT: tl.constexpr, W: tl.constexpr, NBY: tl.constexpr, BITS: tl.constexpr, PL: tl.constexpr, LUT: tl.constexpr):
+    """⟨Π q, c⟩ [GP, BT] of one code group over a tile: PL planes of the byte tile w [BT, W/PL] (int32), or
+    (PL = 1) the codes unpacked from the rows at `rows` in natural order."""
+    if PL == 1:
+        val = _lookup(cent_ptr, _unpack(rows, tmask, BT, W, BITS, NBY), BITS, LUT)  # [BT, W] rotated unit vectors
+        s = tl.dot(q0, tl.trans(val))
+    else:
+        s = tl.dot(q0, tl.trans(_plane(cent_ptr, w, 0, BITS, LUT)))
+        s = tl.dot(q1, tl.trans(_plane(cent_ptr, w, 1, BITS, LUT)), s)
+        if PL == 4:
+            s = tl.dot(q2, tl.trans(_plane(cent_ptr, w, 2, BITS, LUT)), s)
+            s = tl.dot(q3, tl.trans(_plane(cent_ptr, w, 3, BITS, LUT)), s)
+    return s
+
+
+@triton.jit
+def _group_values(pv, alpha, a0, a1, a2, a3, w, rows, tmask, cent_ptr,
+                  BT: tl.constexpr, W: tl.constexpr, NBY: tl.constexpr, BITS: tl.constexpr, PL: tl.constexpr, LUT: tl.constexpr):
+    """Accumulators ← alpha · accumulators + pv [GP, BT] @ centroids of one code group (per plane, as `_group_scores`)."""
+    if PL == 1:
+        a0 = tl.dot(pv, _lookup(cent_ptr, _unpack(rows, tmask, BT, W, BITS, NBY), BITS, LUT), a0 * alpha[:, None])
+    else:
+        a0 = tl.dot(pv, _plane(cent_ptr, w, 0, BITS, LUT), a0 * alpha[:, None])
+        a1 = tl.dot(pv, _plane(cent_ptr, w, 1, BITS, LUT), a1 * alpha[:, None])
+        if PL == 4:
+            a2 = tl.dot(pv, _plane(cent_ptr, w, 2, BITS, LUT), a2 * alpha[:, None])
+            a3 = tl.dot(pv, _plane(cent_ptr, w, 3, BITS, LUT), a3 * alpha[:, None])
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _store_group(arow, gmask, a0, a1, a2, a3, W: tl.constexpr, PL: tl.constexpr):
+    """Write a value group's accumulators (PL planes of W/PL columns, in order) from the row pointers arow [GP]."""
+    NP: tl.constexpr = W // PL
+    ptr = arow[:, None] + tl.arange(0, NP)[None, :]
+    tl.store(ptr, a0, mask=gmask[:, None])
+    if PL >= 2:
+        tl.store(ptr + NP, a1, mask=gmask[:, None])
+    if PL == 4:
+        tl.store(ptr + 2 * NP, a2, mask=gmask[:, None])
+        tl.store(ptr + 3 * NP, a3, mask=gmask[:, None])
+
+
+@triton.jit
+def _norms(raw, range_ptr, h, Hkv, N8: tl.constexpr):
+    """Stored norms of a tile -> float32: fp16 as they are, or 8-bit log codes (tqpatch.norms) decoded as
+    2^(low_h + (code - 1) step_h), 0 for code 0, with (low, step) from range_ptr [2, Hkv]."""
+    if N8:
+        code = raw.to(tl.float32)
+        low, step = tl.load(range_ptr + h), tl.load(range_ptr + Hkv + h)
+        return tl.where(code > 0, tl.exp2(low + (code - 1.0) * step), 0.0)
+    else:
+        return raw.to(tl.float32)
 
 
 @triton.jit
@@ -216,30 +293,41 @@ def _online_softmax_step(s, valid, m_i, l_i):
 
 @triton.jit
 def _tq_decode_split_kernel(
-    qr_ptr, sqr,                          # rotated queries [B*Hq, QW] fp32: Π q (| S q for prod keys), plane order when KPL
-    kc_ptr, skcb, skch, skct,             # key codes [B, Hkv, *, NBK] uint8
-    kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16, or uint8 log codes (KN8)
+    qr_ptr, sqr,                          # rotated queries [B*Hq, QW] fp32: key group 0's Π₀q₀ in columns 0..KW0-1, group 1's
+                                          # from KW0 (plane order within a group of planes), then S q for prod keys
+    kc0_ptr, skc0b, skc0h, skc0t,         # key codes of group 0 [B, Hkv, *, bytes] uint8
+    kn0_ptr, skn0b, skn0h, skn0t,         # its norms [B, Hkv, *] fp16, or uint8 log codes (KN8)
+    kc1_ptr, skc1b, skc1h, skc1t,         # key group 1 (KG = 2): codes
+    kn1_ptr, skn1b, skn1h, skn1t,         # and norms
     kg_ptr, skgb, skgh, skgt,             # key qjl signs [B, Hkv, *, D/8] uint8 (prod)
     kr_ptr, skrb, skrh, skrt,             # key residual norms [B, Hkv, *] fp16 (prod)
-    kcent_ptr,                            # key centroids [2^KB] fp16
-    vc_ptr, svcb, svch, svct,             # value codes [B, Hkv, *, NBV] uint8
-    vn_ptr, svnb, svnh, svnt,             # value norms fp16, or uint8 log codes (VN8)
-    vcent_ptr,                            # value centroids [2^VB] fp16
-    krange_ptr, vrange_ptr,               # KN8/VN8: [2, Hkv] fp32 (low, step) of the norm codes, per KV head
+    kcent_ptr,                            # key centroids [KG, 16] fp16 (group g's 2^bits values from g*16)
+    vc0_ptr, svc0b, svc0h, svc0t,         # value codes and norms of group 0, group 1 (VG = 2)
+    vn0_ptr, svn0b, svn0h, svn0t,
+    vc1_ptr, svc1b, svc1h, svc1t,
+    vn1_ptr, svn1b, svn1h, svn1t,
+    vcent_ptr,                            # value centroids [VG, 16] fp16
+    krange_ptr, vrange_ptr,               # KN8/VN8: [KG or VG, 2, Hkv] fp32 (low, step) of each group's norm codes
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     kbias_ptr, skb,                       # score bias [B*Hq, L] fp32 (HAS_BIAS): added to ⟨q, k̃⟩ (centered keys)
-    m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (plane order when VPL)
+    m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, AW] fp32
     Hkv, L, per_split, scale_log2, qjl_scale,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    KB: tl.constexpr, VB: tl.constexpr, PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_T: tl.constexpr, KPL: tl.constexpr, VPL: tl.constexpr, LUT: tl.constexpr, KN8: tl.constexpr, VN8: tl.constexpr,
-    KASM: tl.constexpr = "", VASM: tl.constexpr = "",  # LUT=3: the byte-permute lookups of the key / value tables
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, AW: tl.constexpr,
+    KG: tl.constexpr, KB0: tl.constexpr, KW0: tl.constexpr, KNB0: tl.constexpr, KPL0: tl.constexpr,
+    KB1: tl.constexpr, KW1: tl.constexpr, KNB1: tl.constexpr, KPL1: tl.constexpr,
+    VG: tl.constexpr, VB0: tl.constexpr, VW0: tl.constexpr, VNB0: tl.constexpr, VPL0: tl.constexpr,
+    VB1: tl.constexpr, VW1: tl.constexpr, VNB1: tl.constexpr, VPL1: tl.constexpr,
+    PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr, LUT: tl.constexpr, KN8: tl.constexpr, VN8: tl.constexpr,
 ):
-    # KPL/VPL = P > 0 (codes per byte, 2 or 4): "plane" path. The byte tile [BT, D/P] is read once and
-    # code j of every byte (channels P*k + j) is one plane [BT, D/P] that feeds tl.dot directly: the
-    # queries come in plane order (Π's rows permuted on the host), the value sums are written in plane
-    # order and the combine kernel rotates back with Π's rows permuted the same way.
-    # KPL/VPL = 0: codes unpacked to natural channel order (3 bits, or planes too narrow for tl.dot).
+    # Code groups: a vector is stored as one group (TurboQuantCodec) or two (SplitCodec: channel groups with their own
+    # bits, rotation and norm). Group g of the keys scores n_g ⟨Π_g q_g, c⟩ (the launcher gathers and rotates
+    # q_g per head); its value sums Σ p n_g c are written at column offset g·VW0 of the partials and the combine
+    # kernel maps them back through each group's rotation and channels at once.
+    # Per group: bits B, W = padded width (a power of two: the launcher pads queries with zeros, so padding codes
+    # score 0), NBY = real code bytes per token, PL = codes per byte read as planes (2 or 4): the byte tile
+    # [BT, W/PL] is read once and code j of every byte (channels PL*k + j) is one plane [BT, W/PL] that feeds
+    # tl.dot directly (queries and value sums in plane order); PL = 1: codes unpacked to natural order.
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -249,83 +337,63 @@ def _tq_decode_split_kernel(
     gmask = g < G
     cols = tl.arange(0, D)
     qrow = (b * Hkv * G + h * G + g) * sqr
-    if KPL > 0:
-        NK: tl.constexpr = D // KPL
-        ck = tl.arange(0, NK)
-        q0 = _plane_query(qr_ptr, qrow, gmask, 0, NK)
-        q1 = _plane_query(qr_ptr, qrow, gmask, 1, NK)
-        if KPL == 4:
-            q2 = _plane_query(qr_ptr, qrow, gmask, 2, NK)
-            q3 = _plane_query(qr_ptr, qrow, gmask, 3, NK)
-    else:
-        q_rot = tl.load(qr_ptr + qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)  # [GP, D]
+    kq00, kq01, kq02, kq03 = _group_queries(qr_ptr, qrow, gmask, KW0, KPL0)
+    if KG == 2:
+        kq10, kq11, kq12, kq13 = _group_queries(qr_ptr, qrow + KW0, gmask, KW1, KPL1)
     if PROD:
-        q_sk = tl.load(qr_ptr + qrow[:, None] + D + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
+        q_sk = tl.load(qr_ptr + qrow[:, None] + KW0 + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
     m_i = tl.full([GP], NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
-    k_low, k_step, v_low, v_step = 0.0, 0.0, 0.0, 0.0
-    if KN8:
-        k_low, k_step = tl.load(krange_ptr + h), tl.load(krange_ptr + Hkv + h)
-    if VN8:
-        v_low, v_step = tl.load(vrange_ptr + h), tl.load(vrange_ptr + Hkv + h)
-    if VPL > 0:
-        NV: tl.constexpr = D // VPL
-        cv = tl.arange(0, NV)
-        acc0 = tl.zeros([GP, NV], dtype=tl.float32)
-        acc1 = tl.zeros([GP, NV], dtype=tl.float32)
-        if VPL == 4:
-            acc2 = tl.zeros([GP, NV], dtype=tl.float32)
-            acc3 = tl.zeros([GP, NV], dtype=tl.float32)
-    else:
-        acc = tl.zeros([GP, D], dtype=tl.float32)
+    a00 = tl.zeros([GP, VW0 // VPL0], dtype=tl.float32)
+    a01, a02, a03 = a00, a00, a00
+    if VG == 2:
+        a10 = tl.zeros([GP, VW1 // VPL1], dtype=tl.float32)
+        a11, a12, a13 = a10, a10, a10
     start = pid_s * per_split
     end = tl.minimum(L, start + per_split)  # per_split is a multiple of BLOCK_T: splits never overlap
-    kbase = kc_ptr + b * skcb + h * skch
-    vbase = vc_ptr + b * svcb + h * svch
+    kb0 = kc0_ptr + b * skc0b + h * skc0h
+    kb1 = kc1_ptr + b * skc1b + h * skc1h
+    vb0 = vc0_ptr + b * svc0b + h * svc0h
+    vb1 = vc1_ptr + b * svc1b + h * svc1h
     first = start + tl.arange(0, BLOCK_T)
-    # 8-bit norm codes are prefetched a tile ahead by hand (one byte per token is too narrow for the async copies
-    # Triton pipelines the fp16 norms with)
-    if KN8:
-        kn_next = tl.load(kn_ptr + b * sknb + h * sknh + first.to(tl.int64) * sknt, mask=first < end, other=0)
-    if VN8:
-        vn_next = tl.load(vn_ptr + b * svnb + h * svnh + first.to(tl.int64) * svnt, mask=first < end, other=0)
-    if KPL > 0:  # the plane path prefetches the next tile's code bytes while this tile is computed
-        kw_next = tl.load(kbase + first.to(tl.int64)[:, None] * skct + ck[None, :], mask=(first < end)[:, None], other=0)
-    if VPL > 0:
-        vw_next = tl.load(vbase + first.to(tl.int64)[:, None] * svct + cv[None, :], mask=(first < end)[:, None], other=0)
+    fmask = first < end
+    first = first.to(tl.int64)
+    # Norms and the byte tiles of plane groups are prefetched a tile ahead by hand (8-bit norms are too narrow for
+    # the async copies Triton pipelines wider loads with); groups read in natural order load in the loop.
+    kn0_next = tl.load(kn0_ptr + b * skn0b + h * skn0h + first * skn0t, mask=fmask, other=0)
+    vn0_next = tl.load(vn0_ptr + b * svn0b + h * svn0h + first * svn0t, mask=fmask, other=0)
+    kw0_next = _plane_bytes(kb0 + first * skc0t, fmask, KW0, KPL0, KNB0)
+    vw0_next = _plane_bytes(vb0 + first * svc0t, fmask, VW0, VPL0, VNB0)
+    if KG == 2:
+        kn1_next = tl.load(kn1_ptr + b * skn1b + h * skn1h + first * skn1t, mask=fmask, other=0)
+        kw1_next = _plane_bytes(kb1 + first * skc1t, fmask, KW1, KPL1, KNB1)
+    if VG == 2:
+        vn1_next = tl.load(vn1_ptr + b * svn1b + h * svn1h + first * svn1t, mask=fmask, other=0)
+        vw1_next = _plane_bytes(vb1 + first * svc1t, fmask, VW1, VPL1, VNB1)
     for t0 in range(0, per_split, BLOCK_T):
         offs = start + t0 + tl.arange(0, BLOCK_T)
         tmask = offs < L
         nxt = (offs + BLOCK_T).to(tl.int64)
         nmask = (offs + BLOCK_T) < end
         offs = offs.to(tl.int64)
-        krow = kbase + offs * skct
-        if KPL > 0:
-            if LUT == 3 and KB == 4:
-                k0, k1 = _nibble_planes(kw_next, KASM)
-            kw = kw_next.to(tl.int32)  # [BT, D/P] bytes
-            kw_next = tl.load(kbase + nxt[:, None] * skct + ck[None, :], mask=nmask[:, None], other=0)
-            if LUT == 3 and KB == 4:
-                s = tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0)))
-            else:
-                s = tl.dot(q0, tl.trans(_plane(kcent_ptr, kw, 0, KB, LUT)))
-                s = tl.dot(q1, tl.trans(_plane(kcent_ptr, kw, 1, KB, LUT)), s)
-            if KPL == 4:
-                s = tl.dot(q2, tl.trans(_plane(kcent_ptr, kw, 2, KB, LUT)), s)
-                s = tl.dot(q3, tl.trans(_plane(kcent_ptr, kw, 3, KB, LUT)), s)
-        else:
-            kval = _lookup(kcent_ptr, _unpack(krow, tmask, BLOCK_T, D, KB), KB, LUT)  # [BT, D] rotated unit keys
-            s = tl.dot(q_rot, tl.trans(kval))  # [GP, BT]
+        # scores: Σ_g n_g ⟨Π_g q_g, c_g⟩ (+ the QJL term), in log2 units
+        kw0 = kw0_next.to(tl.int32)
+        kw0_next = _plane_bytes(kb0 + nxt * skc0t, nmask, KW0, KPL0, KNB0)
+        kn0 = _norms(kn0_next, krange_ptr, h, Hkv, KN8)
+        kn0_next = tl.load(kn0_ptr + b * skn0b + h * skn0h + nxt * skn0t, mask=nmask, other=0)
+        s = _group_scores(kq00, kq01, kq02, kq03, kw0, kb0 + offs * skc0t, tmask, kcent_ptr, BLOCK_T, KW0, KNB0, KB0, KPL0, LUT)
         if PROD:
-            sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, BLOCK_T, D, 1).to(tl.float16) * 2.0 - 1.0
+            sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, BLOCK_T, D, 1, D // 8).to(tl.float16) * 2.0 - 1.0
             gam = tl.load(kr_ptr + b * skrb + h * skrh + offs * skrt, mask=tmask, other=0.0).to(tl.float32)
             s += tl.dot(q_sk, tl.trans(sgn)) * (qjl_scale * gam)[None, :]
-        if KN8:
-            kn = _norm_from_code(kn_next, k_low, k_step)
-            kn_next = tl.load(kn_ptr + b * sknb + h * sknh + nxt * sknt, mask=nmask, other=0)
-        else:
-            kn = tl.load(kn_ptr + b * sknb + h * sknh + offs * sknt, mask=tmask, other=0.0).to(tl.float32)
-        s = s * (kn * scale_log2)[None, :]
+        s = s * (kn0 * scale_log2)[None, :]
+        if KG == 2:
+            kw1 = kw1_next.to(tl.int32)
+            kw1_next = _plane_bytes(kb1 + nxt * skc1t, nmask, KW1, KPL1, KNB1)
+            kn1 = _norms(kn1_next, krange_ptr + 2 * Hkv, h, Hkv, KN8)
+            kn1_next = tl.load(kn1_ptr + b * skn1b + h * skn1h + nxt * skn1t, mask=nmask, other=0)
+            s1 = _group_scores(kq10, kq11, kq12, kq13, kw1, kb1 + offs * skc1t, tmask, kcent_ptr + 16, BLOCK_T, KW1, KNB1, KB1, KPL1, LUT)
+            s += s1 * (kn1 * scale_log2)[None, :]
         if HAS_BIAS:
             brow = (b * Hkv * G + h * G + g) * skb
             s += tl.load(kbias_ptr + brow[:, None] + offs[None, :], mask=gmask[:, None] & tmask[None, :], other=0.0) * scale_log2
@@ -333,57 +401,44 @@ def _tq_decode_split_kernel(
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
         p, alpha, m_new, l_i = _online_softmax_step(s, valid, m_i, l_i)
-        if VN8:
-            vn = _norm_from_code(vn_next, v_low, v_step)
-            vn_next = tl.load(vn_ptr + b * svnb + h * svnh + nxt * svnt, mask=nmask, other=0)
-        else:
-            vn = tl.load(vn_ptr + b * svnb + h * svnh + offs * svnt, mask=tmask, other=0.0).to(tl.float32)
-        pv = (p * vn[None, :]).to(tl.float16)
-        vrow = vbase + offs * svct
-        if VPL > 0:
-            if LUT == 3 and VB == 4:
-                v0, v1 = _nibble_planes(vw_next, VASM)
-            vw = vw_next.to(tl.int32)
-            vw_next = tl.load(vbase + nxt[:, None] * svct + cv[None, :], mask=nmask[:, None], other=0)
-            if LUT == 3 and VB == 4:
-                acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
-                acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
-            else:
-                acc0 = tl.dot(pv, _plane(vcent_ptr, vw, 0, VB, LUT), acc0 * alpha[:, None])
-                acc1 = tl.dot(pv, _plane(vcent_ptr, vw, 1, VB, LUT), acc1 * alpha[:, None])
-            if VPL == 4:
-                acc2 = tl.dot(pv, _plane(vcent_ptr, vw, 2, VB, LUT), acc2 * alpha[:, None])
-                acc3 = tl.dot(pv, _plane(vcent_ptr, vw, 3, VB, LUT), acc3 * alpha[:, None])
-        else:
-            vval = _lookup(vcent_ptr, _unpack(vrow, tmask, BLOCK_T, D, VB), VB, LUT)  # [BT, D] rotated unit values
-            acc = tl.dot(pv, vval, acc * alpha[:, None])
+        # value sums per group in its rotated space: Σ p n_g c_g
+        vw0 = vw0_next.to(tl.int32)
+        vw0_next = _plane_bytes(vb0 + nxt * svc0t, nmask, VW0, VPL0, VNB0)
+        vn0 = _norms(vn0_next, vrange_ptr, h, Hkv, VN8)
+        vn0_next = tl.load(vn0_ptr + b * svn0b + h * svn0h + nxt * svn0t, mask=nmask, other=0)
+        a00, a01, a02, a03 = _group_values((p * vn0[None, :]).to(tl.float16), alpha, a00, a01, a02, a03, vw0, vb0 + offs * svc0t,
+                                           tmask, vcent_ptr, BLOCK_T, VW0, VNB0, VB0, VPL0, LUT)
+        if VG == 2:
+            vw1 = vw1_next.to(tl.int32)
+            vw1_next = _plane_bytes(vb1 + nxt * svc1t, nmask, VW1, VPL1, VNB1)
+            vn1 = _norms(vn1_next, vrange_ptr + 2 * Hkv, h, Hkv, VN8)
+            vn1_next = tl.load(vn1_ptr + b * svn1b + h * svn1h + nxt * svn1t, mask=nmask, other=0)
+            a10, a11, a12, a13 = _group_values((p * vn1[None, :]).to(tl.float16), alpha, a10, a11, a12, a13, vw1, vb1 + offs * svc1t,
+                                               tmask, vcent_ptr + 16, BLOCK_T, VW1, VNB1, VB1, VPL1, LUT)
         m_i = m_new
     out = pid_bh * n_split + pid_s
     tl.store(m_ptr + out * G + g, m_i, mask=gmask)
     tl.store(l_ptr + out * G + g, l_i, mask=gmask)
-    if VPL > 0:
-        arow = acc_ptr + (out * G + g)[:, None] * D + cv[None, :]
-        tl.store(arow, acc0, mask=gmask[:, None])
-        tl.store(arow + NV, acc1, mask=gmask[:, None])
-        if VPL == 4:
-            tl.store(arow + 2 * NV, acc2, mask=gmask[:, None])
-            tl.store(arow + 3 * NV, acc3, mask=gmask[:, None])
-    else:
-        tl.store(acc_ptr + (out * G + g)[:, None] * D + cols[None, :], acc, mask=gmask[:, None])
+    arow = acc_ptr + (out * G + g) * AW
+    _store_group(arow, gmask, a00, a01, a02, a03, VW0, VPL0)
+    if VG == 2:
+        _store_group(arow + VW0, gmask, a10, a11, a12, a13, VW1, VPL1)
 
 
 @triton.jit
 def _tq_decode_combine_kernel(
-    m_ptr, l_ptr, acc_ptr, S,             # partials of the split kernel
+    m_ptr, l_ptr, acc_ptr, S,             # partials of the split kernel (value sums [.., AW] in the groups' rotated spaces)
     q_ptr, sqb, sqh,                      # queries [B, Hq, D] (last stride 1), any float dtype
     fk_ptr, sfkb, sfkh, sfkt,             # full-precision keys [B, Hkv, F, D]
     fv_ptr, sfvb, sfvh, sfvt,             # full-precision values [B, Hkv, F, D]
     F,
     fm_ptr, sfmb, fm_off,                 # valid flags uint8 [B, *]: fp token f -> column fm_off + f
-    rot_ptr,                              # Π [D, D] fp32 row-major: x = y @ Π (rows in the partials' channel order)
+    rot_ptr, srh,                         # U [Hkv (head stride srh, 0 if shared), AW, D] fp32: x = y @ U maps the partials'
+                                          # columns back (Π for one group, rows in plane order; per group Π_g into its channels);
+                                          # the split kernel writes columns < AWU (Σ of the groups' widths), the rest is padding
     o_ptr, sob, soh,                      # out [B, Hq, D] (last stride 1)
     Hkv, scale_log2,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, AW: tl.constexpr, AWU: tl.constexpr,
     HAS_FMASK: tl.constexpr, BLOCK_F: tl.constexpr, UNROT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -410,12 +465,13 @@ def _tq_decode_combine_kernel(
         acc_fp = acc_fp * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     # 2. merge the splits over compressed tokens (their value sums are in the rotated space)
-    acc_rot = tl.zeros([GP, D], dtype=tl.float32)
+    acols = tl.arange(0, AW)
+    acc_rot = tl.zeros([GP, AW], dtype=tl.float32)
     for s_i in range(0, S):
         part = pid * S + s_i
         m_s = tl.load(m_ptr + part * G + g, mask=gmask, other=NEG)
         l_s = tl.load(l_ptr + part * G + g, mask=gmask, other=0.0)
-        a_s = tl.load(acc_ptr + (part * G + g)[:, None] * D + cols[None, :], mask=gmask[:, None], other=0.0)
+        a_s = tl.load(acc_ptr + (part * G + g)[:, None] * AW + acols[None, :], mask=gmask[:, None] & (acols < AWU)[None, :], other=0.0)
         m_new = tl.maximum(m_i, m_s)
         alpha = tl.exp2(m_i - m_new)
         beta = tl.exp2(m_s - m_new)
@@ -428,9 +484,9 @@ def _tq_decode_combine_kernel(
     acc_rot = acc_rot * inv[:, None]
     out = acc_fp * inv[:, None]
     if UNROT:
-        rot = tl.load(rot_ptr + cols[:, None] * D + cols[None, :])
+        rot = tl.load(rot_ptr + h * srh + acols[:, None] * D + cols[None, :])
         out += tl.dot(acc_rot, rot, input_precision="ieee")
     elif S > 0:  # the launcher rotates back: leave Σ p n c / l in this program's first partial slot
         tl.debug_barrier()
-        tl.store(acc_ptr + (pid * S * G + g)[:, None] * D + cols[None, :], acc_rot, mask=gmask[:, None])
+        tl.store(acc_ptr + (pid * S * G + g)[:, None] * AW + acols[None, :], acc_rot, mask=gmask[:, None])
     tl.store(o_ptr + b * sob + (h * G + g)[:, None] * soh + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])

@@ -1,0 +1,169 @@
+"""How the kernels see a codec: one or two code groups per vector.
+
+A `TurboQuantCodec` stores each vector [d] as one group: the codes of all d
+channels under one rotation Π [d, d], one norm. A `SplitCodec` stores two (one
+when its low group is dropped): per KV head a channel subset index_g [H, w_g],
+each with its own TurboQuant_mse quantizer (bits, rotation Π_g [w_g, w_g],
+codebook) and its own norm n_g. With x_g = x[index_g]:
+
+    ⟨q, x̃⟩ = Σ_g n_g ⟨Π_g q_g, c_g⟩            x̃[index_g] = n_g Π_gᵀ c_g
+
+so the decode kernel scores each group against its rotated query slice and
+sums its values in the same rotated space, whatever channels it came from.
+Two matrices per head carry the bookkeeping (made once per codec and device):
+
+    Q [H, d, QW]  rotated queries  qr = q @ Q: group g in columns offset_g ..
+                  offset_g + W_g (plane order within a group read as planes,
+                  zero columns where W_g pads w_g to a power of two)
+    U [H, AW, d]  value output    x = (value sums) @ U, i.e. U = Qᵀ
+
+The store kernel writes group g as a TurboQuantCodec of width w_g would,
+from x gathered to x_g (`CodeGroup` quacks like that codec).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..codec import SplitCodec, TurboQuantCodec
+from ..norms import LogNormQuantizer
+from ..quantizer import TurboQuantMSE, TurboQuantProd
+
+KERNEL_BITS = (1, 2, 3, 4)  # mse bits the kernels read per code group
+CENTROID_SLOTS = 16  # centroid table entries per group in the decode kernel (2^4)
+
+
+@dataclass(eq=False)
+class CodeGroup:
+    """One group of a vector's codes: its quantizer, its 8-bit norm codes (or None: float16 norms), its
+    channels index [H, w] (None: all channels, natural order) and the names of its parts."""
+
+    quantizer: TurboQuantMSE | TurboQuantProd
+    norm_codes: LogNormQuantizer | None
+    index: torch.Tensor | None
+    codes: str = "codes"
+    norms: str = "norms"
+
+    @property
+    def head_dim(self) -> int:  # the width w of the group: what the store kernel calls D
+        return self.quantizer.head_dim
+
+    @property
+    def mse(self) -> TurboQuantMSE | None:
+        """The TurboQuant_mse quantizer whose codes the kernels read."""
+        q = self.quantizer
+        return q.mse if isinstance(q, TurboQuantProd) else q
+
+    @property
+    def code_bytes(self) -> int:
+        return self.mse.code_nbytes  # ceil(w b / 8): the stream's last byte may hold padding bits
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """x_g [B, H, T, w] of the first chunk: fixes the 8-bit norms' ranges (as `TurboQuantCodec.prepare`)."""
+        if self.norm_codes is not None and not self.norm_codes.calibrated:
+            self.norm_codes.calibrate(torch.linalg.vector_norm(x.float(), dim=-1).half())
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, H, T, d] -> x_g [B, H, T, w] (contiguous)."""
+        if self.index is None:
+            return x
+        b, h, t, _ = x.shape
+        return torch.gather(x, -1, self.index.to(x.device, torch.int64)[None, :, None, :].expand(b, h, t, -1))
+
+
+def code_groups(codec) -> list[CodeGroup] | None:
+    """The kernels' view of `codec`, or None where they cannot read it: TurboQuantCodec (mse 1..4 bits, or prod
+    keys with such an mse part), or a SplitCodec once calibrated whose groups have mse 1..4 bits (any widths:
+    the kernel pads them)."""
+    if isinstance(codec, TurboQuantCodec):
+        mse = codec.quantizer.mse if isinstance(codec.quantizer, TurboQuantProd) else codec.quantizer
+        if mse is None or mse.bits not in KERNEL_BITS:
+            return None
+        return [CodeGroup(codec.quantizer, codec.norm_codes, None)]
+    if isinstance(codec, SplitCodec) and codec.calibrated:
+        norm = codec.norm_codes or {}
+        groups = [CodeGroup(codec.outlier, norm.get("hi"), codec.outlier_index, "hi_codes", "hi_norms")]
+        if codec.regular is not None:
+            groups.append(CodeGroup(codec.regular, norm.get("lo"), codec.regular_index, "lo_codes", "lo_norms"))
+        if all(g.quantizer.bits in KERNEL_BITS for g in groups):
+            return groups
+    return None
+
+
+def planes(width: int, bits: int) -> int:
+    """Codes per byte P if the decode kernel reads a group of this (padded) width as P planes of width/P channels,
+    else 1 (codes unpacked to natural order). Planes need 2 or 4 codes per byte (1-bit would need 8 accumulators;
+    3-bit codes straddle bytes) and at least 16 channels per plane (tl.dot's smallest inner size)."""
+    p = 8 // bits if bits in (2, 4) else 1
+    return p if width // p >= 16 else 1
+
+
+def padded_width(width: int) -> int:
+    """A group's width in the kernel: the next power of two, at least 16 (tl.arange and tl.dot sizes)."""
+    return max(16, 1 << (width - 1).bit_length())
+
+
+@dataclass(eq=False)
+class GroupLayout:
+    """Where each group sits in the decode kernel, on one device: padded widths W_g, planes P_g, the query matrix
+    Q [H or 1, d, QW] (+ S for prod keys: columns W_0 .. W_0 + d), the value matrix U [H or 1, AW, d] (AW = Σ W_g,
+    padded to a power of two), the centroids [groups, 16] fp16 and the 8-bit norms' (low, step) [groups, 2, H]
+    fp32 (None for float16 norms)."""
+
+    widths: list[int]
+    planes: list[int]
+    query: torch.Tensor
+    unrotate: torch.Tensor
+    centroids: torch.Tensor
+    norm_ranges: torch.Tensor | None
+
+    @property
+    def accumulator_width(self) -> int:
+        return self.unrotate.shape[1]
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def layout(codec, groups: list[CodeGroup], head_dim: int, device: torch.device) -> GroupLayout:
+    """The codec's GroupLayout on `device` (made once; a refit makes a new codec and so a new layout)."""
+    per_device = _LAYOUTS.setdefault(codec, {})
+    if device not in per_device:
+        per_device[device] = _make_layout(groups, head_dim, torch.device(device))
+    return per_device[device]
+
+
+def _make_layout(groups: list[CodeGroup], d: int, device: torch.device) -> GroupLayout:
+    widths = [padded_width(g.head_dim) for g in groups]
+    plane_counts = [planes(w, g.mse.bits) for w, g in zip(widths, groups)]
+    total = sum(widths)
+    heads = 1 if all(g.index is None for g in groups) else groups[0].index.shape[0]
+    aw = padded_width(total)
+    prod = isinstance(groups[0].quantizer, TurboQuantProd)
+    query = torch.zeros(heads, d, total + (d if prod else 0), dtype=torch.float32)
+    offset = 0
+    for g, width, p in zip(groups, widths, plane_counts):
+        rot = g.mse.rotation("cpu").float()  # Π_g [w, w]: rotated coordinate i = Σ_j Π_g[i, j] x_g[j]
+        w = g.head_dim
+        # kernel column of rotated coordinate i: plane order puts channel P*k + j at j*W/P + k
+        i = torch.arange(w)
+        column = offset + (i % p) * (width // p) + i // p
+        index = torch.arange(d).expand(heads, d) if g.index is None else g.index.long()
+        for h in range(heads):
+            query[h, index[h][:, None], column[None, :]] = rot.T  # Q[h][index_g[j], col(i)] = Π_g[i, j]
+        offset += width
+    if prod:
+        query[:, :, total:] = groups[0].quantizer.qjl("cpu").float().T  # S q
+    unrotate = torch.zeros(heads, aw, d, dtype=torch.float32)
+    unrotate[:, :total] = query[:, :, :total].transpose(1, 2)
+    centroids = torch.zeros(len(groups), CENTROID_SLOTS, dtype=torch.float16)
+    for i, g in enumerate(groups):
+        table = g.mse.centroids("cpu")
+        centroids[i, : table.numel()] = table.half()
+    ranges = None
+    if groups[0].norm_codes is not None:
+        ranges = torch.stack([g.norm_codes.ranges("cpu") for g in groups]).to(device).contiguous()
+    return GroupLayout(widths, plane_counts, query.to(device).contiguous(), unrotate.to(device).contiguous(), centroids.to(device), ranges)
