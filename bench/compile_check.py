@@ -1,7 +1,7 @@
 """Compile the decode split kernel or the store kernel for sm_90 (H100/H200) without a GPU; print ptxas
 registers, spills, shared memory.
 
-    .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT]]] ...]   e.g. 32,4,3,4 64,8,2,2 32,4,3,4,128,1,2
+    .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT[,GROUPS]]]] ...]   e.g. 32,4,3,4 64,8,2,2 32,4,3,4,128,1,0,2
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
 
 Uses the ptxas that ships with Triton. Integer arguments are specialized as on the B=8, Hkv=8, L=32k
@@ -22,8 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tqpatch.kernels import decode_planes, nibble_lut_asm
-from tqpatch.quantizer import TurboQuantMSE
+from tqpatch.kernels.groups import planes
 from tqpatch.kernels import triton_kernels as tk
 
 PTXAS = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas"))[0]
@@ -34,7 +33,9 @@ def _ptxas_report(k) -> str:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(k.asm["ptx"])
-        r = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+        r = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"ptxas failed: {r.stderr[-2000:]}")
     return " ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines() if "Used" in line or "spill" in line)
 
 
@@ -62,23 +63,32 @@ def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 
     return f"store precision={precision} block_r={block_r} warps={warps} stages={stages} bits={bits} d={d}: shared {k.metadata.shared} B; {_ptxas_report(k)}"
 
 
-def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0) -> str:
+def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0, groups: int = 1) -> str:
+    """The decode split kernel at the B=8, Hkv=8, L=32k bench shape: keys and values of `bits` bits, as one code
+    group per vector or (groups=2) two equal halves (a split codec's layout)."""
     fn = tk._tq_decode_split_kernel
-    nb, length = d * bits // 8, 32768
-    ints = dict(sqr=d, skcb=8 * length * nb, skch=length * nb, skct=nb, sknb=8 * length, sknh=length, sknt=1, skgb=8 * length * d // 8,
-                skgh=length * d // 8, skgt=d // 8, skrb=8 * length, skrh=length, skrt=1, svcb=8 * length * nb, svch=length * nb, svct=nb,
-                svnb=8 * length, svnh=length, svnt=1, smb=0, mask_off=0, Hkv=8, L=length, per_split=1024)
-    planes = decode_planes(d, bits)
-    const = dict(G=4, GP=16, D=d, KB=bits, VB=bits, PROD=False, HAS_MASK=False, BLOCK_T=block_t, KPL=planes, VPL=planes, LUT=lut, KN8=bool(n8), VN8=bool(n8))
-    if lut == 3 and bits == 4:  # the byte-permute lookup of a real 4-bit codebook
-        asm = nibble_lut_asm(TurboQuantMSE(d, 4).centroids("cpu").half())
-        const.update(KASM=asm, VASM=asm)
+    length = 32768
+    width = d // groups
+    nb = width * bits // 8
+    strides = {}
+    for side in ("k", "v"):
+        for i in range(2):
+            strides.update({f"s{side}c{i}b": 8 * length * nb, f"s{side}c{i}h": length * nb, f"s{side}c{i}t": nb,
+                            f"s{side}n{i}b": 8 * length, f"s{side}n{i}h": length, f"s{side}n{i}t": 1})
+    ints = dict(sqr=d, skgb=8 * length * d // 8, skgh=length * d // 8, skgt=d // 8, skrb=8 * length, skrh=length, skrt=1,
+                smb=0, mask_off=0, skb=0, Hkv=8, L=length, per_split=1024, **strides)
+    pl = planes(width, bits)
+    const = dict(G=4, GP=16, D=d, AW=d, PROD=False, HAS_MASK=False, HAS_BIAS=False, BLOCK_T=block_t, LUT=lut, KN8=bool(n8), VN8=bool(n8),
+                 KG=groups, VG=groups)
+    for side in ("K", "V"):
+        for i in range(2):
+            const.update({f"{side}B{i}": bits, f"{side}W{i}": width, f"{side}NB{i}": nb, f"{side}PL{i}": pl})
     const.update({n: 1 for n, v in ints.items() if v == 1})
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         if n.endswith("_ptr"):
-            fp16 = ("kr_ptr", "kcent_ptr", "vcent_ptr") + (() if n8 else ("kn_ptr", "vn_ptr"))
-            sig[n] = "*fp32" if n in ("qr_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr") else "*fp16" if n in fp16 else "*u8"
+            fp16 = ("kr_ptr", "kcent_ptr", "vcent_ptr") + (() if n8 else ("kn0_ptr", "kn1_ptr", "vn0_ptr", "vn1_ptr"))
+            sig[n] = "*fp32" if n in ("qr_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr", "kbias_ptr") else "*fp16" if n in fp16 else "*u8"
         elif n in const:
             sig[n] = "constexpr"
         else:
@@ -88,7 +98,8 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
     k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages))
     report = _ptxas_report(k)
-    return f"block_t={block_t} warps={warps} stages={stages} bits={bits} planes={planes}{' 8-bit norms' if n8 else ''} lut={lut}: shared {k.metadata.shared} B; {report}"
+    return (f"block_t={block_t} warps={warps} stages={stages} bits={bits} groups={groups} planes={pl}{' 8-bit norms' if n8 else ''} "
+            f"lut={lut}: shared {k.metadata.shared} B; {report}")
 
 
 if __name__ == "__main__":
@@ -97,5 +108,5 @@ if __name__ == "__main__":
             precision, *numbers = spec.split(",")
             print(compile_store(precision, *map(int, numbers)), flush=True)
     else:
-        for spec in sys.argv[1:] or ["32,4,3,4", "32,4,3,2", "32,4,3,3"]:
+        for spec in sys.argv[1:] or ["32,4,3,4", "32,4,3,2", "32,4,3,3", "32,4,3,4,128,1,0,2"]:
             print(compile_split(*map(int, spec.split(","))), flush=True)

@@ -76,15 +76,16 @@ def copy_bandwidth() -> float:
 
 
 def _random_parts(codec, b, h, length, device="cuda"):
-    from tqpatch.kernels import _empty_parts
-
-    parts = _empty_parts(codec, torch.empty(b, h, length, codec.head_dim, device="meta"))
+    """Parts of `length` random tokens in the codec's format: uniform random code bytes (and 8-bit norm codes),
+    float16 norms in 5..15. The codec is calibrated first on one random token (split channels, norm ranges)."""
+    proto = codec.encode(torch.randn(1, h, 1, codec.head_dim))
     out = {}
-    for name, like in parts.items():
+    for name, like in proto.items():
+        shape = (b, h, length, *like.shape[3:])
         if like.dtype == torch.uint8:
-            out[name] = torch.randint(0, 256, like.shape, dtype=torch.uint8, device=device)
+            out[name] = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
         else:
-            out[name] = (torch.rand(like.shape, device=device) + 0.5).to(like.dtype) * 10
+            out[name] = (torch.rand(shape, device=device) + 0.5).to(like.dtype) * 10
     return out
 
 
@@ -171,7 +172,7 @@ def _sdpa_ms(b, hq, hkv, length, d):
 
 def bench_attention(bw: float, shapes) -> dict:
     from tqpatch import kernels
-    from tqpatch.codec import TurboQuantCodec
+    from tqpatch.codec import SplitCodec, TurboQuantCodec
 
     hq, hkv, d = 32, 8, 128
     # choose the decode kernel's tile / warps / pipelining / centroid lookup / split count on the headline shape (k4v4, B=8, L=32k)
@@ -193,7 +194,7 @@ def bench_attention(bw: float, shapes) -> dict:
         for stages in (2, 3):
             trial(block_t=block_t, num_warps=warps, num_stages=stages, lut=0, programs_per_sm=4)
     best = min(sweep, key=lambda r: r["ms"])
-    for lut in (1, 2, 3):  # the select-chain lookups (kernels._lookup) and the byte permutes on the best tile
+    for lut in (1, 2):  # the select-chain lookups (kernels._lookup) on the best tile
         trial(**{**{k: v for k, v in best.items() if k != "ms"}, "lut": lut})
     best = min(sweep, key=lambda r: r["ms"])
     for per_sm in (2, 8, 16):
@@ -207,16 +208,19 @@ def bench_attention(bw: float, shapes) -> dict:
         base, variants = _sdpa_ms(b, hq, hkv, length, d)
         bf16_bytes = 2 * b * hkv * length * d * 2
         row = {"B": b, "L": length, "bf16_sdpa_ms": base, "bf16_sdpa_variants": variants, "bf16_GB_per_s": bf16_bytes / base / 1e6}
-        # (name, key bits, value bits, key method, norm bits, centroid lookup: None = the tuned one)
-        settings = (("k4v4", 4, 4, "mse", 16, None), ("k4v4-n8", 4, 4, "mse", 8, None), ("k2v2", 2, 2, "mse", 16, None),
-                    ("k2v2-lut2", 2, 2, "mse", 16, 2), ("k4v4-lut3", 4, 4, "mse", 16, 3), ("k3v3", 3, 3, "mse", 16, None),
-                    ("k4v4-prod", 4, 4, "prod", 16, None))
+        whole = lambda bits, method="mse", norm_bits=16: TurboQuantCodec(d, bits, method, 0, norm_bits)  # noqa: E731
+        split = lambda bits, groups=None, norm_bits=16: SplitCodec(d, bits, 0, norm_bits=norm_bits, groups=groups)  # noqa: E731
+        # (name, key codec, value codec, centroid lookup: None = the tuned one). Split codecs: two code groups per
+        # vector; "k4v4-2groups" stores k4v4's bytes as two 64-channel groups (the cost of the second group alone).
+        settings = (("k4v4", whole(4), whole(4), None), ("k4v4-n8", whole(4, norm_bits=8), whole(4, norm_bits=8), None),
+                    ("k2v2", whole(2), whole(2), None), ("k2v2-lut2", whole(2), whole(2), 2), ("k3v3", whole(3), whole(3), None),
+                    ("k4v4-prod", whole(4, "prod"), whole(4), None),
+                    ("k4v4-2groups", split(4, (64, 4, 4)), split(4, (64, 4, 4)), None),
+                    ("3.5bit-n8", split(3.5, norm_bits=8), split(3.5, norm_bits=8), None),
+                    ("2.5bit-n8", split(2.5, norm_bits=8), split(2.5, norm_bits=8), None))
         tuned_lut = kernels.DECODE_TUNING["lut"]
-        for name, kb, vb, method, norm_bits, lut in settings:
+        for name, kc, vc, lut in settings:
             kernels.DECODE_TUNING["lut"] = tuned_lut if lut is None else lut
-            kc, vc = TurboQuantCodec(d, kb, method, 0, norm_bits), TurboQuantCodec(d, vb, "mse", 0, norm_bits)
-            for codec in (kc, vc):  # 8-bit norms: fix their ranges as a first chunk would (random codes below)
-                codec.prepare(torch.randn(1, hkv, 64, d, device="cuda"))
             kp, vp = _random_parts(kc, b, hkv, length), _random_parts(vc, b, hkv, length)
             q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
             fk = torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
