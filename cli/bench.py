@@ -170,37 +170,52 @@ def _sdpa_ms(b, hq, hkv, length, d):
     return min(gqa, pack), {"enable_gqa": gqa, "packed_gqa": pack, "back_to_back": streamed}
 
 
+def _tuning_of(trial_row: dict) -> dict:
+    """The DECODE_TUNING settings of a sweep row (without its timing and codec name)."""
+    return {k: v for k, v in trial_row.items() if k not in ("ms", "codecs")}
+
+
 def bench_attention(bw: float, shapes) -> dict:
     from tqpatch import kernels
     from tqpatch.codec import SplitCodec, TurboQuantCodec
 
     hq, hkv, d = 32, 8, 128
-    # choose the decode kernel's tile / warps / pipelining / centroid lookup / split count on the headline shape (k4v4, B=8, L=32k)
+    # choose the decode kernel's tile / warps / pipelining / centroid lookup / split count on the headline shape (k4v4, B=8, L=32k),
+    # then the split codecs' tile and narrowest plane on 2.5 bits
     kc = TurboQuantCodec(d, 4, "mse", 0)
     kp, vp = _random_parts(kc, 8, hkv, 32768), _random_parts(kc, 8, hkv, 32768)
     q = torch.randn(8, hq, d, device="cuda", dtype=torch.bfloat16)
     sweep = []
 
-    def trial(**tuning):
+    def trial(codecs=(kc, kc), name="k4v4", **tuning):
         kernels.DECODE_TUNING.update(tuning)
         try:
-            ms = _ms(lambda: kernels.decode_attention(q, kc, kc, kp, vp, None, None, d**-0.5), 3, 20)
+            ms = _ms(lambda: kernels.decode_attention(q, *codecs, kp, vp, None, None, d**-0.5), 3, 20)
         except Exception as exc:  # a variant that does not compile is reported, not fatal
             ms = float("inf")
             click.echo(f"variant {tuning} failed: {str(exc)[:200]}", err=True)
-        sweep.append({**kernels.DECODE_TUNING, "ms": ms})
+        sweep.append({"codecs": name, **kernels.DECODE_TUNING, "ms": ms})
 
     for block_t, warps in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 16)):
         for stages in (2, 3):
             trial(block_t=block_t, num_warps=warps, num_stages=stages, lut=0, programs_per_sm=4)
     best = min(sweep, key=lambda r: r["ms"])
     for lut in (1, 2):  # the select-chain lookups (kernels._lookup) on the best tile
-        trial(**{**{k: v for k, v in best.items() if k != "ms"}, "lut": lut})
+        trial(**{**_tuning_of(best), "lut": lut})
     best = min(sweep, key=lambda r: r["ms"])
     for per_sm in (2, 8, 16):
-        trial(**{**{k: v for k, v in best.items() if k != "ms"}, "programs_per_sm": per_sm})
+        trial(**{**_tuning_of(best), "programs_per_sm": per_sm})
     best = min(sweep, key=lambda r: r["ms"])
-    kernels.DECODE_TUNING.update({k: v for k, v in best.items() if k != "ms"})
+    kernels.DECODE_TUNING.update(_tuning_of(best))
+    # split codecs (two code groups): their tile and the narrowest plane, on 2.5 bits (3-bit + 2-bit halves)
+    split = SplitCodec(d, 2.5, 0, norm_bits=8)
+    kp, vp = _random_parts(split, 8, hkv, 32768), _random_parts(split, 8, hkv, 32768)
+    first = len(sweep)
+    for split_block_t in (32, 64):
+        for min_plane in (16, 32):
+            trial((split, split), "2.5bit-n8", split_block_t=split_block_t, min_plane_width=min_plane)
+    best = min(sweep[first:], key=lambda r: r["ms"])
+    kernels.DECODE_TUNING.update(split_block_t=best["split_block_t"], min_plane_width=best["min_plane_width"])
     click.echo(f"decode kernel sweep: {sweep}; using {kernels.DECODE_TUNING}", err=True)
     del kp, vp
     rows = []

@@ -35,10 +35,11 @@ from .reference import decode_attention_reference, encode_reference
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MSE_BITS = (1, 2, 3, 4)
 LOG2E = 1.4426950408889634
-# Decode-kernel launch settings (bench/RESULTS.md says how they were chosen): tokens per tile, warps,
-# software-pipelining stages, centroid lookup (0 gather, 1 and 2 select chains), and the flash-decoding split
-# count, chosen so that B*Hkv*splits ≈ programs_per_sm programs per SM. The best of the H200 sweep.
-DECODE_TUNING = {"block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "programs_per_sm": 16}
+# Decode-kernel launch settings (bench/RESULTS.md says how they were chosen): tokens per tile (block_t; split_block_t
+# where a side has two code groups, whose kernel holds twice the state), warps, software-pipelining stages, centroid
+# lookup (0 gather, 1 and 2 select chains), the narrowest plane a group is read as (min_plane_width, groups.planes),
+# and the flash-decoding split count, chosen so that B*Hkv*splits ≈ programs_per_sm programs per SM.
+DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16}
 
 __all__ = [
     "HEAD_DIMS",
@@ -315,7 +316,8 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     hkv, length = kfirst.shape[1], kfirst.shape[2]
     g = hq // hkv
     gp = max(16, 1 << (g - 1).bit_length())  # query rows padded for tl.dot
-    klay, vlay = layout(key_codec, kgroups, d, q.device), layout(value_codec, vgroups, d, q.device)
+    min_plane = DECODE_TUNING["min_plane_width"]
+    klay, vlay = layout(key_codec, kgroups, d, q.device, min_plane), layout(value_codec, vgroups, d, q.device, min_plane)
     for lay in (klay, vlay):
         if lay.query.shape[0] not in (1, hkv):
             raise ValueError(f"a split codec calibrated for {lay.query.shape[0]} KV heads read with {hkv}")
@@ -327,7 +329,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
         qr = scoring.reshape(b * hq, d) @ klay.query[0]  # [B*Hq, QW]: the groups' Π_g q_g (| S q)
     else:  # per KV head: each group's channels gathered and rotated in one product
         qr = torch.matmul(scoring.view(b, hkv, g, d), klay.query).reshape(b * hq, -1)
-    block_t = block_t or DECODE_TUNING["block_t"]
+    block_t = block_t or DECODE_TUNING["split_block_t" if max(len(kgroups), len(vgroups)) > 1 else "block_t"]
     programs = b * hkv
     if num_splits is None:
         sms = _sm_count(q.device.index or 0) if q.is_cuda else 4

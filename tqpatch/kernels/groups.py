@@ -93,12 +93,13 @@ def code_groups(codec) -> list[CodeGroup] | None:
     return None
 
 
-def planes(width: int, bits: int) -> int:
+def planes(width: int, bits: int, min_width: int = 16) -> int:
     """Codes per byte P if the decode kernel reads a group of this (padded) width as P planes of width/P channels,
     else 1 (codes unpacked to natural order). Planes need 2 or 4 codes per byte (1-bit would need 8 accumulators;
-    3-bit codes straddle bytes) and at least 16 channels per plane (tl.dot's smallest inner size)."""
+    3-bit codes straddle bytes) and at least `min_width` channels per plane (16 is tl.dot's smallest inner size;
+    narrower planes cost registers: `kernels.DECODE_TUNING["min_plane_width"]`)."""
     p = 8 // bits if bits in (2, 4) else 1
-    return p if width // p >= 16 else 1
+    return p if width // p >= max(16, min_width) else 1
 
 
 def padded_width(width: int) -> int:
@@ -128,17 +129,18 @@ class GroupLayout:
 _LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def layout(codec, groups: list[CodeGroup], head_dim: int, device: torch.device) -> GroupLayout:
-    """The codec's GroupLayout on `device` (made once; a refit makes a new codec and so a new layout)."""
+def layout(codec, groups: list[CodeGroup], head_dim: int, device: torch.device, min_plane_width: int = 16) -> GroupLayout:
+    """The codec's GroupLayout on `device` (made once per plane rule; a refit makes a new codec and so a new layout)."""
     per_device = _LAYOUTS.setdefault(codec, {})
-    if device not in per_device:
-        per_device[device] = _make_layout(groups, head_dim, torch.device(device))
-    return per_device[device]
+    key = (torch.device(device), min_plane_width)
+    if key not in per_device:
+        per_device[key] = _make_layout(groups, head_dim, torch.device(device), min_plane_width)
+    return per_device[key]
 
 
-def _make_layout(groups: list[CodeGroup], d: int, device: torch.device) -> GroupLayout:
+def _make_layout(groups: list[CodeGroup], d: int, device: torch.device, min_plane_width: int) -> GroupLayout:
     widths = [padded_width(g.head_dim) for g in groups]
-    plane_counts = [planes(w, g.mse.bits) for w, g in zip(widths, groups)]
+    plane_counts = [planes(w, g.mse.bits, min_plane_width) for w, g in zip(widths, groups)]
     total = sum(widths)
     heads = 1 if all(g.index is None for g in groups) else groups[0].index.shape[0]
     aw = padded_width(total)
