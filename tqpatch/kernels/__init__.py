@@ -28,12 +28,12 @@ import weakref
 import torch
 
 from ..codec import Parts
-from ..quantizer import TurboQuantMSE, TurboQuantProd
-from .groups import CENTROID_SLOTS, CodeGroup, code_groups, layout
+from ..quantizer import TurboQuantProd
+from .groups import KERNEL_BITS, CodeGroup, code_groups, layout
 from .reference import decode_attention_reference, encode_reference
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
-MSE_BITS = (1, 2, 3, 4)
+MSE_BITS = KERNEL_BITS  # mse bits of a code group the kernels read
 LOG2E = 1.4426950408889634
 # Decode-kernel launch settings (bench/RESULTS.md says how they were chosen): tokens per tile (block_t; split_block_t
 # where a side has two code groups, whose kernel holds twice the state), warps, software-pipelining stages, centroid
@@ -312,7 +312,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     tk = _tk()
     b, hq, d = q.shape
     kgroups, vgroups = _groups(key_codec), _groups(value_codec)
-    kfirst, vfirst = kp[kgroups[0].norms], vp[vgroups[0].norms]
+    kfirst = kp[kgroups[0].norms]  # [B, Hkv, L]
     hkv, length = kfirst.shape[1], kfirst.shape[2]
     g = hq // hkv
     gp = max(16, 1 << (g - 1).bit_length())  # query rows padded for tl.dot
