@@ -107,6 +107,13 @@ def padded_width(width: int) -> int:
     return max(16, 1 << (width - 1).bit_length())
 
 
+def kernel_columns(width: int, padded: int, planes: int) -> torch.Tensor:
+    """Where the decode kernel keeps rotated coordinate i < width of a group padded to `padded` and read as
+    `planes` planes: plane order puts coordinate P·k + j at column j·W/P + k (natural order for P = 1)."""
+    i = torch.arange(width)
+    return (i % planes) * (padded // planes) + i // planes
+
+
 @dataclass(eq=False)
 class GroupLayout:
     """Where each group sits in the decode kernel, on one device: padded widths W_g, planes P_g, the query matrix
@@ -150,9 +157,7 @@ def _make_layout(groups: list[CodeGroup], d: int, device: torch.device, min_plan
     for g, width, p in zip(groups, widths, plane_counts):
         rot = g.mse.rotation("cpu").float()  # Π_g [w, w]: rotated coordinate i = Σ_j Π_g[i, j] x_g[j]
         w = g.head_dim
-        # kernel column of rotated coordinate i: plane order puts channel P*k + j at j*W/P + k
-        i = torch.arange(w)
-        column = offset + (i % p) * (width // p) + i // p
+        column = offset + kernel_columns(w, width, p)
         index = torch.arange(d).expand(heads, d) if g.index is None else g.index.long()
         for h in range(heads):
             query[h, index[h][:, None], column[None, :]] = rot.T  # Q[h][index_g[j], col(i)] = Π_g[i, j]

@@ -1,0 +1,66 @@
+"""The kernels' view of split codecs (tqpatch.kernels.groups), checked on the CPU: the per-head query matrix Q and
+value matrix U must turn the kernel's per-group arithmetic (scores n_g ⟨(q Q)[group columns], c_g⟩, value sums
+Σ p n_g c_g mapped back through U) into attention over the codec's own decoded vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tqpatch.codec import SplitCodec, TurboQuantCodec
+from tqpatch.kernels import supports
+from tqpatch.kernels.groups import code_groups, kernel_columns, layout, padded_width, planes
+
+
+def _kernel_vectors(codec, parts, lay) -> torch.Tensor:
+    """What the kernel works with: each group's centroids c_g scaled by its norm n_g, in the kernel's columns
+    [B, H, T, Σ W_g] (zeros in padding columns)."""
+    groups = code_groups(codec)
+    lead = parts[groups[0].codes].shape[:3]
+    out = torch.zeros(*lead, sum(lay.widths))
+    offset = 0
+    for g, width, p in zip(groups, lay.widths, lay.planes):
+        norms = parts[g.norms].float() if g.norm_codes is None else g.norm_codes.decode(parts[g.norms])
+        coords = g.mse.lookup(parts[g.codes]) * norms[..., None]  # [B, H, T, w] rotated, natural order
+        out[..., offset + kernel_columns(g.head_dim, width, p)] = coords
+        offset += width
+    return out
+
+
+@pytest.mark.parametrize("d,groups,norm_bits,min_plane", [
+    (128, (64, 4, 3), 8, 32), (64, (24, 4, 2), 16, 16), (64, (32, 3, 0), 8, 32), (64, (26, 3, 1), 16, 16), (32, (16, 2, 2), 16, 16),
+])
+def test_query_and_value_matrices_reproduce_attention_over_decoded_vectors(d, groups, norm_bits, min_plane):
+    gen = torch.Generator().manual_seed(d + groups[0])
+    b, h, t, g = 2, 3, 19, 4
+    x = torch.randn(b, h, t, d, generator=gen) * (1 + 3 * torch.rand(d, generator=gen))
+    codec = SplitCodec(d, 0.0, seed=4, norm_bits=norm_bits, groups=groups)
+    parts = codec.encode(x)  # calibrates the channel groups on x
+    assert supports(codec)
+    lay = layout(codec, code_groups(codec), d, torch.device("cpu"), min_plane)
+    assert lay.query.shape == (h, d, sum(lay.widths)) and lay.unrotate.shape == (h, padded_width(sum(lay.widths)), d)
+    z = _kernel_vectors(codec, parts, lay)  # [B, H, T, QW]
+    decoded = codec.decode(parts, torch.float32)  # [B, H, T, d]
+    q = torch.randn(b, h, g, d, generator=gen)
+    scores_kernel = torch.einsum("bhgw,bhtw->bhgt", torch.matmul(q, lay.query), z)
+    scores_codec = torch.einsum("bhgd,bhtd->bhgt", q, decoded)
+    assert torch.allclose(scores_kernel, scores_codec, atol=1e-4 * scores_codec.abs().max())
+    p = torch.softmax(scores_codec, dim=-1)
+    values_kernel = torch.matmul(torch.einsum("bhgt,bhtw->bhgw", p, z), lay.unrotate[:, : z.shape[-1]])
+    values_codec = torch.einsum("bhgt,bhtd->bhgd", p, decoded)
+    assert torch.allclose(values_kernel, values_codec, atol=1e-4 * values_codec.abs().max())
+
+
+def test_plane_rule_and_padding():
+    assert planes(64, 4) == 2 and planes(64, 2) == 4 and planes(64, 2, min_width=32) == 1 and planes(64, 3) == 1
+    assert planes(128, 2, min_width=32) == 4 and planes(16, 4) == 1  # a plane needs >= 16 channels
+    assert [padded_width(w) for w in (8, 16, 24, 40, 64, 100)] == [16, 16, 32, 64, 64, 128]
+    assert kernel_columns(6, 8, 2).tolist() == [0, 4, 1, 5, 2, 6]
+
+
+def test_whole_vector_codecs_share_one_matrix_and_unsupported_codecs_have_none():
+    codec = TurboQuantCodec(64, 4, "mse", seed=0)
+    lay = layout(codec, code_groups(codec), 64, torch.device("cpu"))
+    assert lay.query.shape == (1, 64, 64) and torch.allclose(lay.query[0] @ lay.unrotate[0], torch.eye(64), atol=1e-5)
+    assert code_groups(TurboQuantCodec(64, 5, "mse", seed=0)) is None  # 5-bit codes: no kernel
+    assert code_groups(SplitCodec(64, 3.5, seed=0)) is None  # not calibrated yet
