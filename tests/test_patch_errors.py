@@ -123,7 +123,8 @@ def test_boolean_fields_are_checked(name):
         TurboQuantConfig(**{name: 1})
 
 
-@pytest.mark.parametrize("spec", ["k4v4", "k2v2-rc8", "k2.5v2-o2-s4-r128", "k3v2-prod-ckv-p2.2b8-q", "k4v4-L0.29-seed3", "k3.5v3.5"])
+@pytest.mark.parametrize("spec", ["k4v4", "k2v2-rc8", "k2.5v2-o2-s4-r128", "k3v2-prod-ckv-p2.2b8-q", "k4v4-L0.29-seed3", "k3.5v3.5",
+                                  "k4v4-L18b6", "k4v4-p0.0b6-L1.18"])
 def test_setting_specs_round_trip_through_name(spec):
     config = TurboQuantConfig.from_spec(spec)
     assert TurboQuantConfig.from_spec(config.name) == config
@@ -133,6 +134,8 @@ def test_spec_fields():
     config = TurboQuantConfig.from_spec("k2.5v2-o2-s4-r128-ck-p1.2")
     assert (config.key_bits, config.value_bits, config.outlier_step, config.sink_tokens, config.residual_length) == (2.5, 2, 2, 4, 128)
     assert config.center_keys and not config.center_values and (config.protect_first, config.protect_last, config.protected_bits) == (1, 2, None)
+    config = TurboQuantConfig.from_spec("k4v4-L1.18b6")  # protected layers at 6 bits, the others at 4
+    assert (config.protected_layers, config.protected_bits, config.layer_bits(18, 30), config.layer_bits(17, 30)) == ((1, 18), 6, (6, 6), (4, 4))
 
 
 @pytest.mark.parametrize("spec,match", [("k4v4-zz", "unknown option 'zz'"), ("fast", "unknown setting 'fast'"), ("k9v4", r"key_bits must be")])

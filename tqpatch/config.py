@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .norms import check_norm_bits
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, fit<N>, p<first>.<last>[b<bits>], L<i>.<j>, q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, fit<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -215,8 +215,9 @@ class TurboQuantConfig:
             label += f"-fit{self.refit_tokens}"
         if self.protect_first or self.protect_last:
             label += f"-p{self.protect_first}.{self.protect_last}" + ("" if self.protected_bits is None else f"b{self.protected_bits}")
-        if self.protected_layers:
-            label += "-L" + ".".join(map(str, self.protected_layers))
+        if self.protected_layers:  # protected_bits rides on -p when that is printed, else on -L
+            bits_on_l = self.protected_bits is not None and not (self.protect_first or self.protect_last)
+            label += "-L" + ".".join(map(str, self.protected_layers)) + (f"b{self.protected_bits}" if bits_on_l else "")
         if not self.prefill_exact:
             label += "-q"
         if self.seed:
@@ -248,7 +249,7 @@ class TurboQuantConfig:
             r"rc(\d+)": lambda m: {"rotation_candidates": int(m[1])},
             r"c(k?)(v?)": lambda m: {"center_keys": bool(m[1]), "center_values": bool(m[2])},
             r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
-            r"L(\d+(?:\.\d+)*)": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))},
+            r"L(\d+(?:\.\d+)*)(?:b(\d+))?": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))} | ({"protected_bits": int(m[2])} if m[2] else {}),
             r"qs": lambda m: {"shape_keys": True},
             r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
             r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
