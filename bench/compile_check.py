@@ -1,7 +1,7 @@
 """Compile the decode split kernel or the store kernel for sm_90 (H100/H200) without a GPU; print ptxas
 registers, spills, shared memory.
 
-    .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT[,GROUPS]]]] ...]   e.g. 32,4,3,4 64,8,2,2 32,4,3,4,128,1,0,2
+    .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT[,GROUPS[,ROPE]]]]] ...]   e.g. 32,4,3,4 32,4,3,4,128,1,0,2 32,4,3,4,128,1,0,1,1
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
 
 Uses the ptxas that ships with Triton. Integer arguments are specialized as on the B=8, Hkv=8, L=32k
@@ -63,9 +63,9 @@ def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 
     return f"store precision={precision} block_r={block_r} warps={warps} stages={stages} bits={bits} d={d}: shared {k.metadata.shared} B; {_ptxas_report(k)}"
 
 
-def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0, groups: int = 1) -> str:
+def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0, groups: int = 1, rope: int = 0) -> str:
     """The decode split kernel at the B=8, Hkv=8, L=32k bench shape: keys and values of `bits` bits, as one code
-    group per vector or (groups=2) two equal halves (a split codec's layout)."""
+    group per vector or (groups=2) two equal halves (a split codec's layout); rope=1 adds the RoPE-position bias (2: in tf32)."""
     fn = tk._tq_decode_split_kernel
     length = 32768
     width = d // groups
@@ -76,10 +76,10 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
             strides.update({f"s{side}c{i}b": 8 * length * nb, f"s{side}c{i}h": length * nb, f"s{side}c{i}t": nb,
                             f"s{side}n{i}b": 8 * length, f"s{side}n{i}h": length, f"s{side}n{i}t": 1})
     ints = dict(sqr=d, skgb=8 * length * d // 8, skgh=length * d // 8, skgt=d // 8, skrb=8 * length, skrh=length, skrt=1,
-                smb=0, mask_off=0, skb=0, Hkv=8, L=length, per_split=1024, **strides)
+                smb=0, mask_off=0, skb=0, src=d, srt=2 * d, Hkv=8, L=length, per_split=1024, **strides)
     pl = planes(width, bits)
-    const = dict(G=4, GP=16, D=d, AW=d, PROD=False, HAS_MASK=False, HAS_BIAS=False, BLOCK_T=block_t, LUT=lut, KN8=bool(n8), VN8=bool(n8),
-                 KG=groups, VG=groups)
+    const = dict(G=4, GP=16, D=d, AW=d, PROD=False, HAS_MASK=False, HAS_BIAS=False, HAS_ROPE=bool(rope), ROPE_PREC="tf32x3" if rope != 2 else "tf32", BLOCK_T=block_t, LUT=lut,
+                 KN8=bool(n8), VN8=bool(n8), KG=groups, VG=groups)
     for side in ("K", "V"):
         for i in range(2):
             const.update({f"{side}B{i}": bits, f"{side}W{i}": width, f"{side}NB{i}": nb, f"{side}PL{i}": pl})
@@ -88,18 +88,19 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
     for i, n in enumerate(fn.arg_names):
         if n.endswith("_ptr"):
             fp16 = ("kr_ptr", "kcent_ptr", "vcent_ptr") + (() if n8 else ("kn0_ptr", "kn1_ptr", "vn0_ptr", "vn1_ptr"))
-            sig[n] = "*fp32" if n in ("qr_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr", "kbias_ptr") else "*fp16" if n in fp16 else "*u8"
+            fp32 = ("qr_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr", "kbias_ptr", "rc_ptr", "rt_ptr")
+            sig[n] = "*fp32" if n in fp32 else "*fp16" if n in fp16 else "*u8"
         elif n in const:
             sig[n] = "constexpr"
         else:
-            sig[n] = "fp32" if n in ("scale_log2", "qjl_scale") else "i64" if n.startswith("s") else "i32"
+            sig[n] = "fp32" if n in ("scale_log2", "qjl_scale", "rope_log2") else "i64" if n.startswith("s") else "i32"
         if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0:
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages))
     report = _ptxas_report(k)
     return (f"block_t={block_t} warps={warps} stages={stages} bits={bits} groups={groups} planes={pl}{' 8-bit norms' if n8 else ''} "
-            f"lut={lut}: shared {k.metadata.shared} B; {report}")
+            f"lut={lut}{' rope bias' if rope else ''}: shared {k.metadata.shared} B; {report}")
 
 
 if __name__ == "__main__":
@@ -108,5 +109,5 @@ if __name__ == "__main__":
             precision, *numbers = spec.split(",")
             print(compile_store(precision, *map(int, numbers)), flush=True)
     else:
-        for spec in sys.argv[1:] or ["32,4,3,4", "32,4,3,2", "32,4,3,3", "32,4,3,4,128,1,0,2"]:
+        for spec in sys.argv[1:] or ["32,4,3,4", "32,4,3,2", "32,4,3,3", "32,4,3,4,128,1,0,2", "32,4,3,4,128,1,0,1,1"]:
             print(compile_split(*map(int, spec.split(","))), flush=True)

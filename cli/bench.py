@@ -246,9 +246,43 @@ def bench_attention(bw: float, shapes) -> dict:
                          "back_to_back_ms": streamed, "back_to_back_ratio_to_bf16": streamed / variants["back_to_back"]}
             del kp, vp
         kernels.DECODE_TUNING["lut"] = tuned_lut
+        row["rope_bias"] = _bench_rope_bias(kernels, b, hq, hkv, length, d, variants["back_to_back"])
         rows.append(row)
         torch.cuda.empty_cache()
     return {"tuning_sweep": sweep, "tuning": dict(kernels.DECODE_TUNING), "rows": rows}
+
+
+def _bench_rope_bias(kernels, b, hq, hkv, length, d, sdpa_ms) -> dict:
+    """Centered keys' position bias ⟨q, R_p μ⟩ on k4v4 with 8-bit norms (what k4v4+ reads): as a dense [B, Hq, L]
+    float32 tensor made per call (the product included in the timing), or evaluated inside the kernel (RopeBias) in
+    tf32x3 or tf32; the output error of each against the dense float32 reference."""
+    from tqpatch.codec import TurboQuantCodec
+    from tqpatch.rope import RopeBias, RopeTable
+
+    codec = TurboQuantCodec(d, 4, "mse", 0, 8)
+    kp, vp = _random_parts(codec, b, hkv, length), _random_parts(codec, b, hkv, length)
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    fk = torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
+    table = RopeTable(5e5 ** -(torch.arange(d // 2, dtype=torch.float64) / (d // 2)), 1.0)  # Llama-3's base
+    first = 4
+    bias = RopeBias(torch.randn(b, hq, d, device="cuda") * 20, table.joined_range(0, first + length, "cuda"), first, 1.0)
+    reference = kernels.decode_attention_reference(q, codec, codec, kp, vp, fk, fk, d**-0.5, key_bias=bias.dense(length))
+    out = {}
+    saved = kernels.DECODE_TUNING["rope_precision"]
+    try:
+        for name, call in (("dense", lambda: kernels.decode_attention(q, codec, codec, kp, vp, fk, fk, d**-0.5, key_bias=bias.dense(length))),
+                           ("in_kernel_tf32x3", lambda: kernels.decode_attention(q, codec, codec, kp, vp, fk, fk, d**-0.5, rope_bias=bias)),
+                           ("in_kernel_tf32", lambda: kernels.decode_attention(q, codec, codec, kp, vp, fk, fk, d**-0.5, rope_bias=bias))):
+            kernels.DECODE_TUNING["rope_precision"] = "tf32" if name.endswith("tf32") else "tf32x3"
+            result = call().float()
+            error = ((result - reference).norm() / reference.norm()).item()
+            streamed = _ms_back_to_back(call)
+            out[name] = {"back_to_back_ms": streamed, "ratio_to_bf16": streamed / sdpa_ms, "rel_error_vs_float32": error}
+    finally:
+        kernels.DECODE_TUNING["rope_precision"] = saved
+    click.echo(f"B={b} L={length} k4v4-n8 with the position bias: " + " | ".join(
+        f"{k} {v['back_to_back_ms']:.3f} ms ({v['ratio_to_bf16']:.2f}x, rel. error {v['rel_error_vs_float32']:.1e})" for k, v in out.items()), err=True)
+    return out
 
 
 # -- end to end -------------------------------------------------------------------------------------------

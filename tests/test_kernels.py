@@ -276,6 +276,28 @@ def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
         kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, key_bias=bias[:, :, :-1])
 
 
+@pytest.mark.parametrize("first,scale", [(0, 1.0), (1234, 1.3)])
+def test_decode_attention_adds_the_rope_bias_inside_the_kernel(first, scale):
+    """Centered keys' ⟨q, R_p μ⟩ in factored form (RopeBias): the kernel evaluates it per tile from the rows of the
+    tile start and of the in-tile offsets; it must equal the dense [B, Hq, L] bias, here from position `first` on."""
+    from tqpatch.rope import RopeBias, RopeTable
+
+    gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(13, b=2, hkv=2, group=4, length=301, d=128, fp_tokens=2)
+    b, hq, d, length = q.shape[0], q.shape[1], q.shape[2], kp["norms"].shape[2]
+    table = RopeTable(1e4 ** -(torch.arange(d // 2, dtype=torch.float64) / (d // 2)), scale)
+    rows = max(first + length, kernels.ROPE_TABLE_MIN_ROWS)
+    bias = RopeBias((torch.randn(b, hq, d, generator=gen) * 8).to(DEVICE), table.joined_range(0, rows, DEVICE), first, scale)
+    valid = (torch.arange(length)[None, :] >= torch.tensor([0, 40])[:, None]).to(DEVICE)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, key_bias=bias.dense(length))
+    assert _rel(kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid), ref) > 0.1  # the bias matters
+    for splits in (None, 3):
+        out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, out_dtype=torch.float32, num_splits=splits, rope_bias=bias)
+        assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, (splits, _rel(out, ref))
+    with pytest.raises(ValueError, match="rope_bias must"):
+        short = RopeBias(bias.coefficients, bias.table[: first + length - 1], first, scale)
+        kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, rope_bias=short)
+
+
 def test_decode_attention_scores_codes_with_the_code_query_and_fp_tokens_with_q():
     """Query-shaped keys: compressed tokens are scored with A⁻¹q (`code_query`), full-precision ones with q."""
     gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(12, b=2, hkv=2, group=4, length=257, d=64, fp_tokens=3)

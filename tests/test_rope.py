@@ -144,8 +144,8 @@ def test_position_table_is_shared_grown_and_sliced_exactly():
     assert rope._TABLES[key].shape == (rope._TABLES[key].shape[0], 2 * a.head_dim) and rope._TABLES[key].shape[0] >= 3004
 
 
-def test_score_offset_is_the_query_times_the_rotated_mean():
-    """⟨q, R_p μ⟩ from the shared position table equals the product with R_p μ built token by token."""
+def test_rope_bias_is_the_query_times_the_rotated_mean():
+    """⟨q, R_p μ⟩ from the factored RopeBias and the shared position table equals the product with R_p μ built token by token."""
     _, cos, sin = model_cos_sin()
     table = RopeTable.fit(cos, sin)
     keys, _ = rope_keys(table, heads=2)
@@ -156,6 +156,8 @@ def test_score_offset_is_the_query_times_the_rotated_mean():
     first, length = 40, 25
     offsets = codec._offset(torch.zeros(1, 2, length, 16), first)[0]  # [Hkv, L, d] = R_p μ
     want = torch.einsum("bgd,gld->bgl", q, offsets.repeat_interleave(3, dim=0))
-    assert torch.allclose(codec.score_offset(q, first, length), want, atol=1e-4)
+    bias = codec.rope_bias(q, first, rows=first + length)
+    assert bias.table.shape[0] >= first + length and bias.scale == table.scale
+    assert torch.allclose(bias.dense(length), want, atol=1e-4)
     rotated = table.apply(codec.mean[:, None, :].expand(2, length, 16), first)  # R_p μ via RopeTable.apply
     assert torch.allclose(offsets, rotated, atol=1e-5)

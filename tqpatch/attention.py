@@ -24,7 +24,7 @@ The pieces:
 5. Keys centered before RoPE (`center_keys`) or query-shaped (`shape_keys`)
    use the kernels too: the store stores A (k - R_p μ) with the store kernel,
    and the decode kernel scores the codes with A⁻¹q (`code_query`) and adds
-   ⟨q, R_p μ⟩ (`RopeKeyCodec.score_offset`) to each compressed score.
+   ⟨q, R_p μ⟩ (`RopeKeyCodec.rope_bias`) to each compressed score.
 
 `fused_decode(False)` turns the fused path off (a context manager), e.g. to
 compare both paths in tests and benchmarks.
@@ -188,10 +188,12 @@ def _fused_attention(module, query, snap: _Snapshot, attention_mask, scaling):
         fp_valid = row[:, s + n :] if s == 0 else torch.cat([row[:, :s], row[:, s + n :]], dim=1)
     key_codec = snap.layer.key_codec
     q = query[:, :, 0, :]
-    key_bias = key_codec.score_offset(q, snap.first, n) if getattr(key_codec, "has_offset", False) else None
+    rope_bias = None
+    if getattr(key_codec, "has_offset", False):  # ⟨q, R_p μ⟩, evaluated inside the kernel from the shared position table
+        rope_bias = key_codec.rope_bias(q, snap.first, rows=max(snap.first + n, kernels.ROPE_TABLE_MIN_ROWS))
     out = kernels.decode_attention(
         q, kernel_codec(key_codec), kernel_codec(snap.layer.value_codec), snap.key_parts, snap.value_parts,
-        fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype, key_bias=key_bias,
+        fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype, rope_bias=rope_bias,
         code_query=key_codec.shape_queries(q) if getattr(key_codec, "shaping", None) is not None else None,
     )
     return out.unsqueeze(1)  # [B, 1, Hq, d], as sdpa/eager return it

@@ -21,7 +21,7 @@ import torch
 from .config import eigen_split_groups, split_bits
 from .norms import LogNormQuantizer, check_norm_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
-from .rope import RopeTable, rotate_half
+from .rope import RopeBias, RopeTable, rotate_half
 from .shaping import QueryMoments, eigen_ordered, rope_average, shaping_transform, stored_nbytes, stored_transform
 
 Parts = dict[str, torch.Tensor]
@@ -377,21 +377,16 @@ class RopeKeyCodec:
         shaped = torch.einsum("bhgd,hed->bhge", q.float().view(b, hkv, hq // hkv, d), self.shaping[1].to(q.device))
         return shaped.reshape(b, hq, d).to(q.dtype)
 
-    def score_offset(self, q: torch.Tensor, first_index: int, length: int) -> torch.Tensor:
-        """⟨q, R_p μ⟩ for one query token per row, q [B, Hq, d], and the `length` tokens from sequence index
-        first_index: [B, Hq, length] float32 (the decode kernel adds it to ⟨A⁻¹q, A(k̃ - R_p μ)⟩).
-
-        With R_p μ = μ ⊙ cos_p + rotate_half(μ) ⊙ sin_p this is one product with the shared
-        position table: [q ⊙ μ | q ⊙ rotate_half(μ)] · [cos_p | sin_p], nothing of size L·d built."""
+    def rope_bias(self, q: torch.Tensor, first_index: int, rows: int) -> RopeBias:
+        """⟨q, R_p μ⟩ for one query token per row, q [B, Hq, d], and compressed tokens from sequence index
+        first_index on, in factored form (`RopeBias`, with the shared position table's first `rows` rows):
+        the decode kernel adds it to ⟨A⁻¹q, A(k̃ - R_p μ)⟩ tile by tile. Needs the RoPE table (`has_offset`)."""
         b, hq, d = q.shape
         hkv = self.mean.shape[0]
-        if self.rope is None:
-            mean = self.mean.to(q.device)[None, :, None, :]
-            return (q.float().view(b, hkv, hq // hkv, d) * mean).sum(-1).view(b, hq, 1).expand(b, hq, length)
-        joined = self.rope.joined_range(first_index, length, q.device)  # [L, 2d]
-        pair = self._mean_pair(q.device).view(1, hkv, 1, 2, d)
-        coefficients = (q.float().view(b, hkv, hq // hkv, 1, d) * pair).view(b * hq, 2 * d)  # [q ⊙ μ | q ⊙ rotate_half(μ)]
-        return (coefficients @ joined.T).view(b, hq, length)
+        pair = self._mean_pair(q.device).view(1, hkv, 1, 2, d)  # [μ | rotate_half(μ)]
+        products = (q.float().view(b, hkv, hq // hkv, 1, d) * pair).view(b, hq, 2, 2, d // 2)  # (μ, rh(μ)) x halves
+        coefficients = products.sum(dim=3).reshape(b, hq, d)  # [A | B]: both halves of a product share a frequency
+        return RopeBias(coefficients, self.rope.joined_range(0, rows, q.device), first_index, self.rope.scale)
 
     def decode(self, parts: Parts, dtype: torch.dtype, first_index: int = 0) -> torch.Tensor:
         centered = self._apply(self.inner.decode(parts, torch.float32), 1)

@@ -16,6 +16,7 @@ without storing anything per token.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -101,3 +102,30 @@ class RopeTable:
 
 # (frequencies, scale, device) -> [cos | sin] [P, 2d] float32 for positions 0 .. P-1
 _TABLES: dict[tuple, torch.Tensor] = {}
+
+
+@dataclass(frozen=True)
+class RopeBias:
+    """The scores' position bias of RoPE-centered keys, ⟨q, R_p μ⟩, in factored form (nothing of size L built).
+
+    With R_p μ = μ ⊙ cos_p + rotate_half(μ) ⊙ sin_p and each table half repeating the d/2 frequencies f:
+
+        ⟨q, R_p μ⟩ = Σ_f A_f C_p[f] + B_f S_p[f],   A = (q ⊙ μ)[:d/2] + (q ⊙ μ)[d/2:],  B likewise with rotate_half(μ)
+
+    (C_p | S_p) = (s·cos(p f) | s·sin(p f)), row p of `table`. Compressed token j sits at position first + j.
+    The decode kernel evaluates it tile by tile from the rows of p0 and of the in-tile offsets t (angle addition:
+    s·C_p0+t = C_p0 C_t - S_p0 S_t); `dense` is the reference.
+    """
+
+    coefficients: torch.Tensor  # [B, Hq, d] float32: [A | B]
+    table: torch.Tensor  # [rows, 2d] float32, contiguous; row p = position p
+    first: int
+    scale: float  # s
+
+    def dense(self, length: int) -> torch.Tensor:
+        """The bias [B, Hq, length] float32 of compressed tokens 0 .. length-1."""
+        h = self.coefficients.shape[-1] // 2
+        d = 2 * h
+        rows = self.table[self.first : self.first + length]
+        a, b = self.coefficients[..., :h], self.coefficients[..., h:]
+        return a @ rows[:, :h].T + b @ rows[:, d : d + h].T

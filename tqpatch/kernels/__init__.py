@@ -28,6 +28,7 @@ import weakref
 import torch
 
 from ..codec import Parts
+from ..rope import RopeBias
 from ..quantizer import TurboQuantProd
 from .groups import KERNEL_BITS, CodeGroup, code_groups, layout
 from .reference import decode_attention_reference, encode_reference
@@ -35,11 +36,14 @@ from .reference import decode_attention_reference, encode_reference
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MSE_BITS = KERNEL_BITS  # mse bits of a code group the kernels read
 LOG2E = 1.4426950408889634
+ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offsets of any decode tile (block_t <= 256)
 # Decode-kernel launch settings (bench/RESULTS.md says how they were chosen): tokens per tile (block_t; split_block_t
 # where a side has two code groups, whose kernel holds twice the state), warps, software-pipelining stages, centroid
 # lookup (0 gather, 1 and 2 select chains), the narrowest plane a group is read as (min_plane_width, groups.planes),
-# and the flash-decoding split count, chosen so that B*Hkv*splits ≈ programs_per_sm programs per SM.
-DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16}
+# the flash-decoding split count, chosen so that B*Hkv*splits ≈ programs_per_sm programs per SM, and the tl.dot precision
+# of the in-kernel RoPE-position bias (rope_precision: "tf32x3" ~ float32, or "tf32").
+DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
+                 "rope_precision": "tf32x3"}
 
 __all__ = [
     "HEAD_DIMS",
@@ -284,6 +288,7 @@ def decode_attention(
     num_splits: int | None = None,
     key_bias: torch.Tensor | None = None,  # [B, Hq, L] float32 added to ⟨q, k̃⟩ (centered keys' ⟨q, R_p μ⟩)
     code_query: torch.Tensor | None = None,  # [B, Hq, d] scores the compressed tokens instead of q (shaped keys' A⁻¹q)
+    rope_bias: RopeBias | None = None,  # centered keys' ⟨q, R_p μ⟩ in factored form, added like key_bias
 ) -> torch.Tensor:
     """Attention of one query token over compressed + full-precision tokens: [B, Hq, d] in out_dtype (default q's)."""
     out_dtype = out_dtype or q.dtype
@@ -299,16 +304,27 @@ def decode_attention(
         raise ValueError(f"key_bias must be [B, Hq, L] = {(b, hq, kn.shape[2])}, got {tuple(key_bias.shape)}")
     if code_query is not None and code_query.shape != q.shape:
         raise ValueError(f"code_query must have the queries' shape {tuple(q.shape)}, got {tuple(code_query.shape)}")
+    if rope_bias is not None:
+        if key_bias is not None:
+            raise ValueError("give key_bias or rope_bias, not both")
+        rows, width = rope_bias.table.shape
+        if rope_bias.coefficients.shape != q.shape or width != 2 * d or rows < rope_bias.first + kn.shape[2]:
+            raise ValueError(f"rope_bias must hold coefficients {tuple(q.shape)} and a table [>= {rope_bias.first + kn.shape[2]}, {2 * d}], "
+                             f"got {tuple(rope_bias.coefficients.shape)} and {tuple(rope_bias.table.shape)}")
     if not (supports(key_codec) and supports(value_codec) and _use_triton(q)):
+        if rope_bias is not None:
+            key_bias = rope_bias.dense(kn.shape[2])
         return decode_attention_reference(
             q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, key_bias, code_query
         ).to(out_dtype)
     return _launch_decode(
-        q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias, code_query
+        q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias, code_query,
+        rope_bias,
     )
 
 
-def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias=None, code_query=None):
+def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias=None, code_query=None,
+                   rope_bias=None):
     tk = _tk()
     b, hq, d = q.shape
     kgroups, vgroups = _groups(key_codec), _groups(value_codec)
@@ -344,6 +360,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     valid = _as_flags(valid)
     fp_valid = _as_flags(fp_valid)
     scale_log2 = float(scaling) * LOG2E
+    bias_log2 = scale_log2 / rope_bias.scale if rope_bias is not None else scale_log2  # the rope bias comes in s·(table units)
     qjl_scale = kgroups[0].quantizer.qjl_scale if prod else 0.0
     kn8, vn8 = kgroups[0].norm_codes is not None, vgroups[0].norm_codes is not None
     with _device_ctx(q.device):
@@ -357,6 +374,13 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 if key_bias.stride(1) != 1:
                     key_bias = key_bias.contiguous()
             kb = key_bias if key_bias is not None else kfirst
+            if rope_bias is not None:
+                if rope_bias.table.shape[0] < block_t:  # the kernel reads the rows of the in-tile offsets 0 .. block_t-1
+                    raise ValueError(f"rope_bias.table needs at least {block_t} rows (the decode tile), got {rope_bias.table.shape[0]}")
+                rc = rope_bias.coefficients.float().reshape(b * hq, d).contiguous()
+                rt = rope_bias.table.float().contiguous()
+            else:
+                rc, rt = qr, qr
             tk._tq_decode_split_kernel[(programs, splits)](
                 qr, qr.stride(0),
                 *k0["args"], *k1["args"],
@@ -368,12 +392,14 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 klay.norm_ranges if kn8 else qr, vlay.norm_ranges if vn8 else qr,
                 mk, mk.stride(0) if valid is not None else 0, 0,
                 kb, kb.stride(0) if key_bias is not None else 0,
+                rc, rc.stride(0), rt, rt.stride(0), rope_bias.first if rope_bias is not None else 0, bias_log2,
                 m, l_, acc,
                 hkv, length, per_split, scale_log2, qjl_scale,
                 G=g, GP=gp, D=d, AW=aw,
                 KG=len(kgroups), **{"K" + k + "0": v for k, v in k0["const"].items()}, **{"K" + k + "1": v for k, v in k1["const"].items()},
                 VG=len(vgroups), **{"V" + k + "0": v for k, v in v0["const"].items()}, **{"V" + k + "1": v for k, v in v1["const"].items()},
-                PROD=prod, HAS_MASK=valid is not None, HAS_BIAS=key_bias is not None,
+                PROD=prod, HAS_MASK=valid is not None, HAS_BIAS=key_bias is not None, HAS_ROPE=rope_bias is not None,
+                ROPE_PREC="ieee" if interpreting() else DECODE_TUNING["rope_precision"],
                 BLOCK_T=block_t, LUT=DECODE_TUNING["lut"], KN8=kn8, VN8=vn8,
                 num_warps=DECODE_TUNING["num_warps"], num_stages=DECODE_TUNING["num_stages"],
             )

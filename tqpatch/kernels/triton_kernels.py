@@ -310,6 +310,10 @@ def _tq_decode_split_kernel(
     krange_ptr, vrange_ptr,               # KN8/VN8: [KG or VG, 2, Hkv] fp32 (low, step) of each group's norm codes
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     kbias_ptr, skb,                       # score bias [B*Hq, L] fp32 (HAS_BIAS): added to ⟨q, k̃⟩ (centered keys)
+    rc_ptr, src,                          # HAS_ROPE: [A | B] [B*Hq, D] fp32, the RoPE-position bias of compressed token j at
+    rt_ptr, srt, rope_first, rope_log2,   # position p = rope_first + j: Σ_f A_f C_p[f] + B_f S_p[f] over the D/2 frequencies,
+                                          # with (C_p | S_p) = row p of the table [rows, 2D] fp32 (s·cos | s·sin, halves repeated);
+                                          # rope_log2 = scale_log2 / s
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, AW] fp32
     Hkv, L, per_split, scale_log2, qjl_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, AW: tl.constexpr,
@@ -317,7 +321,7 @@ def _tq_decode_split_kernel(
     KB1: tl.constexpr, KW1: tl.constexpr, KNB1: tl.constexpr, KPL1: tl.constexpr,
     VG: tl.constexpr, VB0: tl.constexpr, VW0: tl.constexpr, VNB0: tl.constexpr, VPL0: tl.constexpr,
     VB1: tl.constexpr, VW1: tl.constexpr, VNB1: tl.constexpr, VPL1: tl.constexpr,
-    PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, ROPE_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr, LUT: tl.constexpr, KN8: tl.constexpr, VN8: tl.constexpr,
 ):
     # Code groups: a vector is stored as one group (TurboQuantCodec) or two (SplitCodec: channel groups with their own
@@ -342,6 +346,15 @@ def _tq_decode_split_kernel(
         kq10, kq11, kq12, kq13 = _group_queries(qr_ptr, qrow + KW0, gmask, KW1, KPL1)
     if PROD:
         q_sk = tl.load(qr_ptr + qrow[:, None] + KW0 + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
+    if HAS_ROPE:  # the bias of a tile at p0 + t from the rows of p0 and of t (angle addition): no [B*Hq, L] tensor
+        HD: tl.constexpr = D // 2
+        hcols = tl.arange(0, HD)
+        crow = (b * Hkv * G + h * G + g) * src
+        ra = tl.load(rc_ptr + crow[:, None] + hcols[None, :], mask=gmask[:, None], other=0.0)  # [GP, D/2]
+        rb = tl.load(rc_ptr + crow[:, None] + HD + hcols[None, :], mask=gmask[:, None], other=0.0)
+        trow = tl.arange(0, BLOCK_T)[:, None] * srt
+        cos_t = tl.load(rt_ptr + trow + hcols[None, :])  # [BT, D/2] C_t of the offsets t = 0 .. BT-1
+        sin_t = tl.load(rt_ptr + trow + D + hcols[None, :])
     m_i = tl.full([GP], NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     a00 = tl.zeros([GP, VW0 // VPL0], dtype=tl.float32)
@@ -397,6 +410,16 @@ def _tq_decode_split_kernel(
         if HAS_BIAS:
             brow = (b * Hkv * G + h * G + g) * skb
             s += tl.load(kbias_ptr + brow[:, None] + offs[None, :], mask=gmask[:, None] & tmask[None, :], other=0.0) * scale_log2
+        if HAS_ROPE:  # with C_p0+t = (C_p0 C_t - S_p0 S_t) / s, S_p0+t = (S_p0 C_t + C_p0 S_t) / s (1/s in rope_log2)
+            p0 = rope_first + tl.minimum(start + t0, L - 1)  # a tile past the last token (all masked) reads a valid row
+            prow = rt_ptr + p0.to(tl.int64) * srt
+            c0 = tl.load(prow + hcols)
+            s0 = tl.load(prow + D + hcols)
+            a2 = ra * c0[None, :] + rb * s0[None, :]
+            b2 = rb * c0[None, :] - ra * s0[None, :]
+            bias = tl.dot(a2, tl.trans(cos_t), input_precision=ROPE_PREC)
+            bias = tl.dot(b2, tl.trans(sin_t), bias, input_precision=ROPE_PREC)
+            s += bias * rope_log2
         valid = tmask
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
