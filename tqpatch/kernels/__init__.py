@@ -41,9 +41,10 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # where a side has two code groups, whose kernel holds twice the state), warps, software-pipelining stages, centroid
 # lookup (0 gather, 1 and 2 select chains), the narrowest plane a group is read as (min_plane_width, groups.planes),
 # the flash-decoding split count, chosen so that B*Hkv*splits ≈ programs_per_sm programs per SM, and the tl.dot precision
-# of the in-kernel RoPE-position bias (rope_precision: "tf32x3" ~ float32, or "tf32").
+# of the in-kernel RoPE-position bias (rope_precision "tf32": measured faster than the dense float32 bias, 3e-3 relative
+# output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
-                 "rope_precision": "tf32x3"}
+                 "rope_precision": "tf32"}
 
 __all__ = [
     "HEAD_DIMS",
