@@ -171,13 +171,9 @@ def encode(codec, x: torch.Tensor) -> Parts:  # x: [B, H, T, d] -> parts [B, H, 
     if groups is None:
         return encode_reference(codec, x)
     b, h, t, _ = x.shape
-    out: Parts = {}
-    for group in groups:
-        specs = _part_specs(group)
-        views = {kernel_name: torch.empty(b, h, t, *(() if width is None else (width,)), dtype=dtype, device=x.device)
-                 for kernel_name, (_, width, dtype) in specs.items()}
-        _launch_store(group, group.gather(x), views)
-        out.update({specs[k][0]: v for k, v in views.items()})
+    out = {name: torch.empty(b, h, t, *(() if width is None else (width,)), dtype=dtype, device=x.device)
+           for group in groups for name, width, dtype in _part_specs(group).values()}
+    _write_groups(groups, x, out)
     return out
 
 
@@ -189,6 +185,11 @@ def encode_into(codec, x: torch.Tensor, out: Parts) -> None:
         for name, t in encode_reference(codec, x).items():
             out[name].copy_(t)
         return
+    _write_groups(groups, x, out)
+
+
+def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
+    """The store kernel on each group's channels of x [B, H, T, d], into the codec's part views in `out` (checked)."""
     for group in groups:
         views = {}
         for kernel_name, (name, width, dtype) in _part_specs(group).items():

@@ -79,18 +79,15 @@ def code_groups(codec) -> list[CodeGroup] | None:
     keys with such an mse part), or a SplitCodec once calibrated whose groups have mse 1..4 bits (any widths:
     the kernel pads them)."""
     if isinstance(codec, TurboQuantCodec):
-        mse = codec.quantizer.mse if isinstance(codec.quantizer, TurboQuantProd) else codec.quantizer
-        if mse is None or mse.bits not in KERNEL_BITS:
-            return None
-        return [CodeGroup(codec.quantizer, codec.norm_codes, None)]
-    if isinstance(codec, SplitCodec) and codec.calibrated:
+        groups = [CodeGroup(codec.quantizer, codec.norm_codes, None)]
+    elif isinstance(codec, SplitCodec) and codec.calibrated:
         norm = codec.norm_codes or {}
         groups = [CodeGroup(codec.outlier, norm.get("hi"), codec.outlier_index, "hi_codes", "hi_norms")]
         if codec.regular is not None:
             groups.append(CodeGroup(codec.regular, norm.get("lo"), codec.regular_index, "lo_codes", "lo_norms"))
-        if all(g.quantizer.bits in KERNEL_BITS for g in groups):
-            return groups
-    return None
+    else:
+        return None
+    return groups if all(g.mse is not None and g.mse.bits in KERNEL_BITS for g in groups) else None
 
 
 def planes(width: int, bits: int, min_width: int = 16) -> int:
