@@ -132,11 +132,17 @@ def bench_store_sweep(bw: float) -> dict:
     rows = []
     try:
         # (precision, row block, column block, warps, stages); word stores on (run 8: always faster)
-        configs = [("tf32x3", 64, 128, 8, 1), ("tf32", 64, 128, 8, 1)]
-        configs += [("fp16x3", r, 128, n, st) for r, n in ((64, 4), (128, 8), (64, 8), (32, 4)) for st in (1, 2)]
-        for precision, block_r, bn, warps, stages in configs:
-            kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps, num_stages=stages, word_store=True)
-            row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages, "word_store": True}
+        configs = [("fp16x3", 64, 128, 4, 1, None)]
+        # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, programs per SM
+        configs += [("x16", r, None, n, st, per_sm) for r, n, st, per_sm in
+                    ((64, 4, 2, None), (64, 4, 1, None), (64, 4, 3, None), (128, 8, 2, None), (64, 4, 2, 1), (64, 4, 2, 4))]
+        for precision, block_r, bn, warps, stages, per_sm in configs:
+            kernels.STORE_TUNING.update(saved)
+            if precision == "x16":
+                kernels.STORE_TUNING.update(precision="x16", x16_block_r=block_r, x16_num_warps=warps, x16_num_stages=stages, x16_programs_per_sm=per_sm)
+            else:
+                kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps, num_stages=stages, word_store=True)
+            row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm}
             try:
                 ms = _ms(lambda: kernels.encode_into(codec, x, out), 2, 10)
                 got = kernels.encode(codec, probe)

@@ -127,6 +127,40 @@ def test_store_kernel_writes_into_buffer_views():
     assert torch.all(storage["norms"][:, :, :3] == -1) and torch.all(storage["norms"][:, :, 8:] == -1)
 
 
+X16_CASES = [(d, bits, dtype, norm_bits) for d in (32, 64, 128) for bits in (1, 2, 3, 4) for dtype in ("bfloat16", "float16") for norm_bits in (16, 8)]
+if FAST:
+    X16_CASES = [c for c in X16_CASES if c[2] == "float16" and (c[0] == 64 or c[3] == 16) and (c[1] in (3, 4) or c[0] == 32)]
+
+
+@pytest.mark.parametrize("d,bits,dtype,norm_bits", X16_CASES)
+def test_x16_store_kernel_matches_the_codec(d, bits, dtype, norm_bits, monkeypatch):
+    """The x16 store kernel (16-bit x times a hi + lo split of the rotation, codes packed in registers) writes the
+    codec's codes and norms: ragged token counts (partial tiles), a zero vector, norms over 6 octaves, and a
+    strided destination (the store buffer's free slots)."""
+    calls = []
+    launch = kernels._launch_store_x16
+    monkeypatch.setattr(kernels, "_launch_store_x16", lambda *a: calls.append(a[2].shape) or launch(*a))
+    gen = torch.Generator().manual_seed(d * 100 + bits * 10 + norm_bits)
+    codec = TurboQuantCodec(d, bits, "mse", seed=4, norm_bits=norm_bits)
+    x = torch.randn(3, 37 + d, 2, d, generator=gen) * torch.exp2(torch.rand(3, 37 + d, 2, 1, generator=gen) * 6 - 2)
+    x[1, 5, 0] = 0
+    x = x.to(DEVICE, getattr(torch, dtype)).transpose(1, 2)  # the model's [B, H, T, d] view of [B, T, H, d]
+    codec.prepare(x)  # both paths use the 8-bit norm ranges fixed here
+    ref = codec.encode(x)
+    storage = {n: torch.full((3, 2, x.shape[2] + 20, *t.shape[3:]), 7, dtype=t.dtype, device=DEVICE) for n, t in ref.items()}
+    kernels.encode_into(codec, x, {n: t[:, :, 9 : 9 + x.shape[2]] for n, t in storage.items()})
+    assert calls == [x.shape]
+    got = {n: t[:, :, 9 : 9 + x.shape[2]] for n, t in storage.items()}
+    assert (got["codes"] != ref["codes"]).float().mean().item() <= 2e-3
+    assert torch.all(storage["codes"][:, :, :9] == 7) and torch.all(storage["codes"][:, :, 9 + x.shape[2] :] == 7)
+    if norm_bits == 8:
+        assert (got["norms"].int() - ref["norms"].int()).abs().max() <= 1 and got["norms"][1, 0, 5] == 0
+    else:
+        assert _rel(got["norms"], ref["norms"]) < 2e-3 and got["norms"][1, 0, 5] == 0
+    deq, deq_ref = codec.decode(got, torch.float32), codec.decode(ref, torch.float32)
+    assert 10 * torch.log10(deq_ref.pow(2).sum() / (deq - deq_ref).pow(2).sum().clamp_min(1e-30)).item() > 35
+
+
 DECODE_CASES = [
     # d, Hkv, group, L, F, key bits, value bits, key method, masked
     (128, 8, 4, 4099, 1, 4, 4, "mse", False),

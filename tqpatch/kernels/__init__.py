@@ -140,8 +140,10 @@ def _consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tensor]:
         if isinstance(group.quantizer, TurboQuantProd):
             s = group.quantizer.qjl(device)
             c["projT"] = (rot @ s.T).contiguous()  # S Πᵀ r_rot as a row vector: r_rot @ Π Sᵀ
-        rot_hi = c["rotT"].half()  # the store kernel's fp16x3 rotation: 4096 Πᵀ = hi + lo
+        rot_hi = c["rotT"].half()  # the store kernel's fp16x3 rotation (and x16 on float16 x): 4096 Πᵀ = hi + lo
         c["rotT_hi"], c["rotT_lo"] = (rot_hi * 4096).contiguous(), ((c["rotT"] - rot_hi.float()) * 4096).half().contiguous()
+        rot_bhi = c["rotT"].bfloat16()  # x16 on bfloat16 x: Πᵀ = hi + lo in bfloat16 (~16 significant bits)
+        c["rotT_bhi"], c["rotT_blo"] = rot_bhi.contiguous(), (c["rotT"] - rot_bhi.float()).bfloat16().contiguous()
         per_device[device] = c
     return per_device[device]
 
@@ -202,10 +204,14 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 
 
 # Store-kernel launch settings; None = the default for the shape. `tqpatch bench --parts store_sweep` times the
-# alternatives. precision: how the rotation product is computed: "fp16x3" (three fp16 MMAs on hi/lo splits of
-# both operands; mse codes only, the default for them), or a tl.dot input_precision ("tf32x3", "tf32", "ieee").
-# word_store: write each group of 8 codes as one int16/int32 (2- and 4-bit codes) instead of byte by byte.
-STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True}
+# alternatives. precision: how the rotation product is computed: "x16" (`_tq_store_x16_kernel`: x as it is, in
+# bfloat16/float16, times hi + lo splits of Πᵀ in that dtype, two MMAs; mse codes at d 32..128, the default there),
+# "fp16x3" (three fp16 MMAs on hi/lo splits of both operands; mse codes only, the default for the other mse cases),
+# or a tl.dot input_precision ("tf32x3", "tf32", "ieee"). word_store: write each group of 8 codes as one
+# int16/int32 (2- and 4-bit codes) instead of byte by byte (the x16 kernel always writes whole words).
+STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True,
+                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2, "x16_programs_per_sm": None}
+X16_DIMS = (32, 64, 128)  # widths the x16 store kernel takes (whole words of 8 codes per thread and row; [D, D] tiles fit)
 
 
 def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
@@ -230,7 +236,17 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
     bn = min(d, tune["bn"] or (64 if (prod or d > 128) else d))
     # 8 codes of MB bits are MB bytes: one int16 (MB=2) or int32 (MB=4) store where every row start is MB-aligned.
     word = mse.bits in (2, 4) and tune["word_store"] and all(v % mse.bits == 0 for v in (codes.data_ptr(), *codes.stride()[:3]))
-    prec = tune["precision"] or ("tf32x3" if prod else "fp16x3")
+    aligned = all(v % mse.bits == 0 for v in (codes.data_ptr(), *codes.stride()[:3])) if mse.bits in (2, 4) else True
+    # (Triton's CPU interpreter multiplies bfloat16 tiles wrongly: there bfloat16 x takes fp16x3, float16 x still x16)
+    x16_dtypes = (torch.float16,) if interpreting() else (torch.bfloat16, torch.float16)
+    x16_fits = not prod and d in X16_DIMS and x.dtype in x16_dtypes and aligned
+    prec = tune["precision"] or ("tf32x3" if prod else "x16" if x16_fits else "fp16x3")
+    if prec == "x16":
+        if not x16_fits:
+            raise ValueError(f"the x16 store kernel needs mse codes, a group width in {X16_DIMS}, bfloat16/float16 x and "
+                             f"word-aligned codes; got {'prod' if prod else 'mse'} codes, width {d}, {x.dtype}")
+        _launch_store_x16(mse, c, x, codes, norms, nrange, norm8)
+        return
     if prod and prec == "fp16x3":
         raise ValueError("the store kernel's fp16x3 rotation supports mse codes only; use tf32x3 for prod keys")
     if interpreting() and prec != "fp16x3":
@@ -252,6 +268,30 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
             rnorms, rnorms.stride(0), rnorms.stride(1), rnorms.stride(2),
             D=d, MB=mse.bits, PROD=prod, BLOCK_R=block_r, BN=bn, PREC=prec, WORD=word, NORM8=norm8,
             num_warps=warps, num_stages=tune["num_stages"],
+        )
+
+
+def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor, nrange: torch.Tensor, norm8: bool) -> None:
+    """`_tq_store_x16_kernel` on x [B, H, T, d] (bfloat16/float16, last stride 1) -> codes, norms."""
+    b, h, t, d = x.shape
+    rows = b * h * t
+    tune = STORE_TUNING
+    bf16 = x.dtype == torch.bfloat16
+    block_r = tune["x16_block_r"]
+    tiles = b * h * triton_cdiv(t, block_r)  # the kernel's tiles: block_r consecutive tokens of one (batch, head)
+    smem = 4 * d * d + 2 * tune["x16_num_stages"] * block_r * d  # bytes: Πᵀ hi + lo, the pipelined x tiles
+    per_sm = tune["x16_programs_per_sm"] or max(1, min(8, (200 << 10) // smem))  # as many as shared memory holds
+    grid = min(tiles, per_sm * _sm_count(x.device.index or 0)) if x.is_cuda else min(tiles, 3)
+    with _device_ctx(x.device):
+        _tk()._tq_store_x16_kernel[(grid,)](
+            x, x.stride(0), x.stride(1), x.stride(2),
+            h, t, rows,
+            c["rotT_bhi"] if bf16 else c["rotT_hi"], c["rotT_blo"] if bf16 else c["rotT_lo"], c["boundaries"],
+            codes, codes.stride(0), codes.stride(1), codes.stride(2),
+            norms, norms.stride(0), norms.stride(1), norms.stride(2),
+            nrange,
+            D=d, MB=mse.bits, BLOCK_R=block_r, SCALE=1.0 if bf16 else 4096.0, NORM8=norm8,
+            num_warps=tune["x16_num_warps"], num_stages=tune["x16_num_stages"],
         )
 
 

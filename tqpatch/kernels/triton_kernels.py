@@ -5,6 +5,7 @@ All three kernels read/write the bit layout of `tqpatch.packing` (LSB-first
 b-bit stream per vector) and the parts of `tqpatch.codec.TurboQuantCodec`.
 
 _tq_store_kernel          x [rows, d] -> packed codes + fp16 norms (+ QJL signs, residual norms)
+_tq_store_x16_kernel      the same for mse codes of bfloat16/float16 x at d 32..128: two MMAs, packing in registers
 _tq_decode_split_kernel   one query token vs. a span of compressed tokens (flash-decoding split),
                           scores and value sums in the rotated space
 _tq_decode_combine_kernel merges the splits, attends to the full-precision tokens exactly,
@@ -127,6 +128,106 @@ def _tq_store_kernel(
             sw = tl.sum(tl.reshape(bits, [BLOCK_R, D // 8, 8]) << tl.arange(0, 8)[None, None, :], axis=2)
             tl.store(g_ptr + (b * sgb + h * sgh + t * sgt)[:, None] + tl.arange(0, D // 8)[None, :], sw.to(tl.uint8), mask=rmask[:, None])
             tl.store(r_ptr + b * srb + h * srh + t * srt, tl.sqrt(gamma2).to(tl.float16), mask=rmask)
+
+
+@triton.jit
+def _magnitude_index(a, p0, p1, p2, p3, p4, p5, p6, MB: tl.constexpr):
+    """k = how many of the 2^(MB-1) - 1 positive boundaries p0 < p1 < ... lie below a >= 0, by binary search
+    (MB - 1 compares and a few selects instead of one compare per boundary); int32, same shape as a."""
+    if MB == 4:
+        c2 = a > p3
+        c1 = a > tl.where(c2, p5, p1)
+        c0 = a > tl.where(c2, tl.where(c1, p6, p4), tl.where(c1, p2, p0))
+        return c2.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c0.to(tl.int32)
+    elif MB == 3:
+        c1 = a > p1
+        c0 = a > tl.where(c1, p2, p0)
+        return c1.to(tl.int32) * 2 + c0.to(tl.int32)
+    elif MB == 2:
+        return (a > p0).to(tl.int32)
+    else:
+        return tl.zeros(a.shape, dtype=tl.int32)
+
+
+@triton.jit
+def _tq_store_x16_kernel(
+    x_ptr, sxb, sxh, sxt,                 # x [B, H, T, D] bfloat16 or float16 (last stride 1)
+    H, T, R,                              # R = B*H*T rows
+    rhi_ptr, rlo_ptr,                     # SCALE·Πᵀ = hi + lo [D, D] in x's dtype, contiguous
+    bnd_ptr,                              # boundaries [2^MB - 1] fp32, symmetric about the middle one (≈ 0)
+    c_ptr, scb, sch, sct,                 # codes [B, H, *, D*MB/8] uint8 (last stride 1)
+    n_ptr, snb, snh, snt,                 # norms [B, H, *] fp16, or uint8 log codes (NORM8)
+    nrange_ptr,                           # NORM8: [2, H] fp32 (tqpatch.norms)
+    D: tl.constexpr, MB: tl.constexpr, BLOCK_R: tl.constexpr, SCALE: tl.constexpr, NORM8: tl.constexpr,
+):
+    # mse codes of 16-bit inputs, 32 <= D <= 128. x is exact in its own dtype, so y = x·hi + x·lo (two MMAs with
+    # x straight from memory, no normalising or splitting of x) carries the ~16 significant bits of the split Πᵀ;
+    # ‖x‖ = ‖y‖ (Π is orthogonal), and the code of y/‖y‖ is the code of Π(x/‖x‖).
+    # Packing without moving data between threads: in the MMA accumulator a thread holds, per row, columns
+    # 8j + 2m + e (m = lane % 4, e = 0, 1, j < D/8). The rotation's columns are loaded permuted so that kernel
+    # column 8j + 2m + e is channel m·D/4 + 2j + e: each thread then holds D/4 consecutive channels of its rows,
+    # i.e. whole words of 8 codes, which it packs and writes itself.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    k = tl.arange(0, D)
+    chan = ((k % 8) // 2) * (D // 4) + 2 * (k // 8) + (k % 2)  # channel of kernel column k
+    rhi = tl.load(rhi_ptr + k[:, None] * D + chan[None, :])
+    rlo = tl.load(rlo_ptr + k[:, None] * D + chan[None, :])
+    HALF: tl.constexpr = 1 << (MB - 1)
+    mid = tl.load(bnd_ptr + HALF - 1)
+    p0, p1, p2, p3, p4, p5, p6 = mid, mid, mid, mid, mid, mid, mid
+    if MB >= 2:
+        p0 = tl.load(bnd_ptr + HALF)
+    if MB >= 3:
+        p1 = tl.load(bnd_ptr + HALF + 1)
+        p2 = tl.load(bnd_ptr + HALF + 2)
+    if MB == 4:
+        p3 = tl.load(bnd_ptr + HALF + 3)
+        p4 = tl.load(bnd_ptr + HALF + 4)
+        p5 = tl.load(bnd_ptr + HALF + 5)
+        p6 = tl.load(bnd_ptr + HALF + 6)
+    shifts = tl.arange(0, 8) * MB
+    WT: tl.constexpr = D // 32  # words per thread and row
+    word_byte = (tl.arange(0, 4)[None, :] * WT + tl.arange(0, WT)[:, None]) * MB  # [WT, 4]: word a of lane group m
+    TB = tl.cdiv(T, BLOCK_R)  # a tile is BLOCK_R consecutive tokens of one (b, h): index arithmetic once per tile
+    for blk in range(pid, R // T * TB, nprog):
+        bh = blk // TB
+        h = (bh % H).to(tl.int64)
+        b = (bh // H).to(tl.int64)
+        t = (blk % TB) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = t < T
+        t = t.to(tl.int64)
+        x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + k[None, :], mask=rmask[:, None], other=0.0)
+        y = tl.dot(x, rlo, tl.dot(x, rhi))  # SCALE·Πx, kernel column order
+        ny = tl.sqrt(tl.sum(y * y, axis=1))
+        # symmetric codebook: magnitude index k of |y| / ‖y‖ by binary search (boundaries scaled by ‖y‖ per row
+        # instead of y divided), then HALF + k above the middle boundary, HALF - 1 - k below
+        nyc = ny[:, None]
+        k_mag = _magnitude_index(tl.abs(y), p0 * nyc, p1 * nyc, p2 * nyc, p3 * nyc, p4 * nyc, p5 * nyc, p6 * nyc, MB)
+        # (a zero vector compares 0 > mid like the reference: the middle boundary is ±1e-15, not exactly 0)
+        mid_row = tl.where(ny > 0, mid * ny, tl.where(mid < 0, -1.0, 1.0))
+        code = k_mag ^ tl.where(y > mid_row[:, None], HALF, HALF - 1)
+        code = tl.permute(tl.reshape(code, [BLOCK_R, WT, 4, 4, 2]), [0, 1, 3, 2, 4])  # [r, a, m, j%4, e]
+        word = tl.sum(tl.reshape(code, [BLOCK_R, WT, 4, 8]) << shifts[None, None, None, :], axis=3)  # [r, a, m]
+        wptr = c_ptr + (b * scb + h * sch + t * sct)[:, None, None] + word_byte[None, :, :]
+        wmask = rmask[:, None, None]
+        if MB == 4:
+            tl.store(wptr.to(tl.pointer_type(tl.int32)), word, mask=wmask)
+        elif MB == 2:
+            tl.store(wptr.to(tl.pointer_type(tl.int16)), word.to(tl.int16), mask=wmask)
+        else:
+            for j in tl.static_range(MB):
+                tl.store(wptr + j, ((word >> (8 * j)) & 255).to(tl.uint8), mask=wmask)
+        norm = ny * (1.0 / SCALE)
+        if NORM8:  # tqpatch.norms: code = 1 + round((log2 n - low_h) / step_h) in 1..255, 0 for n = 0 (n rounded to fp16 first)
+            n16 = norm.to(tl.float16).to(tl.float32)
+            low = tl.load(nrange_ptr + h)  # this tile's head
+            step = tl.load(nrange_ptr + H + h)
+            ncode = tl.floor((tl.log2(tl.maximum(n16, 1.1754943508222875e-38)) - low) / step + 0.5) + 1.0
+            ncode = tl.where(n16 > 0, tl.minimum(tl.maximum(ncode, 1.0), 255.0), 0.0)
+            tl.store(n_ptr + b * snb + h * snh + t * snt, ncode.to(tl.uint8), mask=rmask)
+        else:
+            tl.store(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16), mask=rmask)
 
 
 @triton.jit
