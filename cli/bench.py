@@ -135,7 +135,7 @@ def bench_store_sweep(bw: float) -> dict:
         configs = [("fp16x3", 64, 128, 4, 1, None)]
         # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, programs per SM
         configs += [("x16", r, None, n, st, per_sm) for r, n, st, per_sm in
-                    ((64, 4, 2, None), (64, 4, 1, None), (64, 4, 3, None), (128, 8, 2, None), (64, 4, 2, 1), (64, 4, 2, 4))]
+                    ((128, 8, 2, None), (128, 8, 1, None), (128, 8, 3, None), (64, 4, 2, None), (256, 16, 2, None), (128, 8, 2, 1), (128, 8, 2, 3))]
         for precision, block_r, bn, warps, stages, per_sm in configs:
             kernels.STORE_TUNING.update(saved)
             if precision == "x16":

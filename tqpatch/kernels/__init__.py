@@ -210,7 +210,7 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 # or a tl.dot input_precision ("tf32x3", "tf32", "ieee"). word_store: write each group of 8 codes as one
 # int16/int32 (2- and 4-bit codes) instead of byte by byte (the x16 kernel always writes whole words).
 STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True,
-                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2, "x16_programs_per_sm": None}
+                "x16_block_r": 128, "x16_num_warps": 8, "x16_num_stages": 2, "x16_programs_per_sm": None}
 X16_DIMS = (32, 64, 128)  # widths the x16 store kernel takes (whole words of 8 codes per thread and row; [D, D] tiles fit)
 
 
@@ -279,8 +279,8 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
     bf16 = x.dtype == torch.bfloat16
     block_r = tune["x16_block_r"]
     tiles = b * h * triton_cdiv(t, block_r)  # the kernel's tiles: block_r consecutive tokens of one (batch, head)
-    smem = 4 * d * d + 2 * tune["x16_num_stages"] * block_r * d  # bytes: Πᵀ hi + lo, the pipelined x tiles
-    per_sm = tune["x16_programs_per_sm"] or max(1, min(8, (200 << 10) // smem))  # as many as shared memory holds
+    smem = 4 * d * d + 2 * max(1, tune["x16_num_stages"] - 1) * block_r * d + (4 << 10)  # Πᵀ hi + lo, x tiles, scratch
+    per_sm = tune["x16_programs_per_sm"] or max(1, min(8, (224 << 10) // smem))  # as many as shared memory holds
     grid = min(tiles, per_sm * _sm_count(x.device.index or 0)) if x.is_cuda else min(tiles, 3)
     with _device_ctx(x.device):
         _tk()._tq_store_x16_kernel[(grid,)](

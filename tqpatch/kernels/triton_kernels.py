@@ -150,6 +150,41 @@ def _magnitude_index(a, p0, p1, p2, p3, p4, p5, p6, MB: tl.constexpr):
 
 
 @triton.jit
+def _rotation_block(r_ptr, D: tl.constexpr, CB: tl.constexpr, cb: tl.constexpr):
+    """Columns of the rotation [D, D] for channel block cb (CB channels), in the x16 kernel's column order:
+    kernel column k = 8j + 2m + e is channel cb·CB + m·CB/4 + 2j + e (see `_tq_store_x16_kernel`)."""
+    rows = tl.arange(0, D)
+    k = tl.arange(0, CB)
+    chan = cb * CB + ((k % 8) // 2) * (CB // 4) + 2 * (k // 8) + (k % 2)
+    return tl.load(r_ptr + rows[:, None] * D + chan[None, :])
+
+
+@triton.jit
+def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
+                      BLOCK_R: tl.constexpr, CB: tl.constexpr, cb: tl.constexpr, MB: tl.constexpr):
+    """Quantize and write one channel block: y [BLOCK_R, CB] = SCALE·(Πx) in kernel column order, inv [BLOCK_R] =
+    1 / (SCALE·‖x‖), codes at byte rows c_row [BLOCK_R]. The symmetric codebook gives the code as the magnitude
+    index k of |y|·inv (binary search), HALF + k above the middle boundary and HALF - 1 - k below; each thread
+    packs the whole words of 8 codes it holds and writes them."""
+    HALF: tl.constexpr = 1 << (MB - 1)
+    WT: tl.constexpr = CB // 32  # words per thread and row
+    u = y * inv[:, None]  # (a zero vector gives 0 and compares 0 > mid like the reference)
+    code = _magnitude_index(tl.abs(u), p0, p1, p2, p3, p4, p5, p6, MB) ^ tl.where(u > mid, HALF, HALF - 1)
+    code = tl.permute(tl.reshape(code, [BLOCK_R, WT, 4, 4, 2]), [0, 1, 3, 2, 4])  # [r, a, m, j % 4, e]
+    word = tl.sum(tl.reshape(code, [BLOCK_R, WT, 4, 8]) << (tl.arange(0, 8) * MB)[None, None, None, :], axis=3)  # [r, a, m]
+    word_byte = (cb * CB // 8 + tl.arange(0, 4)[None, :] * WT + tl.arange(0, WT)[:, None]) * MB  # [WT, 4]: word (a, m)
+    wptr = c_row[:, None, None] + word_byte[None, :, :]
+    wmask = rmask[:, None, None]
+    if MB == 4:
+        tl.store(wptr.to(tl.pointer_type(tl.int32)), word, mask=wmask)
+    elif MB == 2:
+        tl.store(wptr.to(tl.pointer_type(tl.int16)), word.to(tl.int16), mask=wmask)
+    else:
+        for j in tl.static_range(MB):
+            tl.store(wptr + j, ((word >> (8 * j)) & 255).to(tl.uint8), mask=wmask)
+
+
+@triton.jit
 def _tq_store_x16_kernel(
     x_ptr, sxb, sxh, sxt,                 # x [B, H, T, D] bfloat16 or float16 (last stride 1)
     H, T, R,                              # R = B*H*T rows
@@ -161,18 +196,20 @@ def _tq_store_x16_kernel(
     D: tl.constexpr, MB: tl.constexpr, BLOCK_R: tl.constexpr, SCALE: tl.constexpr, NORM8: tl.constexpr,
 ):
     # mse codes of 16-bit inputs, 32 <= D <= 128. x is exact in its own dtype, so y = x·hi + x·lo (two MMAs with
-    # x straight from memory, no normalising or splitting of x) carries the ~16 significant bits of the split Πᵀ;
-    # ‖x‖ = ‖y‖ (Π is orthogonal), and the code of y/‖y‖ is the code of Π(x/‖x‖).
-    # Packing without moving data between threads: in the MMA accumulator a thread holds, per row, columns
-    # 8j + 2m + e (m = lane % 4, e = 0, 1, j < D/8). The rotation's columns are loaded permuted so that kernel
-    # column 8j + 2m + e is channel m·D/4 + 2j + e: each thread then holds D/4 consecutive channels of its rows,
-    # i.e. whole words of 8 codes, which it packs and writes itself.
+    # x as it is, no normalising or splitting) carries the ~16 significant bits of the split Πᵀ; the code of
+    # y/‖x‖ is the code of Π(x/‖x‖). Channels are handled in blocks of CB = min(D, 64) (fewer live registers).
+    # Packing without moving data between threads: in the MMA accumulator a thread holds, per row, the columns
+    # 8j + 2m + e (m = lane % 4, e = 0, 1). The rotation's columns are loaded permuted so that kernel column
+    # 8j + 2m + e of block cb is channel cb·CB + m·CB/4 + 2j + e: each thread then holds CB/4 consecutive
+    # channels of its rows, whole words of 8 codes, which it packs and writes itself.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    k = tl.arange(0, D)
-    chan = ((k % 8) // 2) * (D // 4) + 2 * (k // 8) + (k % 2)  # channel of kernel column k
-    rhi = tl.load(rhi_ptr + k[:, None] * D + chan[None, :])
-    rlo = tl.load(rlo_ptr + k[:, None] * D + chan[None, :])
+    CB: tl.constexpr = D if D < 64 else 64
+    rhi0 = _rotation_block(rhi_ptr, D, CB, 0)
+    rlo0 = _rotation_block(rlo_ptr, D, CB, 0)
+    if D > CB:
+        rhi1 = _rotation_block(rhi_ptr, D, CB, 1)
+        rlo1 = _rotation_block(rlo_ptr, D, CB, 1)
     HALF: tl.constexpr = 1 << (MB - 1)
     mid = tl.load(bnd_ptr + HALF - 1)
     p0, p1, p2, p3, p4, p5, p6 = mid, mid, mid, mid, mid, mid, mid
@@ -186,9 +223,7 @@ def _tq_store_x16_kernel(
         p4 = tl.load(bnd_ptr + HALF + 4)
         p5 = tl.load(bnd_ptr + HALF + 5)
         p6 = tl.load(bnd_ptr + HALF + 6)
-    shifts = tl.arange(0, 8) * MB
-    WT: tl.constexpr = D // 32  # words per thread and row
-    word_byte = (tl.arange(0, 4)[None, :] * WT + tl.arange(0, WT)[:, None]) * MB  # [WT, 4]: word a of lane group m
+    cols = tl.arange(0, D)
     TB = tl.cdiv(T, BLOCK_R)  # a tile is BLOCK_R consecutive tokens of one (b, h): index arithmetic once per tile
     for blk in range(pid, R // T * TB, nprog):
         bh = blk // TB
@@ -197,28 +232,16 @@ def _tq_store_x16_kernel(
         t = (blk % TB) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = t < T
         t = t.to(tl.int64)
-        x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + k[None, :], mask=rmask[:, None], other=0.0)
-        y = tl.dot(x, rlo, tl.dot(x, rhi))  # SCALE·Πx, kernel column order
-        ny = tl.sqrt(tl.sum(y * y, axis=1))
-        # symmetric codebook: magnitude index k of |y| / ‖y‖ by binary search (boundaries scaled by ‖y‖ per row
-        # instead of y divided), then HALF + k above the middle boundary, HALF - 1 - k below
-        nyc = ny[:, None]
-        k_mag = _magnitude_index(tl.abs(y), p0 * nyc, p1 * nyc, p2 * nyc, p3 * nyc, p4 * nyc, p5 * nyc, p6 * nyc, MB)
-        # (a zero vector compares 0 > mid like the reference: the middle boundary is ±1e-15, not exactly 0)
-        mid_row = tl.where(ny > 0, mid * ny, tl.where(mid < 0, -1.0, 1.0))
-        code = k_mag ^ tl.where(y > mid_row[:, None], HALF, HALF - 1)
-        code = tl.permute(tl.reshape(code, [BLOCK_R, WT, 4, 4, 2]), [0, 1, 3, 2, 4])  # [r, a, m, j%4, e]
-        word = tl.sum(tl.reshape(code, [BLOCK_R, WT, 4, 8]) << shifts[None, None, None, :], axis=3)  # [r, a, m]
-        wptr = c_ptr + (b * scb + h * sch + t * sct)[:, None, None] + word_byte[None, :, :]
-        wmask = rmask[:, None, None]
-        if MB == 4:
-            tl.store(wptr.to(tl.pointer_type(tl.int32)), word, mask=wmask)
-        elif MB == 2:
-            tl.store(wptr.to(tl.pointer_type(tl.int16)), word.to(tl.int16), mask=wmask)
-        else:
-            for j in tl.static_range(MB):
-                tl.store(wptr + j, ((word >> (8 * j)) & 255).to(tl.uint8), mask=wmask)
-        norm = ny * (1.0 / SCALE)
+        x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + cols[None, :], mask=rmask[:, None], other=0.0)
+        xf = x.to(tl.float32)
+        norm = tl.sqrt(tl.sum(xf * xf, axis=1))
+        c_row = c_ptr + b * scb + h * sch + t * sct
+        inv = 1.0 / tl.maximum(norm * SCALE, 1.1754943508222875e-38)
+        _store_code_block(tl.dot(x, rlo0, tl.dot(x, rhi0)), inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
+                          BLOCK_R, CB, 0, MB)
+        if D > CB:
+            _store_code_block(tl.dot(x, rlo1, tl.dot(x, rhi1)), inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
+                              BLOCK_R, CB, 1, MB)
         if NORM8:  # tqpatch.norms: code = 1 + round((log2 n - low_h) / step_h) in 1..255, 0 for n = 0 (n rounded to fp16 first)
             n16 = norm.to(tl.float16).to(tl.float32)
             low = tl.load(nrange_ptr + h)  # this tile's head
