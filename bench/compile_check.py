@@ -3,6 +3,7 @@ registers, spills, shared memory.
 
     .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT[,GROUPS[,ROPE]]]]] ...]   e.g. 32,4,3,4 32,4,3,4,128,1,0,2 32,4,3,4,128,1,0,1,1
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
+    .venv/bin/python bench/compile_check.py store-x16 [BLOCK_R,WARPS,STAGES,BITS[,D[,DTYPE[,N8[,LO]]]] ...]   e.g. 64,4,2,4,128,fp16,1
 
 Uses the ptxas that ships with Triton. Integer arguments are specialized as on the B=8, Hkv=8, L=32k
 bench shape (pointers and multiples of 16 marked divisible by 16, ones folded), so the pipelining
@@ -63,6 +64,29 @@ def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 
     return f"store precision={precision} block_r={block_r} warps={warps} stages={stages} bits={bits} d={d}: shared {k.metadata.shared} B; {_ptxas_report(k)}"
 
 
+def compile_store_x16(block_r: int, warps: int, stages: int, bits: int, d: int = 128, dtype: str = "bf16", n8: int = 0, lo: int = 1) -> str:
+    """The x16 store kernel as launched for the model's [8, 32768, 8, d] layout of x (bf16 or fp16), mse codes."""
+    fn = tk._tq_store_x16_kernel
+    t, nb = 32768, d * bits // 8
+    ints = dict(sxb=8 * t * d, sxh=d, sxt=8 * d, H=8, T=t, R=64 * t, scb=8 * t * nb, sch=t * nb, sct=nb, snb=8 * t, snh=t, snt=1)
+    const = dict(D=d, MB=bits, BLOCK_R=block_r, SCALE=1.0 if dtype == "bf16" else 4096.0, NORM8=bool(n8), LO=bool(lo))
+    const.update({n: 1 for n, v in ints.items() if v == 1})
+    ptr_types = {"x_ptr": f"*{dtype}", "rhi_ptr": f"*{dtype}", "rlo_ptr": f"*{dtype}", "c_ptr": "*u8", "n_ptr": "*u8" if n8 else "*fp16"}
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n.endswith("_ptr"):
+            sig[n] = ptr_types.get(n, "*fp32")
+        elif n in const:
+            sig[n] = "constexpr"
+        else:
+            sig[n] = "i32" if n in ("H", "T", "R") else "i64"
+        if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return (f"store x16 block_r={block_r} warps={warps} stages={stages} bits={bits} d={d} {dtype}{' 8-bit norms' if n8 else ''}"
+            f"{'' if lo else ' hi only'}: shared {k.metadata.shared} B; {_ptxas_report(k)}")
+
+
 def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0, groups: int = 1, rope: int = 0) -> str:
     """The decode split kernel at the B=8, Hkv=8, L=32k bench shape: keys and values of `bits` bits, as one code
     group per vector or (groups=2) two equal halves (a split codec's layout); rope=1 adds the RoPE-position bias (2: in tf32)."""
@@ -104,7 +128,13 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["store"]:
+    if sys.argv[1:2] == ["store-x16"]:
+        for spec in sys.argv[2:] or ["64,4,2,4", "128,8,2,4", "64,4,2,2,64", "64,4,2,3,32,fp16,1", "64,4,2,4,128,bf16,0,0"]:
+            block_r, warps, stages, bits, *rest = spec.split(",")
+            extra = [int(rest[0])] if rest else []
+            extra += rest[1:2] + [int(v) for v in rest[2:]]
+            print(compile_store_x16(int(block_r), int(warps), int(stages), int(bits), *extra), flush=True)
+    elif sys.argv[1:2] == ["store"]:
         for spec in sys.argv[2:] or ["fp16x3,64,8,4", "tf32x3,64,8,4", "fp16x3,64,4,4", "fp16x3,128,8,4", "fp16x3,64,8,2"]:
             precision, *numbers = spec.split(",")
             print(compile_store(precision, *map(int, numbers)), flush=True)

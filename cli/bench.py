@@ -135,11 +135,12 @@ def bench_store_sweep(bw: float) -> dict:
         configs = [("fp16x3", 64, 128, 4, 1, None)]
         # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, programs per SM
         configs += [("x16", r, None, n, st, per_sm) for r, n, st, per_sm in
-                    ((128, 8, 2, None), (128, 8, 1, None), (128, 8, 3, None), (64, 4, 2, None), (256, 16, 2, None), (128, 8, 2, 1), (128, 8, 2, 3))]
+                    ((64, 4, 2, None), (128, 8, 2, None), (64, 4, 1, None), (128, 8, 3, None))]
+        configs += [("x16-hi", 64, None, 4, 2, None)]
         for precision, block_r, bn, warps, stages, per_sm in configs:
             kernels.STORE_TUNING.update(saved)
-            if precision == "x16":
-                kernels.STORE_TUNING.update(precision="x16", x16_block_r=block_r, x16_num_warps=warps, x16_num_stages=stages, x16_programs_per_sm=per_sm)
+            if precision.startswith("x16"):
+                kernels.STORE_TUNING.update(precision=precision, x16_block_r=block_r, x16_num_warps=warps, x16_num_stages=stages, x16_programs_per_sm=per_sm)
             else:
                 kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps, num_stages=stages, word_store=True)
             row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm}
@@ -151,6 +152,8 @@ def bench_store_sweep(bw: float) -> dict:
                     ms=ms, GB_per_s=nbytes / ms / 1e6, fraction_of_copy=nbytes / (ms * 1e-3) / bw,
                     code_mismatch=(got["codes"] != ref["codes"]).float().mean().item(),
                     sqnr_db=10 * torch.log10(ref_deq.pow(2).sum() / (deq - ref_deq).pow(2).sum().clamp_min(1e-30)).item(),
+                    # what the codes are for: their distortion of x, relative to the float32 reference's
+                    distortion_vs_reference=((deq - probe.float()).pow(2).sum() / (ref_deq - probe.float()).pow(2).sum()).item(),
                 )
             except Exception as exc:  # e.g. out of shared memory for this tile
                 row["error"] = f"{type(exc).__name__}: {exc}"[:200]

@@ -205,12 +205,13 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 
 # Store-kernel launch settings; None = the default for the shape. `tqpatch bench --parts store_sweep` times the
 # alternatives. precision: how the rotation product is computed: "x16" (`_tq_store_x16_kernel`: x as it is, in
-# bfloat16/float16, times hi + lo splits of Πᵀ in that dtype, two MMAs; mse codes at d 32..128, the default there),
+# bfloat16/float16, times hi + lo splits of Πᵀ in that dtype, two MMAs; mse codes at d 32..128, the default there;
+# "x16-hi": the hi part alone, one MMA, a bench variant),
 # "fp16x3" (three fp16 MMAs on hi/lo splits of both operands; mse codes only, the default for the other mse cases),
 # or a tl.dot input_precision ("tf32x3", "tf32", "ieee"). word_store: write each group of 8 codes as one
 # int16/int32 (2- and 4-bit codes) instead of byte by byte (the x16 kernel always writes whole words).
 STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True,
-                "x16_block_r": 128, "x16_num_warps": 8, "x16_num_stages": 2, "x16_programs_per_sm": None}
+                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2, "x16_programs_per_sm": None}
 X16_DIMS = (32, 64, 128)  # widths the x16 store kernel takes (whole words of 8 codes per thread and row; [D, D] tiles fit)
 
 
@@ -241,11 +242,11 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
     x16_dtypes = (torch.float16,) if interpreting() else (torch.bfloat16, torch.float16)
     x16_fits = not prod and d in X16_DIMS and x.dtype in x16_dtypes and aligned
     prec = tune["precision"] or ("tf32x3" if prod else "x16" if x16_fits else "fp16x3")
-    if prec == "x16":
+    if prec in ("x16", "x16-hi"):
         if not x16_fits:
             raise ValueError(f"the x16 store kernel needs mse codes, a group width in {X16_DIMS}, bfloat16/float16 x and "
                              f"word-aligned codes; got {'prod' if prod else 'mse'} codes, width {d}, {x.dtype}")
-        _launch_store_x16(mse, c, x, codes, norms, nrange, norm8)
+        _launch_store_x16(mse, c, x, codes, norms, nrange, norm8, lo=prec == "x16")
         return
     if prod and prec == "fp16x3":
         raise ValueError("the store kernel's fp16x3 rotation supports mse codes only; use tf32x3 for prod keys")
@@ -271,15 +272,17 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
         )
 
 
-def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor, nrange: torch.Tensor, norm8: bool) -> None:
-    """`_tq_store_x16_kernel` on x [B, H, T, d] (bfloat16/float16, last stride 1) -> codes, norms."""
+def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor, nrange: torch.Tensor, norm8: bool,
+                      lo: bool = True) -> None:
+    """`_tq_store_x16_kernel` on x [B, H, T, d] (bfloat16/float16, last stride 1) -> codes, norms; lo=False drops the
+    rotation's lo part (one MMA: a bench variant, codes within ~2^-9 of a boundary may move)."""
     b, h, t, d = x.shape
     rows = b * h * t
     tune = STORE_TUNING
     bf16 = x.dtype == torch.bfloat16
     block_r = tune["x16_block_r"]
     tiles = b * h * triton_cdiv(t, block_r)  # the kernel's tiles: block_r consecutive tokens of one (batch, head)
-    smem = 4 * d * d + 2 * max(1, tune["x16_num_stages"] - 1) * block_r * d + (4 << 10)  # Πᵀ hi + lo, x tiles, scratch
+    smem = (4 if lo else 2) * d * d + 2 * max(1, tune["x16_num_stages"] - 1) * block_r * d + (4 << 10)  # Πᵀ hi (+ lo), x tiles, scratch
     per_sm = tune["x16_programs_per_sm"] or max(1, min(8, (224 << 10) // smem))  # as many as shared memory holds
     grid = min(tiles, per_sm * _sm_count(x.device.index or 0)) if x.is_cuda else min(tiles, 3)
     with _device_ctx(x.device):
@@ -290,7 +293,7 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
             codes, codes.stride(0), codes.stride(1), codes.stride(2),
             norms, norms.stride(0), norms.stride(1), norms.stride(2),
             nrange,
-            D=d, MB=mse.bits, BLOCK_R=block_r, SCALE=1.0 if bf16 else 4096.0, NORM8=norm8,
+            D=d, MB=mse.bits, BLOCK_R=block_r, SCALE=1.0 if bf16 else 4096.0, NORM8=norm8, LO=lo,
             num_warps=tune["x16_num_warps"], num_stages=tune["x16_num_stages"],
         )
 

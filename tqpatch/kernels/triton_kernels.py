@@ -193,9 +193,9 @@ def _tq_store_x16_kernel(
     c_ptr, scb, sch, sct,                 # codes [B, H, *, D*MB/8] uint8 (last stride 1)
     n_ptr, snb, snh, snt,                 # norms [B, H, *] fp16, or uint8 log codes (NORM8)
     nrange_ptr,                           # NORM8: [2, H] fp32 (tqpatch.norms)
-    D: tl.constexpr, MB: tl.constexpr, BLOCK_R: tl.constexpr, SCALE: tl.constexpr, NORM8: tl.constexpr,
+    D: tl.constexpr, MB: tl.constexpr, BLOCK_R: tl.constexpr, SCALE: tl.constexpr, NORM8: tl.constexpr, LO: tl.constexpr,
 ):
-    # mse codes of 16-bit inputs, 32 <= D <= 128. x is exact in its own dtype, so y = x·hi + x·lo (two MMAs with
+    # mse codes of 16-bit inputs, 32 <= D <= 128 (LO = False: the hi part of Πᵀ alone, one MMA, ~8 significant bits). x is exact in its own dtype, so y = x·hi + x·lo (two MMAs with
     # x as it is, no normalising or splitting) carries the ~16 significant bits of the split Πᵀ; the code of
     # y/‖x‖ is the code of Π(x/‖x‖). Channels are handled in blocks of CB = min(D, 64) (fewer live registers).
     # Packing without moving data between threads: in the MMA accumulator a thread holds, per row, the columns
@@ -206,10 +206,10 @@ def _tq_store_x16_kernel(
     nprog = tl.num_programs(0)
     CB: tl.constexpr = D if D < 64 else 64
     rhi0 = _rotation_block(rhi_ptr, D, CB, 0)
-    rlo0 = _rotation_block(rlo_ptr, D, CB, 0)
+    rlo0 = _rotation_block(rlo_ptr, D, CB, 0) if LO else rhi0
     if D > CB:
         rhi1 = _rotation_block(rhi_ptr, D, CB, 1)
-        rlo1 = _rotation_block(rlo_ptr, D, CB, 1)
+        rlo1 = _rotation_block(rlo_ptr, D, CB, 1) if LO else rhi1
     HALF: tl.constexpr = 1 << (MB - 1)
     mid = tl.load(bnd_ptr + HALF - 1)
     p0, p1, p2, p3, p4, p5, p6 = mid, mid, mid, mid, mid, mid, mid
@@ -237,10 +237,16 @@ def _tq_store_x16_kernel(
         norm = tl.sqrt(tl.sum(xf * xf, axis=1))
         c_row = c_ptr + b * scb + h * sch + t * sct
         inv = 1.0 / tl.maximum(norm * SCALE, 1.1754943508222875e-38)
-        _store_code_block(tl.dot(x, rlo0, tl.dot(x, rhi0)), inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
+        y = tl.dot(x, rhi0)
+        if LO:
+            y = tl.dot(x, rlo0, y)
+        _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
                           BLOCK_R, CB, 0, MB)
         if D > CB:
-            _store_code_block(tl.dot(x, rlo1, tl.dot(x, rhi1)), inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
+            y = tl.dot(x, rhi1)
+            if LO:
+                y = tl.dot(x, rlo1, y)
+            _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
                               BLOCK_R, CB, 1, MB)
         if NORM8:  # tqpatch.norms: code = 1 + round((log2 n - low_h) / step_h) in 1..255, 0 for n = 0 (n rounded to fp16 first)
             n16 = norm.to(tl.float16).to(tl.float32)
