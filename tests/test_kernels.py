@@ -139,7 +139,7 @@ def test_x16_store_kernel_matches_the_codec(d, bits, dtype, norm_bits, monkeypat
     strided destination (the store buffer's free slots)."""
     calls = []
     launch = kernels._launch_store_x16
-    monkeypatch.setattr(kernels, "_launch_store_x16", lambda *a: calls.append(a[2].shape) or launch(*a))
+    monkeypatch.setattr(kernels, "_launch_store_x16", lambda *a, **kw: calls.append(a[2].shape) or launch(*a, **kw))
     gen = torch.Generator().manual_seed(d * 100 + bits * 10 + norm_bits)
     codec = TurboQuantCodec(d, bits, "mse", seed=4, norm_bits=norm_bits)
     x = torch.randn(3, 37 + d, 2, d, generator=gen) * torch.exp2(torch.rand(3, 37 + d, 2, 1, generator=gen) * 6 - 2)
