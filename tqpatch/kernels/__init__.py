@@ -14,7 +14,8 @@ bits 1..4 (keys and values) or prod keys with 2..5 bits (mse part 1..4 bits +
 QJL signs), and SplitCodec (fractional bits, eigen splits) whose one or two
 channel groups have 1..4 bits (any number of channels); head_dim a power
 of two in 16..256, float16 or 8-bit log norms. The store kernel writes a split
-group where its width is such a power of two too (else the PyTorch encode).
+group where its width is such a power of two too (else the PyTorch encode); mse
+codes of bfloat16/float16 x at widths 32..128 take its x16 variant.
 Everything else (more bits, prod in a split) uses the reference path.
 """
 
