@@ -206,8 +206,8 @@ def bench_attention(bw: float, shapes) -> dict:
         sweep.append({"codecs": name, **kernels.DECODE_TUNING, "ms": ms})
 
     for block_t, warps in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 16)):
-        for stages in (2, 3):
-            trial(block_t=block_t, num_warps=warps, num_stages=stages, lut=0, programs_per_sm=4)
+        for stages in (2, 3):  # the Triton split kernel (k4v4 otherwise takes the Gluon warp kernel)
+            trial(block_t=block_t, num_warps=warps, num_stages=stages, lut=0, programs_per_sm=4, warp_kernel=False)
     best = min(sweep, key=lambda r: r["ms"])
     for lut in (1, 2):  # the select-chain lookups (kernels._lookup) on the best tile
         trial(**{**_tuning_of(best), "lut": lut})
@@ -216,6 +216,12 @@ def bench_attention(bw: float, shapes) -> dict:
         trial(**{**_tuning_of(best), "programs_per_sm": per_sm})
     best = min(sweep, key=lambda r: r["ms"])
     kernels.DECODE_TUNING.update(_tuning_of(best))
+    # the Gluon warp kernel (one warp per program): its split count
+    first = len(sweep)
+    for per_sm in (8, 16, 32, 64):
+        trial(name="k4v4-warp", warp_kernel=True, warp_programs_per_sm=per_sm)
+    best_warp = min(sweep[first:], key=lambda r: r["ms"])
+    kernels.DECODE_TUNING.update(warp_kernel=True, warp_programs_per_sm=best_warp["warp_programs_per_sm"])
     # split codecs (two code groups): their tile and the narrowest plane, on 2.5 bits (3-bit + 2-bit halves)
     split = SplitCodec(d, 2.5, 0, norm_bits=8)
     kp, vp = _random_parts(split, 8, hkv, 32768), _random_parts(split, 8, hkv, 32768)
@@ -236,7 +242,9 @@ def bench_attention(bw: float, shapes) -> dict:
         split = lambda bits, groups=None, norm_bits=16: SplitCodec(d, bits, 0, norm_bits=norm_bits, groups=groups)  # noqa: E731
         # (name, key codec, value codec, centroid lookup: None = the tuned one). Split codecs: two code groups per
         # vector; "k4v4-2groups" stores k4v4's bytes as two 64-channel groups (the cost of the second group alone).
-        settings = (("k4v4", whole(4), whole(4), None), ("k4v4-n8", whole(4, norm_bits=8), whole(4, norm_bits=8), None),
+        # "-split": k4v4 on the Triton split kernel instead of the Gluon warp kernel
+        settings = (("k4v4", whole(4), whole(4), None), ("k4v4-split", whole(4), whole(4), None),
+                    ("k4v4-n8", whole(4, norm_bits=8), whole(4, norm_bits=8), None), ("k4v4-n8-split", whole(4, norm_bits=8), whole(4, norm_bits=8), None),
                     ("k2v2", whole(2), whole(2), None), ("k2v2-lut2", whole(2), whole(2), 2), ("k3v3", whole(3), whole(3), None),
                     ("k4v4-prod", whole(4, "prod"), whole(4), None),
                     ("k4v4-2groups", split(4, (64, 4, 4)), split(4, (64, 4, 4)), None),
@@ -245,6 +253,7 @@ def bench_attention(bw: float, shapes) -> dict:
         tuned_lut = kernels.DECODE_TUNING["lut"]
         for name, kc, vc, lut in settings:
             kernels.DECODE_TUNING["lut"] = tuned_lut if lut is None else lut
+            kernels.DECODE_TUNING["warp_kernel"] = not name.endswith("-split")
             kp, vp = _random_parts(kc, b, hkv, length), _random_parts(vc, b, hkv, length)
             q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
             fk = torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
@@ -255,6 +264,7 @@ def bench_attention(bw: float, shapes) -> dict:
                          "back_to_back_ms": streamed, "back_to_back_ratio_to_bf16": streamed / variants["back_to_back"]}
             del kp, vp
         kernels.DECODE_TUNING["lut"] = tuned_lut
+        kernels.DECODE_TUNING["warp_kernel"] = True
         row["rope_bias"] = _bench_rope_bias(kernels, b, hq, hkv, length, d, variants["back_to_back"])
         rows.append(row)
         torch.cuda.empty_cache()

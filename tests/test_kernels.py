@@ -293,6 +293,46 @@ def _random_decode_inputs(seed: int, b: int, hkv: int, group: int, length: int, 
     return gen, kc, vc, kp, vp, q, fk
 
 
+WARP_CASES = [
+    # d, Hkv, group, L, norm bits, masked
+    (128, 8, 4, 4099, 16, False),
+    (128, 2, 1, 777, 8, True),
+    (64, 3, 8, 1000, 16, True),
+    (128, 1, 16, 33, 8, False),
+    (64, 4, 4, 15, 16, False),
+    (128, 2, 5, 2048, 16, True),
+]
+
+
+@pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
+@pytest.mark.parametrize("d,hkv,group,length,norm_bits,masked", WARP_CASES)
+def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, group, length, norm_bits, masked, monkeypatch):
+    """k4v4 codes take the Gluon warp kernel (one warp per program, codes read in the mma operands' channel order):
+    ragged tails, masks, GQA 1..16, 8-bit norms, d 64/128; the Triton split kernel on the same inputs agrees."""
+    calls = []
+    launch = kernels._launch_decode_warp
+    monkeypatch.setattr(kernels, "_launch_decode_warp", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    gen = torch.Generator().manual_seed(d + hkv + length)
+    kc = TurboQuantCodec(d, 4, "mse", seed=5, norm_bits=norm_bits)
+    vc = TurboQuantCodec(d, 4, "mse", seed=6, norm_bits=norm_bits)
+    scale = torch.exp2(torch.rand(2, hkv, length, 1, generator=gen) * 3)
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(torch.randn(2, hkv, length, d, generator=gen) * scale).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(torch.randn(2, hkv, length, d, generator=gen) * scale.flip(2)).items()}
+    q = (torch.randn(2, hkv * group, d, generator=gen) / 3).to(DEVICE, torch.bfloat16)
+    fk = torch.randn(2, hkv, 2, d, generator=gen).to(DEVICE, torch.bfloat16)
+    valid = (torch.arange(length)[None, :] >= torch.tensor([0, length // 3])[:, None]).to(DEVICE) if masked else None
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid)
+    outs = []
+    for splits in (None, 1, 5):
+        out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, out_dtype=torch.float32, num_splits=splits)
+        assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, (splits, _rel(out, ref))
+        outs.append(out)
+    assert len(calls) == 3
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_kernel", False)
+    split = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, out_dtype=torch.float32)
+    assert len(calls) == 3 and _rel(outs[0], split) < REL_TOL
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
     """Centered keys: the kernel adds ⟨q, R_p μ⟩ (a per-row, per-token bias) to the scores of the compressed tokens."""

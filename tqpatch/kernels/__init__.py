@@ -45,7 +45,9 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # of the in-kernel RoPE-position bias (rope_precision "tf32": measured faster than the dense float32 bias, 3e-3 relative
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
-                 "rope_precision": "tf32"}
+                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 32}
+# warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
+# shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count.
 
 __all__ = [
     "HEAD_DIMS",
@@ -76,6 +78,40 @@ def _tk():
     from . import triton_kernels
 
     return triton_kernels
+
+
+@functools.lru_cache(maxsize=1)
+def gluon_available() -> bool:
+    """Triton's Gluon (explicit layouts) importable: the warp decode kernel needs it (not under the interpreter)."""
+    if not triton_available() or interpreting():
+        return False
+    try:
+        from . import gluon_kernels  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _warp_kernel_fits(kgroups, vgroups, d: int, g: int, prod: bool, key_bias, rope_bias) -> bool:
+    """Whether `_tq_decode_warp_kernel` reads these codes: one 4-bit mse group per side, d 64 or 128, at most 16 query
+    heads per KV head, no score bias (centered keys), and Gluon present."""
+    return (DECODE_TUNING["warp_kernel"] and len(kgroups) == 1 and len(vgroups) == 1 and not prod and key_bias is None and rope_bias is None
+            and d in (64, 128) and g <= 16 and all(gr.index is None and gr.mse.bits == 4 and gr.head_dim == d for gr in (*kgroups, *vgroups))
+            and gluon_available())
+
+
+def _warp_consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tensor]:
+    """The warp kernel's matrices for a group's quantizer: keys' query map Πᵀ[:, key_channels] [d, d] (q @ it = the
+    rotated query in the kernel's channel order) and values' un-rotation Π[value_columns] [1, d, d]; centroids fp16."""
+    c = _consts(group, device)
+    if "warp_query" not in c:
+        from .gluon_kernels import key_channels, value_columns
+
+        d = c["rotT"].shape[0]
+        c["warp_query"] = c["rotT"][:, key_channels(d).to(device)].contiguous()
+        c["warp_unrotate"] = c["rotT"].T[value_columns(d).to(device)].contiguous()[None]
+        c["centroids_fp16"] = c["centroids"].half().contiguous()
+    return c
 
 
 def interpreting() -> bool:
@@ -391,15 +427,18 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
         qr = scoring.reshape(b * hq, d) @ klay.query[0]  # [B*Hq, QW]: the groups' Π_g q_g (| S q)
     else:  # per KV head: each group's channels gathered and rotated in one product
         qr = torch.matmul(scoring.view(b, hkv, g, d), klay.query).reshape(b * hq, -1)
+    warp = _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias)
+    if warp:
+        block_t = 16  # the warp kernel's step
     block_t = block_t or DECODE_TUNING["split_block_t" if max(len(kgroups), len(vgroups)) > 1 else "block_t"]
     programs = b * hkv
     if num_splits is None:
         sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
-        want = triton_cdiv(DECODE_TUNING["programs_per_sm"] * sms, programs)
+        want = triton_cdiv(DECODE_TUNING["warp_programs_per_sm" if warp else "programs_per_sm"] * sms, programs)
         num_splits = max(1, min(want, triton_cdiv(length, 4 * block_t)))
     per_split = triton_cdiv(triton_cdiv(max(length, 1), num_splits), block_t) * block_t
     splits = triton_cdiv(length, per_split) if length else 0
-    aw = vlay.accumulator_width
+    aw = d if warp else vlay.accumulator_width
     m = torch.empty(programs, max(splits, 1), g, dtype=torch.float32, device=q.device)
     l_ = torch.empty_like(m)
     acc = torch.empty(programs, max(splits, 1), g, aw, dtype=torch.float32, device=q.device)
@@ -409,8 +448,15 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     bias_log2 = scale_log2 / rope_bias.scale if rope_bias is not None else scale_log2  # the rope bias comes in s·(table units)
     qjl_scale = kgroups[0].quantizer.qjl_scale if prod else 0.0
     kn8, vn8 = kgroups[0].norm_codes is not None, vgroups[0].norm_codes is not None
+    unrot, awu = vlay.unrotate, sum(vlay.widths)  # [1 or Hkv, AW, d]
     with _device_ctx(q.device):
-        if splits:
+        if splits and warp:
+            kc, vc = _warp_consts(kgroups[0], q.device), _warp_consts(vgroups[0], q.device)
+            unrot, awu = vc["warp_unrotate"], d
+            qk = scoring.reshape(b * hq, d) @ kc["warp_query"]  # [B*Hq, d] rotated, in the kernel's key channel order
+            _launch_decode_warp(qk, kgroups[0], vgroups[0], kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split,
+                                splits, scale_log2, g, d)
+        elif splits:
             k0, k1 = _group_args(kp, kgroups, klay)
             v0, v1 = _group_args(vp, vgroups, vlay)
             kg, kr = (kp["qjl_signs"], kp["residual_norms"]) if prod else (kfirst, kfirst)
@@ -458,7 +504,6 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
         if fv.stride(-1) != 1:
             fv = fv.contiguous()
         fm = fp_valid if fp_valid is not None else q
-        unrot = vlay.unrotate  # [1 or Hkv, AW, d]
         unrot_in_kernel = aw * d <= 128 * 128  # a larger tile does not fit in shared memory: rotate back with torch
         target = out if unrot_in_kernel else torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
         tk._tq_decode_combine_kernel[(programs,)](
@@ -471,15 +516,36 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
             unrot, unrot.stride(0) if unrot.shape[0] > 1 else 0,
             target, target.stride(0), target.stride(1),
             hkv, scale_log2,
-            G=g, GP=gp, D=d, AW=aw, AWU=sum(vlay.widths), HAS_FMASK=fp_valid is not None, BLOCK_F=16, UNROT=unrot_in_kernel, num_warps=4,
+            G=g, GP=gp, D=d, AW=aw, AWU=awu, HAS_FMASK=fp_valid is not None, BLOCK_F=16, UNROT=unrot_in_kernel, num_warps=4,
         )
         if not unrot_in_kernel and splits == 0:
             out.copy_(target)
         elif not unrot_in_kernel:  # the kernel left Σ p n c / l in acc[:, 0]
-            used = sum(vlay.widths)  # columns past the groups' widths were never written
+            used = awu  # columns past the groups' widths were never written
             rotated = torch.matmul(acc[:, 0, :, :used].reshape(b, hkv, g, used), unrot[:, :used]).view(b, hq, d)
             out.copy_(target + rotated)
     return out
+
+
+def _launch_decode_warp(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):
+    """`_tq_decode_warp_kernel` over (B*Hkv, splits) programs of one warp: partials m, l, acc (value columns in its order)."""
+    from . import gluon_kernels as gk
+
+    kcodes, knorms, vcodes, vnorms = kp[kgroup.codes], kp[kgroup.norms], vp[vgroup.codes], vp[vgroup.norms]
+    kn8, vn8 = kgroup.norm_codes is not None, vgroup.norm_codes is not None
+    mk = valid if valid is not None else knorms
+    kbytes, vbytes = gk.byte_layouts(d)
+    gk._tq_decode_warp_kernel[(m.shape[0], splits)](
+        qk, qk.stride(0),
+        kcodes, *kcodes.stride()[:3], knorms, *knorms.stride()[:3], kc["centroids_fp16"],
+        vcodes, *vcodes.stride()[:3], vnorms, *vnorms.stride()[:3], vc["centroids_fp16"],
+        klay.norm_ranges if kn8 else qk, vlay.norm_ranges if vn8 else qk,
+        mk, mk.stride(0) if valid is not None else 0, 0,
+        m, l_, acc,
+        hkv, length, per_split, scale_log2,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, kbytes=kbytes, vbytes=vbytes,
+        num_warps=1,
+    )
 
 
 def _group_args(parts: Parts, groups: list[CodeGroup], lay) -> tuple[dict, dict]:
