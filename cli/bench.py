@@ -219,9 +219,12 @@ def bench_attention(bw: float, shapes) -> dict:
     # the Gluon warp kernel (one warp per program): its split count
     first = len(sweep)
     for per_sm in (8, 16, 32, 64):
-        trial(name="k4v4-warp", warp_kernel=True, warp_programs_per_sm=per_sm)
+        trial(name="k4v4-warp", warp_kernel=True, warp_programs_per_sm=per_sm, warp_min_split_tokens=512)
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
-    kernels.DECODE_TUNING.update(warp_kernel=True, warp_programs_per_sm=best_warp["warp_programs_per_sm"])
+    for min_tokens in (256, 1024):
+        trial(name="k4v4-warp", warp_kernel=True, warp_programs_per_sm=best_warp["warp_programs_per_sm"], warp_min_split_tokens=min_tokens)
+    best_warp = min(sweep[first:], key=lambda r: r["ms"])
+    kernels.DECODE_TUNING.update(warp_kernel=True, warp_programs_per_sm=best_warp["warp_programs_per_sm"], warp_min_split_tokens=best_warp["warp_min_split_tokens"])
     # split codecs (two code groups): their tile and the narrowest plane, on 2.5 bits (3-bit + 2-bit halves)
     split = SplitCodec(d, 2.5, 0, norm_bits=8)
     kp, vp = _random_parts(split, 8, hkv, 32768), _random_parts(split, 8, hkv, 32768)

@@ -45,9 +45,10 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # of the in-kernel RoPE-position bias (rope_precision "tf32": measured faster than the dense float32 bias, 3e-3 relative
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
-                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 32}
+                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 32, "warp_min_split_tokens": 512}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
-# shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count.
+# shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
+# warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits).
 
 __all__ = [
     "HEAD_DIMS",
@@ -435,7 +436,8 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     if num_splits is None:
         sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
         want = triton_cdiv(DECODE_TUNING["warp_programs_per_sm" if warp else "programs_per_sm"] * sms, programs)
-        num_splits = max(1, min(want, triton_cdiv(length, 4 * block_t)))
+        min_tokens = DECODE_TUNING["warp_min_split_tokens"] if warp else 4 * block_t  # (few long splits: less to combine)
+        num_splits = max(1, min(want, triton_cdiv(length, min_tokens)))
     per_split = triton_cdiv(triton_cdiv(max(length, 1), num_splits), block_t) * block_t
     splits = triton_cdiv(length, per_split) if length else 0
     aw = d if warp else vlay.accumulator_width

@@ -13,7 +13,8 @@ per plane, ~12 instructions per code). Here every layout is written down, so tha
   (d = 128; D/8 bytes per lane in general): each lane loads 16 contiguous code bytes of its token and unpacks them in
   place. For the value operand B [K = tokens, N = channels] a lane holds channels 8c + lane / 4 of tokens 2m + e
   (+ 8); kernel column 8c + r is stored channel (D/8) r + c, so a lane loads D/16 contiguous bytes per token;
-- the scores' accumulator [16, 16] is, register for register, the value product's A operand (as in FlashAttention-2).
+- the scores' accumulator [16, 16] is, register for register, the value product's A operand (as in FlashAttention-2);
+- the next step's code bytes and norms are loaded while this step computes (prefetch in registers).
 
 Only 4-bit codes of one group per side (the paper-exact k4v4 presets, fp16 or 8-bit norms), head_dim 64 or 128.
 The partials it writes are the split kernel's, with value columns in this kernel's order (`value_columns`), so
@@ -117,10 +118,22 @@ def _tq_decode_warp_kernel(
     acc = gl.zeros([GP, D], gl.float32, layout=mma)
     start = pid_s * per_split
     end = gl.minimum(L, start + per_split)
+    # the code bytes and norms of a step are loaded one step ahead (registers), so HBM latency overlaps the step before
+    kb_next = gl.load(kbase + ((start + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((start + kt) < end)[:, None], other=0)
+    vb_next = gl.load(vbase + ((start + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((start + vt) < end)[:, None], other=0)
+    kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (start + tt).to(gl.int64) * sknt, mask=(start + tt) < end, other=0)
+    vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (start + tt).to(gl.int64) * svnt, mask=(start + tt) < end, other=0)
     for t0 in range(start, end, BT):
+        kb = kb_next.to(gl.int32)
+        vb = vb_next.to(gl.int32)
+        kn_raw = kn_next
+        vn_raw = vn_next
+        t1 = t0 + BT
+        kb_next = gl.load(kbase + ((t1 + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((t1 + kt) < end)[:, None], other=0)
+        vb_next = gl.load(vbase + ((t1 + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((t1 + vt) < end)[:, None], other=0)
+        kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (t1 + tt).to(gl.int64) * sknt, mask=(t1 + tt) < end, other=0)
+        vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (t1 + tt).to(gl.int64) * svnt, mask=(t1 + tt) < end, other=0)
         # keys: bytes -> centroids of both nibbles -> operand B [D, BT] in kernel channel order
-        kmask = (t0 + kt) < end
-        kb = gl.load(kbase + ((t0 + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=kmask[:, None], other=0).to(gl.int32)
         klo = gl.load(kcent_ptr + (kb & 15))
         khi = gl.load(kcent_ptr + (kb >> 4))
         kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
@@ -130,7 +143,7 @@ def _tq_decode_warp_kernel(
         s = mma_v2(q, kv, gl.zeros([GP, BT], gl.float32, layout=mma))
         offs = t0 + tt
         tmask = offs < end
-        kn = _norms(gl.load(kn_ptr + b * sknb + h * sknh + offs.to(gl.int64) * sknt, mask=tmask, other=0), krange_ptr, h, Hkv, KN8)
+        kn = _norms(kn_raw, krange_ptr, h, Hkv, KN8)
         s = s * (kn * scale_log2)[None, :]
         valid = tmask
         if HAS_MASK:
@@ -141,11 +154,9 @@ def _tq_decode_warp_kernel(
         p = gl.where(valid[None, :], gl.exp2(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         m_i = m_new
-        vn = _norms(gl.load(vn_ptr + b * svnb + h * svnh + offs.to(gl.int64) * svnt, mask=tmask, other=0), vrange_ptr, h, Hkv, VN8)
+        vn = _norms(vn_raw, vrange_ptr, h, Hkv, VN8)
         pv = gl.convert_layout((p * vn[None, :]).to(gl.float16), op_a, assert_trivial=True)  # scores' C = values' A
         # values: bytes -> centroids -> operand B [BT, D] in kernel column order 8c + r
-        vmask = (t0 + vt) < end
-        vb = gl.load(vbase + ((t0 + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=vmask[:, None], other=0).to(gl.int32)
         vlo = gl.load(vcent_ptr + (vb & 15))
         vhi = gl.load(vcent_ptr + (vb >> 4))
         vv = gl.join(vlo, vhi)  # [BT, NB, 2]: (token, byte VB·r + i, e), stored channel (D/8) r + 2i + e
