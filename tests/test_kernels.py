@@ -305,10 +305,13 @@ WARP_CASES = [
 
 
 @pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("d,hkv,group,length,norm_bits,masked", WARP_CASES)
-def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, group, length, norm_bits, masked, monkeypatch):
+def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, group, length, norm_bits, masked, pairs, monkeypatch):
     """k4v4 codes take the Gluon warp kernel (one warp per program, codes read in the mma operands' channel order):
-    ragged tails, masks, GQA 1..16, 8-bit norms, d 64/128; the Triton split kernel on the same inputs agrees."""
+    ragged tails, masks, GQA 1..16, 8-bit norms, d 64/128, key centroids looked up per nibble or per byte (pairs);
+    the Triton split kernel on the same inputs agrees."""
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_key_pairs", pairs)
     calls = []
     launch = kernels._launch_decode_warp
     monkeypatch.setattr(kernels, "_launch_decode_warp", lambda *a, **kw: calls.append(1) or launch(*a, **kw))

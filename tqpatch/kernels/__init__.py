@@ -15,7 +15,9 @@ QJL signs), and SplitCodec (fractional bits, eigen splits) whose one or two
 channel groups have 1..4 bits (any number of channels); head_dim a power
 of two in 16..256, float16 or 8-bit log norms. The store kernel writes a split
 group where its width is such a power of two too (else the PyTorch encode); mse
-codes of bfloat16/float16 x at widths 32..128 take its x16 variant.
+codes of bfloat16/float16 x at widths 32..128 take its x16 variant. Decode on
+4-bit codes of one group per side (k4v4, d 64/128, no score bias) takes the
+Gluon warp kernel (`gluon_kernels.py`) where Triton ships Gluon.
 Everything else (more bits, prod in a split) uses the reference path.
 """
 
@@ -45,10 +47,11 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # of the in-kernel RoPE-position bias (rope_precision "tf32": measured faster than the dense float32 bias, 3e-3 relative
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
-                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 32, "warp_min_split_tokens": 512}
+                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 32, "warp_min_split_tokens": 512, "warp_key_pairs": False}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
-# warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits).
+# warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
+# warp_key_pairs: key bytes looked up in a 256-entry table of centroid pairs (one gather per byte; a bench variant).
 
 __all__ = [
     "HEAD_DIMS",
@@ -112,6 +115,9 @@ def _warp_consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tens
         c["warp_query"] = c["rotT"][:, key_channels(d).to(device)].contiguous()
         c["warp_unrotate"] = c["rotT"].T[value_columns(d).to(device)].contiguous()[None]
         c["centroids_fp16"] = c["centroids"].half().contiguous()
+        from .gluon_kernels import pair_table
+
+        c["centroid_pairs"] = pair_table(c["centroids"])
     return c
 
 
@@ -537,15 +543,16 @@ def _launch_decode_warp(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m
     kn8, vn8 = kgroup.norm_codes is not None, vgroup.norm_codes is not None
     mk = valid if valid is not None else knorms
     kbytes, vbytes = gk.byte_layouts(d)
+    pairs = DECODE_TUNING["warp_key_pairs"]
     gk._tq_decode_warp_kernel[(m.shape[0], splits)](
         qk, qk.stride(0),
-        kcodes, *kcodes.stride()[:3], knorms, *knorms.stride()[:3], kc["centroids_fp16"],
+        kcodes, *kcodes.stride()[:3], knorms, *knorms.stride()[:3], kc["centroid_pairs" if pairs else "centroids_fp16"],
         vcodes, *vcodes.stride()[:3], vnorms, *vnorms.stride()[:3], vc["centroids_fp16"],
         klay.norm_ranges if kn8 else qk, vlay.norm_ranges if vn8 else qk,
         mk, mk.stride(0) if valid is not None else 0, 0,
         m, l_, acc,
         hkv, length, per_split, scale_log2,
-        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, kbytes=kbytes, vbytes=vbytes,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, PAIRS=pairs, kbytes=kbytes, vbytes=vbytes,
         num_warps=1,
     )
 

@@ -14,7 +14,9 @@ per plane, ~12 instructions per code). Here every layout is written down, so tha
   place. For the value operand B [K = tokens, N = channels] a lane holds channels 8c + lane / 4 of tokens 2m + e
   (+ 8); kernel column 8c + r is stored channel (D/8) r + c, so a lane loads D/16 contiguous bytes per token;
 - the scores' accumulator [16, 16] is, register for register, the value product's A operand (as in FlashAttention-2);
-- the next step's code bytes and norms are loaded while this step computes (prefetch in registers).
+- the next step's code bytes and norms are loaded while this step computes (prefetch in registers);
+- PAIRS (a tuning variant, `DECODE_TUNING["warp_key_pairs"]`): key bytes looked up in a 256-entry table of centroid
+  pairs, one gather per byte instead of one per code.
 
 Only 4-bit codes of one group per side (the paper-exact k4v4 presets, fp16 or 8-bit norms), head_dim 64 or 128.
 The partials it writes are the split kernel's, with value columns in this kernel's order (`value_columns`), so
@@ -42,6 +44,13 @@ def value_columns(d: int) -> torch.Tensor:
     """Stored channel of each kernel value column n = 8c + r: (d/8) r + c  [d] int64."""
     n = torch.arange(d)
     return d // 8 * (n % 8) + n // 8
+
+
+def pair_table(centroids: torch.Tensor) -> torch.Tensor:
+    """[256] int32: byte v -> the fp16 bits of centroids[v & 15] (low half) and centroids[v >> 4] (high half)."""
+    bits = centroids.half().view(torch.int16).int() & 0xFFFF  # [16]
+    v = torch.arange(256, device=centroids.device)
+    return (bits[v & 15] | (bits[v >> 4] << 16)).int().contiguous()
 
 
 def byte_layouts(d: int) -> tuple:
@@ -73,7 +82,7 @@ def _tq_decode_warp_kernel(
     qk_ptr, sqk,                          # rotated queries in key-kernel channel order [B*Hq, D] fp32
     kc_ptr, skcb, skch, skct,             # key codes [B, Hkv, *, D/2] uint8 (4-bit, natural order)
     kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16, or uint8 log codes (KN8)
-    kcent_ptr,                            # key centroids [16] fp16
+    kcent_ptr,                            # key centroids [16] fp16, or (PAIRS) [256] int32: byte v -> fp16 pair (c[v & 15], c[v >> 4])
     vc_ptr, svcb, svch, svct,             # value codes and norms, the same
     vn_ptr, svnb, svnh, svnt,
     vcent_ptr,
@@ -81,7 +90,7 @@ def _tq_decode_warp_kernel(
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (value columns in kernel order)
     Hkv, L, per_split, scale_log2,
-    G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
+    G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr, PAIRS: gl.constexpr,
     kbytes: gl.constexpr, vbytes: gl.constexpr,  # the code-byte tiles' layouts (`byte_layouts`)
 ):
     GP: gl.constexpr = 16  # query rows of an mma tile (G real ones)
@@ -134,8 +143,13 @@ def _tq_decode_warp_kernel(
         kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (t1 + tt).to(gl.int64) * sknt, mask=(t1 + tt) < end, other=0)
         vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (t1 + tt).to(gl.int64) * svnt, mask=(t1 + tt) < end, other=0)
         # keys: bytes -> centroids of both nibbles -> operand B [D, BT] in kernel channel order
-        klo = gl.load(kcent_ptr + (kb & 15))
-        khi = gl.load(kcent_ptr + (kb >> 4))
+        if PAIRS:  # one gather per byte: both centroids as one 32-bit word
+            pair = gl.load(kcent_ptr + kb)
+            klo = (pair & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
+            khi = (pair >> 16).to(gl.int16).to(gl.float16, bitcast=True)
+        else:
+            klo = gl.load(kcent_ptr + (kb & 15))
+            khi = gl.load(kcent_ptr + (kb >> 4))
         kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
         kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
         kv = gl.permute(kv, [2, 1, 3, 0])  # (j, m, e, n)
