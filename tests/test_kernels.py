@@ -132,6 +132,24 @@ if FAST:
     X16_CASES = [c for c in X16_CASES if c[2] == "float16" and (c[0] == 64 or c[3] == 16) and (c[1] in (3, 4) or c[0] == 32)]
 
 
+def test_decode_falls_back_to_the_split_kernel_when_the_warp_kernel_fails(monkeypatch):
+    """A Triton whose Gluon cannot build the warp kernel: one warning, then the split kernel (the same result)."""
+    if DEVICE != "cuda":
+        pytest.skip("the warp kernel runs on CUDA only")
+    gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(21, b=2, hkv=2, group=4, length=300, d=128, fp_tokens=1)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, 128**-0.5)
+
+    def broken(*args, **kwargs):
+        raise kernels.WarpKernelError("the Gluon warp decode kernel failed") from TypeError("no such Gluon API")
+
+    monkeypatch.setattr(kernels, "_launch_decode_warp", broken)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_kernel", True)
+    with pytest.warns(RuntimeWarning, match="using the Triton split kernel"):
+        out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, 128**-0.5, out_dtype=torch.float32)
+    assert kernels.DECODE_TUNING["warp_kernel"] is False
+    assert _rel(out, ref) < REL_TOL
+
+
 @pytest.mark.parametrize("d,bits,dtype,norm_bits", X16_CASES)
 def test_x16_store_kernel_matches_the_codec(d, bits, dtype, norm_bits, monkeypatch):
     """The x16 store kernel (16-bit x times a hi + lo split of the rotation, codes packed in registers) writes the
@@ -314,7 +332,7 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_key_pairs", pairs)
     calls = []
     launch = kernels._launch_decode_warp
-    monkeypatch.setattr(kernels, "_launch_decode_warp", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    monkeypatch.setattr(kernels, "_launch_decode_warp", lambda *a, **kw: (launch(*a, **kw), calls.append(1)))  # counts launches that ran
     gen = torch.Generator().manual_seed(d + hkv + length)
     kc = TurboQuantCodec(d, 4, "mse", seed=5, norm_bits=norm_bits)
     vc = TurboQuantCodec(d, 4, "mse", seed=6, norm_bits=norm_bits)

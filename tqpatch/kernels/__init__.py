@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 import weakref
 
 import torch
@@ -47,11 +48,12 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # of the in-kernel RoPE-position bias (rope_precision "tf32": measured faster than the dense float32 bias, 3e-3 relative
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
-                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 32, "warp_min_split_tokens": 512, "warp_key_pairs": False}
+                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 64, "warp_min_split_tokens": 512, "warp_key_pairs": True}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
-# warp_key_pairs: key bytes looked up in a 256-entry table of centroid pairs (one gather per byte; a bench variant).
+# warp_key_pairs: key bytes looked up in a 256-entry table of centroid pairs (one gather per byte). Run 36's sweep chose
+# 64 programs per SM and pairs (k4v4 0.505 vs 0.554 ms per call without pairs, same run).
 
 __all__ = [
     "HEAD_DIMS",
@@ -406,10 +408,14 @@ def decode_attention(
         return decode_attention_reference(
             q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, key_bias, code_query
         ).to(out_dtype)
-    return _launch_decode(
-        q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias, code_query,
-        rope_bias,
-    )
+    args = (q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits,
+            key_bias, code_query, rope_bias)
+    try:
+        return _launch_decode(*args)
+    except WarpKernelError as exc:  # Gluon is experimental: a Triton whose Gluon cannot build the warp kernel
+        warnings.warn(f"the Gluon warp decode kernel failed ({exc.__cause__!r}); using the Triton split kernel from now on", RuntimeWarning, stacklevel=2)
+        DECODE_TUNING["warp_kernel"] = False
+        return _launch_decode(*args)
 
 
 def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias=None, code_query=None,
@@ -535,8 +541,19 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     return out
 
 
+class WarpKernelError(RuntimeError):
+    """The Gluon warp kernel could not be built or launched (decode_attention falls back to the split kernel)."""
+
+
 def _launch_decode_warp(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):
     """`_tq_decode_warp_kernel` over (B*Hkv, splits) programs of one warp: partials m, l, acc (value columns in its order)."""
+    try:
+        _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d)
+    except Exception as exc:
+        raise WarpKernelError("the Gluon warp decode kernel failed") from exc
+
+
+def _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):
     from . import gluon_kernels as gk
 
     kcodes, knorms, vcodes, vnorms = kp[kgroup.codes], kp[kgroup.norms], vp[vgroup.codes], vp[vgroup.norms]

@@ -15,7 +15,7 @@ per plane, ~12 instructions per code). Here every layout is written down, so tha
   (+ 8); kernel column 8c + r is stored channel (D/8) r + c, so a lane loads D/16 contiguous bytes per token;
 - the scores' accumulator [16, 16] is, register for register, the value product's A operand (as in FlashAttention-2);
 - the next step's code bytes and norms are loaded while this step computes (prefetch in registers);
-- PAIRS (a tuning variant, `DECODE_TUNING["warp_key_pairs"]`): key bytes looked up in a 256-entry table of centroid
+- PAIRS (`DECODE_TUNING["warp_key_pairs"]`, on by default): key bytes looked up in a 256-entry table of centroid
   pairs, one gather per byte instead of one per code.
 
 Only 4-bit codes of one group per side (the paper-exact k4v4 presets, fp16 or 8-bit norms), head_dim 64 or 128.
