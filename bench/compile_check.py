@@ -4,8 +4,9 @@ registers, spills, shared memory.
     .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT[,GROUPS[,ROPE]]]]] ...]   e.g. 32,4,3,4 32,4,3,4,128,1,0,2 32,4,3,4,128,1,0,1,1
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
     .venv/bin/python bench/compile_check.py store-x16 [BLOCK_R,WARPS,STAGES,BITS[,D[,DTYPE[,N8[,LO]]]] ...]   e.g. 64,4,2,4,128,fp16,1
+    .venv/bin/python bench/compile_check.py warp [D[,N8[,MASK[,G[,PAIRS]]]] ...]   e.g. 128,1,1,4,0 (the Gluon k4v4 decode kernel)
 
-Uses the ptxas that ships with Triton. Integer arguments are specialized as on the B=8, Hkv=8, L=32k
+Uses the ptxas that ships with Triton (for the Gluon kernel: shared memory 0 B and 0 barriers is the point). Integer arguments are specialized as on the B=8, Hkv=8, L=32k
 bench shape (pointers and multiples of 16 marked divisible by 16, ones folded), so the pipelining
 and vector widths match a real launch. Catches compile errors (the interpreter does not) and
 register pressure / spills before spending device time.
@@ -40,51 +41,69 @@ def _ptxas_report(k) -> str:
     return " ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines() if "Used" in line or "spill" in line)
 
 
-def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 128, stages: int = 1) -> str:
-    """The store kernel as launched for a contiguous [8, 8, 32768, d] bf16 input (mse codes, word stores)."""
-    fn = tk._tq_store_kernel
-    t, nb = 32768, d * bits // 8
-    ints = dict(sxb=8 * t * d, sxh=t * d, sxt=d, H=8, T=t, R=64 * t, scb=8 * t * nb, sch=t * nb, sct=nb, snb=8 * t, snh=t, snt=1,
-                sgb=8 * t * nb, sgh=t * nb, sgt=nb, srb=8 * t, srh=t, srt=1)
-    bn = d if d <= 128 else 64
-    const = dict(D=d, MB=bits, PROD=False, BLOCK_R=block_r, BN=bn, PREC=precision, WORD=bits in (2, 4), NORM8=False)
-    const.update({n: 1 for n, v in ints.items() if v == 1})
-    ptr_types = {"x_ptr": "*bf16", "rhi_ptr": "*fp16", "rlo_ptr": "*fp16", "c_ptr": "*u8", "g_ptr": "*u8", "n_ptr": "*fp16", "r_ptr": "*fp16"}
+def _compile(fn, const: dict, ints: dict, ptr_type, int_type, warps: int, stages: int = 1, source=ASTSource):
+    """Compile `fn` for sm_90 with constexprs `const`, integer arguments typed by int_type(name) and specialized as
+    `ints` (ones folded, multiples of 16 and pointers marked divisible by 16, as Triton does at launch), pointers
+    typed by ptr_type(name)."""
+    const = {**const, **{n: 1 for n, v in ints.items() if v == 1}}
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         if n.endswith("_ptr"):
-            sig[n] = ptr_types.get(n, "*fp32")
+            sig[n] = ptr_type(n)
         elif n in const:
             sig[n] = "constexpr"
         else:
-            sig[n] = "i32" if n in ("H", "T", "R") else "i64"
+            sig[n] = int_type(n)
         if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(source(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def _store_ints(d: int, bits: int, model_layout: bool) -> dict:
+    """Integer arguments of a store kernel launch on [8, 8, 32768, d] x ([B, T, H, d] memory if model_layout)."""
+    t, nb = 32768, d * bits // 8
+    x = dict(sxb=8 * t * d, sxh=d, sxt=8 * d) if model_layout else dict(sxb=8 * t * d, sxh=t * d, sxt=d)
+    return dict(**x, H=8, T=t, R=64 * t, scb=8 * t * nb, sch=t * nb, sct=nb, snb=8 * t, snh=t, snt=1)
+
+
+def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 128, stages: int = 1) -> str:
+    """The store kernel as launched for a contiguous [8, 8, 32768, d] bf16 input (mse codes, word stores)."""
+    t, nb = 32768, d * bits // 8
+    ints = dict(_store_ints(d, bits, False), sgb=8 * t * nb, sgh=t * nb, sgt=nb, srb=8 * t, srh=t, srt=1)
+    const = dict(D=d, MB=bits, PROD=False, BLOCK_R=block_r, BN=d if d <= 128 else 64, PREC=precision, WORD=bits in (2, 4), NORM8=False)
+    ptr_types = {"x_ptr": "*bf16", "rhi_ptr": "*fp16", "rlo_ptr": "*fp16", "c_ptr": "*u8", "g_ptr": "*u8", "n_ptr": "*fp16", "r_ptr": "*fp16"}
+    k = _compile(tk._tq_store_kernel, const, ints, lambda n: ptr_types.get(n, "*fp32"), lambda n: "i32" if n in ("H", "T", "R") else "i64", warps, stages)
     return f"store precision={precision} block_r={block_r} warps={warps} stages={stages} bits={bits} d={d}: shared {k.metadata.shared} B; {_ptxas_report(k)}"
 
 
 def compile_store_x16(block_r: int, warps: int, stages: int, bits: int, d: int = 128, dtype: str = "bf16", n8: int = 0, lo: int = 1) -> str:
     """The x16 store kernel as launched for the model's [8, 32768, 8, d] layout of x (bf16 or fp16), mse codes."""
-    fn = tk._tq_store_x16_kernel
-    t, nb = 32768, d * bits // 8
-    ints = dict(sxb=8 * t * d, sxh=d, sxt=8 * d, H=8, T=t, R=64 * t, scb=8 * t * nb, sch=t * nb, sct=nb, snb=8 * t, snh=t, snt=1)
     const = dict(D=d, MB=bits, BLOCK_R=block_r, SCALE=1.0 if dtype == "bf16" else 4096.0, NORM8=bool(n8), LO=bool(lo))
-    const.update({n: 1 for n, v in ints.items() if v == 1})
     ptr_types = {"x_ptr": f"*{dtype}", "rhi_ptr": f"*{dtype}", "rlo_ptr": f"*{dtype}", "c_ptr": "*u8", "n_ptr": "*u8" if n8 else "*fp16"}
-    sig, attrs = {}, {}
-    for i, n in enumerate(fn.arg_names):
-        if n.endswith("_ptr"):
-            sig[n] = ptr_types.get(n, "*fp32")
-        elif n in const:
-            sig[n] = "constexpr"
-        else:
-            sig[n] = "i32" if n in ("H", "T", "R") else "i64"
-        if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    k = _compile(tk._tq_store_x16_kernel, const, _store_ints(d, bits, True), lambda n: ptr_types.get(n, "*fp32"),
+                 lambda n: "i32" if n in ("H", "T", "R") else "i64", warps, stages)
     return (f"store x16 block_r={block_r} warps={warps} stages={stages} bits={bits} d={d} {dtype}{' 8-bit norms' if n8 else ''}"
             f"{'' if lo else ' hi only'}: shared {k.metadata.shared} B; {_ptxas_report(k)}")
+
+
+def compile_warp(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, pairs: int = 1) -> str:
+    """The Gluon warp decode kernel (one warp per program) at the B=8, Hkv=8, L=32k bench shape, k4v4 codes."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from tqpatch.kernels import gluon_kernels as gk
+
+    length, nb = 32768, d // 2
+    ints = dict(sqk=d, skcb=8 * length * nb, skch=length * nb, skct=nb, sknb=8 * length, sknh=length, sknt=1, svcb=8 * length * nb,
+                svch=length * nb, svct=nb, svnb=8 * length, svnh=length, svnt=1, smb=0, mask_off=0, Hkv=8, L=length, per_split=512)
+    kbytes, vbytes = gk.byte_layouts(d)
+    const = dict(G=g, D=d, HAS_MASK=bool(mask), KN8=bool(n8), VN8=bool(n8), PAIRS=bool(pairs), kbytes=kbytes, vbytes=vbytes)
+    fp32 = ("qk_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr")
+    fp16 = ("vcent_ptr",) + (() if pairs else ("kcent_ptr",)) + (() if n8 else ("kn_ptr", "vn_ptr"))
+    ptr_type = lambda n: "*fp32" if n in fp32 else "*fp16" if n in fp16 else "*i32" if n == "kcent_ptr" else "*u8"  # noqa: E731
+    int_type = lambda n: "fp32" if n == "scale_log2" else "i64" if n.startswith("s") else "i32"  # noqa: E731
+    k = _compile(gk._tq_decode_warp_kernel, const, ints, ptr_type, int_type, 1, source=GluonASTSource)
+    return (f"warp d={d} G={g}{' 8-bit norms' if n8 else ''}{' mask' if mask else ''}{' key pairs' if pairs else ''}: "
+            f"shared {k.metadata.shared} B; {_ptxas_report(k)}")
 
 
 def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0, groups: int = 1, rope: int = 0) -> str:
@@ -107,28 +126,21 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
     for side in ("K", "V"):
         for i in range(2):
             const.update({f"{side}B{i}": bits, f"{side}W{i}": width, f"{side}NB{i}": nb, f"{side}PL{i}": pl})
-    const.update({n: 1 for n, v in ints.items() if v == 1})
-    sig, attrs = {}, {}
-    for i, n in enumerate(fn.arg_names):
-        if n.endswith("_ptr"):
-            fp16 = ("kr_ptr", "kcent_ptr", "vcent_ptr") + (() if n8 else ("kn0_ptr", "kn1_ptr", "vn0_ptr", "vn1_ptr"))
-            fp32 = ("qr_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr", "kbias_ptr", "rc_ptr", "rt_ptr")
-            sig[n] = "*fp32" if n in fp32 else "*fp16" if n in fp16 else "*u8"
-        elif n in const:
-            sig[n] = "constexpr"
-        else:
-            sig[n] = "fp32" if n in ("scale_log2", "qjl_scale", "rope_log2") else "i64" if n.startswith("s") else "i32"
-        if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
+    fp16 = ("kr_ptr", "kcent_ptr", "vcent_ptr") + (() if n8 else ("kn0_ptr", "kn1_ptr", "vn0_ptr", "vn1_ptr"))
+    fp32 = ("qr_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr", "kbias_ptr", "rc_ptr", "rt_ptr")
+    ptr_type = lambda n: "*fp32" if n in fp32 else "*fp16" if n in fp16 else "*u8"  # noqa: E731
+    int_type = lambda n: "fp32" if n in ("scale_log2", "qjl_scale", "rope_log2") else "i64" if n.startswith("s") else "i32"  # noqa: E731
+    k = _compile(fn, const, ints, ptr_type, int_type, warps, stages)
     report = _ptxas_report(k)
     return (f"block_t={block_t} warps={warps} stages={stages} bits={bits} groups={groups} planes={pl}{' 8-bit norms' if n8 else ''} "
             f"lut={lut}{' rope bias' if rope else ''}: shared {k.metadata.shared} B; {report}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["store-x16"]:
+    if sys.argv[1:2] == ["warp"]:
+        for spec in sys.argv[2:] or ["128", "128,1,1,4,0", "64,0,1,8"]:
+            print(compile_warp(*map(int, spec.split(","))), flush=True)
+    elif sys.argv[1:2] == ["store-x16"]:
         for spec in sys.argv[2:] or ["64,4,2,4", "128,8,2,4", "64,4,2,2,64", "64,4,2,3,32,fp16,1", "64,4,2,4,128,bf16,0,0"]:
             block_r, warps, stages, bits, *rest = spec.split(",")
             extra = [int(rest[0])] if rest else []
