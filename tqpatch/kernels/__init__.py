@@ -111,14 +111,12 @@ def _warp_consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tens
     rotated query in the kernel's channel order) and values' un-rotation Π[value_columns] [1, d, d]; centroids fp16."""
     c = _consts(group, device)
     if "warp_query" not in c:
-        from .gluon_kernels import key_channels, value_columns
+        from .gluon_kernels import key_channels, pair_table, value_columns
 
         d = c["rotT"].shape[0]
         c["warp_query"] = c["rotT"][:, key_channels(d).to(device)].contiguous()
         c["warp_unrotate"] = c["rotT"].T[value_columns(d).to(device)].contiguous()[None]
         c["centroids_fp16"] = c["centroids"].half().contiguous()
-        from .gluon_kernels import pair_table
-
         c["centroid_pairs"] = pair_table(c["centroids"])
     return c
 
@@ -436,13 +434,13 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     if q.stride(-1) != 1:
         q = q.contiguous()
     scoring = (q if code_query is None else code_query).float()
-    if klay.query.shape[0] == 1:
+    warp = _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias)
+    if warp:
+        block_t = 16  # the warp kernel's step; its rotated query is made below, in its own channel order
+    elif klay.query.shape[0] == 1:
         qr = scoring.reshape(b * hq, d) @ klay.query[0]  # [B*Hq, QW]: the groups' Π_g q_g (| S q)
     else:  # per KV head: each group's channels gathered and rotated in one product
         qr = torch.matmul(scoring.view(b, hkv, g, d), klay.query).reshape(b * hq, -1)
-    warp = _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias)
-    if warp:
-        block_t = 16  # the warp kernel's step
     block_t = block_t or DECODE_TUNING["split_block_t" if max(len(kgroups), len(vgroups)) > 1 else "block_t"]
     programs = b * hkv
     if num_splits is None:
