@@ -38,7 +38,7 @@ from .packing import check_bits
 
 SOLVER_VERSION = "lloyd-max-beta/1"
 DEFAULT_TOLERANCE = 1e-10
-SHIPPED_DIMS = (16, 24, 26, 32, 38, 40, 48, 64, 80, 96, 112, 128, 160, 192, 256)  # 24 + 40, 26 + 38: the groups of eigen splits at d 64 (e4.2 at 2.75 bits, e3.1 at 1.8)
+SHIPPED_DIMS = (16, 24, 26, 28, 32, 36, 38, 40, 48, 64, 80, 96, 112, 128, 160, 192, 256)  # 24 + 40, 26 + 38, 28 + 36: the groups of eigen splits at d 64 (e4.2 at 2.75 bits and e6.2 at 3.5, e3.1 at 1.8, e6.2 at 3.75)
 SHIPPED_BITS = tuple(range(1, 9))
 BUILD_COMMAND = "tqpatch build-codebooks --dims {d} --bits {b}"
 
