@@ -64,3 +64,30 @@ def test_whole_vector_codecs_share_one_matrix_and_unsupported_codecs_have_none()
     assert lay.query.shape == (1, 64, 64) and torch.allclose(lay.query[0] @ lay.unrotate[0], torch.eye(64), atol=1e-5)
     assert code_groups(TurboQuantCodec(64, 5, "mse", seed=0)) is None  # 5-bit codes: no kernel
     assert code_groups(SplitCodec(64, 3.5, seed=0)) is None  # not calibrated yet
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_warp_kernel_channel_orders_turn_its_tiles_into_attention_over_the_stored_vectors(d):
+    """The Gluon warp kernel decodes a [16 tokens, d/2 bytes] tile by joining both nibbles' centroids and reshaping
+    (keys: (t, 4, d/8, 2) -> (j, m, e, t); values: (t, 8, d/8) -> (t, c, r)). With the query's channels ordered by
+    key_channels and the value columns mapped back by value_columns, that is attention over the natural decode."""
+    from tqpatch.kernels.groups import key_channels, pair_table, value_columns
+
+    gen = torch.Generator().manual_seed(d)
+    centroids = torch.randn(16, generator=gen)
+    codes = torch.randint(0, 256, (16, d // 2), generator=gen)  # packed 4-bit codes, natural order
+    lo, hi = centroids[codes & 15], centroids[codes >> 4]
+    stored = torch.stack([lo, hi], -1).reshape(16, d)  # channel 2·byte + nibble
+    keys = torch.stack([lo, hi], -1).reshape(16, 4, d // 8, 2).permute(2, 1, 3, 0).reshape(d, 16)  # the kernel's key operand
+    values = torch.stack([lo, hi], -1).reshape(16, 8, d // 8).permute(0, 2, 1).reshape(16, d)  # its value operand
+    q = torch.randn(3, d, generator=gen)
+    assert torch.allclose(q[:, key_channels(d)] @ keys, q @ stored.T, atol=1e-5)
+    p = torch.randn(3, 16, generator=gen)
+    unrotate = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]  # rows: rotated coordinates
+    assert torch.allclose((p @ values) @ unrotate[value_columns(d)], (p @ stored) @ unrotate, atol=1e-4)
+    assert sorted(key_channels(d).tolist()) == list(range(d)) and sorted(value_columns(d).tolist()) == list(range(d))
+    # the pair table: byte v -> (c[v & 15], c[v >> 4]) as two float16 halves of one int32
+    table = pair_table(centroids)
+    halves = torch.stack([table & 0xFFFF, table >> 16], -1).to(torch.int16).view(torch.float16)
+    v = torch.arange(256)
+    assert torch.equal(halves[:, 0], centroids.half()[v & 15]) and torch.equal(halves[:, 1], centroids.half()[v >> 4])

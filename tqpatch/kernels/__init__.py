@@ -111,7 +111,7 @@ def _warp_consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tens
     rotated query in the kernel's channel order) and values' un-rotation Π[value_columns] [1, d, d]; centroids fp16."""
     c = _consts(group, device)
     if "warp_query" not in c:
-        from .gluon_kernels import key_channels, pair_table, value_columns
+        from .groups import key_channels, pair_table, value_columns
 
         d = c["rotT"].shape[0]
         c["warp_query"] = c["rotT"][:, key_channels(d).to(device)].contiguous()

@@ -25,32 +25,13 @@ The partials it writes are the split kernel's, with value columns in this kernel
 
 from __future__ import annotations
 
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .groups import key_channels, pair_table, value_columns  # noqa: F401  (the launcher's side of the layouts)
+
 NEG = gl.constexpr(-1.0e30)  # finite "minus infinity" (as in triton_kernels.NEG)
-
-
-def key_channels(d: int) -> torch.Tensor:
-    """Stored channel of each kernel channel k = 8j + 2m + e of the keys: 2(d/8 · m + j) + e  [d] int64."""
-    k = torch.arange(d)
-    j, m, e = k // 8, (k % 8) // 2, k % 2
-    return 2 * (d // 8 * m + j) + e
-
-
-def value_columns(d: int) -> torch.Tensor:
-    """Stored channel of each kernel value column n = 8c + r: (d/8) r + c  [d] int64."""
-    n = torch.arange(d)
-    return d // 8 * (n % 8) + n // 8
-
-
-def pair_table(centroids: torch.Tensor) -> torch.Tensor:
-    """[256] int32: byte v -> the fp16 bits of centroids[v & 15] (low half) and centroids[v >> 4] (high half)."""
-    bits = centroids.half().view(torch.int16).int() & 0xFFFF  # [16]
-    v = torch.arange(256, device=centroids.device)
-    return (bits[v & 15] | (bits[v >> 4] << 16)).int().contiguous()
 
 
 def byte_layouts(d: int) -> tuple:

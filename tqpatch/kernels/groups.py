@@ -171,3 +171,24 @@ def _make_layout(groups: list[CodeGroup], d: int, device: torch.device, min_plan
     if groups[0].norm_codes is not None:
         ranges = torch.stack([g.norm_codes.ranges("cpu") for g in groups]).to(device).contiguous()
     return GroupLayout(widths, plane_counts, query.to(device).contiguous(), unrotate.to(device).contiguous(), centroids.to(device), ranges)
+
+
+# -- the Gluon warp decode kernel's channel orders (gluon_kernels.py; pure torch, so CPU tests can check them) --
+def key_channels(d: int) -> torch.Tensor:
+    """Stored channel of each kernel channel k = 8j + 2m + e of the keys: 2(d/8 · m + j) + e  [d] int64."""
+    k = torch.arange(d)
+    j, m, e = k // 8, (k % 8) // 2, k % 2
+    return 2 * (d // 8 * m + j) + e
+
+
+def value_columns(d: int) -> torch.Tensor:
+    """Stored channel of each kernel value column n = 8c + r: (d/8) r + c  [d] int64."""
+    n = torch.arange(d)
+    return d // 8 * (n % 8) + n // 8
+
+
+def pair_table(centroids: torch.Tensor) -> torch.Tensor:
+    """[256] int32: byte v -> the fp16 bits of centroids[v & 15] (low half) and centroids[v >> 4] (high half)."""
+    bits = centroids.half().view(torch.int16).int() & 0xFFFF  # [16]
+    v = torch.arange(256, device=centroids.device)
+    return (bits[v & 15] | (bits[v >> 4] << 16)).int().contiguous()
