@@ -280,8 +280,8 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
     # A whole [D, D] rotation tile per program where shared memory allows (D <= 128, not prod).
     bn = min(d, tune["bn"] or (64 if (prod or d > 128) else d))
     # 8 codes of MB bits are MB bytes: one int16 (MB=2) or int32 (MB=4) store where every row start is MB-aligned.
-    word = mse.bits in (2, 4) and tune["word_store"] and all(v % mse.bits == 0 for v in (codes.data_ptr(), *codes.stride()[:3]))
     aligned = all(v % mse.bits == 0 for v in (codes.data_ptr(), *codes.stride()[:3])) if mse.bits in (2, 4) else True
+    word = mse.bits in (2, 4) and tune["word_store"] and aligned
     # (Triton's CPU interpreter multiplies bfloat16 tiles wrongly: there bfloat16 x takes fp16x3, float16 x still x16)
     x16_dtypes = (torch.float16,) if interpreting() else (torch.bfloat16, torch.float16)
     x16_fits = not prod and d in X16_DIMS and x.dtype in x16_dtypes and aligned

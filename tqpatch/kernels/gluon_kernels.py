@@ -48,7 +48,8 @@ def byte_layouts(d: int) -> tuple:
 
 @gluon.jit
 def _norms(raw, range_ptr, h, Hkv, N8: gl.constexpr):
-    """Stored norms -> float32 (fp16 as they are, or 8-bit log codes: 2^(low_h + (code - 1) step_h), 0 for code 0)."""
+    """Stored norms -> float32 (fp16 as they are, or 8-bit log codes: 2^(low_h + (code - 1) step_h), 0 for code 0).
+    The Gluon twin of triton_kernels._norms (a Gluon kernel calls Gluon functions only)."""
     if N8:
         code = raw.to(gl.float32)
         low = gl.load(range_ptr + h)

@@ -21,6 +21,15 @@ NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(NEG - NEG) stays fi
 
 
 @triton.jit
+def _log_norm_code(norm, low, step):
+    """8-bit log code of norms (tqpatch.norms): 1 + round((log2 n - low) / step) clamped to 1..255, 0 for n = 0, with
+    n rounded to fp16 first (as the PyTorch codec does); uint8, norm's shape."""
+    n16 = norm.to(tl.float16).to(tl.float32)
+    code = tl.floor((tl.log2(tl.maximum(n16, 1.1754943508222875e-38)) - low) / step + 0.5) + 1.0
+    return tl.where(n16 > 0, tl.minimum(tl.maximum(code, 1.0), 255.0), 0.0).to(tl.uint8)
+
+
+@triton.jit
 def _tq_store_kernel(
     x_ptr, sxb, sxh, sxt,                 # x [B, H, T, D] any float dtype (last stride 1)
     H, T, R,                              # R = B*H*T rows
@@ -114,13 +123,10 @@ def _tq_store_kernel(
                     proj += tl.dot(resid, proj_all, input_precision=PREC)
                 else:
                     proj += tl.dot(resid, tl.load(projT_ptr + ncols[:, None] * D + cols[None, :]), input_precision=PREC)
-        if NORM8:  # tqpatch.norms: code = 1 + round((log2 n - low_h) / step_h) in 1..255, 0 for n = 0 (n rounded to fp16 first)
-            n16 = norm.to(tl.float16).to(tl.float32)
+        if NORM8:
             low = tl.load(nrange_ptr + h, mask=rmask, other=0.0)
             step = tl.load(nrange_ptr + H + h, mask=rmask, other=1.0)
-            code = tl.floor((tl.log2(tl.maximum(n16, 1.1754943508222875e-38)) - low) / step + 0.5) + 1.0
-            code = tl.where(n16 > 0, tl.minimum(tl.maximum(code, 1.0), 255.0), 0.0)
-            tl.store(n_ptr + b * snb + h * snh + t * snt, code.to(tl.uint8), mask=rmask)
+            tl.store(n_ptr + b * snb + h * snh + t * snt, _log_norm_code(norm, low, step), mask=rmask)
         else:
             tl.store(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16), mask=rmask)
         if PROD:
@@ -248,13 +254,10 @@ def _tq_store_x16_kernel(
                 y = tl.dot(x, rlo1, y)
             _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
                               BLOCK_R, CB, 1, MB)
-        if NORM8:  # tqpatch.norms: code = 1 + round((log2 n - low_h) / step_h) in 1..255, 0 for n = 0 (n rounded to fp16 first)
-            n16 = norm.to(tl.float16).to(tl.float32)
-            low = tl.load(nrange_ptr + h)  # this tile's head
+        if NORM8:  # this tile's head
+            low = tl.load(nrange_ptr + h)
             step = tl.load(nrange_ptr + H + h)
-            ncode = tl.floor((tl.log2(tl.maximum(n16, 1.1754943508222875e-38)) - low) / step + 0.5) + 1.0
-            ncode = tl.where(n16 > 0, tl.minimum(tl.maximum(ncode, 1.0), 255.0), 0.0)
-            tl.store(n_ptr + b * snb + h * snh + t * snt, ncode.to(tl.uint8), mask=rmask)
+            tl.store(n_ptr + b * snb + h * snh + t * snt, _log_norm_code(norm, low, step), mask=rmask)
         else:
             tl.store(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16), mask=rmask)
 
