@@ -58,6 +58,7 @@ def _config_grid(settings: str, key_methods: str, residual_lengths: str) -> list
 @click.option("--max-tokens", type=click.IntRange(min=2), default=8192, help="Text tokens evaluated, from the start of the text.")
 @click.option("--text-file", type=click.Path(path_type=Path), default=None, help="Text to evaluate [default: ../shared/data/wikitext-2-raw-test.txt beside the repo].")
 @click.option("--dataset", type=click.Choice(["wikitext"]), default=None, help="Use the hub copy via `datasets` (wikitext-2-raw-v1, test split) instead of a file [default: off].")
+@click.option("--skip-chars", type=click.IntRange(min=0), default=0, help="Start this many characters into the text (held-out text, e.g. 200000).")
 @click.option("--compare", type=click.Choice(COMPARE), default=None, help="Also run transformers' QuantizedCache (quanto backend) through the same protocol, once per --residual-length [default: off].")
 @click.option("--hf-bits", default="4,2", help="With --compare: QuantizedCache bit widths (2, 4).")
 @click.option("--hf-key-axis", default="token,channel", help="With --compare: key quantization axes (token = per-token groups, channel = KIVI-style per-channel).")
@@ -65,7 +66,7 @@ def _config_grid(settings: str, key_methods: str, residual_lengths: str) -> list
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON result here, updated after each setting [default: no file].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--progress/--no-progress", default=True, help="Show a tqdm progress bar (stderr).")
-def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_lengths, window, chunk, max_tokens, text_file, dataset, compare, hf_bits, hf_key_axis, hf_group_size, out_file, as_json, progress):
+def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_lengths, window, chunk, max_tokens, text_file, dataset, skip_chars, compare, hf_bits, hf_key_axis, hf_group_size, out_file, as_json, progress):
     """Decode-faithful perplexity: windows of W tokens fed in chunks of C through the cache under test.
 
     Reports per setting: PPL and ΔPPL against the baseline of the same run,
@@ -95,6 +96,10 @@ def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_l
     if text_file is not None and not text_file.is_file():
         raise click.BadParameter(f"text file {text_file} does not exist", param_hint="--text-file")
     text, source = _text(text_file, dataset)
+    if skip_chars:
+        if skip_chars >= len(text):
+            raise click.BadParameter(f"the text has {len(text):,} characters; cannot skip {skip_chars:,}", param_hint="--skip-chars")
+        text, source = text[skip_chars:], f"{source} from character {skip_chars}"
     from accelerate import PartialState
 
     state = PartialState()

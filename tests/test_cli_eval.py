@@ -58,6 +58,26 @@ def test_ppl_table(tiny_model_dir, text_file):
     assert "compressed read" in result.output and "k3v2" in result.output
 
 
+def test_ppl_skip_chars_evaluates_later_text(tiny_model_dir, tmp_path):
+    """--skip-chars starts the text further in (held-out text): another text gives another PPL, and the source says where."""
+    path = tmp_path / "two_texts.txt"
+    first, second = "The quick brown fox jumps over the lazy dog. " * 30, "Colorless green ideas sleep furiously, said nobody. " * 30
+    path.write_text(first + second, encoding="utf-8")
+    args = ("eval", "ppl", "--model", tiny_model_dir, "--settings", "k4v4", "--window", 32, "--chunk", 8, "--max-tokens", 64, "--json", "--no-progress")
+    whole = json.loads(invoke(*args, "--text-file", path).stdout)
+    later = invoke(*args, "--text-file", path, "--skip-chars", len(first))
+    assert later.exit_code == 0, later.output
+    later = json.loads(later.stdout)
+    alone = tmp_path / "second.txt"
+    alone.write_text(second, encoding="utf-8")
+    assert later["rows"][0]["ppl"] == json.loads(invoke(*args, "--text-file", alone).stdout)["rows"][0]["ppl"]
+    assert later["rows"][0]["ppl"] != whole["rows"][0]["ppl"]
+    assert later["text_source"].endswith(f"from character {len(first)}")
+    too_far = invoke(*args, "--text-file", path, "--skip-chars", 10**7)
+    assert_clean_error(too_far)
+    assert "cannot skip 10,000,000" in too_far.output
+
+
 def test_ppl_compare_hf_quantized(tiny_model_dir, text_file):
     pytest.importorskip("optimum.quanto")
     result = invoke(
