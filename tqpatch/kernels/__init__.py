@@ -270,18 +270,11 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
     c = _consts(group, x.device)
     prod = isinstance(group.quantizer, TurboQuantProd)
     codes, norms = out["codes"], out["norms"]
-    signs, rnorms = (out["qjl_signs"], out["residual_norms"]) if prod else (codes, norms)
     norm8 = group.norm_codes is not None
     nrange = group.norm_codes.ranges(x.device) if norm8 else c["rotT"]
-    rows = b * h * t
-    # Split-precision dots keep hi/lo copies of both operands in shared memory: rotation tiles of at most [D, 64]
     tune = STORE_TUNING
-    block_r = tune["block_r"] or (32 if (prod or d > 128) else 64)
-    # A whole [D, D] rotation tile per program where shared memory allows (D <= 128, not prod).
-    bn = min(d, tune["bn"] or (64 if (prod or d > 128) else d))
     # 8 codes of MB bits are MB bytes: one int16 (MB=2) or int32 (MB=4) store where every row start is MB-aligned.
     aligned = all(v % mse.bits == 0 for v in (codes.data_ptr(), *codes.stride()[:3])) if mse.bits in (2, 4) else True
-    word = mse.bits in (2, 4) and tune["word_store"] and aligned
     # (Triton's CPU interpreter multiplies bfloat16 tiles wrongly: there bfloat16 x takes fp16x3, float16 x still x16)
     x16_dtypes = (torch.float16,) if interpreting() else (torch.bfloat16, torch.float16)
     x16_fits = not prod and d in X16_DIMS and x.dtype in x16_dtypes and aligned
@@ -294,6 +287,13 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
         return
     if prod and prec == "fp16x3":
         raise ValueError("the store kernel's fp16x3 rotation supports mse codes only; use tf32x3 for prod keys")
+    signs, rnorms = (out["qjl_signs"], out["residual_norms"]) if prod else (codes, norms)
+    rows = b * h * t
+    # Split-precision dots keep hi/lo copies of both operands in shared memory: rotation tiles of at most [D, 64]
+    block_r = tune["block_r"] or (32 if (prod or d > 128) else 64)
+    # A whole [D, D] rotation tile per program where shared memory allows (D <= 128, not prod).
+    bn = min(d, tune["bn"] or (64 if (prod or d > 128) else d))
+    word = mse.bits in (2, 4) and tune["word_store"] and aligned
     if interpreting() and prec != "fp16x3":
         prec = "ieee"  # the interpreter has no tf32
     # fp16x3 at [64, D] rows: one warpgroup (4 warps) keeps all three MMAs in one accumulator layout
