@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -205,30 +206,33 @@ def bench_attention(bw: float, shapes) -> dict:
             click.echo(f"variant {tuning} failed: {str(exc)[:200]}", err=True)
         sweep.append({"codecs": name, **kernels.DECODE_TUNING, "ms": ms})
 
-    for block_t, warps in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 16)):
-        for stages in (2, 3):  # the Triton split kernel (k4v4 otherwise takes the Gluon warp kernel)
-            trial(block_t=block_t, num_warps=warps, num_stages=stages, lut=0, programs_per_sm=4, warp_kernel=False)
-    best = min(sweep, key=lambda r: r["ms"])
-    for lut in (1, 2):  # the select-chain lookups (kernels._lookup) on the best tile
-        trial(**{**_tuning_of(best), "lut": lut})
-    best = min(sweep, key=lambda r: r["ms"])
-    for per_sm in (2, 8, 16):
-        trial(**{**_tuning_of(best), "programs_per_sm": per_sm})
-    best = min(sweep, key=lambda r: r["ms"])
-    kernels.DECODE_TUNING.update(_tuning_of(best))
-    # the Gluon warp kernel (one warp per program): its split count
+    if os.environ.get("TQ_SWEEP", "all") == "all":  # TQ_SWEEP=warp: keep the split kernel's defaults (saves device time)
+        for block_t, warps in ((32, 4), (64, 4), (64, 8), (128, 8), (128, 16)):
+            for stages in (2, 3):  # the Triton split kernel (k4v4 otherwise takes the Gluon warp kernel)
+                trial(block_t=block_t, num_warps=warps, num_stages=stages, lut=0, programs_per_sm=4, warp_kernel=False)
+        best = min(sweep, key=lambda r: r["ms"])
+        for lut in (1, 2):  # the select-chain lookups (kernels._lookup) on the best tile
+            trial(**{**_tuning_of(best), "lut": lut})
+        best = min(sweep, key=lambda r: r["ms"])
+        for per_sm in (2, 8, 16):
+            trial(**{**_tuning_of(best), "programs_per_sm": per_sm})
+        best = min(sweep, key=lambda r: r["ms"])
+        kernels.DECODE_TUNING.update(_tuning_of(best))
+    else:
+        trial(warp_kernel=False)
+    # the Gluon warp kernels (one warp per program): the register-table (LUT) kernel's split count, then the gather kernel's
     first = len(sweep)
-    for per_sm in (8, 16, 32, 64):
-        trial(name="k4v4-warp", warp_kernel=True, warp_programs_per_sm=per_sm, warp_min_split_tokens=512)
+    for per_sm in (16, 32, 64, 128):
+        trial(name="k4v4-warp", warp_kernel=True, warp_lut=True, warp_programs_per_sm=per_sm, warp_min_split_tokens=512)
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
     for min_tokens in (256, 1024):
-        trial(name="k4v4-warp", warp_kernel=True, warp_programs_per_sm=best_warp["warp_programs_per_sm"], warp_min_split_tokens=min_tokens)
+        trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_min_split_tokens": min_tokens})
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
-    trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_key_pairs": True})
-    trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_key_pairs": False})  # the same again: run-to-run spread
+    for pairs in (True, False):  # the gather kernel on the same splits
+        trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_lut": False, "warp_key_pairs": pairs})
+    trial(name="k4v4-warp", **_tuning_of(best_warp))  # the same again: run-to-run spread
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
-    kernels.DECODE_TUNING.update(warp_kernel=True, warp_programs_per_sm=best_warp["warp_programs_per_sm"], warp_min_split_tokens=best_warp["warp_min_split_tokens"],
-                                 warp_key_pairs=best_warp["warp_key_pairs"])
+    kernels.DECODE_TUNING.update({k: best_warp[k] for k in ("warp_kernel", "warp_lut", "warp_programs_per_sm", "warp_min_split_tokens", "warp_key_pairs")})
     # split codecs (two code groups): their tile and the narrowest plane, on 2.5 bits (3-bit + 2-bit halves)
     split = SplitCodec(d, 2.5, 0, norm_bits=8)
     kp, vp = _random_parts(split, 8, hkv, 32768), _random_parts(split, 8, hkv, 32768)
@@ -249,18 +253,20 @@ def bench_attention(bw: float, shapes) -> dict:
         split = lambda bits, groups=None, norm_bits=16: SplitCodec(d, bits, 0, norm_bits=norm_bits, groups=groups)  # noqa: E731
         # (name, key codec, value codec, centroid lookup: None = the tuned one). Split codecs: two code groups per
         # vector; "k4v4-2groups" stores k4v4's bytes as two 64-channel groups (the cost of the second group alone).
-        # "-split": k4v4 on the Triton split kernel instead of the Gluon warp kernel
-        settings = (("k4v4", whole(4), whole(4), None), ("k4v4-split", whole(4), whole(4), None),
+        # "-split": k4v4 on the Triton split kernel instead of the Gluon warp kernel; "-gather": on the warp kernel that
+        # gathers centroids from memory instead of the register-table (LUT) one
+        settings = (("k4v4", whole(4), whole(4), None), ("k4v4-gather", whole(4), whole(4), None), ("k4v4-split", whole(4), whole(4), None),
                     ("k4v4-n8", whole(4, norm_bits=8), whole(4, norm_bits=8), None), ("k4v4-n8-split", whole(4, norm_bits=8), whole(4, norm_bits=8), None),
                     ("k2v2", whole(2), whole(2), None), ("k2v2-lut2", whole(2), whole(2), 2), ("k3v3", whole(3), whole(3), None),
                     ("k4v4-prod", whole(4, "prod"), whole(4), None),
                     ("k4v4-2groups", split(4, (64, 4, 4)), split(4, (64, 4, 4)), None),
                     ("3.5bit-n8", split(3.5, norm_bits=8), split(3.5, norm_bits=8), None),
                     ("2.5bit-n8", split(2.5, norm_bits=8), split(2.5, norm_bits=8), None))
-        tuned_lut = kernels.DECODE_TUNING["lut"]
+        tuned_lut, tuned_warp_lut = kernels.DECODE_TUNING["lut"], kernels.DECODE_TUNING["warp_lut"]
         for name, kc, vc, lut in settings:
             kernels.DECODE_TUNING["lut"] = tuned_lut if lut is None else lut
             kernels.DECODE_TUNING["warp_kernel"] = not name.endswith("-split")
+            kernels.DECODE_TUNING["warp_lut"] = tuned_warp_lut and not name.endswith("-gather")
             kp, vp = _random_parts(kc, b, hkv, length), _random_parts(vc, b, hkv, length)
             q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
             fk = torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
@@ -271,7 +277,7 @@ def bench_attention(bw: float, shapes) -> dict:
                          "back_to_back_ms": streamed, "back_to_back_ratio_to_bf16": streamed / variants["back_to_back"]}
             del kp, vp
         kernels.DECODE_TUNING["lut"] = tuned_lut
-        kernels.DECODE_TUNING["warp_kernel"] = True
+        kernels.DECODE_TUNING["warp_kernel"], kernels.DECODE_TUNING["warp_lut"] = True, tuned_warp_lut
         row["rope_bias"] = _bench_rope_bias(kernels, b, hq, hkv, length, d, variants["back_to_back"])
         rows.append(row)
         torch.cuda.empty_cache()

@@ -91,3 +91,53 @@ def test_warp_kernel_channel_orders_turn_its_tiles_into_attention_over_the_store
     halves = torch.stack([table & 0xFFFF, table >> 16], -1).to(torch.int16).view(torch.float16)
     v = torch.arange(256)
     assert torch.equal(halves[:, 0], centroids.half()[v & 15]) and torch.equal(halves[:, 1], centroids.half()[v >> 4])
+
+
+def _fp16_bits(x: torch.Tensor) -> list[int]:
+    return [int(v) & 0xFFFF for v in x.half().view(torch.int16).tolist()]
+
+
+def test_lut_kernel_ptx_decodes_every_byte_from_the_register_table():
+    """The exact PTX text `_tq_decode_lut_kernel` runs (interpreted on CPU by groups.run_ptx): keys turn every byte
+    of a code word into its fp16 centroid pair; values pair two tokens' codes per channel. An asymmetric codebook
+    (as the fitted ones are) with distinct entries, so a wrong select or byte order shows."""
+    import random
+
+    from tqpatch.kernels.groups import KEY_LUT_ASM, VALUE_LUT_ASM, lut_table, run_ptx
+
+    gen = torch.Generator().manual_seed(0)
+    centroids = torch.randn(16, generator=gen).sort().values + 0.1
+    table = [int(v) & 0xFFFFFFFF for v in lut_table(centroids)[0].tolist()]
+    assert torch.equal(lut_table(centroids), lut_table(centroids)[:1].expand(32, 8))  # one row per lane, all the same
+    bits = _fp16_bits(centroids)
+    rng = random.Random(0)
+    words = [int.from_bytes(bytes([v, (v + 17) % 256, (3 * v) % 256, 255 - v]), "little") for v in range(256)]  # every byte in every slot
+    words += [rng.getrandbits(32) for _ in range(64)]
+    for t, u in zip(words, words[1:] + words[:1]):
+        key = run_ptx(KEY_LUT_ASM, {"$4": t, **{f"${5 + j}": table[j] for j in range(8)}})
+        value = run_ptx(VALUE_LUT_ASM, {"$8": t, "$9": u, **{f"${10 + j}": table[j] for j in range(8)}})
+        for i in range(4):
+            bt, bu = t >> 8 * i & 0xFF, u >> 8 * i & 0xFF
+            assert key[f"${i}"] == bits[bt & 15] | bits[bt >> 4] << 16
+            assert value[f"${i}"] == bits[bt & 15] | bits[bu & 15] << 16  # channel 2i of tokens t, t + 1
+            assert value[f"${4 + i}"] == bits[bt >> 4] | bits[bu >> 4] << 16  # channel 2i + 1
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_lut_kernel_value_rows_turn_its_transposed_tile_into_the_stored_values(d):
+    """The LUT kernel's value operand Vᵀ [d, 16]: lane g reads bytes (d/16) g .. of token pairs, the value PTX gives
+    per byte i the (low, high)-nibble channels as rows 16i + g and 16i + 8 + g; reading accᵀ's rows through
+    value_rows is P·V over the natural decode."""
+    from tqpatch.kernels.groups import value_rows
+
+    gen = torch.Generator().manual_seed(d)
+    centroids = torch.randn(16, generator=gen)
+    codes = torch.randint(0, 256, (16, d // 2), generator=gen)
+    lo, hi = centroids[codes & 15], centroids[codes >> 4]
+    stored = torch.stack([lo, hi], -1).reshape(16, d)
+    # the kernel's tile: (p, byte = (d/16) g + i, s, h) -> (i, h, g, p, s), token 2p + s, as in the kernel's permute
+    tile = torch.stack([lo, hi], -1).reshape(8, 2, d // 2, 2).permute(0, 2, 1, 3)  # (p, byte, s, h)
+    tile = tile.reshape(8, 8, d // 16, 2, 2).permute(2, 4, 1, 0, 3).reshape(d, 16)
+    p = torch.randn(16, 3, generator=gen)
+    assert torch.allclose((tile @ p)[torch.argsort(value_rows(d))], stored.T @ p, atol=1e-5)
+    assert sorted(value_rows(d).tolist()) == list(range(d))

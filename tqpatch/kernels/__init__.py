@@ -48,12 +48,15 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # of the in-kernel RoPE-position bias (rope_precision "tf32": measured faster than the dense float32 bias, 3e-3 relative
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
-                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 64, "warp_min_split_tokens": 512, "warp_key_pairs": True}
+                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 64, "warp_min_split_tokens": 512, "warp_key_pairs": True,
+                 "warp_lut": True}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
 # warp_key_pairs: key bytes looked up in a 256-entry table of centroid pairs (one gather per byte). Run 36's sweep chose
-# 64 programs per SM and pairs (k4v4 0.505 vs 0.554 ms per call without pairs, same run).
+# 64 programs per SM and pairs (k4v4 0.505 vs 0.554 ms per call without pairs, same run). warp_lut: at most 8 query
+# heads per KV head take `_tq_decode_lut_kernel` instead: centroids from a table in registers (PRMT), no gathers,
+# and the value product transposed (accᵀ [d, 8]).
 
 __all__ = [
     "HEAD_DIMS",
@@ -108,16 +111,19 @@ def _warp_kernel_fits(kgroups, vgroups, d: int, g: int, prod: bool, key_bias, ro
 
 def _warp_consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tensor]:
     """The warp kernel's matrices for a group's quantizer: keys' query map Πᵀ[:, key_channels] [d, d] (q @ it = the
-    rotated query in the kernel's channel order) and values' un-rotation Π[value_columns] [1, d, d]; centroids fp16."""
+    rotated query in the kernel's channel order) and values' un-rotation Π[value_columns] [1, d, d] (the LUT
+    kernel's: Π[value_rows]); centroids fp16, as pairs, and as the LUT kernel's register table."""
     c = _consts(group, device)
     if "warp_query" not in c:
-        from .groups import key_channels, pair_table, value_columns
+        from .groups import key_channels, lut_table, pair_table, value_columns, value_rows
 
         d = c["rotT"].shape[0]
         c["warp_query"] = c["rotT"][:, key_channels(d).to(device)].contiguous()
         c["warp_unrotate"] = c["rotT"].T[value_columns(d).to(device)].contiguous()[None]
         c["centroids_fp16"] = c["centroids"].half().contiguous()
         c["centroid_pairs"] = pair_table(c["centroids"])
+        c["lut_table"] = lut_table(c["centroids"])
+        c["lut_unrotate"] = c["rotT"].T[value_rows(d).to(device)].contiguous()[None]
     return c
 
 
@@ -464,10 +470,10 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     with _device_ctx(q.device):
         if splits and warp:
             kc, vc = _warp_consts(kgroups[0], q.device), _warp_consts(vgroups[0], q.device)
-            unrot, awu = vc["warp_unrotate"], d
             qk = scoring.reshape(b * hq, d) @ kc["warp_query"]  # [B*Hq, d] rotated, in the kernel's key channel order
-            _launch_decode_warp(qk, kgroups[0], vgroups[0], kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split,
-                                splits, scale_log2, g, d)
+            lut = _launch_decode_warp(qk, kgroups[0], vgroups[0], kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split,
+                                      splits, scale_log2, g, d)
+            unrot, awu = vc["lut_unrotate" if lut else "warp_unrotate"], d
         elif splits:
             k0, k1 = _group_args(kp, kgroups, klay)
             v0, v1 = _group_args(vp, vgroups, vlay)
@@ -543,12 +549,48 @@ class WarpKernelError(RuntimeError):
     """The Gluon warp kernel could not be built or launched (decode_attention falls back to the split kernel)."""
 
 
-def _launch_decode_warp(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):
-    """`_tq_decode_warp_kernel` over (B*Hkv, splits) programs of one warp: partials m, l, acc (value columns in its order)."""
+def _launch_decode_warp(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d) -> bool:
+    """A Gluon warp kernel over (B*Hkv, splits) programs of one warp: partials m, l, acc (value columns in its
+    order). The LUT kernel where it fits (`warp_lut`, G <= 8, codes readable as 32-bit words), else
+    `_tq_decode_warp_kernel`; returns whether the LUT kernel ran."""
+    kcodes, vcodes = kp[kgroup.codes], vp[vgroup.codes]
+    words = _as_words(kcodes), _as_words(vcodes)
+    lut = DECODE_TUNING["warp_lut"] and g <= 8 and None not in words
     try:
-        _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d)
+        if lut:
+            _run_lut_kernel(qk, kgroup, vgroup, kp, vp, *words, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d)
+        else:
+            _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d)
     except Exception as exc:
         raise WarpKernelError("the Gluon warp decode kernel failed") from exc
+    return lut
+
+
+def _as_words(codes: torch.Tensor) -> torch.Tensor | None:
+    """Code bytes [B, H, T, n] as int32 words [B, H, T, n/4] (the same memory), or None where they do not align."""
+    if codes.stride(-1) != 1 or codes.shape[-1] % 4 or codes.data_ptr() % 4 or any(st % 4 for st in codes.stride()[:-1]):
+        return None
+    return codes.view(torch.int32)
+
+
+def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):
+    from . import gluon_kernels as gk
+
+    knorms, vnorms = kp[kgroup.norms], vp[vgroup.norms]
+    kn8, vn8 = kgroup.norm_codes is not None, vgroup.norm_codes is not None
+    mk = valid if valid is not None else knorms
+    klayout, vlayout = gk.word_layouts(d)
+    gk._tq_decode_lut_kernel[(m.shape[0], splits)](
+        qk, qk.stride(0),
+        kwords, *kwords.stride()[:3], knorms, *knorms.stride()[:3], kc["lut_table"],
+        vwords, *vwords.stride()[:3], vnorms, *vnorms.stride()[:3], vc["lut_table"],
+        klay.norm_ranges if kn8 else qk, vlay.norm_ranges if vn8 else qk,
+        mk, mk.stride(0) if valid is not None else 0, 0,
+        m, l_, acc,
+        hkv, length, per_split, scale_log2,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, kwords=klayout, vwords=vlayout,
+        num_warps=1,
+    )
 
 
 def _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):

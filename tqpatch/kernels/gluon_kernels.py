@@ -29,6 +29,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .groups import KEY_LUT_ASM as _KEY_LUT_ASM, VALUE_LUT_ASM as _VALUE_LUT_ASM
 from .groups import key_channels, pair_table, value_columns  # noqa: F401  (the launcher's side of the layouts)
 
 NEG = gl.constexpr(-1.0e30)  # finite "minus infinity" (as in triton_kernels.NEG)
@@ -43,6 +44,18 @@ def byte_layouts(d: int) -> tuple:
     values = gl.DistributedLinearLayout(
         reg_bases=[[0, 1 << i] for i in range(vb.bit_length() - 1)] + [[1, 0], [8, 0]],
         lane_bases=[[2, 0], [4, 0], [0, vb], [0, 2 * vb], [0, 4 * vb]], warp_bases=[], block_bases=[], shape=[16, nb])
+    return keys, values
+
+
+def word_layouts(d: int) -> tuple:
+    """(key, value) layouts of the [16 tokens, d/8 words] code tiles of `_tq_decode_lut_kernel` (`byte_layouts` with
+    4 bytes a word): keys: lane 4r + m holds words (d/32) m .. of tokens r and r + 8; values: lane 4r + m holds
+    words (d/64) r .. of tokens 2m, 2m + 1, 2m + 8, 2m + 9."""
+    kw, vw, nw = d // 32, d // 64, d // 8
+    keys = gl.BlockedLayout(size_per_thread=[1, kw], threads_per_warp=[8, 4], warps_per_cta=[1, 1], order=[1, 0])
+    values = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1 << i] for i in range(vw.bit_length() - 1)] + [[1, 0], [8, 0]],
+        lane_bases=[[2, 0], [4, 0], [0, vw], [0, 2 * vw], [0, 4 * vw]], warp_bases=[], block_bases=[], shape=[16, nw])
     return keys, values
 
 
@@ -167,3 +180,174 @@ def _tq_decode_warp_kernel(
     gl.store(l_ptr + out * G + g, l_i, mask=gmask)
     cols = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
     gl.store(acc_ptr + ((out * G + g) * D)[:, None] + cols[None, :], acc, mask=gmask[:, None])
+
+
+# -- the register-table kernel: codes decoded by byte permutes (PRMT) from a centroid table held in registers ------------
+KEY_LUT_ASM = gl.constexpr(_KEY_LUT_ASM)  # groups.lut_asm: one code word -> 4 fp16 pairs; tables $5..$12
+KEY_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 9))
+VALUE_LUT_ASM = gl.constexpr(_VALUE_LUT_ASM)  # the same word of two tokens -> 8 (token, token + 1) pairs; tables $10..$17
+VALUE_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 10))
+
+
+@gluon.jit
+def _bytes4(b0, b1, b2, b3):
+    """Four int32 tensors [X, Y] (bytes 0..3 of each word) -> [X, 4Y] in byte order."""
+    x = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # [X, Y, 2 (i), 2 (j)]: byte 2j + i
+    return gl.reshape(gl.permute(x, [0, 1, 3, 2]), [x.shape[0], 4 * x.shape[1]])
+
+
+@gluon.jit
+def _table_word(ptr):
+    """Word j of a centroid table replicated per lane ([32, 8] int32, `lut_table`): lane l reads row l. The values
+    are the same in every lane, but ptxas cannot know, so it keeps them in ordinary registers; a warp-uniform load
+    lands in uniform registers, which PRMT cannot read, and every use would copy it back."""
+    return gl.inline_asm_elementwise(
+        "{\n.reg .b32 %l;\n.reg .b64 %a;\nmov.u32 %l, %laneid;\nmul.wide.u32 %a, %l, 32;\nadd.s64 %a, %a, $1;\n"
+        "ld.global.nc.b32 $0, [%a];\n}", "=r,l", [ptr], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _lut_keys(words, t0, t1, t2, t3, t4, t5, t6, t7):
+    """Code words [X, Y] int32 -> int32 [X, 4Y]: byte v -> the fp16 pair (c[v & 15], c[v >> 4]) of the centroid
+    table t0..t7 (`lut_table`'s 8 words, loaded once per program)."""
+    p0, p1, p2, p3 = gl.inline_asm_elementwise(
+        KEY_LUT_ASM, KEY_LUT_CONSTRAINTS, [words, t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+    return _bytes4(p0, p1, p2, p3)
+
+
+@gluon.jit
+def _lut_values(even, odd, t0, t1, t2, t3, t4, t5, t6, t7):
+    """Code words of tokens 2p and 2p + 1 [X, Y] int32 -> (low, high) int32 [X, 4Y]: byte i's low-nibble centroids
+    of both tokens as an fp16 pair (token 2p in the low half), and its high-nibble ones."""
+    l0, l1, l2, l3, h0, h1, h2, h3 = gl.inline_asm_elementwise(
+        VALUE_LUT_ASM, VALUE_LUT_CONSTRAINTS, [even, odd, t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+    return _bytes4(l0, l1, l2, l3), _bytes4(h0, h1, h2, h3)
+
+
+@gluon.jit
+def _fp16_halves(x):
+    """int32 -> its (low, high) halves as float16 (a bit cast: no instructions once the mma takes the register)."""
+    return (x & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True), (x >> 16).to(gl.int16).to(gl.float16, bitcast=True)
+
+
+@gluon.jit
+def _tq_decode_lut_kernel(
+    qk_ptr, sqk,                          # rotated queries in key-kernel channel order [B*Hq, D] fp32
+    kc_ptr, skcb, skch, skct,             # key codes as int32 words [B, Hkv, *, D/8] (4-bit, natural order; strides in words)
+    kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16, or uint8 log codes (KN8)
+    ktab_ptr,                             # key centroid table [8] int32 (`lut_table`)
+    vc_ptr, svcb, svch, svct,             # value codes and norms, the same
+    vn_ptr, svnb, svnh, svnt,
+    vtab_ptr,
+    krange_ptr, vrange_ptr,               # KN8/VN8: [2, Hkv] fp32 (low, step)
+    mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
+    m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (value columns in `value_rows` order)
+    Hkv, L, per_split, scale_log2,
+    G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
+    kwords: gl.constexpr, vwords: gl.constexpr,  # the code-word tiles' layouts (`word_layouts`)
+):
+    """The warp kernel with centroids from registers (`_lut_keys`, `_lut_values`) and the value product transposed:
+    accᵀ [D, 8] += Vᵀ [D, 16 tokens] · Pᵀ [16 tokens, 8 query rows] (G <= 8), so the accumulator is a quarter of
+    [16, D]'s padding-free size and the rescale by α takes D/4 multiplies per lane instead of D/2. Pᵀ is the score
+    accumulator's rows 0..7 as they lie (an mma C fragment's row g is a B fragment's column g). A lane's value A
+    fragment holds kernel rows ρ = 16i + 8h + g (g = lane / 4) of tokens 2t, 2t + 1 (+ 8); kernel row ρ is stored
+    channel (D/8) g + 2i + h (`value_rows`), so a lane reads D/16 contiguous bytes per token."""
+    GP: gl.constexpr = 16  # query rows of the score tile (G real ones)
+    BT: gl.constexpr = 16  # tokens per step
+    NB: gl.constexpr = D // 2
+    KB: gl.constexpr = D // 8
+    VB: gl.constexpr = D // 16
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, mma)  # per query row of the score tile
+    toks: gl.constexpr = gl.SliceLayout(0, mma)  # per token of the score tile; per query column of accᵀ
+
+    pid_bh = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    n_split = gl.num_programs(1)
+    b = (pid_bh // Hkv).to(gl.int64)
+    h = (pid_bh % Hkv).to(gl.int64)
+    qg = gl.arange(0, GP, layout=gl.SliceLayout(1, op_a))
+    qc = gl.arange(0, D, layout=gl.SliceLayout(0, op_a))
+    qrow = (b * Hkv * G + h * G + qg) * sqk
+    q = gl.load(qk_ptr + qrow[:, None] + qc[None, :], mask=(qg < G)[:, None], other=0.0).to(gl.float16)
+
+    kt = gl.arange(0, BT, layout=gl.SliceLayout(1, kwords))
+    kcol = gl.arange(0, NB // 4, layout=gl.SliceLayout(0, kwords))
+    vt = gl.arange(0, BT, layout=gl.SliceLayout(1, vwords))
+    vcol = gl.arange(0, NB // 4, layout=gl.SliceLayout(0, vwords))
+    tt = gl.arange(0, BT, layout=toks)
+    kbase = kc_ptr + b * skcb + h * skch
+    vbase = vc_ptr + b * svcb + h * svch
+    m_i = gl.full([GP], NEG, gl.float32, layout=rows)
+    l_i = gl.zeros([GP], gl.float32, layout=rows)
+    acc = gl.zeros([D, 8], gl.float32, layout=mma)  # accᵀ
+    start = pid_s * per_split
+    end = gl.minimum(L, start + per_split)
+    k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
+    k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
+    v0, v1, v2, v3 = _table_word(vtab_ptr), _table_word(vtab_ptr + 1), _table_word(vtab_ptr + 2), _table_word(vtab_ptr + 3)
+    v4, v5, v6, v7 = _table_word(vtab_ptr + 4), _table_word(vtab_ptr + 5), _table_word(vtab_ptr + 6), _table_word(vtab_ptr + 7)
+    kb_next = gl.load(kbase + ((start + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((start + kt) < end)[:, None], other=0)
+    vb_next = gl.load(vbase + ((start + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((start + vt) < end)[:, None], other=0)
+    kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (start + tt).to(gl.int64) * sknt, mask=(start + tt) < end, other=0)
+    vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (start + tt).to(gl.int64) * svnt, mask=(start + tt) < end, other=0)
+    for t0 in range(start, end, BT):
+        kb = kb_next
+        vb = vb_next
+        kn_raw = kn_next
+        vn_raw = vn_next
+        t1 = t0 + BT
+        kb_next = gl.load(kbase + ((t1 + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((t1 + kt) < end)[:, None], other=0)
+        vb_next = gl.load(vbase + ((t1 + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((t1 + vt) < end)[:, None], other=0)
+        kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (t1 + tt).to(gl.int64) * sknt, mask=(t1 + tt) < end, other=0)
+        vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (t1 + tt).to(gl.int64) * svnt, mask=(t1 + tt) < end, other=0)
+        # keys: code words -> fp16 pairs (one per byte) from the register table -> operand B [D, BT] in kernel channel order
+        klo, khi = _fp16_halves(_lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7))
+        kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
+        kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
+        kv = gl.permute(kv, [2, 1, 3, 0])  # (j, m, e, n)
+        kv = gl.convert_layout(gl.reshape(kv, [D, BT]), op_b, assert_trivial=True)
+        s = mma_v2(q, kv, gl.zeros([GP, BT], gl.float32, layout=mma))
+        offs = t0 + tt
+        tmask = offs < end
+        kn = _norms(kn_raw, krange_ptr, h, Hkv, KN8)
+        s = s * (kn * scale_log2)[None, :]
+        valid = tmask
+        if HAS_MASK:
+            valid = valid & (gl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
+        s = gl.where(valid[None, :], s, NEG)
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.where(valid[None, :], gl.exp2(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        vn = _norms(vn_raw, vrange_ptr, h, Hkv, VN8)
+        # Pᵀ [BT, 8]: the score tile's rows 0..7 (row bit 3 is a register bit of the C fragment), transposed
+        pv = gl.reshape((p * vn[None, :]).to(gl.float16), [2, 8, BT])
+        pv_top, pv_bottom = gl.split(gl.permute(pv, [1, 2, 0]))
+        pv_t = gl.convert_layout(gl.permute(pv_top, [1, 0]), op_b, assert_trivial=True)
+        # α of rows 0..7, as a per-column vector of accᵀ (a transposition across lanes: warp shuffles)
+        a_top, a_bottom = gl.split(gl.permute(gl.reshape(alpha, [2, 8]), [1, 0]))
+        a_col = gl.convert_layout(a_top, toks)
+        # values: bytes of token pairs -> fp16 pairs (token 2p, 2p + 1) -> operand A [D, BT] in kernel row order
+        v_even, v_odd = gl.split(gl.permute(gl.reshape(vb, [BT // 2, 2, NB // 4]), [0, 2, 1]))  # [BT/2, NB/4] words each
+        vlo, vhi = _lut_values(v_even, v_odd, v0, v1, v2, v3, v4, v5, v6, v7)  # (p, byte VB·g + i): channel 2i (lo) / 2i + 1 (hi) of byte group g
+        lo0, lo1 = _fp16_halves(vlo)
+        hi0, hi1 = _fp16_halves(vhi)
+        vv = gl.join(gl.join(lo0, lo1), gl.join(hi0, hi1))  # [BT/2, NB, 2 (s), 2 (h)]
+        vv = gl.reshape(vv, [BT // 2, 8, VB, 2, 2])  # (p, g, i, s, h)
+        vv = gl.permute(vv, [2, 4, 1, 0, 3])  # (i, h, g, p, s): row 16i + 8h + g, token 2p + s
+        vv = gl.convert_layout(gl.reshape(vv, [D, BT]), op_a, assert_trivial=True)
+        acc = mma_v2(vv, pv_t, acc * a_col[None, :])
+    out = pid_bh * n_split + pid_s
+    g = gl.arange(0, GP, layout=rows)
+    gmask = g < G
+    gl.store(m_ptr + out * G + g, m_i, mask=gmask)
+    gl.store(l_ptr + out * G + g, l_i, mask=gmask)
+    rho = gl.arange(0, D, layout=gl.SliceLayout(1, mma))
+    col = gl.arange(0, 8, layout=toks)
+    gl.store(acc_ptr + ((out * G + col) * D)[None, :] + rho[:, None], acc, mask=(col < G)[None, :])

@@ -192,3 +192,87 @@ def pair_table(centroids: torch.Tensor) -> torch.Tensor:
     bits = centroids.half().view(torch.int16).int() & 0xFFFF  # [16]
     v = torch.arange(256, device=centroids.device)
     return (bits[v & 15] | (bits[v >> 4] << 16)).int().contiguous()
+
+
+# -- the register-table (PRMT) variant of the warp kernel: `_tq_decode_lut_kernel` --------------------------------------
+def value_rows(d: int) -> torch.Tensor:
+    """Stored channel of each kernel row ρ = 16i + 8h + g of the transposed value product accᵀ [d, 8]:
+    (d/8) g + 2i + h, so lane g reads the d/16 contiguous bytes (d/16) g .. of a token  [d] int64."""
+    r = torch.arange(d)
+    i, h, g = r // 16, (r % 16) // 8, r % 8
+    return d // 8 * g + 2 * i + h
+
+
+def lut_table(centroids: torch.Tensor, lanes: int = 32) -> torch.Tensor:
+    """[lanes, 8] int32, the same row for every lane: words 0..3 hold the low bytes of the fp16 centroids
+    4j .. 4j + 3 (entry 4j in the lowest byte), words 4..7 their high bytes (the operands of `lut_asm`)."""
+    bits = (centroids.half().view(torch.int16).to(torch.int64) & 0xFFFF).reshape(4, 4)
+    shifts = torch.tensor([0, 8, 16, 24], device=centroids.device)
+    words = torch.cat([((bits & 0xFF) << shifts).sum(1), ((bits >> 8) << shifts).sum(1)])
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as int32
+    return words.to(torch.int32).expand(lanes, 8).contiguous()
+
+
+def lut_asm(words: list[str], outs: list[list[str]], table: int) -> str:
+    """PTX that decodes the 8 4-bit codes of each 32-bit word in `words` into 4 fp16 pairs `outs` (one per byte:
+    the low nibble's centroid in the low half) with no memory access. Table operand $table + j (j = 0..3) holds the
+    low bytes of centroids 4j .. 4j + 3, $table + 4 + j their high bytes (`lut_table`). Per 4 codes: PRMT looks up
+    the low bytes of entries 0..7 and of 8..15 by the codes' low 3 bits, a LOP3 picks one by bit 3 (a byte mask
+    made by PRMT's sign-replicating mode), the same for the high bytes, and two PRMTs interleave them into fp16
+    pairs: 21 instructions per 8 codes."""
+    t = [f"${table + j}" for j in range(8)]
+    lines = ["{", ".reg .b32 %w4, %s, %sh, %m0, %m1, %a, %b, %lo, %hi;"]
+    for word, out in zip(words, outs):
+        lines += [f"shl.b32 %w4, {word}, 4;", f"and.b32 %s, {word}, 0x77777777;", "shr.b32 %sh, %s, 16;",
+                  f"prmt.b32 %m0, {word}, %w4, 0x9D8C;",  # byte i: 0xFF where code i (0..3) has bit 3 set
+                  f"prmt.b32 %m1, {word}, %w4, 0xBFAE;"]  # the same for codes 4..7
+        for sel, mask, pair in (("%s", "%m0", out[:2]), ("%sh", "%m1", out[2:])):
+            lines += [f"prmt.b32 %a, {t[0]}, {t[1]}, {sel};", f"prmt.b32 %b, {t[2]}, {t[3]}, {sel};", f"lop3.b32 %lo, %a, %b, {mask}, 0xD8;",
+                      f"prmt.b32 %a, {t[4]}, {t[5]}, {sel};", f"prmt.b32 %b, {t[6]}, {t[7]}, {sel};", f"lop3.b32 %hi, %a, %b, {mask}, 0xD8;",
+                      f"prmt.b32 {pair[0]}, %lo, %hi, 0x5140;", f"prmt.b32 {pair[1]}, %lo, %hi, 0x7362;"]
+    return "\n".join(lines + ["}"])
+
+
+# keys: one word of codes ($4) -> 4 fp16 pairs $0..$3 (one per byte); tables $5..$12
+KEY_LUT_ASM = lut_asm(["$4"], [["$0", "$1", "$2", "$3"]], 5)
+# values: the same word of tokens t ($8) and t + 1 ($9). Their nibbles are interleaved first: x byte i = (t's low
+# nibble, t+1's low nibble), y byte i = (t's high nibble, t+1's high nibble), so each pair comes out as (token t,
+# token t + 1) of one channel, an mma A operand whose K is tokens. $0..$3 from x (byte i's low-nibble channel),
+# $4..$7 from y (its high-nibble channel); tables $10..$17.
+VALUE_LUT_ASM = lut_asm(["%x", "%y"], [["$0", "$1", "$2", "$3"], ["$4", "$5", "$6", "$7"]], 10).replace(
+    "{\n", "{\n.reg .b32 %x, %y, %u4, %t4;\nshl.b32 %u4, $9, 4;\nlop3.b32 %x, $8, %u4, 0x0F0F0F0F, 0xE4;\n"
+    "shr.b32 %t4, $8, 4;\nlop3.b32 %y, %t4, $9, 0x0F0F0F0F, 0xE4;\n", 1)
+
+
+def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
+    """Interpret `lut_asm`'s PTX subset (shl, shr, and, prmt, lop3 on .b32; default-mode prmt) on Python ints:
+    operands {"$n": value} in, every register written out. For CPU tests of the exact text the GPU runs."""
+    regs = dict(operands)
+    val = lambda x: regs[x] if x in regs else int(x, 0)  # noqa: E731
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." :
+            continue
+        op, args = line.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+        if op == "shl.b32":
+            r = val(a[1]) << val(a[2])
+        elif op == "shr.b32":
+            r = val(a[1]) >> val(a[2])
+        elif op == "and.b32":
+            r = val(a[1]) & val(a[2])
+        elif op == "lop3.b32":
+            x, y, z, lut = (val(v) for v in a[1:])
+            r = sum(((lut >> (((x >> k & 1) << 2) | ((y >> k & 1) << 1) | (z >> k & 1))) & 1) << k for k in range(32))
+        elif op == "prmt.b32":
+            src = val(a[1]) | val(a[2]) << 32
+            sel = val(a[3])
+            r = 0
+            for i in range(4):
+                nib = sel >> 4 * i & 15
+                byte = src >> 8 * (nib & 7) & 0xFF
+                r |= (0xFF if nib & 8 and byte & 0x80 else 0 if nib & 8 else byte) << 8 * i
+        else:
+            raise ValueError(f"run_ptx does not know {op!r}")
+        regs[a[0]] = r & 0xFFFFFFFF
+    return regs
