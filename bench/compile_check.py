@@ -56,7 +56,7 @@ def _compile(fn, const: dict, ints: dict, ptr_type, int_type, warps: int, stages
             sig[n] = int_type(n)
         if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(source(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(source(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, **({"maxnreg": int(os.environ["MAXNREG"])} if os.environ.get("MAXNREG") else {})))
 
 
 def _store_ints(d: int, bits: int, model_layout: bool) -> dict:

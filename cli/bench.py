@@ -66,6 +66,35 @@ def _ms_back_to_back(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _ms_graph(fn, reps: int = 50) -> float | None:
+    """Milliseconds per call of `fn` captured once in a CUDA graph and replayed `reps` times between two CUDA events:
+    the GPU's time per call with no host in the way (None where `fn` cannot be captured)."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # noqa: BLE001 (reported, not fatal)
+        click.echo(f"CUDA graph capture failed: {str(exc)[:200]}", err=True)
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    del graph
+    return start.elapsed_time(end) / reps
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second."""
     n = 1 << 30
@@ -176,8 +205,9 @@ def _sdpa_ms(b, hq, hkv, length, d):
     pack = _ms(lambda: sdpa(packed, k, v))
     fn = (lambda: sdpa(q, k, v, enable_gqa=True)) if gqa <= pack else (lambda: sdpa(packed, k, v))
     streamed = _ms_back_to_back(fn)
+    graphed = _ms_graph(fn)
     del q, k, v
-    return min(gqa, pack), {"enable_gqa": gqa, "packed_gqa": pack, "back_to_back": streamed}
+    return min(gqa, pack), {"enable_gqa": gqa, "packed_gqa": pack, "back_to_back": streamed, "graph": graphed}
 
 
 def _tuning_of(trial_row: dict) -> dict:
@@ -198,9 +228,13 @@ def bench_attention(bw: float, shapes) -> dict:
     sweep = []
 
     def trial(codecs=(kc, kc), name="k4v4", **tuning):
+        """Times one setting as GPU time per call (a CUDA graph's replays; synced calls where capture fails)."""
         kernels.DECODE_TUNING.update(tuning)
+        call = lambda: kernels.decode_attention(q, *codecs, kp, vp, None, None, d**-0.5)  # noqa: E731
         try:
-            ms = _ms(lambda: kernels.decode_attention(q, *codecs, kp, vp, None, None, d**-0.5), 3, 20)
+            ms = _ms_graph(call, 20) or _ms(call, 3, 20)
+            if tuning.get("warp_kernel") and not kernels.DECODE_TUNING["warp_kernel"]:  # the warp kernel failed: the split kernel answered
+                ms = float("inf")
         except Exception as exc:  # a variant that does not compile is reported, not fatal
             ms = float("inf")
             click.echo(f"variant {tuning} failed: {str(exc)[:200]}", err=True)
@@ -228,11 +262,16 @@ def bench_attention(bw: float, shapes) -> dict:
     for min_tokens in (256, 1024):
         trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_min_split_tokens": min_tokens})
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
+    for key_gather in (False, True):  # the LUT kernel's register cap, with keys from registers or gathered
+        for maxnreg in (None, 144, 128):
+            trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_lut_key_gather": key_gather, "warp_maxnreg": maxnreg})
+    best_warp = min(sweep[first:], key=lambda r: r["ms"])
     for pairs in (True, False):  # the gather kernel on the same splits
         trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_lut": False, "warp_key_pairs": pairs})
     trial(name="k4v4-warp", **_tuning_of(best_warp))  # the same again: run-to-run spread
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
-    kernels.DECODE_TUNING.update({k: best_warp[k] for k in ("warp_kernel", "warp_lut", "warp_programs_per_sm", "warp_min_split_tokens", "warp_key_pairs")})
+    kernels.DECODE_TUNING.update({k: best_warp[k] for k in ("warp_kernel", "warp_lut", "warp_programs_per_sm", "warp_min_split_tokens", "warp_key_pairs",
+                                                            "warp_lut_key_gather", "warp_maxnreg")})
     # split codecs (two code groups): their tile and the narrowest plane, on 2.5 bits (3-bit + 2-bit halves)
     split = SplitCodec(d, 2.5, 0, norm_bits=8)
     kp, vp = _random_parts(split, 8, hkv, 32768), _random_parts(split, 8, hkv, 32768)
@@ -272,9 +311,11 @@ def bench_attention(bw: float, shapes) -> dict:
             fk = torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
             ms = _ms(lambda: kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5))
             streamed = _ms_back_to_back(lambda: kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5))
+            graphed = _ms_graph(lambda: kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5))
             nbytes = kernels.decode_bytes(b, hkv, length, kc, vc)
             row[name] = {"ms": ms, "ratio_to_bf16": ms / base, "bytes": nbytes, "GB_per_s": nbytes / ms / 1e6, "bytes_floor_ms": nbytes / bw * 1e3,
-                         "back_to_back_ms": streamed, "back_to_back_ratio_to_bf16": streamed / variants["back_to_back"]}
+                         "back_to_back_ms": streamed, "back_to_back_ratio_to_bf16": streamed / variants["back_to_back"],
+                         "graph_ms": graphed, "graph_ratio_to_bf16": graphed / variants["graph"] if graphed and variants["graph"] else None}
             del kp, vp
         kernels.DECODE_TUNING["lut"] = tuned_lut
         kernels.DECODE_TUNING["warp_kernel"], kernels.DECODE_TUNING["warp_lut"] = True, tuned_warp_lut
@@ -535,6 +576,10 @@ def table(result: dict) -> str:
         if "back_to_back" in row["bf16_sdpa_variants"]:
             cells = [f"  back to back (GPU time per call): bf16 SDPA {row['bf16_sdpa_variants']['back_to_back']:.3f} ms"]
             cells += [f"{name} {row[name]['back_to_back_ms']:.3f} ms ({row[name]['back_to_back_ratio_to_bf16']:.2f}x)" for name in names]
+            lines.append(" | ".join(cells))
+        if row["bf16_sdpa_variants"].get("graph"):
+            cells = [f"  CUDA graph (GPU time per call, no host): bf16 SDPA {row['bf16_sdpa_variants']['graph']:.3f} ms"]
+            cells += [f"{name} {row[name]['graph_ms']:.3f} ms ({row[name]['graph_ratio_to_bf16']:.2f}x)" for name in names if row[name].get("graph_ms")]
             lines.append(" | ".join(cells))
     e2e = result.get("end_to_end")
     if e2e:

@@ -207,6 +207,15 @@ def _table_word(ptr):
 
 
 @gluon.jit
+def _gather_words(base, index):
+    """base (an int64 address) + 4 index, loaded as int32 through the non-coherent cache: the address by one
+    mad.wide.u32 (the FMA pipe) rather than the two integer-pipe LEAs a pointer sum compiles to."""
+    return gl.inline_asm_elementwise(
+        "{\n.reg .b64 %a;\nmad.wide.u32 %a, $1, 4, $2;\nld.global.nc.b32 $0, [%a];\n}", "=r,r,l", [index, base],
+        dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _lut_keys(words, t0, t1, t2, t3, t4, t5, t6, t7):
     """Code words [X, Y] int32 -> int32 [X, 4Y]: byte v -> the fp16 pair (c[v & 15], c[v >> 4]) of the centroid
     table t0..t7 (`lut_table`'s 8 words, loaded once per program)."""
@@ -237,15 +246,15 @@ def _tq_decode_lut_kernel(
     qk_ptr, sqk,                          # rotated queries in key-kernel channel order [B*Hq, D] fp32
     kc_ptr, skcb, skch, skct,             # key codes as int32 words [B, Hkv, *, D/8] (4-bit, natural order; strides in words)
     kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16, or uint8 log codes (KN8)
-    ktab_ptr,                             # key centroid table [8] int32 (`lut_table`)
+    ktab_ptr,                             # key centroid table [32, 8] int32 (`lut_table`), or (KEY_GATHER) the pair table [256] int32
     vc_ptr, svcb, svch, svct,             # value codes and norms, the same
     vn_ptr, svnb, svnh, svnt,
-    vtab_ptr,
+    vtab_ptr,                             # value centroid table [32, 8] int32
     krange_ptr, vrange_ptr,               # KN8/VN8: [2, Hkv] fp32 (low, step)
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (value columns in `value_rows` order)
     Hkv, L, per_split, scale_log2,
-    G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
+    G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr, KEY_GATHER: gl.constexpr,
     kwords: gl.constexpr, vwords: gl.constexpr,  # the code-word tiles' layouts (`word_layouts`)
 ):
     """The warp kernel with centroids from registers (`_lut_keys`, `_lut_values`) and the value product transposed:
@@ -253,7 +262,9 @@ def _tq_decode_lut_kernel(
     [16, D]'s padding-free size and the rescale by α takes D/4 multiplies per lane instead of D/2. Pᵀ is the score
     accumulator's rows 0..7 as they lie (an mma C fragment's row g is a B fragment's column g). A lane's value A
     fragment holds kernel rows ρ = 16i + 8h + g (g = lane / 4) of tokens 2t, 2t + 1 (+ 8); kernel row ρ is stored
-    channel (D/8) g + 2i + h (`value_rows`), so a lane reads D/16 contiguous bytes per token."""
+    channel (D/8) g + 2i + h (`value_rows`), so a lane reads D/16 contiguous bytes per token.
+    KEY_GATHER: key bytes are looked up in the 256-entry pair table in memory instead (the load/store unit and the
+    FMA pipe's address arithmetic take that work off the integer pipe, which the register tables keep busy)."""
     GP: gl.constexpr = 16  # query rows of the score tile (G real ones)
     BT: gl.constexpr = 16  # tokens per step
     NB: gl.constexpr = D // 2
@@ -287,8 +298,9 @@ def _tq_decode_lut_kernel(
     acc = gl.zeros([D, 8], gl.float32, layout=mma)  # accᵀ
     start = pid_s * per_split
     end = gl.minimum(L, start + per_split)
-    k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
-    k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
+    if not KEY_GATHER:
+        k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
+        k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
     v0, v1, v2, v3 = _table_word(vtab_ptr), _table_word(vtab_ptr + 1), _table_word(vtab_ptr + 2), _table_word(vtab_ptr + 3)
     v4, v5, v6, v7 = _table_word(vtab_ptr + 4), _table_word(vtab_ptr + 5), _table_word(vtab_ptr + 6), _table_word(vtab_ptr + 7)
     kb_next = gl.load(kbase + ((start + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((start + kt) < end)[:, None], other=0)
@@ -306,7 +318,11 @@ def _tq_decode_lut_kernel(
         kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (t1 + tt).to(gl.int64) * sknt, mask=(t1 + tt) < end, other=0)
         vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (t1 + tt).to(gl.int64) * svnt, mask=(t1 + tt) < end, other=0)
         # keys: code words -> fp16 pairs (one per byte) from the register table -> operand B [D, BT] in kernel channel order
-        klo, khi = _fp16_halves(_lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7))
+        if KEY_GATHER:
+            pairs = _gather_words(ktab_ptr.to(gl.int64, bitcast=True), _bytes4(kb & 0xFF, (kb >> 8) & 0xFF, (kb >> 16) & 0xFF, (kb >> 24) & 0xFF))
+        else:
+            pairs = _lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7)
+        klo, khi = _fp16_halves(pairs)
         kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
         kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
         kv = gl.permute(kv, [2, 1, 3, 0])  # (j, m, e, n)

@@ -590,59 +590,69 @@ def _tq_decode_combine_kernel(
     F,
     fm_ptr, sfmb, fm_off,                 # valid flags uint8 [B, *]: fp token f -> column fm_off + f
     rot_ptr, srh,                         # U [Hkv (head stride srh, 0 if shared), AW, D] fp32: x = y @ U maps the partials'
-                                          # columns back (Π for one group, rows in plane order; per group Π_g into its channels);
-                                          # the split kernel writes columns < AWU (Σ of the groups' widths), the rest is padding
+                                          # columns back (Π for one group, rows in plane order; per group Π_g into its channels)
     o_ptr, sob, soh,                      # out [B, Hq, D] (last stride 1)
     Hkv, scale_log2,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, AW: tl.constexpr, AWU: tl.constexpr,
-    HAS_FMASK: tl.constexpr, BLOCK_F: tl.constexpr, UNROT: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, AW: tl.constexpr, AWU: tl.constexpr,  # the split kernel wrote columns < AWU
+    HAS_FMASK: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
+    """One program per query head (B*Hq): the partials of all S splits are read BLOCK_S at a time (independent
+    loads, no chain of S dependent steps), the global max M first, then
+        out = (e^(m_fp - M) acc_fp + Σ_s e^(m_s - M) acc_s U) / (e^(m_fp - M) l_fp + Σ_s e^(m_s - M) l_s)
+    with the un-rotation U applied BLOCK_J rotated columns at a time (any AW, D)."""
     pid = tl.program_id(0)
-    b = (pid // Hkv).to(tl.int64)
-    h = (pid % Hkv).to(tl.int64)
-    g = tl.arange(0, GP)
-    gmask = g < G
+    bh = pid // G
+    g = pid % G
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
     cols = tl.arange(0, D)
-    q = tl.load(q_ptr + b * sqb + (h * G + g)[:, None] * sqh + cols[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-    m_i = tl.full([GP], NEG, dtype=tl.float32)
-    l_i = tl.zeros([GP], dtype=tl.float32)
-    acc_fp = tl.zeros([GP, D], dtype=tl.float32)
+    q = tl.load(q_ptr + b * sqb + (h * G + g) * sqh + cols).to(tl.float32)
     # 1. the full-precision tokens (sinks, window, the new token), exactly
+    m_fp = NEG
+    l_fp = 0.0
+    acc_fp = tl.zeros([D], dtype=tl.float32)
     for f0 in range(0, F, BLOCK_F):
         offs = f0 + tl.arange(0, BLOCK_F)
         fmask = offs < F
         k = tl.load(fk_ptr + b * sfkb + h * sfkh + offs[:, None] * sfkt + cols[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        s = tl.sum(q[None, :] * k, axis=1) * scale_log2
         valid = fmask
         if HAS_FMASK:
             valid = valid & (tl.load(fm_ptr + b * sfmb + fm_off + offs, mask=fmask, other=0) != 0)
-        p, alpha, m_new, l_i = _online_softmax_step(s, valid, m_i, l_i)
+        s = tl.where(valid, s, NEG)
+        m_new = tl.maximum(m_fp, tl.max(s, axis=0))
+        alpha = tl.exp2(m_fp - m_new)
+        p = tl.where(valid, tl.exp2(s - m_new), 0.0)
+        l_fp = l_fp * alpha + tl.sum(p, axis=0)
         v = tl.load(fv_ptr + b * sfvb + h * sfvh + offs[:, None] * sfvt + cols[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
-        acc_fp = acc_fp * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        m_i = m_new
-    # 2. merge the splits over compressed tokens (their value sums are in the rotated space)
-    acols = tl.arange(0, AW)
-    acc_rot = tl.zeros([GP, AW], dtype=tl.float32)
-    for s_i in range(0, S):
-        part = pid * S + s_i
-        m_s = tl.load(m_ptr + part * G + g, mask=gmask, other=NEG)
-        l_s = tl.load(l_ptr + part * G + g, mask=gmask, other=0.0)
-        a_s = tl.load(acc_ptr + (part * G + g)[:, None] * AW + acols[None, :], mask=gmask[:, None] & (acols < AWU)[None, :], other=0.0)
-        m_new = tl.maximum(m_i, m_s)
-        alpha = tl.exp2(m_i - m_new)
-        beta = tl.exp2(m_s - m_new)
-        l_i = l_i * alpha + l_s * beta
-        acc_fp = acc_fp * alpha[:, None]
-        acc_rot = acc_rot * alpha[:, None] + a_s * beta[:, None]
-        m_i = m_new
-    inv = 1.0 / tl.where(gmask, l_i, 1.0)
-    # 3. rotate the compressed tokens' value sum back once: Σ p n Πᵀ c = (Σ p n c) @ Π
-    acc_rot = acc_rot * inv[:, None]
-    out = acc_fp * inv[:, None]
-    if UNROT:
-        rot = tl.load(rot_ptr + h * srh + acols[:, None] * D + cols[None, :])
-        out += tl.dot(acc_rot, rot, input_precision="ieee")
-    elif S > 0:  # the launcher rotates back: leave Σ p n c / l in this program's first partial slot
-        tl.debug_barrier()
-        tl.store(acc_ptr + (pid * S * G + g)[:, None] * AW + acols[None, :], acc_rot, mask=gmask[:, None])
-    tl.store(o_ptr + b * sob + (h * G + g)[:, None] * soh + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
+        acc_fp = acc_fp * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_fp = m_new
+    # 2. the splits' global max and normaliser
+    sidx = tl.arange(0, BLOCK_S)
+    base = bh * S
+    big = m_fp
+    for s0 in range(0, S, BLOCK_S):
+        m_s = tl.load(m_ptr + (base + s0 + sidx) * G + g, mask=(s0 + sidx) < S, other=NEG)
+        big = tl.maximum(big, tl.max(m_s, axis=0))
+    w_fp = tl.exp2(m_fp - big)
+    total = l_fp * w_fp
+    for s0 in range(0, S, BLOCK_S):
+        smask = (s0 + sidx) < S
+        m_s = tl.load(m_ptr + (base + s0 + sidx) * G + g, mask=smask, other=NEG)
+        l_s = tl.load(l_ptr + (base + s0 + sidx) * G + g, mask=smask, other=0.0)
+        total += tl.sum(tl.exp2(m_s - big) * l_s, axis=0)
+    inv = 1.0 / tl.where(total > 0, total, 1.0)
+    out = acc_fp * (w_fp * inv)
+    # 3. the compressed tokens' value sums, rotated back once: (Σ_s w_s acc_s) @ U, BLOCK_J rotated columns at a time
+    jj = tl.arange(0, BLOCK_J)
+    for j0 in range(0, AWU, BLOCK_J):
+        part = tl.zeros([BLOCK_J], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            smask = (s0 + sidx) < S
+            w_s = tl.exp2(tl.load(m_ptr + (base + s0 + sidx) * G + g, mask=smask, other=NEG) - big)
+            a_s = tl.load(acc_ptr + ((base + s0 + sidx) * G + g)[:, None] * AW + (j0 + jj)[None, :],
+                          mask=smask[:, None] & ((j0 + jj) < AWU)[None, :], other=0.0)
+            part += tl.sum(w_s[:, None] * a_s, axis=0)
+        rot = tl.load(rot_ptr + h * srh + (j0 + jj)[:, None] * D + cols[None, :], mask=((j0 + jj) < AWU)[:, None], other=0.0)
+        out += tl.sum((part * inv)[:, None] * rot, axis=0)
+    tl.store(o_ptr + b * sob + (h * G + g) * soh + cols, out.to(o_ptr.dtype.element_ty))
