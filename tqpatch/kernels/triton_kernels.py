@@ -596,10 +596,10 @@ def _tq_decode_combine_kernel(
     G: tl.constexpr, D: tl.constexpr, AW: tl.constexpr, AWU: tl.constexpr,  # the split kernel wrote columns < AWU
     HAS_FMASK: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """One program per query head (B*Hq): the partials of all S splits are read BLOCK_S at a time (independent
-    loads, no chain of S dependent steps), the global max M first, then
+    """One program per query head (B*Hq): the partials of the S splits are read BLOCK_S at a time (one round of
+    independent loads for S <= BLOCK_S, not a chain of S dependent steps), with M the max of all m:
         out = (e^(m_fp - M) acc_fp + Σ_s e^(m_s - M) acc_s U) / (e^(m_fp - M) l_fp + Σ_s e^(m_s - M) l_s)
-    with the un-rotation U applied BLOCK_J rotated columns at a time (any AW, D)."""
+    the un-rotation U applied BLOCK_J rotated columns at a time (any AW, D)."""
     pid = tl.program_id(0)
     bh = pid // G
     g = pid % G
@@ -627,32 +627,33 @@ def _tq_decode_combine_kernel(
         v = tl.load(fv_ptr + b * sfvb + h * sfvh + offs[:, None] * sfvt + cols[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
         acc_fp = acc_fp * alpha + tl.sum(p[:, None] * v, axis=0)
         m_fp = m_new
-    # 2. the splits' global max and normaliser
+    # 2. the compressed tokens, BLOCK_J rotated columns at a time (unrolled: the chunks' loads are independent): merge
+    #    the splits online (running max `big`, normaliser `total`, value sums `part`), then rotate back: part @ U
     sidx = tl.arange(0, BLOCK_S)
     base = bh * S
-    big = m_fp
-    for s0 in range(0, S, BLOCK_S):
-        m_s = tl.load(m_ptr + (base + s0 + sidx) * G + g, mask=(s0 + sidx) < S, other=NEG)
-        big = tl.maximum(big, tl.max(m_s, axis=0))
-    w_fp = tl.exp2(m_fp - big)
-    total = l_fp * w_fp
-    for s0 in range(0, S, BLOCK_S):
-        smask = (s0 + sidx) < S
-        m_s = tl.load(m_ptr + (base + s0 + sidx) * G + g, mask=smask, other=NEG)
-        l_s = tl.load(l_ptr + (base + s0 + sidx) * G + g, mask=smask, other=0.0)
-        total += tl.sum(tl.exp2(m_s - big) * l_s, axis=0)
-    inv = 1.0 / tl.where(total > 0, total, 1.0)
-    out = acc_fp * (w_fp * inv)
-    # 3. the compressed tokens' value sums, rotated back once: (Σ_s w_s acc_s) @ U, BLOCK_J rotated columns at a time
     jj = tl.arange(0, BLOCK_J)
-    for j0 in range(0, AWU, BLOCK_J):
+    out = tl.zeros([D], dtype=tl.float32)
+    big = m_fp
+    total = l_fp
+    for j0 in tl.static_range(0, AWU, BLOCK_J):
+        big = m_fp
+        total = l_fp
         part = tl.zeros([BLOCK_J], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
             smask = (s0 + sidx) < S
-            w_s = tl.exp2(tl.load(m_ptr + (base + s0 + sidx) * G + g, mask=smask, other=NEG) - big)
+            m_s = tl.load(m_ptr + (base + s0 + sidx) * G + g, mask=smask, other=NEG)
+            l_s = tl.load(l_ptr + (base + s0 + sidx) * G + g, mask=smask, other=0.0)
             a_s = tl.load(acc_ptr + ((base + s0 + sidx) * G + g)[:, None] * AW + (j0 + jj)[None, :],
                           mask=smask[:, None] & ((j0 + jj) < AWU)[None, :], other=0.0)
-            part += tl.sum(w_s[:, None] * a_s, axis=0)
+            new = tl.maximum(big, tl.max(m_s, axis=0))
+            alpha = tl.exp2(big - new)
+            w_s = tl.exp2(m_s - new)
+            total = total * alpha + tl.sum(w_s * l_s, axis=0)
+            part = part * alpha + tl.sum(w_s[:, None] * a_s, axis=0)
+            big = new
         rot = tl.load(rot_ptr + h * srh + (j0 + jj)[:, None] * D + cols[None, :], mask=((j0 + jj) < AWU)[:, None], other=0.0)
-        out += tl.sum((part * inv)[:, None] * rot, axis=0)
+        out += tl.sum(part[:, None] * rot, axis=0)
+    # every chunk saw the same splits, so `big` and `total` are the same after each
+    inv = 1.0 / tl.where(total > 0, total, 1.0)
+    out = (out + acc_fp * tl.exp2(m_fp - big)) * inv
     tl.store(o_ptr + b * sob + (h * G + g) * soh + cols, out.to(o_ptr.dtype.element_ty))
