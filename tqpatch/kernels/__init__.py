@@ -50,17 +50,15 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 64, "warp_min_split_tokens": 512, "warp_key_pairs": True,
-                 "warp_lut": True, "warp_lut_key_gather": False, "warp_lut_value_gather": False,
-                 "warp_maxnreg": None}
+                 "warp_lut": True, "warp_maxnreg": 144}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
 # warp_key_pairs: key bytes looked up in a 256-entry table of centroid pairs (one gather per byte). Run 36's sweep chose
 # 64 programs per SM and pairs (k4v4 0.505 vs 0.554 ms per call without pairs, same run). warp_lut: at most 8 query
 # heads per KV head take `_tq_decode_lut_kernel` instead: centroids from a table in registers (PRMT), no gathers,
-# and the value product transposed (accᵀ [d, 8]); warp_lut_key_gather / _value_gather: keys / values from the pair table
-# in memory instead;
-# warp_maxnreg: a register cap for it (ptxas; None: its own choice, 146-163 registers, 12 warps per SM).
+# and the value product transposed (accᵀ [d, 8]); warp_maxnreg: a register cap for it (ptxas; None: its own choice, 163
+# registers, 12 warps per SM; 144: 14 warps, no spills). Runs 39-40 chose the LUT kernel at 144 registers.
 
 __all__ = [
     "HEAD_DIMS",
@@ -577,16 +575,15 @@ def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, 
     kn8, vn8 = kgroup.norm_codes is not None, vgroup.norm_codes is not None
     mk = valid if valid is not None else knorms
     klayout, vlayout = gk.word_layouts(d)
-    key_gather, value_gather = DECODE_TUNING["warp_lut_key_gather"], DECODE_TUNING["warp_lut_value_gather"]
     gk._tq_decode_lut_kernel[(m.shape[0], splits)](
         qk, qk.stride(0),
-        kwords, *kwords.stride()[:3], knorms, *knorms.stride()[:3], kc["centroid_pairs" if key_gather else "lut_table"],
-        vwords, *vwords.stride()[:3], vnorms, *vnorms.stride()[:3], vc["centroid_pairs" if value_gather else "lut_table"],
+        kwords, *kwords.stride()[:3], knorms, *knorms.stride()[:3], kc["lut_table"],
+        vwords, *vwords.stride()[:3], vnorms, *vnorms.stride()[:3], vc["lut_table"],
         klay.norm_ranges if kn8 else qk, vlay.norm_ranges if vn8 else qk,
         mk, mk.stride(0) if valid is not None else 0, 0,
         m, l_, acc,
         hkv, length, per_split, scale_log2,
-        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, KEY_GATHER=key_gather, VALUE_GATHER=value_gather, four=4, kwords=klayout, vwords=vlayout,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, kwords=klayout, vwords=vlayout,
         num_warps=1, **({"maxnreg": DECODE_TUNING["warp_maxnreg"]} if DECODE_TUNING["warp_maxnreg"] else {}),
     )
 

@@ -207,31 +207,6 @@ def _table_word(ptr):
 
 
 @gluon.jit
-def _gather_words(base, index, four):
-    """base (an int64 address) + four·index, loaded as int32 through the non-coherent cache. `four` is a kernel
-    argument (4), so ptxas cannot turn the one mad.wide.u32 (the FMA pipe) into the two integer-pipe LEAs that a
-    pointer sum or a constant 4 compiles to."""
-    return gl.inline_asm_elementwise(
-        "{\n.reg .b64 %a;\nmad.wide.u32 %a, $1, $3, $2;\nld.global.nc.b32 $0, [%a];\n}", "=r,r,l,r", [index, base, four],
-        dtype=gl.int32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _bytes(words):
-    """int32 words [X, Y] -> their bytes [X, 4Y] (int32, byte order)."""
-    return _bytes4(words & 0xFF, (words >> 8) & 0xFF, (words >> 16) & 0xFF, (words >> 24) & 0xFF)
-
-
-@gluon.jit
-def _token_pairs(even, odd):
-    """Centroid pairs of one byte position for tokens 2p (even) and 2p + 1 (odd), int32 [..] each ->
-    (low-nibble channel, high-nibble channel) as (token 2p, token 2p + 1) fp16 pairs: two PRMTs."""
-    return gl.inline_asm_elementwise(
-        "prmt.b32 $0, $2, $3, 0x5410;\nprmt.b32 $1, $2, $3, 0x7632;", "=r,=r,r,r", [even, odd],
-        dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
-
-
-@gluon.jit
 def _lut_keys(words, t0, t1, t2, t3, t4, t5, t6, t7):
     """Code words [X, Y] int32 -> int32 [X, 4Y]: byte v -> the fp16 pair (c[v & 15], c[v >> 4]) of the centroid
     table t0..t7 (`lut_table`'s 8 words, loaded once per program)."""
@@ -262,16 +237,15 @@ def _tq_decode_lut_kernel(
     qk_ptr, sqk,                          # rotated queries in key-kernel channel order [B*Hq, D] fp32
     kc_ptr, skcb, skch, skct,             # key codes as int32 words [B, Hkv, *, D/8] (4-bit, natural order; strides in words)
     kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16, or uint8 log codes (KN8)
-    ktab_ptr,                             # key centroid table [32, 8] int32 (`lut_table`), or (KEY_GATHER) the pair table [256] int32
+    ktab_ptr,                             # key centroid table [32, 8] int32 (`lut_table`)
     vc_ptr, svcb, svch, svct,             # value codes and norms, the same
     vn_ptr, svnb, svnh, svnt,
-    vtab_ptr,                             # value centroid table [32, 8] int32, or (VALUE_GATHER) the pair table [256] int32
+    vtab_ptr,                             # value centroid table [32, 8] int32
     krange_ptr, vrange_ptr,               # KN8/VN8: [2, Hkv] fp32 (low, step)
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (value columns in `value_rows` order)
     Hkv, L, per_split, scale_log2,
-    G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr, KEY_GATHER: gl.constexpr,
-    VALUE_GATHER: gl.constexpr, four,      # VALUE_GATHER: values from the pair table too; four: 4 (a runtime 4: see _gather_words)
+    G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr, 
     kwords: gl.constexpr, vwords: gl.constexpr,  # the code-word tiles' layouts (`word_layouts`)
 ):
     """The warp kernel with centroids from registers (`_lut_keys`, `_lut_values`) and the value product transposed:
@@ -279,10 +253,8 @@ def _tq_decode_lut_kernel(
     [16, D]'s padding-free size and the rescale by α takes D/4 multiplies per lane instead of D/2. Pᵀ is the score
     accumulator's rows 0..7 as they lie (an mma C fragment's row g is a B fragment's column g). A lane's value A
     fragment holds kernel rows ρ = 16i + 8h + g (g = lane / 4) of tokens 2t, 2t + 1 (+ 8); kernel row ρ is stored
-    channel (D/8) g + 2i + h (`value_rows`), so a lane reads D/16 contiguous bytes per token.
-    KEY_GATHER: key bytes are looked up in the 256-entry pair table in memory instead (the load/store unit and the
-    FMA pipe's address arithmetic take that work off the integer pipe, which the register tables keep busy);
-    VALUE_GATHER: the same for values, two PRMTs per two bytes pairing tokens (`_token_pairs`)."""
+    channel (D/8) g + 2i + h (`value_rows`), so a lane reads D/16 contiguous bytes per token. (Gathering either side
+    from the 256-entry pair table in memory instead was measured slower: bench/RESULTS.md, runs 39-40.)"""
     GP: gl.constexpr = 16  # query rows of the score tile (G real ones)
     BT: gl.constexpr = 16  # tokens per step
     NB: gl.constexpr = D // 2
@@ -316,12 +288,10 @@ def _tq_decode_lut_kernel(
     acc = gl.zeros([D, 8], gl.float32, layout=mma)  # accᵀ
     start = pid_s * per_split
     end = gl.minimum(L, start + per_split)
-    if not KEY_GATHER:
-        k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
-        k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
-    if not VALUE_GATHER:
-        v0, v1, v2, v3 = _table_word(vtab_ptr), _table_word(vtab_ptr + 1), _table_word(vtab_ptr + 2), _table_word(vtab_ptr + 3)
-        v4, v5, v6, v7 = _table_word(vtab_ptr + 4), _table_word(vtab_ptr + 5), _table_word(vtab_ptr + 6), _table_word(vtab_ptr + 7)
+    k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
+    k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
+    v0, v1, v2, v3 = _table_word(vtab_ptr), _table_word(vtab_ptr + 1), _table_word(vtab_ptr + 2), _table_word(vtab_ptr + 3)
+    v4, v5, v6, v7 = _table_word(vtab_ptr + 4), _table_word(vtab_ptr + 5), _table_word(vtab_ptr + 6), _table_word(vtab_ptr + 7)
     kb_next = gl.load(kbase + ((start + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((start + kt) < end)[:, None], other=0)
     vb_next = gl.load(vbase + ((start + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((start + vt) < end)[:, None], other=0)
     kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (start + tt).to(gl.int64) * sknt, mask=(start + tt) < end, other=0)
@@ -337,11 +307,7 @@ def _tq_decode_lut_kernel(
         kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (t1 + tt).to(gl.int64) * sknt, mask=(t1 + tt) < end, other=0)
         vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (t1 + tt).to(gl.int64) * svnt, mask=(t1 + tt) < end, other=0)
         # keys: code words -> fp16 pairs (one per byte) from the register table -> operand B [D, BT] in kernel channel order
-        if KEY_GATHER:
-            pairs = _gather_words(ktab_ptr.to(gl.int64, bitcast=True), _bytes(kb), four)
-        else:
-            pairs = _lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7)
-        klo, khi = _fp16_halves(pairs)
+        klo, khi = _fp16_halves(_lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7))
         kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
         kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
         kv = gl.permute(kv, [2, 1, 3, 0])  # (j, m, e, n)
@@ -370,11 +336,7 @@ def _tq_decode_lut_kernel(
         a_col = gl.convert_layout(a_top, toks)
         # values: bytes of token pairs -> fp16 pairs (token 2p, 2p + 1) -> operand A [D, BT] in kernel row order
         v_even, v_odd = gl.split(gl.permute(gl.reshape(vb, [BT // 2, 2, NB // 4]), [0, 2, 1]))  # [BT/2, NB/4] words each
-        if VALUE_GATHER:
-            vbase64 = vtab_ptr.to(gl.int64, bitcast=True)
-            vlo, vhi = _token_pairs(_gather_words(vbase64, _bytes(v_even), four), _gather_words(vbase64, _bytes(v_odd), four))
-        else:  # (p, byte VB·g + i): channel 2i (lo) / 2i + 1 (hi) of byte group g
-            vlo, vhi = _lut_values(v_even, v_odd, v0, v1, v2, v3, v4, v5, v6, v7)
+        vlo, vhi = _lut_values(v_even, v_odd, v0, v1, v2, v3, v4, v5, v6, v7)  # (p, byte VB·g + i): channel 2i (lo) / 2i + 1 (hi) of byte group g
         lo0, lo1 = _fp16_halves(vlo)
         hi0, hi1 = _fp16_halves(vhi)
         vv = gl.join(gl.join(lo0, lo1), gl.join(hi0, hi1))  # [BT/2, NB, 2 (s), 2 (h)]
