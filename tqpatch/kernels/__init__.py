@@ -50,7 +50,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 64, "warp_min_split_tokens": 512, "warp_key_pairs": True,
-                 "warp_lut": True, "warp_maxnreg": 144}
+                 "warp_lut": True, "warp_maxnreg": 144, "warp_lut_tokens": 16}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
@@ -58,7 +58,8 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # 64 programs per SM and pairs (k4v4 0.505 vs 0.554 ms per call without pairs, same run). warp_lut: at most 8 query
 # heads per KV head take `_tq_decode_lut_kernel` instead: centroids from a table in registers (PRMT), no gathers,
 # and the value product transposed (accᵀ [d, 8]); warp_maxnreg: a register cap for it (ptxas; None: its own choice, 163
-# registers, 12 warps per SM; 144: 14 warps, no spills). Runs 39-40 chose the LUT kernel at 144 registers.
+# registers, 12 warps per SM; 144: 14 warps, no spills); warp_lut_tokens: its tokens per step (16 or 32). Runs 39-40
+# chose the LUT kernel at 144 registers.
 
 __all__ = [
     "HEAD_DIMS",
@@ -117,7 +118,7 @@ def _warp_consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tens
     kernel's: Π[value_rows]); centroids fp16, as pairs, and as the LUT kernel's register table."""
     c = _consts(group, device)
     if "warp_query" not in c:
-        from .groups import key_channels, lut_table, pair_table, value_columns, value_rows
+        from .groups import is_symmetric, key_channels, lut_table, pair_table, value_columns, value_rows
 
         d = c["rotT"].shape[0]
         c["warp_query"] = c["rotT"][:, key_channels(d).to(device)].contiguous()
@@ -125,6 +126,7 @@ def _warp_consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tens
         c["centroids_fp16"] = c["centroids"].half().contiguous()
         c["centroid_pairs"] = pair_table(c["centroids"])
         c["lut_table"] = lut_table(c["centroids"])
+        c["lut_symmetric"] = is_symmetric(c["centroids"])
         c["lut_unrotate"] = c["rotT"].T[value_rows(d).to(device)].contiguous()[None]
     return c
 
@@ -444,7 +446,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     scoring = (q if code_query is None else code_query).float()
     warp = _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias)
     if warp:
-        block_t = 16  # the warp kernel's step; its rotated query is made below, in its own channel order
+        block_t = max(16, DECODE_TUNING["warp_lut_tokens"])  # the warp kernels' step; their rotated query is made below, in their channel order
     elif klay.query.shape[0] == 1:
         qr = scoring.reshape(b * hq, d) @ klay.query[0]  # [B*Hq, QW]: the groups' Π_g q_g (| S q)
     else:  # per KV head: each group's channels gathered and rotated in one product
@@ -574,7 +576,8 @@ def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, 
     knorms, vnorms = kp[kgroup.norms], vp[vgroup.norms]
     kn8, vn8 = kgroup.norm_codes is not None, vgroup.norm_codes is not None
     mk = valid if valid is not None else knorms
-    klayout, vlayout = gk.word_layouts(d)
+    bt = DECODE_TUNING["warp_lut_tokens"]
+    klayout, vlayout = gk.word_layouts(d, bt)
     gk._tq_decode_lut_kernel[(m.shape[0], splits)](
         qk, qk.stride(0),
         kwords, *kwords.stride()[:3], knorms, *knorms.stride()[:3], kc["lut_table"],
@@ -583,7 +586,7 @@ def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, 
         mk, mk.stride(0) if valid is not None else 0, 0,
         m, l_, acc,
         hkv, length, per_split, scale_log2,
-        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, kwords=klayout, vwords=vlayout,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
         num_warps=1, **({"maxnreg": DECODE_TUNING["warp_maxnreg"]} if DECODE_TUNING["warp_maxnreg"] else {}),
     )
 

@@ -29,7 +29,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .groups import KEY_LUT_ASM as _KEY_LUT_ASM, VALUE_LUT_ASM as _VALUE_LUT_ASM
+from .groups import KEY_LUT_ASM as _KEY_LUT_ASM, KEY_LUT_ASM_SYMMETRIC as _KEY_LUT_ASM_SYMMETRIC
+from .groups import VALUE_LUT_ASM as _VALUE_LUT_ASM, VALUE_LUT_ASM_SYMMETRIC as _VALUE_LUT_ASM_SYMMETRIC
 from .groups import key_channels, pair_table, value_columns  # noqa: F401  (the launcher's side of the layouts)
 
 NEG = gl.constexpr(-1.0e30)  # finite "minus infinity" (as in triton_kernels.NEG)
@@ -47,15 +48,15 @@ def byte_layouts(d: int) -> tuple:
     return keys, values
 
 
-def word_layouts(d: int) -> tuple:
-    """(key, value) layouts of the [16 tokens, d/8 words] code tiles of `_tq_decode_lut_kernel` (`byte_layouts` with
-    4 bytes a word): keys: lane 4r + m holds words (d/32) m .. of tokens r and r + 8; values: lane 4r + m holds
-    words (d/64) r .. of tokens 2m, 2m + 1, 2m + 8, 2m + 9."""
+def word_layouts(d: int, tokens: int = 16) -> tuple:
+    """(key, value) layouts of the [tokens, d/8 words] code tiles of `_tq_decode_lut_kernel` (`byte_layouts` with
+    4 bytes a word), tokens 16 or 32 per step: keys: lane 4r + m holds words (d/32) m .. of tokens r + 8k; values:
+    lane 4r + m holds words (d/64) r .. of tokens 2m, 2m + 1 (+ 8k)."""
     kw, vw, nw = d // 32, d // 64, d // 8
     keys = gl.BlockedLayout(size_per_thread=[1, kw], threads_per_warp=[8, 4], warps_per_cta=[1, 1], order=[1, 0])
     values = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1 << i] for i in range(vw.bit_length() - 1)] + [[1, 0], [8, 0]],
-        lane_bases=[[2, 0], [4, 0], [0, vw], [0, 2 * vw], [0, 4 * vw]], warp_bases=[], block_bases=[], shape=[16, nw])
+        reg_bases=[[0, 1 << i] for i in range(vw.bit_length() - 1)] + [[1, 0]] + [[8 << i, 0] for i in range(tokens.bit_length() - 4)],
+        lane_bases=[[2, 0], [4, 0], [0, vw], [0, 2 * vw], [0, 4 * vw]], warp_bases=[], block_bases=[], shape=[tokens, nw])
     return keys, values
 
 
@@ -184,8 +185,10 @@ def _tq_decode_warp_kernel(
 
 # -- the register-table kernel: codes decoded by byte permutes (PRMT) from a centroid table held in registers ------------
 KEY_LUT_ASM = gl.constexpr(_KEY_LUT_ASM)  # groups.lut_asm: one code word -> 4 fp16 pairs; tables $5..$12
+KEY_LUT_ASM_SYMMETRIC = gl.constexpr(_KEY_LUT_ASM_SYMMETRIC)  # the same for a symmetric codebook (fewer instructions)
 KEY_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 9))
 VALUE_LUT_ASM = gl.constexpr(_VALUE_LUT_ASM)  # the same word of two tokens -> 8 (token, token + 1) pairs; tables $10..$17
+VALUE_LUT_ASM_SYMMETRIC = gl.constexpr(_VALUE_LUT_ASM_SYMMETRIC)
 VALUE_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 10))
 
 
@@ -207,21 +210,21 @@ def _table_word(ptr):
 
 
 @gluon.jit
-def _lut_keys(words, t0, t1, t2, t3, t4, t5, t6, t7):
+def _lut_keys(words, t0, t1, t2, t3, t4, t5, t6, t7, SYM: gl.constexpr):
     """Code words [X, Y] int32 -> int32 [X, 4Y]: byte v -> the fp16 pair (c[v & 15], c[v >> 4]) of the centroid
-    table t0..t7 (`lut_table`'s 8 words, loaded once per program)."""
+    table t0..t7 (`lut_table`'s 8 words, loaded once per program; SYM: a symmetric codebook)."""
     p0, p1, p2, p3 = gl.inline_asm_elementwise(
-        KEY_LUT_ASM, KEY_LUT_CONSTRAINTS, [words, t0, t1, t2, t3, t4, t5, t6, t7],
+        KEY_LUT_ASM_SYMMETRIC if SYM else KEY_LUT_ASM, KEY_LUT_CONSTRAINTS, [words, t0, t1, t2, t3, t4, t5, t6, t7],
         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
     return _bytes4(p0, p1, p2, p3)
 
 
 @gluon.jit
-def _lut_values(even, odd, t0, t1, t2, t3, t4, t5, t6, t7):
+def _lut_values(even, odd, t0, t1, t2, t3, t4, t5, t6, t7, SYM: gl.constexpr):
     """Code words of tokens 2p and 2p + 1 [X, Y] int32 -> (low, high) int32 [X, 4Y]: byte i's low-nibble centroids
     of both tokens as an fp16 pair (token 2p in the low half), and its high-nibble ones."""
     l0, l1, l2, l3, h0, h1, h2, h3 = gl.inline_asm_elementwise(
-        VALUE_LUT_ASM, VALUE_LUT_CONSTRAINTS, [even, odd, t0, t1, t2, t3, t4, t5, t6, t7],
+        VALUE_LUT_ASM_SYMMETRIC if SYM else VALUE_LUT_ASM, VALUE_LUT_CONSTRAINTS, [even, odd, t0, t1, t2, t3, t4, t5, t6, t7],
         dtype=(gl.int32,) * 8, is_pure=True, pack=1)
     return _bytes4(l0, l1, l2, l3), _bytes4(h0, h1, h2, h3)
 
@@ -245,8 +248,10 @@ def _tq_decode_lut_kernel(
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (value columns in `value_rows` order)
     Hkv, L, per_split, scale_log2,
-    G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr, 
-    kwords: gl.constexpr, vwords: gl.constexpr,  # the code-word tiles' layouts (`word_layouts`)
+    G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
+    BT: gl.constexpr,                     # tokens per step: 16 or 32 (fewer per-token softmax and rescale instructions, more registers)
+    KSYM: gl.constexpr, VSYM: gl.constexpr,  # the key / value codebook is symmetric (`groups.is_symmetric`): the shorter PTX
+    kwords: gl.constexpr, vwords: gl.constexpr,  # the code-word tiles' layouts (`word_layouts(D, BT)`)
 ):
     """The warp kernel with centroids from registers (`_lut_keys`, `_lut_values`) and the value product transposed:
     accᵀ [D, 8] += Vᵀ [D, 16 tokens] · Pᵀ [16 tokens, 8 query rows] (G <= 8), so the accumulator is a quarter of
@@ -256,7 +261,6 @@ def _tq_decode_lut_kernel(
     channel (D/8) g + 2i + h (`value_rows`), so a lane reads D/16 contiguous bytes per token. (Gathering either side
     from the 256-entry pair table in memory instead was measured slower: bench/RESULTS.md, runs 39-40.)"""
     GP: gl.constexpr = 16  # query rows of the score tile (G real ones)
-    BT: gl.constexpr = 16  # tokens per step
     NB: gl.constexpr = D // 2
     KB: gl.constexpr = D // 8
     VB: gl.constexpr = D // 16
@@ -307,7 +311,7 @@ def _tq_decode_lut_kernel(
         kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (t1 + tt).to(gl.int64) * sknt, mask=(t1 + tt) < end, other=0)
         vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (t1 + tt).to(gl.int64) * svnt, mask=(t1 + tt) < end, other=0)
         # keys: code words -> fp16 pairs (one per byte) from the register table -> operand B [D, BT] in kernel channel order
-        klo, khi = _fp16_halves(_lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7))
+        klo, khi = _fp16_halves(_lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7, KSYM))
         kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
         kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
         kv = gl.permute(kv, [2, 1, 3, 0])  # (j, m, e, n)
@@ -336,7 +340,7 @@ def _tq_decode_lut_kernel(
         a_col = gl.convert_layout(a_top, toks)
         # values: bytes of token pairs -> fp16 pairs (token 2p, 2p + 1) -> operand A [D, BT] in kernel row order
         v_even, v_odd = gl.split(gl.permute(gl.reshape(vb, [BT // 2, 2, NB // 4]), [0, 2, 1]))  # [BT/2, NB/4] words each
-        vlo, vhi = _lut_values(v_even, v_odd, v0, v1, v2, v3, v4, v5, v6, v7)  # (p, byte VB·g + i): channel 2i (lo) / 2i + 1 (hi) of byte group g
+        vlo, vhi = _lut_values(v_even, v_odd, v0, v1, v2, v3, v4, v5, v6, v7, VSYM)  # (p, byte VB·g + i): channel 2i (lo) / 2i + 1 (hi) of byte group g
         lo0, lo1 = _fp16_halves(vlo)
         hi0, hi1 = _fp16_halves(vhi)
         vv = gl.join(gl.join(lo0, lo1), gl.join(hi0, hi1))  # [BT/2, NB, 2 (s), 2 (h)]

@@ -213,39 +213,61 @@ def lut_table(centroids: torch.Tensor, lanes: int = 32) -> torch.Tensor:
     return words.to(torch.int32).expand(lanes, 8).contiguous()
 
 
-def lut_asm(words: list[str], outs: list[list[str]], table: int) -> str:
+def lut_asm(words: list[str], outs: list[list[str]], table: int, symmetric: bool = False) -> str:
     """PTX that decodes the 8 4-bit codes of each 32-bit word in `words` into 4 fp16 pairs `outs` (one per byte:
     the low nibble's centroid in the low half) with no memory access. Table operand $table + j (j = 0..3) holds the
     low bytes of centroids 4j .. 4j + 3, $table + 4 + j their high bytes (`lut_table`). Per 4 codes: PRMT looks up
     the low bytes of entries 0..7 and of 8..15 by the codes' low 3 bits, a LOP3 picks one by bit 3 (a byte mask
     made by PRMT's sign-replicating mode), the same for the high bytes, and two PRMTs interleave them into fp16
-    pairs: 21 instructions per 8 codes."""
+    pairs: 20 integer-pipe instructions per 8 codes.
+
+    symmetric (c[15 - i] = -c[i], as Lloyd-Max codebooks of a symmetric density are): one look-up per byte half in
+    the 8 magnitudes c[8..15] (table words 2, 3, 6, 7) by |index| = c & 7 for c >= 8, 7 - (c & 7) below, and the
+    sign bit flipped where bit 3 is clear: 16 per 8 codes."""
     t = [f"${table + j}" for j in range(8)]
-    lines = ["{", ".reg .b32 %w4, %s, %sh, %m0, %m1, %a, %b, %lo, %hi;"]
+    lines = ["{", ".reg .b32 %w4, %s, %sh, %m0, %m1, %a, %b, %lo, %hi, %f;"]
     for word, out in zip(words, outs):
-        lines += [f"shl.b32 %w4, {word}, 4;", f"and.b32 %s, {word}, 0x77777777;", "shr.b32 %sh, %s, 16;",
+        if symmetric:  # s = (w ^ 7·[bit 3 clear]) & 0x77777777: the magnitude index of every nibble
+            lines += ["shr.b32 %f, " + word + ", 3;", "lop3.b32 %f, %f, 0x11111111, 0, 0x0C;",  # ~f & 0x11111111 (c = 0: a & ~b with a=imm)
+                      "mul.lo.u32 %f, %f, 7;", f"lop3.b32 %s, {word}, %f, 0x77777777, 0x28;"]  # (w ^ f) & 0x77777777
+        else:
+            lines += [f"and.b32 %s, {word}, 0x77777777;"]
+        lines += [f"shl.b32 %w4, {word}, 4;", "shr.b32 %sh, %s, 16;",
                   f"prmt.b32 %m0, {word}, %w4, 0x9D8C;",  # byte i: 0xFF where code i (0..3) has bit 3 set
                   f"prmt.b32 %m1, {word}, %w4, 0xBFAE;"]  # the same for codes 4..7
         for sel, mask, pair in (("%s", "%m0", out[:2]), ("%sh", "%m1", out[2:])):
-            lines += [f"prmt.b32 %a, {t[0]}, {t[1]}, {sel};", f"prmt.b32 %b, {t[2]}, {t[3]}, {sel};", f"lop3.b32 %lo, %a, %b, {mask}, 0xD8;",
-                      f"prmt.b32 %a, {t[4]}, {t[5]}, {sel};", f"prmt.b32 %b, {t[6]}, {t[7]}, {sel};", f"lop3.b32 %hi, %a, %b, {mask}, 0xD8;",
-                      f"prmt.b32 {pair[0]}, %lo, %hi, 0x5140;", f"prmt.b32 {pair[1]}, %lo, %hi, 0x7362;"]
+            if symmetric:
+                lines += [f"prmt.b32 %lo, {t[2]}, {t[3]}, {sel};", f"prmt.b32 %hi, {t[6]}, {t[7]}, {sel};",
+                          f"lop3.b32 %hi, %hi, {mask}, 0x80808080, 0xD2;"]  # hi ^ (~mask & 0x80): negative where bit 3 is clear
+            else:
+                lines += [f"prmt.b32 %a, {t[0]}, {t[1]}, {sel};", f"prmt.b32 %b, {t[2]}, {t[3]}, {sel};", f"lop3.b32 %lo, %a, %b, {mask}, 0xD8;",
+                          f"prmt.b32 %a, {t[4]}, {t[5]}, {sel};", f"prmt.b32 %b, {t[6]}, {t[7]}, {sel};", f"lop3.b32 %hi, %a, %b, {mask}, 0xD8;"]
+            lines += [f"prmt.b32 {pair[0]}, %lo, %hi, 0x5140;", f"prmt.b32 {pair[1]}, %lo, %hi, 0x7362;"]
     return "\n".join(lines + ["}"])
 
 
+def is_symmetric(centroids: torch.Tensor) -> bool:
+    """Whether a 16-entry codebook is exactly c[15 - i] = -c[i] in fp16 (the symmetric PTX of `lut_asm` reads it)."""
+    h = centroids.half().flatten()
+    return h.numel() == 16 and torch.equal(h, -h.flip(0))
+
+
+_VALUE_PRELUDE = ("{\n.reg .b32 %x, %y, %u4, %t4;\nshl.b32 %u4, $9, 4;\nlop3.b32 %x, $8, %u4, 0x0F0F0F0F, 0xE4;\n"
+                  "shr.b32 %t4, $8, 4;\nlop3.b32 %y, %t4, $9, 0x0F0F0F0F, 0xE4;\n")
 # keys: one word of codes ($4) -> 4 fp16 pairs $0..$3 (one per byte); tables $5..$12
 KEY_LUT_ASM = lut_asm(["$4"], [["$0", "$1", "$2", "$3"]], 5)
+KEY_LUT_ASM_SYMMETRIC = lut_asm(["$4"], [["$0", "$1", "$2", "$3"]], 5, symmetric=True)
 # values: the same word of tokens t ($8) and t + 1 ($9). Their nibbles are interleaved first: x byte i = (t's low
 # nibble, t+1's low nibble), y byte i = (t's high nibble, t+1's high nibble), so each pair comes out as (token t,
 # token t + 1) of one channel, an mma A operand whose K is tokens. $0..$3 from x (byte i's low-nibble channel),
 # $4..$7 from y (its high-nibble channel); tables $10..$17.
-VALUE_LUT_ASM = lut_asm(["%x", "%y"], [["$0", "$1", "$2", "$3"], ["$4", "$5", "$6", "$7"]], 10).replace(
-    "{\n", "{\n.reg .b32 %x, %y, %u4, %t4;\nshl.b32 %u4, $9, 4;\nlop3.b32 %x, $8, %u4, 0x0F0F0F0F, 0xE4;\n"
-    "shr.b32 %t4, $8, 4;\nlop3.b32 %y, %t4, $9, 0x0F0F0F0F, 0xE4;\n", 1)
+VALUE_LUT_ASM = lut_asm(["%x", "%y"], [["$0", "$1", "$2", "$3"], ["$4", "$5", "$6", "$7"]], 10).replace("{\n", _VALUE_PRELUDE, 1)
+VALUE_LUT_ASM_SYMMETRIC = lut_asm(["%x", "%y"], [["$0", "$1", "$2", "$3"], ["$4", "$5", "$6", "$7"]], 10, symmetric=True).replace(
+    "{\n", _VALUE_PRELUDE, 1)
 
 
 def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
-    """Interpret `lut_asm`'s PTX subset (shl, shr, and, prmt, lop3 on .b32; default-mode prmt) on Python ints:
+    """Interpret `lut_asm`'s PTX subset (shl, shr, and, mul.lo, prmt, lop3 on 32 bits; default-mode prmt) on Python ints:
     operands {"$n": value} in, every register written out. For CPU tests of the exact text the GPU runs."""
     regs = dict(operands)
     val = lambda x: regs[x] if x in regs else int(x, 0)  # noqa: E731
@@ -261,6 +283,8 @@ def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
             r = val(a[1]) >> val(a[2])
         elif op == "and.b32":
             r = val(a[1]) & val(a[2])
+        elif op == "mul.lo.u32":
+            r = val(a[1]) * val(a[2])
         elif op == "lop3.b32":
             x, y, z, lut = (val(v) for v in a[1:])
             r = sum(((lut >> (((x >> k & 1) << 2) | ((y >> k & 1) << 1) | (z >> k & 1))) & 1) << k for k in range(32))
