@@ -97,16 +97,24 @@ def _fp16_bits(x: torch.Tensor) -> list[int]:
     return [int(v) & 0xFFFF for v in x.half().view(torch.int16).tolist()]
 
 
-def test_lut_kernel_ptx_decodes_every_byte_from_the_register_table():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_lut_kernel_ptx_decodes_every_byte_from_the_register_table(symmetric):
     """The exact PTX text `_tq_decode_lut_kernel` runs (interpreted on CPU by groups.run_ptx): keys turn every byte
-    of a code word into its fp16 centroid pair; values pair two tokens' codes per channel. An asymmetric codebook
-    (as the fitted ones are) with distinct entries, so a wrong select or byte order shows."""
+    of a code word into its fp16 centroid pair; values pair two tokens' codes per channel. Distinct entries, so a
+    wrong select, sign or byte order shows: an asymmetric codebook (as the fitted ones are) for the general PTX, a
+    symmetric one (c[15 - i] = -c[i], the Lloyd-Max ones) for the shorter PTX."""
     import random
 
-    from tqpatch.kernels.groups import KEY_LUT_ASM, VALUE_LUT_ASM, lut_table, run_ptx
+    from tqpatch.kernels import groups
+    from tqpatch.kernels.groups import is_symmetric, lut_table, run_ptx
 
     gen = torch.Generator().manual_seed(0)
     centroids = torch.randn(16, generator=gen).sort().values + 0.1
+    if symmetric:
+        centroids = torch.cat([-centroids[8:].flip(0), centroids[8:]])
+    assert is_symmetric(centroids) == symmetric
+    key_asm = groups.KEY_LUT_ASM_SYMMETRIC if symmetric else groups.KEY_LUT_ASM
+    value_asm = groups.VALUE_LUT_ASM_SYMMETRIC if symmetric else groups.VALUE_LUT_ASM
     table = [int(v) & 0xFFFFFFFF for v in lut_table(centroids)[0].tolist()]
     assert torch.equal(lut_table(centroids), lut_table(centroids)[:1].expand(32, 8))  # one row per lane, all the same
     bits = _fp16_bits(centroids)
@@ -114,8 +122,8 @@ def test_lut_kernel_ptx_decodes_every_byte_from_the_register_table():
     words = [int.from_bytes(bytes([v, (v + 17) % 256, (3 * v) % 256, 255 - v]), "little") for v in range(256)]  # every byte in every slot
     words += [rng.getrandbits(32) for _ in range(64)]
     for t, u in zip(words, words[1:] + words[:1]):
-        key = run_ptx(KEY_LUT_ASM, {"$4": t, **{f"${5 + j}": table[j] for j in range(8)}})
-        value = run_ptx(VALUE_LUT_ASM, {"$8": t, "$9": u, **{f"${10 + j}": table[j] for j in range(8)}})
+        key = run_ptx(key_asm, {"$4": t, **{f"${5 + j}": table[j] for j in range(8)}})
+        value = run_ptx(value_asm, {"$8": t, "$9": u, **{f"${10 + j}": table[j] for j in range(8)}})
         for i in range(4):
             bt, bu = t >> 8 * i & 0xFF, u >> 8 * i & 0xFF
             assert key[f"${i}"] == bits[bt & 15] | bits[bt >> 4] << 16
