@@ -49,17 +49,17 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # of the in-kernel RoPE-position bias (rope_precision "tf32": measured faster than the dense float32 bias, 3e-3 relative
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
-                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 64, "warp_min_split_tokens": 512, "warp_key_pairs": True,
-                 "warp_lut": True, "warp_maxnreg": 144, "warp_lut_tokens": 16}
+                 "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
+                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
 # warp_key_pairs: key bytes looked up in a 256-entry table of centroid pairs (one gather per byte). Run 36's sweep chose
 # 64 programs per SM and pairs (k4v4 0.505 vs 0.554 ms per call without pairs, same run). warp_lut: at most 8 query
 # heads per KV head take `_tq_decode_lut_kernel` instead: centroids from a table in registers (PRMT), no gathers,
-# and the value product transposed (accᵀ [d, 8]); warp_maxnreg: a register cap for it (ptxas; None: its own choice, 163
-# registers, 12 warps per SM; 144: 14 warps, no spills); warp_lut_tokens: its tokens per step (16 or 32). Runs 39-40
-# chose the LUT kernel at 144 registers.
+# and the value product transposed (accᵀ [d, 8]); warp_maxnreg: a register cap for it (ptxas; None: its own choice);
+# warp_lut_tokens: its tokens per step (16 or 32). Run 42's sweep chose 128 programs per SM, 32 tokens per step at
+# 168 registers (12 warps per SM, no spills): 0.147 ms against 0.156 for 16 tokens at 144 (bench/RESULTS.md).
 
 __all__ = [
     "HEAD_DIMS",
