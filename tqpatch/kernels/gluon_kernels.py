@@ -1,6 +1,8 @@
 """Gluon kernels (Triton with explicit layouts; private: launched by `tqpatch.kernels`).
 
 _tq_decode_warp_kernel   the flash-decoding split kernel for one 4-bit code group per side, one warp per program
+_tq_decode_lut_kernel    the same (at most 8 query heads per KV head) with centroids decoded in registers by byte
+                         permutes (PTX from `groups.lut_asm`) and the value product transposed: the default for k4v4
 
 Why a second split kernel. `_tq_decode_split_kernel` (triton_kernels.py) lets Triton pick the layouts: the decoded
 centroids of every tile go through shared memory to reach the mma operand layout (a layout conversion and a barrier
