@@ -255,11 +255,14 @@ def _tq_decode_lut_kernel(
     KSYM: gl.constexpr, VSYM: gl.constexpr,  # the key / value codebook is symmetric (`groups.is_symmetric`): the shorter PTX
     kwords: gl.constexpr, vwords: gl.constexpr,  # the code-word tiles' layouts (`word_layouts(D, BT)`)
 ):
-    """The warp kernel with centroids from registers (`_lut_keys`, `_lut_values`) and the value product transposed:
-    accᵀ [D, 8] += Vᵀ [D, 16 tokens] · Pᵀ [16 tokens, 8 query rows] (G <= 8), so the accumulator is a quarter of
-    [16, D]'s padding-free size and the rescale by α takes D/4 multiplies per lane instead of D/2. Pᵀ is the score
-    accumulator's rows 0..7 as they lie (an mma C fragment's row g is a B fragment's column g). A lane's value A
-    fragment holds kernel rows ρ = 16i + 8h + g (g = lane / 4) of tokens 2t, 2t + 1 (+ 8); kernel row ρ is stored
+    """The warp kernel with centroids from registers (`_lut_keys`, `_lut_values`) and both products transposed
+    (G <= 8 query heads per KV head, padded to 8 columns):
+        Sᵀ [BT, 8] = K [BT, D] · Qᵀ [D, 8]          accᵀ [D, 8] += Vᵀ [D, BT] · Pᵀ [BT, 8]
+    so no mma carries padding rows (half the score mmas of S = Q Kᵀ at M = 16), the accumulator is [D, 8] (the
+    rescale by α takes D/4 multiplies per lane), and the softmax statistics are per column, where accᵀ needs them.
+    Pᵀ goes from the C fragment (token lane / 4) to the B fragment (query lane / 4) by warp shuffles. The key A
+    fragment holds the same registers as the former key B fragment (tokens lane / 4 (+ 8), channels 2t + e (+ 8)).
+    A lane's value A fragment holds kernel rows ρ = 16i + 8h + g (g = lane / 4) of tokens 2t, 2t + 1 (+ 8); kernel row ρ is stored
     channel (D/8) g + 2i + h (`value_rows`), so a lane reads D/16 contiguous bytes per token. (Gathering either side
     from the 256-entry pair table in memory instead was measured slower: bench/RESULTS.md, runs 39-40.)"""
     GP: gl.constexpr = 16  # query rows of the score tile (G real ones)
@@ -269,18 +272,18 @@ def _tq_decode_lut_kernel(
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    rows: gl.constexpr = gl.SliceLayout(1, mma)  # per query row of the score tile
-    toks: gl.constexpr = gl.SliceLayout(0, mma)  # per token of the score tile; per query column of accᵀ
+    toks: gl.constexpr = gl.SliceLayout(1, mma)  # per token (row) of the transposed score tile Sᵀ [BT, 8]
+    cols: gl.constexpr = gl.SliceLayout(0, mma)  # per query column of Sᵀ and of accᵀ
 
     pid_bh = gl.program_id(0)
     pid_s = gl.program_id(1)
     n_split = gl.num_programs(1)
     b = (pid_bh // Hkv).to(gl.int64)
     h = (pid_bh % Hkv).to(gl.int64)
-    qg = gl.arange(0, GP, layout=gl.SliceLayout(1, op_a))
-    qc = gl.arange(0, D, layout=gl.SliceLayout(0, op_a))
+    qc = gl.arange(0, D, layout=gl.SliceLayout(1, op_b))
+    qg = gl.arange(0, 8, layout=gl.SliceLayout(0, op_b))
     qrow = (b * Hkv * G + h * G + qg) * sqk
-    q = gl.load(qk_ptr + qrow[:, None] + qc[None, :], mask=(qg < G)[:, None], other=0.0).to(gl.float16)
+    q = gl.load(qk_ptr + qrow[None, :] + qc[:, None], mask=(qg < G)[None, :], other=0.0).to(gl.float16)  # Qᵀ [D, 8]
 
     kt = gl.arange(0, BT, layout=gl.SliceLayout(1, kwords))
     kcol = gl.arange(0, NB // 4, layout=gl.SliceLayout(0, kwords))
@@ -289,8 +292,8 @@ def _tq_decode_lut_kernel(
     tt = gl.arange(0, BT, layout=toks)
     kbase = kc_ptr + b * skcb + h * skch
     vbase = vc_ptr + b * svcb + h * svch
-    m_i = gl.full([GP], NEG, gl.float32, layout=rows)
-    l_i = gl.zeros([GP], gl.float32, layout=rows)
+    m_i = gl.full([8], NEG, gl.float32, layout=cols)
+    l_i = gl.zeros([8], gl.float32, layout=cols)
     acc = gl.zeros([D, 8], gl.float32, layout=mma)  # accᵀ
     start = pid_s * per_split
     end = gl.minimum(L, start + per_split)
@@ -312,34 +315,30 @@ def _tq_decode_lut_kernel(
         vb_next = gl.load(vbase + ((t1 + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((t1 + vt) < end)[:, None], other=0)
         kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (t1 + tt).to(gl.int64) * sknt, mask=(t1 + tt) < end, other=0)
         vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (t1 + tt).to(gl.int64) * svnt, mask=(t1 + tt) < end, other=0)
-        # keys: code words -> fp16 pairs (one per byte) from the register table -> operand B [D, BT] in kernel channel order
+        # keys: code words -> fp16 pairs (one per byte) from the register table -> operand A [BT, D] in kernel channel order
         klo, khi = _fp16_halves(_lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7, KSYM))
         kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
         kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
-        kv = gl.permute(kv, [2, 1, 3, 0])  # (j, m, e, n)
-        kv = gl.convert_layout(gl.reshape(kv, [D, BT]), op_b, assert_trivial=True)
-        s = mma_v2(q, kv, gl.zeros([GP, BT], gl.float32, layout=mma))
+        kv = gl.permute(kv, [0, 2, 1, 3])  # (n, j, m, e)
+        kv = gl.convert_layout(gl.reshape(kv, [BT, D]), op_a, assert_trivial=True)
+        s = mma_v2(kv, q, gl.zeros([BT, 8], gl.float32, layout=mma))  # Sᵀ [BT, 8]
         offs = t0 + tt
         tmask = offs < end
         kn = _norms(kn_raw, krange_ptr, h, Hkv, KN8)
-        s = s * (kn * scale_log2)[None, :]
+        s = s * (kn * scale_log2)[:, None]
         valid = tmask
         if HAS_MASK:
             valid = valid & (gl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
-        s = gl.where(valid[None, :], s, NEG)
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.where(valid[None, :], gl.exp2(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+        s = gl.where(valid[:, None], s, NEG)
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        alpha = gl.exp2(m_i - m_new)  # per query column: the layout of accᵀ's columns
+        p = gl.where(valid[:, None], gl.exp2(s - m_new[None, :]), 0.0)
+        l_i = l_i * alpha + gl.sum(p, axis=0)
         m_i = m_new
         vn = _norms(vn_raw, vrange_ptr, h, Hkv, VN8)
-        # Pᵀ [BT, 8]: the score tile's rows 0..7 (row bit 3 is a register bit of the C fragment), transposed
-        pv = gl.reshape((p * vn[None, :]).to(gl.float16), [2, 8, BT])
-        pv_top, pv_bottom = gl.split(gl.permute(pv, [1, 2, 0]))
-        pv_t = gl.convert_layout(gl.permute(pv_top, [1, 0]), op_b, assert_trivial=True)
-        # α of rows 0..7, as a per-column vector of accᵀ (a transposition across lanes: warp shuffles)
-        a_top, a_bottom = gl.split(gl.permute(gl.reshape(alpha, [2, 8]), [1, 0]))
-        a_col = gl.convert_layout(a_top, toks)
+        # Pᵀ [BT, 8] as the value product's B operand: a C fragment holds token lane / 4, a B fragment query lane / 4
+        pv_t = gl.convert_layout((p * vn[:, None]).to(gl.float16), op_b)
+        a_col = alpha
         # values: bytes of token pairs -> fp16 pairs (token 2p, 2p + 1) -> operand A [D, BT] in kernel row order
         v_even, v_odd = gl.split(gl.permute(gl.reshape(vb, [BT // 2, 2, NB // 4]), [0, 2, 1]))  # [BT/2, NB/4] words each
         vlo, vhi = _lut_values(v_even, v_odd, v0, v1, v2, v3, v4, v5, v6, v7, VSYM)  # (p, byte VB·g + i): channel 2i (lo) / 2i + 1 (hi) of byte group g
@@ -351,10 +350,10 @@ def _tq_decode_lut_kernel(
         vv = gl.convert_layout(gl.reshape(vv, [D, BT]), op_a, assert_trivial=True)
         acc = mma_v2(vv, pv_t, acc * a_col[None, :])
     out = pid_bh * n_split + pid_s
-    g = gl.arange(0, GP, layout=rows)
+    g = gl.arange(0, 8, layout=cols)
     gmask = g < G
     gl.store(m_ptr + out * G + g, m_i, mask=gmask)
     gl.store(l_ptr + out * G + g, l_i, mask=gmask)
     rho = gl.arange(0, D, layout=gl.SliceLayout(1, mma))
-    col = gl.arange(0, 8, layout=toks)
+    col = gl.arange(0, 8, layout=cols)
     gl.store(acc_ptr + ((out * G + col) * D)[None, :] + rho[:, None], acc, mask=(col < G)[None, :])
