@@ -265,7 +265,6 @@ def _tq_decode_lut_kernel(
     A lane's value A fragment holds kernel rows ρ = 16i + 8h + g (g = lane / 4) of tokens 2t, 2t + 1 (+ 8); kernel row ρ is stored
     channel (D/8) g + 2i + h (`value_rows`), so a lane reads D/16 contiguous bytes per token. (Gathering either side
     from the 256-entry pair table in memory instead was measured slower: bench/RESULTS.md, runs 39-40.)"""
-    GP: gl.constexpr = 16  # query rows of the score tile (G real ones)
     NB: gl.constexpr = D // 2
     KB: gl.constexpr = D // 8
     VB: gl.constexpr = D // 16
