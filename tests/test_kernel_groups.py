@@ -149,3 +149,18 @@ def test_lut_kernel_value_rows_turn_its_transposed_tile_into_the_stored_values(d
     p = torch.randn(16, 3, generator=gen)
     assert torch.allclose((tile @ p)[torch.argsort(value_rows(d))], stored.T @ p, atol=1e-5)
     assert sorted(value_rows(d).tolist()) == list(range(d))
+
+
+def test_lut_kernel_reads_codes_as_words_only_where_they_align():
+    """The LUT kernel loads codes as int32 words (the same memory); a view that does not align falls back to the gather
+    kernel (None), so misaligned bytes are never read as words."""
+    from tqpatch.kernels import _as_words
+
+    codes = torch.randint(0, 256, (2, 3, 10, 64), dtype=torch.uint8)
+    words = _as_words(codes)
+    assert words is not None and words.dtype == torch.int32 and words.shape == (2, 3, 10, 16)
+    assert torch.equal(words.view(torch.uint8), codes)
+    sliced = _as_words(codes[:, :, 3:])  # a token offset of 3 · 64 bytes: still aligned
+    assert sliced is not None and torch.equal(sliced.view(torch.uint8), codes[:, :, 3:])
+    assert _as_words(codes[..., 2:62]) is None  # starts 2 bytes in
+    assert _as_words(codes[..., :62]) is None  # 62 bytes a token: not whole words

@@ -16,8 +16,9 @@ channel groups have 1..4 bits (any number of channels); head_dim a power
 of two in 16..256, float16 or 8-bit log norms. The store kernel writes a split
 group where its width is such a power of two too (else the PyTorch encode); mse
 codes of bfloat16/float16 x at widths 32..128 take its x16 variant. Decode on
-4-bit codes of one group per side (k4v4, d 64/128, no score bias) takes the
-Gluon warp kernel (`gluon_kernels.py`) where Triton ships Gluon.
+4-bit codes of one group per side (k4v4, d 64/128, no score bias) takes a
+Gluon warp kernel (`gluon_kernels.py`) where Triton ships Gluon: the
+register-table kernel at <= 8 query heads per KV head, the gather one above.
 Everything else (more bits, prod in a split) uses the reference path.
 """
 
