@@ -4,7 +4,8 @@ registers, spills, shared memory.
     .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT[,GROUPS[,ROPE]]]]] ...]   e.g. 32,4,3,4 32,4,3,4,128,1,0,2 32,4,3,4,128,1,0,1,1
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
     .venv/bin/python bench/compile_check.py store-x16 [BLOCK_R,WARPS,STAGES,BITS[,D[,DTYPE[,N8[,LO]]]] ...]   e.g. 64,4,2,4,128,fp16,1
-    .venv/bin/python bench/compile_check.py warp [D[,N8[,MASK[,G[,PAIRS]]]] ...]   e.g. 128,1,1,4,0 (the Gluon k4v4 decode kernel)
+    .venv/bin/python bench/compile_check.py warp [D[,N8[,MASK[,G[,PAIRS]]]] ...]   e.g. 128,1,1,4,0 (the Gluon k4v4 gather kernel)
+    .venv/bin/python bench/compile_check.py lut [D[,N8[,MASK[,G[,BT[,MAXNREG[,SYM]]]]]] ...]   e.g. 128,0,0,4,32,168,1 (the register-table kernel)
 
 Uses the ptxas that ships with Triton (for the Gluon kernel: shared memory 0 B and 0 barriers is the point). Integer arguments are specialized as on the B=8, Hkv=8, L=32k
 bench shape (pointers and multiples of 16 marked divisible by 16, ones folded), so the pipelining
@@ -41,7 +42,7 @@ def _ptxas_report(k) -> str:
     return " ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines() if "Used" in line or "spill" in line)
 
 
-def _compile(fn, const: dict, ints: dict, ptr_type, int_type, warps: int, stages: int = 1, source=ASTSource):
+def _compile(fn, const: dict, ints: dict, ptr_type, int_type, warps: int, stages: int = 1, source=ASTSource, maxnreg: int | None = None):
     """Compile `fn` for sm_90 with constexprs `const`, integer arguments typed by int_type(name) and specialized as
     `ints` (ones folded, multiples of 16 and pointers marked divisible by 16, as Triton does at launch), pointers
     typed by ptr_type(name)."""
@@ -56,7 +57,7 @@ def _compile(fn, const: dict, ints: dict, ptr_type, int_type, warps: int, stages
             sig[n] = int_type(n)
         if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(source(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, **({"maxnreg": int(os.environ["MAXNREG"])} if os.environ.get("MAXNREG") else {})))
+    return triton.compile(source(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {})))
 
 
 def _store_ints(d: int, bits: int, model_layout: bool) -> dict:
@@ -106,6 +107,26 @@ def compile_warp(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, pairs: in
             f"shared {k.metadata.shared} B; {_ptxas_report(k)}")
 
 
+def compile_lut(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, bt: int = 32, maxnreg: int = 168, sym: int = 1) -> str:
+    """The Gluon register-table decode kernel at the B=8, Hkv=8, L=32k bench shape, k4v4 codes read as int32 words."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from tqpatch.kernels import gluon_kernels as gk
+
+    length, nw = 32768, d // 8
+    ints = dict(sqk=d, skcb=8 * length * nw, skch=length * nw, skct=nw, sknb=8 * length, sknh=length, sknt=1, svcb=8 * length * nw,
+                svch=length * nw, svct=nw, svnb=8 * length, svnh=length, svnt=1, smb=0, mask_off=0, Hkv=8, L=length, per_split=512)
+    kwords, vwords = gk.word_layouts(d, bt)
+    const = dict(G=g, D=d, HAS_MASK=bool(mask), KN8=bool(n8), VN8=bool(n8), BT=bt, KSYM=bool(sym), VSYM=bool(sym), kwords=kwords, vwords=vwords)
+    fp32 = ("qk_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr")
+    i32 = ("kc_ptr", "vc_ptr", "ktab_ptr", "vtab_ptr")
+    ptr_type = lambda n: "*fp32" if n in fp32 else "*i32" if n in i32 else "*fp16" if n in ("kn_ptr", "vn_ptr") and not n8 else "*u8"  # noqa: E731
+    int_type = lambda n: "fp32" if n == "scale_log2" else "i64" if n.startswith("s") else "i32"  # noqa: E731
+    k = _compile(gk._tq_decode_lut_kernel, const, ints, ptr_type, int_type, 1, source=GluonASTSource, maxnreg=maxnreg or None)
+    return (f"lut d={d} G={g} tokens/step={bt}{' 8-bit norms' if n8 else ''}{' mask' if mask else ''}{' symmetric' if sym else ' general'} PTX"
+            f"{f' maxnreg={maxnreg}' if maxnreg else ''}: shared {k.metadata.shared} B; {_ptxas_report(k)}")
+
+
 def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0, groups: int = 1, rope: int = 0) -> str:
     """The decode split kernel at the B=8, Hkv=8, L=32k bench shape: keys and values of `bits` bits, as one code
     group per vector or (groups=2) two equal halves (a split codec's layout); rope=1 adds the RoPE-position bias (2: in tf32)."""
@@ -137,7 +158,10 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["warp"]:
+    if sys.argv[1:2] == ["lut"]:
+        for spec in sys.argv[2:] or ["128", "128,0,0,4,16,144", "128,1,1,8,32,168,0", "64,0,1,5"]:
+            print(compile_lut(*map(int, spec.split(","))), flush=True)
+    elif sys.argv[1:2] == ["warp"]:
         for spec in sys.argv[2:] or ["128", "128,1,1,4,0", "64,0,1,8"]:
             print(compile_warp(*map(int, spec.split(","))), flush=True)
     elif sys.argv[1:2] == ["store-x16"]:

@@ -76,6 +76,16 @@ def _norms(raw, range_ptr, h, Hkv, N8: gl.constexpr):
 
 
 @gluon.jit
+def _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, t, end):
+    """The code tiles (key and value layouts of kt/kcol, vt/vcol) and norms of the tokens t .. t + BT - 1 (< end)."""
+    kb = gl.load(kbase + ((t + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((t + kt) < end)[:, None], other=0)
+    vb = gl.load(vbase + ((t + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((t + vt) < end)[:, None], other=0)
+    kn = gl.load(knbase + (t + tt).to(gl.int64) * sknt, mask=(t + tt) < end, other=0)
+    vn = gl.load(vnbase + (t + tt).to(gl.int64) * svnt, mask=(t + tt) < end, other=0)
+    return kb, vb, kn, vn
+
+
+@gluon.jit
 def _tq_decode_warp_kernel(
     qk_ptr, sqk,                          # rotated queries in key-kernel channel order [B*Hq, D] fp32
     kc_ptr, skcb, skch, skct,             # key codes [B, Hkv, *, D/2] uint8 (4-bit, natural order)
@@ -126,20 +136,16 @@ def _tq_decode_warp_kernel(
     start = pid_s * per_split
     end = gl.minimum(L, start + per_split)
     # the code bytes and norms of a step are loaded one step ahead (registers), so HBM latency overlaps the step before
-    kb_next = gl.load(kbase + ((start + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((start + kt) < end)[:, None], other=0)
-    vb_next = gl.load(vbase + ((start + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((start + vt) < end)[:, None], other=0)
-    kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (start + tt).to(gl.int64) * sknt, mask=(start + tt) < end, other=0)
-    vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (start + tt).to(gl.int64) * svnt, mask=(start + tt) < end, other=0)
+    knbase = kn_ptr + b * sknb + h * sknh
+    vnbase = vn_ptr + b * svnb + h * svnh
+    kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, start, end)
     for t0 in range(start, end, BT):
         kb = kb_next.to(gl.int32)
         vb = vb_next.to(gl.int32)
         kn_raw = kn_next
         vn_raw = vn_next
         t1 = t0 + BT
-        kb_next = gl.load(kbase + ((t1 + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((t1 + kt) < end)[:, None], other=0)
-        vb_next = gl.load(vbase + ((t1 + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((t1 + vt) < end)[:, None], other=0)
-        kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (t1 + tt).to(gl.int64) * sknt, mask=(t1 + tt) < end, other=0)
-        vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (t1 + tt).to(gl.int64) * svnt, mask=(t1 + tt) < end, other=0)
+        kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, t1, end)
         # keys: bytes -> centroids of both nibbles -> operand B [D, BT] in kernel channel order
         if PAIRS:  # one gather per byte: both centroids as one 32-bit word
             pair = gl.load(kcent_ptr + kb)
@@ -300,20 +306,16 @@ def _tq_decode_lut_kernel(
     k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
     v0, v1, v2, v3 = _table_word(vtab_ptr), _table_word(vtab_ptr + 1), _table_word(vtab_ptr + 2), _table_word(vtab_ptr + 3)
     v4, v5, v6, v7 = _table_word(vtab_ptr + 4), _table_word(vtab_ptr + 5), _table_word(vtab_ptr + 6), _table_word(vtab_ptr + 7)
-    kb_next = gl.load(kbase + ((start + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((start + kt) < end)[:, None], other=0)
-    vb_next = gl.load(vbase + ((start + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((start + vt) < end)[:, None], other=0)
-    kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (start + tt).to(gl.int64) * sknt, mask=(start + tt) < end, other=0)
-    vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (start + tt).to(gl.int64) * svnt, mask=(start + tt) < end, other=0)
+    knbase = kn_ptr + b * sknb + h * sknh
+    vnbase = vn_ptr + b * svnb + h * svnh
+    kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, start, end)
     for t0 in range(start, end, BT):
         kb = kb_next
         vb = vb_next
         kn_raw = kn_next
         vn_raw = vn_next
         t1 = t0 + BT
-        kb_next = gl.load(kbase + ((t1 + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((t1 + kt) < end)[:, None], other=0)
-        vb_next = gl.load(vbase + ((t1 + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((t1 + vt) < end)[:, None], other=0)
-        kn_next = gl.load(kn_ptr + b * sknb + h * sknh + (t1 + tt).to(gl.int64) * sknt, mask=(t1 + tt) < end, other=0)
-        vn_next = gl.load(vn_ptr + b * svnb + h * svnh + (t1 + tt).to(gl.int64) * svnt, mask=(t1 + tt) < end, other=0)
+        kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, t1, end)
         # keys: code words -> fp16 pairs (one per byte) from the register table -> operand A [BT, D] in kernel channel order
         klo, khi = _fp16_halves(_lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7, KSYM))
         kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
