@@ -267,10 +267,12 @@ def bench_attention(bw: float, shapes) -> dict:
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
     for pairs in (True, False):  # the gather kernel on the same splits
         trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_lut": False, "warp_key_pairs": pairs})
+    for block_s in (64, 128):  # the combine kernel's splits per round
+        trial(name="k4v4-warp", **{**_tuning_of(best_warp), "combine_block_s": block_s})
     trial(name="k4v4-warp", **_tuning_of(best_warp))  # the same again: run-to-run spread
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
     kernels.DECODE_TUNING.update({k: best_warp[k] for k in ("warp_kernel", "warp_lut", "warp_programs_per_sm", "warp_min_split_tokens", "warp_key_pairs",
-                                                            "warp_maxnreg", "warp_lut_tokens")})
+                                                            "warp_maxnreg", "warp_lut_tokens", "combine_block_s")})
     # split codecs (two code groups): their tile and the narrowest plane, on 2.5 bits (3-bit + 2-bit halves)
     split = SplitCodec(d, 2.5, 0, norm_bits=8)
     kp, vp = _random_parts(split, 8, hkv, 32768), _random_parts(split, 8, hkv, 32768)

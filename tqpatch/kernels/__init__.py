@@ -41,7 +41,6 @@ from .reference import decode_attention_reference, encode_reference
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MSE_BITS = KERNEL_BITS  # mse bits of a code group the kernels read
 LOG2E = 1.4426950408889634
-COMBINE_BLOCK_S = 32  # splits the combine kernel reads at once (more: more registers; more splits are read in turns)
 ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offsets of any decode tile (block_t <= 256)
 # Decode-kernel launch settings (bench/RESULTS.md says how they were chosen): tokens per tile (block_t; split_block_t
 # where a side has two code groups, whose kernel holds twice the state), warps, software-pipelining stages, centroid
@@ -51,7 +50,8 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
-                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32}
+                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32,
+                 "combine_block_s": 32}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
@@ -61,6 +61,7 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # and the value product transposed (accᵀ [d, 8]); warp_maxnreg: a register cap for it (ptxas; None: its own choice);
 # warp_lut_tokens: its tokens per step (16 or 32). Run 42's sweep chose 128 programs per SM, 32 tokens per step at
 # 168 registers (12 warps per SM, no spills): 0.147 ms against 0.156 for 16 tokens at 144 (bench/RESULTS.md).
+# combine_block_s: splits the combine kernel reads per round (more: more registers, fewer rounds).
 
 __all__ = [
     "HEAD_DIMS",
@@ -537,7 +538,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
             unrot, unrot.stride(0) if unrot.shape[0] > 1 else 0,
             out, out.stride(0), out.stride(1),
             hkv, scale_log2,
-            G=g, D=d, AW=aw, AWU=awu, HAS_FMASK=fp_valid is not None, BLOCK_F=16, BLOCK_S=COMBINE_BLOCK_S, BLOCK_J=max(8, 8192 // d),
+            G=g, D=d, AW=aw, AWU=awu, HAS_FMASK=fp_valid is not None, BLOCK_F=16, BLOCK_S=DECODE_TUNING["combine_block_s"], BLOCK_J=max(8, 8192 // d),
             num_warps=4,
         )
     return out
