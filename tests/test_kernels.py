@@ -369,6 +369,17 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     assert len(calls) == 3 and _rel(outs[0], split) < REL_TOL
 
 
+@pytest.mark.parametrize("block_s", [8, 64])
+def test_combine_kernel_merges_more_splits_than_it_reads_per_round(block_s, monkeypatch):
+    """150 splits (a 1-token tail among them) merged `block_s` at a time, with exact tokens in the same softmax:
+    the combine kernel's multi-round online merge matches the reference."""
+    monkeypatch.setitem(kernels.DECODE_TUNING, "combine_block_s", block_s)
+    gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(12, b=1, hkv=2, group=4, length=150 * 32 + 1, d=64, fp_tokens=3)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, 64**-0.5)
+    out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, 64**-0.5, out_dtype=torch.float32, block_t=32, num_splits=151)
+    assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, _rel(out, ref)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
     """Centered keys: the kernel adds ⟨q, R_p μ⟩ (a per-row, per-token bias) to the scores of the compressed tokens."""

@@ -51,7 +51,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
                  "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32,
-                 "combine_block_s": 32}
+                 "combine_block_s": 64}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
@@ -61,7 +61,7 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # and the value product transposed (accᵀ [d, 8]); warp_maxnreg: a register cap for it (ptxas; None: its own choice);
 # warp_lut_tokens: its tokens per step (16 or 32). Run 42's sweep chose 128 programs per SM, 32 tokens per step at
 # 168 registers (12 warps per SM, no spills): 0.147 ms against 0.156 for 16 tokens at 144 (bench/RESULTS.md).
-# combine_block_s: splits the combine kernel reads per round (more: more registers, fewer rounds).
+# combine_block_s: splits the combine kernel reads per round (more: more registers, fewer rounds; run 47: 64, within 1%).
 
 __all__ = [
     "HEAD_DIMS",
