@@ -572,21 +572,26 @@ def _as_words(codes: torch.Tensor) -> torch.Tensor | None:
     return codes.view(torch.int32)
 
 
-def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):
-    from . import gluon_kernels as gk
-
+def _warp_common_args(qk, kgroup, vgroup, kp, vp, klay, vlay, valid) -> tuple:
+    """The arguments both warp kernels take after the codes: norms (+ their 8-bit ranges) and the valid flags."""
     knorms, vnorms = kp[kgroup.norms], vp[vgroup.norms]
     kn8, vn8 = kgroup.norm_codes is not None, vgroup.norm_codes is not None
     mk = valid if valid is not None else knorms
+    return (knorms, vnorms, klay.norm_ranges if kn8 else qk, vlay.norm_ranges if vn8 else qk, mk, mk.stride(0) if valid is not None else 0,
+            kn8, vn8)
+
+
+def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):
+    from . import gluon_kernels as gk
+
+    knorms, vnorms, krange, vrange, mk, smb, kn8, vn8 = _warp_common_args(qk, kgroup, vgroup, kp, vp, klay, vlay, valid)
     bt = DECODE_TUNING["warp_lut_tokens"]
     klayout, vlayout = gk.word_layouts(d, bt)
     gk._tq_decode_lut_kernel[(m.shape[0], splits)](
         qk, qk.stride(0),
         kwords, *kwords.stride()[:3], knorms, *knorms.stride()[:3], kc["lut_table"],
         vwords, *vwords.stride()[:3], vnorms, *vnorms.stride()[:3], vc["lut_table"],
-        klay.norm_ranges if kn8 else qk, vlay.norm_ranges if vn8 else qk,
-        mk, mk.stride(0) if valid is not None else 0, 0,
-        m, l_, acc,
+        krange, vrange, mk, smb, 0, m, l_, acc,
         hkv, length, per_split, scale_log2,
         G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
         num_warps=1, **({"maxnreg": DECODE_TUNING["warp_maxnreg"]} if DECODE_TUNING["warp_maxnreg"] else {}),
@@ -596,18 +601,15 @@ def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, 
 def _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):
     from . import gluon_kernels as gk
 
-    kcodes, knorms, vcodes, vnorms = kp[kgroup.codes], kp[kgroup.norms], vp[vgroup.codes], vp[vgroup.norms]
-    kn8, vn8 = kgroup.norm_codes is not None, vgroup.norm_codes is not None
-    mk = valid if valid is not None else knorms
+    kcodes, vcodes = kp[kgroup.codes], vp[vgroup.codes]
+    knorms, vnorms, krange, vrange, mk, smb, kn8, vn8 = _warp_common_args(qk, kgroup, vgroup, kp, vp, klay, vlay, valid)
     kbytes, vbytes = gk.byte_layouts(d)
     pairs = DECODE_TUNING["warp_key_pairs"]
     gk._tq_decode_warp_kernel[(m.shape[0], splits)](
         qk, qk.stride(0),
         kcodes, *kcodes.stride()[:3], knorms, *knorms.stride()[:3], kc["centroid_pairs" if pairs else "centroids_fp16"],
         vcodes, *vcodes.stride()[:3], vnorms, *vnorms.stride()[:3], vc["centroids_fp16"],
-        klay.norm_ranges if kn8 else qk, vlay.norm_ranges if vn8 else qk,
-        mk, mk.stride(0) if valid is not None else 0, 0,
-        m, l_, acc,
+        krange, vrange, mk, smb, 0, m, l_, acc,
         hkv, length, per_split, scale_log2,
         G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, PAIRS=pairs, kbytes=kbytes, vbytes=vbytes,
         num_warps=1,
