@@ -267,7 +267,7 @@ def _tq_decode_lut_kernel(
     so no mma carries padding rows (half the score mmas of S = Q Kᵀ at M = 16), the accumulator is [D, 8] (the
     rescale by α takes D/4 multiplies per lane), and the softmax statistics are per column, where accᵀ needs them.
     Pᵀ goes from the C fragment (token lane / 4) to the B fragment (query lane / 4) by warp shuffles. The key A
-    fragment holds the same registers as the former key B fragment (tokens lane / 4 (+ 8), channels 2t + e (+ 8)).
+    fragment holds what a key B fragment Kᵀ [D, BT] would: tokens lane / 4 (+ 8), channels 2t + e (+ 8) (`key_channels`).
     A lane's value A fragment holds kernel rows ρ = 16i + 8h + g (g = lane / 4) of tokens 2t, 2t + 1 (+ 8); kernel row ρ is stored
     channel (D/8) g + 2i + h (`value_rows`), so a lane reads D/16 contiguous bytes per token. (Gathering either side
     from the 256-entry pair table in memory instead was measured slower: bench/RESULTS.md, runs 39-40.)"""
