@@ -236,6 +236,51 @@ class CenteredCodec:
 EIGEN_ENTRY_BITS = 4  # B of an eigen split is stored in 4-bit entries: d²/2 bytes, as much as a symmetric int8 A
 
 
+class EigenValueCodec:
+    """Values in the eigenbasis of their second moment (PCA per KV head), the leading directions in the
+    SplitCodec's high-bit group and the rest in its low-bit group (`TurboQuantConfig.value_split`).
+
+    Transform coding for values, as `RopeKeyCodec`'s eigen split for keys but without queries: the attention
+    output error is the value error itself, so no shaping. The stored vector is B v with B [H, d, d] the
+    eigenvectors of Σ_v = E[v vᵀ] over the first chunk (its first `skip` tokens left out: sinks), leading
+    first; B is stored whole in 4-bit entries (d²/2 bytes per head, counted) and decode applies the inverse
+    of the stored B, so encode and decode agree exactly.
+    """
+
+    def __init__(self, inner: "SplitCodec", skip: int = 1):
+        self.inner = inner
+        self.skip = skip
+        self.transform: tuple[torch.Tensor, torch.Tensor] | None = None  # (M, M⁻¹) [H, d, d]: stored = v @ M
+
+    def __getattr__(self, name):  # head_dim, bits, ... of the wrapped codec
+        return getattr(self.__dict__["inner"], name)
+
+    def _calibrate(self, x: torch.Tensor) -> None:  # x: [B, H, T, d]
+        sample = (x[:, :, self.skip :] if x.shape[2] > self.skip else x).double()
+        sigma = torch.einsum("bhti,bhtj->hij", sample, sample).cpu() / (sample.shape[0] * sample.shape[2])
+        identity = torch.eye(self.head_dim, dtype=torch.float64).expand_as(sigma)
+        b = eigen_ordered(identity, sigma)  # y = B v, leading directions first
+        m, m_inv = stored_transform(b.transpose(-1, -2), symmetric=False, entry_bits=EIGEN_ENTRY_BITS)
+        self.inner.calibrate_leading(x.shape[1])
+        self.transform = (m.to(x.device), m_inv.to(x.device))
+
+    def encode(self, x: torch.Tensor) -> Parts:
+        if self.transform is None:
+            self._calibrate(x)
+        return self.inner.encode(torch.einsum("bhtd,hde->bhte", x.float(), self.transform[0].to(x.device)))
+
+    def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:
+        stored = self.inner.decode(parts, torch.float32)
+        return torch.einsum("bhtd,hde->bhte", stored, self.transform[1].to(stored.device)).to(dtype)
+
+    @property
+    def extra_nbytes(self) -> int:
+        """The inner codec's (channel indices, norm ranges) and B as stored."""
+        stored = 0 if self.transform is None else stored_nbytes(self.transform[0].shape[0], self.head_dim, symmetric=False,
+                                                                  entry_bits=EIGEN_ENTRY_BITS)
+        return self.inner.extra_nbytes + stored
+
+
 class RopeKeyCodec:
     """Keys: quantize A (k_p - R_p μ): centered before RoPE (μ) and error-shaped by the queries (A).
 
@@ -421,12 +466,15 @@ def make_codec(
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
     optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`).
-    `split` = (high, low) bits: an eigen split of query-shaped keys at `bits` on average (`eigen_split_groups`)."""
+    `split` = (high, low) bits: an eigen split at `bits` on average (`eigen_split_groups`): of query-shaped keys
+    (`rope`), or of values in their PCA basis (`EigenValueCodec`)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if split is not None:
-        if not (rope and shape):
-            raise ValueError("an eigen split (key_split) needs query-shaped keys")
         codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split))
+        if not rope:  # values: the PCA basis (EigenValueCodec), centered first where asked
+            return CenteredCodec(EigenValueCodec(codec)) if center else EigenValueCodec(codec)
+        if not shape:
+            raise ValueError("an eigen split of keys (key_split) needs query-shaped keys")
         return RopeKeyCodec(codec, center=center, shape=True, eigen=True)
     if outliers == 0 and rotation_candidates > 1:
         codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits)

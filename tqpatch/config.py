@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .norms import check_norm_bits
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, fit<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, ev<high>.<low>, fit<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -30,9 +30,9 @@ def split_bits(bits: float, head_dim: int, step: int = 1) -> tuple[int, int, int
     return outliers, low + step, low
 
 
-def _check_split(bits: float, split: tuple) -> None:
+def _check_split(bits: float, split: tuple, side: str = "key") -> None:
     if len(split) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in split) or not 0 <= split[1] < bits < split[0] <= MAX_BITS:
-        raise ValueError(f"key_split must be integer bits (high, low) with 0 <= low < key_bits={bits:g} < high <= {MAX_BITS}, got {split!r}")
+        raise ValueError(f"{side}_split must be integer bits (high, low) with 0 <= low < {side}_bits={bits:g} < high <= {MAX_BITS}, got {split!r}")
 
 
 def eigen_split_groups(bits: float, head_dim: int, high: int, low: int) -> tuple[int, int, int]:
@@ -97,6 +97,11 @@ class TurboQuantConfig:
         B is fitted on the first chunk a layer stores: it needs a few dozen key
         vectors (it warns below d/4; README: it hurt Gemma-3 at d 256 with 32-token
         first chunks and helped with 256-token ones).
+    value_split: (high, low) bits: the same transform coding for values, in the
+        eigenbasis of their second moment on the first chunk (PCA per head: no
+        queries, the output error is the value error); value_bits on average.
+        B is stored in 4-bit entries (counted). Full-attention layers only;
+        the fused kernels do not read it (reference path).
     refit_tokens: full-attention layers keep exact copies of their first N
         compressed keys and, once they hold N, fit the key codec again on all of
         them (μ, A, an eigen split's basis, 8-bit norm ranges; and the queries seen
@@ -127,6 +132,7 @@ class TurboQuantConfig:
     rotation_candidates: int = 1
     norm_bits: int = 16
     key_split: tuple[int, int] | None = None
+    value_split: tuple[int, int] | None = None
     refit_tokens: int = 0
     seed: int = 0
 
@@ -164,6 +170,9 @@ class TurboQuantConfig:
             _check_split(self.key_bits, self.key_split)
             if not self.shape_keys or self.key_method != "mse":
                 raise ValueError("key_split needs shape_keys=True and key_method='mse' (it splits the query-shaped eigenbasis)")
+        if self.value_split is not None:
+            object.__setattr__(self, "value_split", tuple(self.value_split))
+            _check_split(self.value_bits, self.value_split, "value")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -211,6 +220,8 @@ class TurboQuantConfig:
             label += f"-n{self.norm_bits}"
         if self.key_split is not None:
             label += "-e{}.{}".format(*self.key_split)
+        if self.value_split is not None:
+            label += "-ev{}.{}".format(*self.value_split)
         if self.refit_tokens:
             label += f"-fit{self.refit_tokens}"
         if self.protect_first or self.protect_last:
@@ -227,7 +238,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | fit{N} (refit keys on N tokens) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -253,6 +264,7 @@ class TurboQuantConfig:
             r"qs": lambda m: {"shape_keys": True},
             r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
             r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
+            r"ev(\d+)\.(\d+)": lambda m: {"value_split": (int(m[1]), int(m[2]))},
             r"fit(\d+)": lambda m: {"refit_tokens": int(m[1])},
             r"q": lambda m: {"prefill_exact": False},
             r"seed(\d+)": lambda m: {"seed": int(m[1])},

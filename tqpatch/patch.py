@@ -74,9 +74,10 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
 
     `shape_keys` applies to full-attention layers only: a sliding-window layer holds at most its window
     (512 tokens on Gemma 3), against which the stored d×d map costs too much (measured: README); so does
-    `key_split`, which also skips protected layers (they store their own bits)."""
+    `key_split` and `value_split`, which also skip protected layers (they store their own bits)."""
     shape = cfg.shape_keys and sliding_window is None
     split = cfg.key_split if shape and key_bits == cfg.key_bits else None
+    value_split = cfg.value_split if sliding_window is None and value_bits == cfg.value_bits else None  # B costs as A does
 
     def make_key_codec():
         return make_codec(
@@ -90,6 +91,7 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
         make_key_codec=make_key_codec,
         value_codec=make_codec(
             head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,
+            split=value_split,
         ),
         residual_length=cfg.residual_length,
         sink_tokens=cfg.sink_tokens,
