@@ -236,6 +236,16 @@ class CenteredCodec:
 EIGEN_ENTRY_BITS = 4  # B of an eigen split is stored in 4-bit entries: d²/2 bytes, as much as a symmetric int8 A
 
 
+def _fit_eigen_split(inner: "SplitCodec", a: torch.Tensor, sigma: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eigen split's stored transform (M = Bᵀ, M⁻¹) [H, d, d] on `device`, B = Qᵀ A into the eigenbasis of
+    A Σ Aᵀ (`shaping.eigen_ordered`, leading first) in 4-bit entries; `inner`'s high-bit group = the leading
+    directions."""
+    b = eigen_ordered(a, sigma)
+    m, m_inv = stored_transform(b.transpose(-1, -2), symmetric=False, entry_bits=EIGEN_ENTRY_BITS)
+    inner.calibrate_leading(sigma.shape[0])
+    return m.to(device), m_inv.to(device)
+
+
 class EigenValueCodec:
     """Values in the eigenbasis of their second moment (PCA per KV head), the leading directions in the
     SplitCodec's high-bit group and the rest in its low-bit group (`TurboQuantConfig.value_split`).
@@ -259,10 +269,7 @@ class EigenValueCodec:
         sample = (x[:, :, self.skip :] if x.shape[2] > self.skip else x).double()
         sigma = torch.einsum("bhti,bhtj->hij", sample, sample).cpu() / (sample.shape[0] * sample.shape[2])
         identity = torch.eye(self.head_dim, dtype=torch.float64).expand_as(sigma)
-        b = eigen_ordered(identity, sigma)  # y = B v, leading directions first
-        m, m_inv = stored_transform(b.transpose(-1, -2), symmetric=False, entry_bits=EIGEN_ENTRY_BITS)
-        self.inner.calibrate_leading(x.shape[1])
-        self.transform = (m.to(x.device), m_inv.to(x.device))
+        self.transform = _fit_eigen_split(self.inner, identity, sigma, x.device)  # y = B v, leading directions first
 
     def encode(self, x: torch.Tensor) -> Parts:
         if self.transform is None:
@@ -374,12 +381,10 @@ class RopeKeyCodec:
                         f"Gemma-3 at d 256 with 32-token first chunks); store a longer first chunk (the prompt) or drop key_split",
                         stacklevel=2,
                     )
-                b = eigen_ordered(a, sigma_k)  # y = B k, leading directions first
-                m, m_inv = stored_transform(b.transpose(-1, -2), symmetric=False, entry_bits=EIGEN_ENTRY_BITS)
-                self.inner.calibrate_leading(x.shape[1])
+                self.shaping = _fit_eigen_split(self.inner, a, sigma_k, x.device)  # y = B k, leading directions first
             else:
                 m, m_inv = stored_transform(a)
-            self.shaping = (m.to(x.device), m_inv.to(x.device))
+                self.shaping = (m.to(x.device), m_inv.to(x.device))
         self.mean = mean
 
     def _offset(self, like: torch.Tensor, first_index: int) -> torch.Tensor:
