@@ -2,7 +2,9 @@
 
 One run on one GPU (cuda:0), everything timed with CUDA events after warm-up, medians of many:
   (a) store kernel: a 32k-token prefill at B=8 (Llama-3.1-8B K/V heads) and a one-token append;
-  (b) decode attention on k4v4 / k2v2 codes vs. bf16 scaled_dot_product_attention, same shapes;
+  (b) decode attention on k4v4 / k2v2 codes vs. bf16 scaled_dot_product_attention, same shapes: per call
+      (synced), back to back, and as CUDA-graph replays (GPU time with no host); the decode kernels' settings
+      are swept first (TQ_SWEEP=warp in the environment sweeps only the Gluon warp kernels');
   (c) end-to-end decode tokens/s of a random-weight Llama-3.1-8B-shaped model at B=8, 32k context:
       tqpatch k4v4 / k2v2 vs. bf16 DynamicCache vs. transformers' QuantizedCache (quanto, 4 bits);
       caches are filled directly with random K/V (a 32k prefill of 8 sequences would cost a minute of GPU);
