@@ -38,28 +38,27 @@ from .groups import key_channels, pair_table, value_columns  # noqa: F401  (the 
 NEG = gl.constexpr(-1.0e30)  # finite "minus infinity" (as in triton_kernels.NEG)
 
 
-def byte_layouts(d: int) -> tuple:
-    """(key, value) layouts of the [16 tokens, d/2 bytes] code tiles of `_tq_decode_warp_kernel`:
-    keys: lane 4r + m holds bytes (d/8) m .. (d/8) m + d/8 - 1 of tokens r and r + 8;
-    values: lane 4r + m holds bytes (d/16) r .. (d/16) r + d/16 - 1 of tokens 2m, 2m + 1, 2m + 8, 2m + 9."""
-    kb, vb, nb = d // 8, d // 16, d // 2
+def code_layouts(d: int, unit: int = 1, tokens: int = 16) -> tuple:
+    """(key, value) layouts of the [tokens, d/(2·unit)] code tiles of the warp kernels, `unit` bytes an element
+    (1: bytes, `_tq_decode_warp_kernel`; 4: int32 words, `_tq_decode_lut_kernel`), tokens 16 or 32 per step:
+    keys: lane 4r + m holds elements (d/(8·unit)) m .. of tokens r + 8k; values: lane 4r + m holds elements
+    (d/(16·unit)) r .. of tokens 2m, 2m + 1 (+ 8k)."""
+    kb, vb, nb = d // (8 * unit), d // (16 * unit), d // (2 * unit)
     keys = gl.BlockedLayout(size_per_thread=[1, kb], threads_per_warp=[8, 4], warps_per_cta=[1, 1], order=[1, 0])
     values = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1 << i] for i in range(vb.bit_length() - 1)] + [[1, 0], [8, 0]],
-        lane_bases=[[2, 0], [4, 0], [0, vb], [0, 2 * vb], [0, 4 * vb]], warp_bases=[], block_bases=[], shape=[16, nb])
+        reg_bases=[[0, 1 << i] for i in range(vb.bit_length() - 1)] + [[1, 0]] + [[8 << i, 0] for i in range(tokens.bit_length() - 4)],
+        lane_bases=[[2, 0], [4, 0], [0, vb], [0, 2 * vb], [0, 4 * vb]], warp_bases=[], block_bases=[], shape=[tokens, nb])
     return keys, values
+
+
+def byte_layouts(d: int) -> tuple:
+    """The gather kernel's [16 tokens, d/2 bytes] code tiles (`code_layouts`)."""
+    return code_layouts(d, 1, 16)
 
 
 def word_layouts(d: int, tokens: int = 16) -> tuple:
-    """(key, value) layouts of the [tokens, d/8 words] code tiles of `_tq_decode_lut_kernel` (`byte_layouts` with
-    4 bytes a word), tokens 16 or 32 per step: keys: lane 4r + m holds words (d/32) m .. of tokens r + 8k; values:
-    lane 4r + m holds words (d/64) r .. of tokens 2m, 2m + 1 (+ 8k)."""
-    kw, vw, nw = d // 32, d // 64, d // 8
-    keys = gl.BlockedLayout(size_per_thread=[1, kw], threads_per_warp=[8, 4], warps_per_cta=[1, 1], order=[1, 0])
-    values = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1 << i] for i in range(vw.bit_length() - 1)] + [[1, 0]] + [[8 << i, 0] for i in range(tokens.bit_length() - 4)],
-        lane_bases=[[2, 0], [4, 0], [0, vw], [0, 2 * vw], [0, 4 * vw]], warp_bases=[], block_bases=[], shape=[tokens, nw])
-    return keys, values
+    """The LUT kernel's [tokens, d/8 words] code tiles (`code_layouts`)."""
+    return code_layouts(d, 4, tokens)
 
 
 @gluon.jit
