@@ -147,10 +147,12 @@ def bench_store(bw: float) -> dict:
 
 
 def bench_store_sweep(bw: float) -> dict:
-    """Store-kernel launch settings (rotation precision, row block, column block, warps, stages) on the 32k prefill at B=8:
-    time, bandwidth, and how far the codes move from the float32 reference (code mismatch, SQNR of the decode)."""
+    """Store-kernel launch settings (rotation precision, row block, column block, warps, stages, x16 quantizer) on the 32k
+    prefill at B=8: time, bandwidth, and how far the codes move from the float32 reference (the fraction of codes that
+    differ, SQNR of the decode, distortion of x)."""
     from tqpatch import kernels
     from tqpatch.codec import TurboQuantCodec
+    from tqpatch.packing import unpack_codes
 
     b, h, t, d = 8, 8, 32768, 128
     codec = TurboQuantCodec(d, 4, "mse", 0)
@@ -164,25 +166,29 @@ def bench_store_sweep(bw: float) -> dict:
     rows = []
     try:
         # (precision, row block, column block, warps, stages); word stores on (run 8: always faster)
-        configs = [("fp16x3", 64, 128, 4, 1, None)]
-        # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, programs per SM
-        configs += [("x16", r, None, n, st, per_sm) for r, n, st, per_sm in
-                    ((64, 4, 2, None), (128, 8, 2, None), (64, 4, 1, None), (128, 8, 3, None))]
-        configs += [("x16-hi", 64, None, 4, 2, None)]
-        for precision, block_r, bn, warps, stages, per_sm in configs:
+        configs = [("fp16x3", 64, 128, 4, 1, None, None)]
+        # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, programs per SM,
+        # and its quantizer (fp16 pairs in PTX, or float32)
+        configs += [("x16", r, None, n, st, per_sm, q) for r, n, st, per_sm, q in
+                    ((64, 4, 2, None, "f32"), (64, 4, 2, None, "f16x2"), (64, 4, 1, None, "f16x2"), (128, 8, 2, None, "f16x2"),
+                     (64, 4, 3, None, "f16x2"), (64, 4, 2, 1, "f16x2"))]
+        configs += [("x16-hi", 64, None, 4, 2, None, "f16x2")]
+        for precision, block_r, bn, warps, stages, per_sm, quantizer in configs:
             kernels.STORE_TUNING.update(saved)
             if precision.startswith("x16"):
-                kernels.STORE_TUNING.update(precision=precision, x16_block_r=block_r, x16_num_warps=warps, x16_num_stages=stages, x16_programs_per_sm=per_sm)
+                kernels.STORE_TUNING.update(precision=precision, x16_block_r=block_r, x16_num_warps=warps, x16_num_stages=stages, x16_programs_per_sm=per_sm,
+                                            x16_quantizer=quantizer)
             else:
                 kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps, num_stages=stages, word_store=True)
-            row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm}
+            row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm,
+                   "quantizer": quantizer}
             try:
                 ms = _ms(lambda: kernels.encode_into(codec, x, out), 2, 10)
                 got = kernels.encode(codec, probe)
                 deq = codec.decode(got, torch.float32)
                 row.update(
                     ms=ms, GB_per_s=nbytes / ms / 1e6, fraction_of_copy=nbytes / (ms * 1e-3) / bw,
-                    code_mismatch=(got["codes"] != ref["codes"]).float().mean().item(),
+                    code_mismatch=(unpack_codes(got["codes"], 4, d) != unpack_codes(ref["codes"], 4, d)).float().mean().item(),
                     sqnr_db=10 * torch.log10(ref_deq.pow(2).sum() / (deq - ref_deq).pow(2).sum().clamp_min(1e-30)).item(),
                     # what the codes are for: their distortion of x, relative to the float32 reference's
                     distortion_vs_reference=((deq - probe.float()).pow(2).sum() / (ref_deq - probe.float()).pow(2).sum()).item(),

@@ -99,14 +99,15 @@ def _fp16_bits(x: torch.Tensor) -> list[int]:
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_lut_kernel_ptx_decodes_every_byte_from_the_register_table(symmetric):
-    """The exact PTX text `_tq_decode_lut_kernel` runs (interpreted on CPU by groups.run_ptx): keys turn every byte
+    """The exact PTX text `_tq_decode_lut_kernel` runs (interpreted on CPU by ptx.run_ptx): keys turn every byte
     of a code word into its fp16 centroid pair; values pair two tokens' codes per channel. Distinct entries, so a
     wrong select, sign or byte order shows: an asymmetric codebook (as the fitted ones are) for the general PTX, a
     symmetric one (c[15 - i] = -c[i], the Lloyd-Max ones) for the shorter PTX."""
     import random
 
     from tqpatch.kernels import groups
-    from tqpatch.kernels.groups import is_symmetric, lut_table, run_ptx
+    from tqpatch.kernels.groups import is_symmetric, lut_table
+    from tqpatch.kernels.ptx import run_ptx
 
     gen = torch.Generator().manual_seed(0)
     centroids = torch.randn(16, generator=gen).sort().values + 0.1

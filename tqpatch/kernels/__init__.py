@@ -36,6 +36,7 @@ from ..codec import Parts
 from ..rope import RopeBias
 from ..quantizer import TurboQuantProd
 from .groups import KERNEL_BITS, CodeGroup, code_groups, layout
+from .ptx import store_code_constants
 from .reference import decode_attention_reference, encode_reference
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -198,6 +199,7 @@ def _consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tensor]:
             c["projT"] = (rot @ s.T).contiguous()  # S Πᵀ r_rot as a row vector: r_rot @ Π Sᵀ
         rot_hi = c["rotT"].half()  # the store kernel's fp16x3 rotation (and x16 on float16 x): 4096 Πᵀ = hi + lo
         c["rotT_hi"], c["rotT_lo"] = (rot_hi * 4096).contiguous(), ((c["rotT"] - rot_hi.float()) * 4096).half().contiguous()
+        c["store_code_constants"] = torch.tensor(store_code_constants(c["boundaries"].tolist()), dtype=torch.int32, device=device)
         rot_bhi = c["rotT"].bfloat16()  # x16 on bfloat16 x: Πᵀ = hi + lo in bfloat16 (~16 significant bits)
         c["rotT_bhi"], c["rotT_blo"] = rot_bhi.contiguous(), (c["rotT"] - rot_bhi.float()).bfloat16().contiguous()
         per_device[device] = c
@@ -266,8 +268,11 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 # "fp16x3" (three fp16 MMAs on hi/lo splits of both operands; mse codes only, the default for the other mse cases),
 # or a tl.dot input_precision ("tf32x3", "tf32", "ieee"). word_store: write each group of 8 codes as one
 # int16/int32 (2- and 4-bit codes) instead of byte by byte (the x16 kernel always writes whole words).
+# x16_quantizer: how the x16 kernel finds the codes: "f16x2" (inline PTX on fp16 pairs, `ptx.store_codes_asm`; codes
+# move only within fp16 rounding of a boundary) or "f32" (Triton code in float32; what the CPU interpreter runs).
 STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True,
-                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2, "x16_programs_per_sm": None}
+                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2, "x16_programs_per_sm": None, "x16_quantizer": "f16x2"}
+X16_QUANTIZERS = ("f16x2", "f32")
 X16_DIMS = (32, 64, 128)  # widths the x16 store kernel takes (whole words of 8 codes per thread and row; [D, D] tiles fit)
 
 
@@ -336,20 +341,25 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
     rows = b * h * t
     tune = STORE_TUNING
     bf16 = x.dtype == torch.bfloat16
+    quantizer = tune["x16_quantizer"]
+    if quantizer not in X16_QUANTIZERS:
+        raise ValueError(f"STORE_TUNING['x16_quantizer'] must be one of {X16_QUANTIZERS}, got {quantizer!r}")
+    if interpreting():
+        quantizer = "f32"  # the CPU interpreter runs no inline PTX
     block_r = tune["x16_block_r"]
     tiles = b * h * triton_cdiv(t, block_r)  # the kernel's tiles: block_r consecutive tokens of one (batch, head)
-    smem = (4 if lo else 2) * d * d + 2 * max(1, tune["x16_num_stages"] - 1) * block_r * d + (4 << 10)  # Πᵀ hi (+ lo), x tiles, scratch
+    smem = (4 if lo else 2) * d * d + 2 * tune["x16_num_stages"] * block_r * d + (4 << 10)  # Πᵀ hi (+ lo), x tiles, scratch
     per_sm = tune["x16_programs_per_sm"] or max(1, min(8, (224 << 10) // smem))  # as many as shared memory holds
     grid = min(tiles, per_sm * _sm_count(x.device.index or 0)) if x.is_cuda else min(tiles, 3)
     with _device_ctx(x.device):
         _tk()._tq_store_x16_kernel[(grid,)](
             x, x.stride(0), x.stride(1), x.stride(2),
             h, t, rows,
-            c["rotT_bhi"] if bf16 else c["rotT_hi"], c["rotT_blo"] if bf16 else c["rotT_lo"], c["boundaries"],
+            c["rotT_bhi"] if bf16 else c["rotT_hi"], c["rotT_blo"] if bf16 else c["rotT_lo"], c["boundaries"], c["store_code_constants"],
             codes, codes.stride(0), codes.stride(1), codes.stride(2),
             norms, norms.stride(0), norms.stride(1), norms.stride(2),
             nrange,
-            D=d, MB=mse.bits, BLOCK_R=block_r, SCALE=1.0 if bf16 else 4096.0, NORM8=norm8, LO=lo,
+            D=d, MB=mse.bits, BLOCK_R=block_r, SCALE=1.0 if bf16 else 4096.0, NORM8=norm8, LO=lo, F16X2=quantizer == "f16x2",
             num_warps=tune["x16_num_warps"], num_stages=tune["x16_num_stages"],
         )
 

@@ -264,39 +264,3 @@ KEY_LUT_ASM_SYMMETRIC = lut_asm(["$4"], [["$0", "$1", "$2", "$3"]], 5, symmetric
 VALUE_LUT_ASM = lut_asm(["%x", "%y"], [["$0", "$1", "$2", "$3"], ["$4", "$5", "$6", "$7"]], 10).replace("{\n", _VALUE_PRELUDE, 1)
 VALUE_LUT_ASM_SYMMETRIC = lut_asm(["%x", "%y"], [["$0", "$1", "$2", "$3"], ["$4", "$5", "$6", "$7"]], 10, symmetric=True).replace(
     "{\n", _VALUE_PRELUDE, 1)
-
-
-def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
-    """Interpret `lut_asm`'s PTX subset (shl, shr, and, mul.lo, prmt, lop3 on 32 bits; default-mode prmt) on Python ints:
-    operands {"$n": value} in, every register written out. For CPU tests of the exact text the GPU runs."""
-    regs = dict(operands)
-    val = lambda x: regs[x] if x in regs else int(x, 0)  # noqa: E731
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line[0] in "{}." :
-            continue
-        op, args = line.split(None, 1)
-        a = [x.strip() for x in args.split(",")]
-        if op == "shl.b32":
-            r = val(a[1]) << val(a[2])
-        elif op == "shr.b32":
-            r = val(a[1]) >> val(a[2])
-        elif op == "and.b32":
-            r = val(a[1]) & val(a[2])
-        elif op == "mul.lo.u32":
-            r = val(a[1]) * val(a[2])
-        elif op == "lop3.b32":
-            x, y, z, lut = (val(v) for v in a[1:])
-            r = sum(((lut >> (((x >> k & 1) << 2) | ((y >> k & 1) << 1) | (z >> k & 1))) & 1) << k for k in range(32))
-        elif op == "prmt.b32":
-            src = val(a[1]) | val(a[2]) << 32
-            sel = val(a[3])
-            r = 0
-            for i in range(4):
-                nib = sel >> 4 * i & 15
-                byte = src >> 8 * (nib & 7) & 0xFF
-                r |= (0xFF if nib & 8 and byte & 0x80 else 0 if nib & 8 else byte) << 8 * i
-        else:
-            raise ValueError(f"run_ptx does not know {op!r}")
-        regs[a[0]] = r & 0xFFFFFFFF
-    return regs

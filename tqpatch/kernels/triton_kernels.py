@@ -17,6 +17,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .ptx import store_codes_asm
+
+STORE_CODES_ASM_4 = tl.constexpr(store_codes_asm(4))  # the x16 store kernel's fp16x2 quantizer (ptx.store_codes_asm)
+STORE_CODES_ASM_3 = tl.constexpr(store_codes_asm(3))
+STORE_CODES_ASM_2 = tl.constexpr(store_codes_asm(2))
+STORE_CODES_ASM_1 = tl.constexpr(store_codes_asm(1))
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp2(NEG - NEG) stays finite, weights of masked tokens are forced to 0
 
 
@@ -166,18 +172,41 @@ def _rotation_block(r_ptr, D: tl.constexpr, CB: tl.constexpr, cb: tl.constexpr):
 
 
 @triton.jit
-def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
-                      BLOCK_R: tl.constexpr, CB: tl.constexpr, cb: tl.constexpr, MB: tl.constexpr):
+def _pair_codes(u, h0, h1, h2, h3, h4, h5, h6, h7, MB: tl.constexpr):
+    """u [R, C] float32 -> int32 [R, C/2]: the codes of channels 2i and 2i + 1 as c0 | c1 << MB, by the fp16x2
+    quantizer of `ptx.store_codes_asm` (h0..: `ptx.store_code_constants`, the positive boundaries then mid)."""
+    u0, u1 = tl.split(tl.reshape(u, [u.shape[0], u.shape[1] // 2, 2]))
+    u0 = u0.to(tl.int32, bitcast=True)
+    u1 = u1.to(tl.int32, bitcast=True)
+    if MB == 4:
+        return tl.inline_asm_elementwise(STORE_CODES_ASM_4, "=r" + ",r" * 10, [u0, u1, h0, h1, h2, h3, h4, h5, h6, h7],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    elif MB == 3:
+        return tl.inline_asm_elementwise(STORE_CODES_ASM_3, "=r" + ",r" * 6, [u0, u1, h0, h1, h2, h3], dtype=tl.int32, is_pure=True, pack=1)
+    elif MB == 2:
+        return tl.inline_asm_elementwise(STORE_CODES_ASM_2, "=r" + ",r" * 4, [u0, u1, h0, h1], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(STORE_CODES_ASM_1, "=r" + ",r" * 3, [u0, u1, h0], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h4, h5, h6, h7, c_row, rmask,
+                      BLOCK_R: tl.constexpr, CB: tl.constexpr, cb: tl.constexpr, MB: tl.constexpr, F16X2: tl.constexpr):
     """Quantize and write one channel block: y [BLOCK_R, CB] = SCALE·(Πx) in kernel column order, inv [BLOCK_R] =
     1 / (SCALE·‖x‖), codes at byte rows c_row [BLOCK_R]. The symmetric codebook gives the code as the magnitude
     index k of |y|·inv (binary search), HALF + k above the middle boundary and HALF - 1 - k below; each thread
-    packs the whole words of 8 codes it holds and writes them."""
+    packs the whole words of 8 codes it holds and writes them. F16X2: the search runs on fp16 pairs in inline PTX
+    (`_pair_codes`, constants h0..h7), else in float32 (boundaries mid, p0..p6)."""
     HALF: tl.constexpr = 1 << (MB - 1)
     WT: tl.constexpr = CB // 32  # words per thread and row
     u = y * inv[:, None]  # (a zero vector gives 0 and compares 0 > mid like the reference)
-    code = _magnitude_index(tl.abs(u), p0, p1, p2, p3, p4, p5, p6, MB) ^ tl.where(u > mid, HALF, HALF - 1)
-    code = tl.permute(tl.reshape(code, [BLOCK_R, WT, 4, 4, 2]), [0, 1, 3, 2, 4])  # [r, a, m, j % 4, e]
-    word = tl.sum(tl.reshape(code, [BLOCK_R, WT, 4, 8]) << (tl.arange(0, 8) * MB)[None, None, None, :], axis=3)  # [r, a, m]
+    if F16X2:  # pair i = kernel columns 2i, 2i + 1 = 8j + 2m + (0, 1), i.e. 4j + m = 16a + 4(j % 4) + m
+        pair = tl.permute(tl.reshape(_pair_codes(u, h0, h1, h2, h3, h4, h5, h6, h7, MB), [BLOCK_R, WT, 4, 4]), [0, 1, 3, 2])  # [r, a, m, j % 4]
+        word = tl.sum(pair << (tl.arange(0, 4) * (2 * MB))[None, None, None, :], axis=3)  # [r, a, m]
+    else:
+        code = _magnitude_index(tl.abs(u), p0, p1, p2, p3, p4, p5, p6, MB) ^ tl.where(u > mid, HALF, HALF - 1)
+        code = tl.permute(tl.reshape(code, [BLOCK_R, WT, 4, 4, 2]), [0, 1, 3, 2, 4])  # [r, a, m, j % 4, e]
+        word = tl.sum(tl.reshape(code, [BLOCK_R, WT, 4, 8]) << (tl.arange(0, 8) * MB)[None, None, None, :], axis=3)  # [r, a, m]
     word_byte = (cb * CB // 8 + tl.arange(0, 4)[None, :] * WT + tl.arange(0, WT)[:, None]) * MB  # [WT, 4]: word (a, m)
     wptr = c_row[:, None, None] + word_byte[None, :, :]
     wmask = rmask[:, None, None]
@@ -196,10 +225,12 @@ def _tq_store_x16_kernel(
     H, T, R,                              # R = B*H*T rows
     rhi_ptr, rlo_ptr,                     # SCALE·Πᵀ = hi + lo [D, D] in x's dtype, contiguous
     bnd_ptr,                              # boundaries [2^MB - 1] fp32, symmetric about the middle one (≈ 0)
+    bnd16_ptr,                            # F16X2: `ptx.store_code_constants` [2^(MB-1)] int32
     c_ptr, scb, sch, sct,                 # codes [B, H, *, D*MB/8] uint8 (last stride 1)
     n_ptr, snb, snh, snt,                 # norms [B, H, *] fp16, or uint8 log codes (NORM8)
     nrange_ptr,                           # NORM8: [2, H] fp32 (tqpatch.norms)
     D: tl.constexpr, MB: tl.constexpr, BLOCK_R: tl.constexpr, SCALE: tl.constexpr, NORM8: tl.constexpr, LO: tl.constexpr,
+    F16X2: tl.constexpr,
 ):
     # mse codes of 16-bit inputs, 32 <= D <= 128 (LO = False: the hi part of Πᵀ alone, one MMA, ~8 significant bits). x is exact in its own dtype, so y = x·hi + x·lo (two MMAs with
     # x as it is, no normalising or splitting) carries the ~16 significant bits of the split Πᵀ; the code of
@@ -229,6 +260,18 @@ def _tq_store_x16_kernel(
         p4 = tl.load(bnd_ptr + HALF + 4)
         p5 = tl.load(bnd_ptr + HALF + 5)
         p6 = tl.load(bnd_ptr + HALF + 6)
+    h0 = tl.load(bnd16_ptr)  # F16X2's operands (unused otherwise)
+    h1, h2, h3, h4, h5, h6, h7 = h0, h0, h0, h0, h0, h0, h0
+    if F16X2 and MB >= 2:
+        h1 = tl.load(bnd16_ptr + 1)
+    if F16X2 and MB >= 3:
+        h2 = tl.load(bnd16_ptr + 2)
+        h3 = tl.load(bnd16_ptr + 3)
+    if F16X2 and MB == 4:
+        h4 = tl.load(bnd16_ptr + 4)
+        h5 = tl.load(bnd16_ptr + 5)
+        h6 = tl.load(bnd16_ptr + 6)
+        h7 = tl.load(bnd16_ptr + 7)
     cols = tl.arange(0, D)
     TB = tl.cdiv(T, BLOCK_R)  # a tile is BLOCK_R consecutive tokens of one (b, h): index arithmetic once per tile
     for blk in range(pid, R // T * TB, nprog):
@@ -239,21 +282,25 @@ def _tq_store_x16_kernel(
         rmask = t < T
         t = t.to(tl.int64)
         x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + cols[None, :], mask=rmask[:, None], other=0.0)
-        xf = x.to(tl.float32)
-        norm = tl.sqrt(tl.sum(xf * xf, axis=1))
         c_row = c_ptr + b * scb + h * sch + t * sct
-        inv = 1.0 / tl.maximum(norm * SCALE, 1.1754943508222875e-38)
-        y = tl.dot(x, rhi0)
+        y0 = tl.dot(x, rhi0)
         if LO:
-            y = tl.dot(x, rlo0, y)
-        _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
-                          BLOCK_R, CB, 0, MB)
+            y0 = tl.dot(x, rlo0, y0)
+        sq = tl.sum(y0 * y0, axis=1)
         if D > CB:
-            y = tl.dot(x, rhi1)
+            y1 = tl.dot(x, rhi1)
             if LO:
-                y = tl.dot(x, rlo1, y)
-            _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, c_row, rmask,
-                              BLOCK_R, CB, 1, MB)
+                y1 = tl.dot(x, rlo1, y1)
+            sq += tl.sum(y1 * y1, axis=1)
+        # ‖y‖ = SCALE·‖x‖ (Π is orthogonal; the split carries ~16 bits): the norm from the accumulators, not from x
+        norm_y = tl.sqrt(sq)
+        norm = norm_y * (1.0 / SCALE)
+        inv = 1.0 / tl.maximum(norm_y, 1.1754943508222875e-38)
+        _store_code_block(y0, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h4, h5, h6, h7, c_row, rmask,
+                          BLOCK_R, CB, 0, MB, F16X2)
+        if D > CB:
+            _store_code_block(y1, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h4, h5, h6, h7, c_row, rmask,
+                              BLOCK_R, CB, 1, MB, F16X2)
         if NORM8:  # this tile's head
             low = tl.load(nrange_ptr + h)
             step = tl.load(nrange_ptr + H + h)
