@@ -3,7 +3,7 @@ registers, spills, shared memory.
 
     .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT[,GROUPS[,ROPE]]]]] ...]   e.g. 32,4,3,4 32,4,3,4,128,1,0,2 32,4,3,4,128,1,0,1,1
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
-    .venv/bin/python bench/compile_check.py store-x16 [BLOCK_R,WARPS,STAGES,BITS[,D[,DTYPE[,N8[,LO[,F16X2]]]]] ...]   e.g. 64,4,2,4,128,fp16,1,1,1
+    .venv/bin/python bench/compile_check.py store-x16 [BLOCK_R,WARPS,STAGES,BITS[,D[,DTYPE[,N8[,LO[,F16X2[,CB]]]]]] ...]   e.g. 64,4,2,4,128,fp16,1,1,1,64
     .venv/bin/python bench/compile_check.py warp [D[,N8[,MASK[,G[,PAIRS]]]] ...]   e.g. 128,1,1,4,0 (the Gluon k4v4 gather kernel)
     .venv/bin/python bench/compile_check.py lut [D[,N8[,MASK[,G[,BT[,MAXNREG[,SYM]]]]]] ...]   e.g. 128,0,0,4,32,168,1 (the register-table kernel)
 
@@ -78,14 +78,14 @@ def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 
 
 
 def compile_store_x16(block_r: int, warps: int, stages: int, bits: int, d: int = 128, dtype: str = "bf16", n8: int = 0, lo: int = 1,
-                      f16x2: int = 1) -> str:
+                      f16x2: int = 1, cb: int = 64) -> str:
     """The x16 store kernel as launched for the model's [8, 32768, 8, d] layout of x (bf16 or fp16), mse codes."""
-    const = dict(D=d, MB=bits, BLOCK_R=block_r, SCALE=1.0 if dtype == "bf16" else 4096.0, NORM8=bool(n8), LO=bool(lo), F16X2=bool(f16x2))
+    const = dict(D=d, MB=bits, BLOCK_R=block_r, SCALE=1.0 if dtype == "bf16" else 4096.0, NORM8=bool(n8), LO=bool(lo), F16X2=bool(f16x2), CBMAX=cb)
     ptr_types = {"x_ptr": f"*{dtype}", "rhi_ptr": f"*{dtype}", "rlo_ptr": f"*{dtype}", "bnd16_ptr": "*i32", "c_ptr": "*u8", "n_ptr": "*u8" if n8 else "*fp16"}
     k = _compile(tk._tq_store_x16_kernel, const, _store_ints(d, bits, True), lambda n: ptr_types.get(n, "*fp32"),
                  lambda n: "i32" if n in ("H", "T", "R") else "i64", warps, stages)
     return (f"store x16 block_r={block_r} warps={warps} stages={stages} bits={bits} d={d} {dtype}{' 8-bit norms' if n8 else ''}"
-            f"{'' if lo else ' hi only'}{' f16x2' if f16x2 else ' f32'} quantizer: shared {k.metadata.shared} B; {_ptxas_report(k)}")
+            f"{'' if lo else ' hi only'}{' f16x2' if f16x2 else ' f32'} quantizer, {min(d, cb)}-column blocks: shared {k.metadata.shared} B; {_ptxas_report(k)}")
 
 
 def compile_warp(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, pairs: int = 1) -> str:

@@ -35,12 +35,14 @@ def test_store_quantizer_ptx_gives_the_fp16_rule_and_the_float32_codes_off_bound
     u = np.concatenate([np.array(edges, dtype=np.float32), np.nextafter(boundaries, 1).astype(np.float32), u])
     u = u[: len(u) // 2 * 2]
     got = _ptx_codes(u, boundaries, bits)
-    # the rule in fp16: k = #{positive boundaries p_i < |u|}, code = H + k above mid, H - 1 - k otherwise
-    u16, p16, mid16 = u.astype(np.float16), boundaries[half + 1 :].astype(np.float16), np.float16(boundaries[half])
-    k = (np.abs(u16)[:, None] > p16[None, :]).sum(1)
-    rule = np.where(u16 > mid16, half + 1 + k, half - k)
+    # the rule on u rounded to fp16, exactly: k = #{positive boundaries p_i < |u|}, code = H + k above mid, H - 1 - k
+    # otherwise (no Lloyd-Max boundary is an fp16 number, so no ties)
+    u16 = u.astype(np.float16).astype(np.float64)
+    k = (np.abs(u16)[:, None] > boundaries[None, half + 1 :].astype(np.float64)).sum(1)
+    rule = np.where(u16 > float(boundaries[half]), half + 1 + k, half - k)
     np.testing.assert_array_equal(got, rule)
     ref = (u[:, None] > boundaries[None, :]).sum(1)  # the float32 reference (strict >, like the codec)
+    assert got[0] == ref[0] and got[1] == ref[1]  # +0 and -0: the zero vector's codes
     assert np.abs(got - ref).max() <= 1
     random = slice(len(edges) + len(boundaries), None)
     assert (got[random] != ref[random]).mean() <= 4e-3  # ~1e-3 expected at 4 bits

@@ -269,9 +269,11 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 # or a tl.dot input_precision ("tf32x3", "tf32", "ieee"). word_store: write each group of 8 codes as one
 # int16/int32 (2- and 4-bit codes) instead of byte by byte (the x16 kernel always writes whole words).
 # x16_quantizer: how the x16 kernel finds the codes: "f16x2" (inline PTX on fp16 pairs, `ptx.store_codes_asm`; codes
-# move only within fp16 rounding of a boundary) or "f32" (Triton code in float32; what the CPU interpreter runs).
+# move only within fp16 rounding of a boundary) or "f32" (Triton code in float32; what the CPU interpreter runs);
+# x16_channel_block: columns per MMA chain (64 or 128; the rotation's d columns in d / it chains).
 STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True,
-                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2, "x16_programs_per_sm": None, "x16_quantizer": "f16x2"}
+                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2, "x16_programs_per_sm": None, "x16_quantizer": "f16x2",
+                "x16_channel_block": 64}
 X16_QUANTIZERS = ("f16x2", "f32")
 X16_DIMS = (32, 64, 128)  # widths the x16 store kernel takes (whole words of 8 codes per thread and row; [D, D] tiles fit)
 
@@ -360,6 +362,7 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
             norms, norms.stride(0), norms.stride(1), norms.stride(2),
             nrange,
             D=d, MB=mse.bits, BLOCK_R=block_r, SCALE=1.0 if bf16 else 4096.0, NORM8=norm8, LO=lo, F16X2=quantizer == "f16x2",
+            CBMAX=tune["x16_channel_block"],
             num_warps=tune["x16_num_warps"], num_stages=tune["x16_num_stages"],
         )
 

@@ -11,10 +11,11 @@ positive boundaries p_i = b_{H+i}) gives a normalized coordinate u the code
 
 `store_codes_asm` evaluates it for a pair (u0, u1) packed as one fp16x2 word: k by a binary search over the p_i
 (one fp16x2 compare per level, thresholds picked by LOP3 bit selects on the 0xFFFF/0 masks), the sign by one more
-compare, and the two codes come out packed as the byte c0 | c1 << b. At 4 bits that is 17 instructions per pair
-where the float32 search of the Triton code took ~25 per coordinate. The compare in fp16 moves a code only where
-u lies within fp16 rounding (2^-11 relative) of a boundary, ~1e-3 of the coordinates of random unit vectors at
-4 bits, where both neighbouring centroids are equally close to within that rounding.
+compare, and the two codes come out packed as the byte c0 | c1 << b: 17 instructions per pair at 4 bits. The
+boundaries are rounded down to fp16 (`store_code_constants`), so the code is exactly that of u rounded to fp16;
+it differs from the float32 reference's only where u lies within fp16 rounding (2^-11 relative) of a boundary,
+~1e-3 of the coordinates of random unit vectors at 4 bits, where both neighbouring centroids are equally close
+to within that rounding.
 """
 
 from __future__ import annotations
@@ -22,19 +23,22 @@ from __future__ import annotations
 import numpy as np
 
 
-def _f16x2_words(values) -> list[int]:
-    """float values -> int32 words holding each value (rounded to fp16) in both halves."""
-    h = np.asarray(values, dtype=np.float32).astype(np.float16).view(np.uint16).astype(np.int64)
-    return [int(v | v << 16) for v in h]
+def _floor_fp16(v: float) -> np.float16:
+    """The largest fp16 value <= v. Comparing an fp16 number h > floor(b) is exactly h > b when b is not an fp16
+    value, and h > b when it is: so the quantizer gives the fp16-rounded coordinate its exact code."""
+    h = np.float16(v)
+    return np.nextafter(h, np.float16(-np.inf)) if float(h) > v else h
 
 
 def store_code_constants(boundaries) -> list[int]:
-    """The operands `store_codes_asm` reads after the pair: the positive boundaries p_0 .. p_{H-2}, then mid, each an
-    fp16x2 word (the value in both halves) as a signed int32 (a kernel argument). boundaries: the 2^b - 1 sorted
-    boundaries of a symmetric codebook."""
+    """The operands `store_codes_asm` reads after the pair: the positive boundaries p_0 .. p_{H-2}, then mid, each
+    rounded down to fp16 (`_floor_fp16`) and held in both halves of a word, as a signed int32 (a kernel argument).
+    boundaries: the 2^b - 1 sorted boundaries of a symmetric codebook. (A mid of -1e-9 becomes -2^-24, so the zero
+    vector's coordinates 0 > mid code as the float32 reference codes them.)"""
     b = [float(v) for v in boundaries]
     half = (len(b) + 1) // 2
-    words = _f16x2_words(b[half:] + [b[half - 1]])
+    halves = np.array([_floor_fp16(v) for v in b[half:] + [b[half - 1]]], dtype=np.float16).view(np.uint16).astype(np.int64)
+    words = [int(v | v << 16) for v in halves]
     return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
 
 

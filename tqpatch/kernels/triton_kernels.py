@@ -230,18 +230,18 @@ def _tq_store_x16_kernel(
     n_ptr, snb, snh, snt,                 # norms [B, H, *] fp16, or uint8 log codes (NORM8)
     nrange_ptr,                           # NORM8: [2, H] fp32 (tqpatch.norms)
     D: tl.constexpr, MB: tl.constexpr, BLOCK_R: tl.constexpr, SCALE: tl.constexpr, NORM8: tl.constexpr, LO: tl.constexpr,
-    F16X2: tl.constexpr,
+    F16X2: tl.constexpr, CBMAX: tl.constexpr,
 ):
     # mse codes of 16-bit inputs, 32 <= D <= 128 (LO = False: the hi part of Πᵀ alone, one MMA, ~8 significant bits). x is exact in its own dtype, so y = x·hi + x·lo (two MMAs with
     # x as it is, no normalising or splitting) carries the ~16 significant bits of the split Πᵀ; the code of
-    # y/‖x‖ is the code of Π(x/‖x‖). Channels are handled in blocks of CB = min(D, 64) (fewer live registers).
+    # y/‖x‖ is the code of Π(x/‖x‖). Channels are handled in blocks of CB = min(D, CBMAX) columns (one MMA chain each).
     # Packing without moving data between threads: in the MMA accumulator a thread holds, per row, the columns
     # 8j + 2m + e (m = lane % 4, e = 0, 1). The rotation's columns are loaded permuted so that kernel column
     # 8j + 2m + e of block cb is channel cb·CB + m·CB/4 + 2j + e: each thread then holds CB/4 consecutive
     # channels of its rows, whole words of 8 codes, which it packs and writes itself.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    CB: tl.constexpr = D if D < 64 else 64
+    CB: tl.constexpr = D if D < CBMAX else CBMAX
     rhi0 = _rotation_block(rhi_ptr, D, CB, 0)
     rlo0 = _rotation_block(rlo_ptr, D, CB, 0) if LO else rhi0
     if D > CB:
