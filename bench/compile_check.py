@@ -78,14 +78,15 @@ def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 
 
 
 def compile_store_x16(block_r: int, warps: int, stages: int, bits: int, d: int = 128, dtype: str = "bf16", n8: int = 0, lo: int = 1,
-                      f16x2: int = 1, cb: int = 64) -> str:
+                      f16x2: int = 1, cb: int = 64, tma: int = 1, asm_store: int = 1) -> str:
     """The x16 store kernel as launched for the model's [8, 32768, 8, d] layout of x (bf16 or fp16), mse codes."""
-    const = dict(D=d, MB=bits, BLOCK_R=block_r, SCALE=1.0 if dtype == "bf16" else 4096.0, NORM8=bool(n8), LO=bool(lo), F16X2=bool(f16x2), CBMAX=cb)
+    const = dict(D=d, MB=bits, BLOCK_R=block_r, SCALE=1.0 if dtype == "bf16" else 4096.0, NORM8=bool(n8), LO=bool(lo), F16X2=bool(f16x2), CBMAX=cb, TMA=bool(tma), ASM_STORE=bool(asm_store))
     ptr_types = {"x_ptr": f"*{dtype}", "rhi_ptr": f"*{dtype}", "rlo_ptr": f"*{dtype}", "bnd16_ptr": "*i32", "c_ptr": "*u8", "n_ptr": "*u8" if n8 else "*fp16"}
+    x_desc = f"tensordesc<{dtype}[1, 1, {block_r}, {d}]>" if tma else f"*{dtype}"
     k = _compile(tk._tq_store_x16_kernel, const, _store_ints(d, bits, True), lambda n: ptr_types.get(n, "*fp32"),
-                 lambda n: "i32" if n in ("H", "T", "R") else "i64", warps, stages)
+                 lambda n: x_desc if n == "x_desc" else "i32" if n in ("H", "T", "R") else "i64", warps, stages)
     return (f"store x16 block_r={block_r} warps={warps} stages={stages} bits={bits} d={d} {dtype}{' 8-bit norms' if n8 else ''}"
-            f"{'' if lo else ' hi only'}{' f16x2' if f16x2 else ' f32'} quantizer, {min(d, cb)}-column blocks: shared {k.metadata.shared} B; {_ptxas_report(k)}")
+            f"{'' if lo else ' hi only'}{' f16x2' if f16x2 else ' f32'} quantizer, {min(d, cb)}-column blocks{', TMA' if tma else ''}{', asm stores' if asm_store else ''}: shared {k.metadata.shared} B; {_ptxas_report(k)}")
 
 
 def compile_warp(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, pairs: int = 1) -> str:

@@ -166,22 +166,23 @@ def bench_store_sweep(bw: float) -> dict:
     rows = []
     try:
         # (precision, row block, column block, warps, stages); word stores on (run 8: always faster)
-        configs = [("fp16x3", 64, 128, 4, 1, None, None, None)]
-        # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, programs per SM,
-        # its quantizer (fp16 pairs in PTX, or float32) and columns per MMA chain
-        configs += [("x16", r, None, n, st, per_sm, q, cb) for r, n, st, per_sm, q, cb in
-                    ((64, 4, 2, None, "f32", 64), (64, 4, 2, None, "f16x2", 64), (64, 4, 2, None, "f16x2", 128), (64, 8, 2, None, "f16x2", 64),
-                     (64, 8, 2, None, "f16x2", 128), (64, 8, 1, None, "f16x2", 128), (64, 4, 2, None, "f32", 128), (64, 8, 2, None, "f32", 128))]
-        configs += [("x16-hi", 64, None, 4, 2, None, "f16x2", 128)]
-        for precision, block_r, bn, warps, stages, per_sm, quantizer, cb in configs:
+        configs = [("fp16x3", 64, 128, 4, 1, {})]
+        # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, and the knobs of
+        # STORE_TUNING that differ from the defaults (x16_quantizer, x16_channel_block, x16_tma, x16_asm_store,
+        # x16_programs_per_sm); the last row has the run-33 settings (float32 quantizer, plain loads and stores)
+        old = dict(x16_quantizer="f32", x16_tma=False, x16_asm_store=False)
+        configs += [("x16", r, None, n, st, knobs) for r, n, st, knobs in (
+            (64, 4, 2, {}), (64, 4, 2, dict(x16_quantizer="f32")), (64, 4, 2, dict(x16_tma=False)), (64, 4, 2, dict(x16_asm_store=False)),
+            (64, 4, 3, {}), (64, 4, 2, dict(x16_channel_block=128)), (128, 8, 2, {}), (64, 8, 2, {}), (64, 4, 2, old))]
+        configs += [("x16-hi", 64, None, 4, 2, {})]
+        for precision, block_r, bn, warps, stages, knobs in configs:
             kernels.STORE_TUNING.update(saved)
             if precision.startswith("x16"):
-                kernels.STORE_TUNING.update(precision=precision, x16_block_r=block_r, x16_num_warps=warps, x16_num_stages=stages, x16_programs_per_sm=per_sm,
-                                            x16_quantizer=quantizer, x16_channel_block=cb)
+                kernels.STORE_TUNING.update(precision=precision, x16_block_r=block_r, x16_num_warps=warps, x16_num_stages=stages, **knobs)
             else:
                 kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps, num_stages=stages, word_store=True)
-            row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm,
-                   "quantizer": quantizer, "channel_block": cb}
+            row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages,
+                   **{k: kernels.STORE_TUNING[k] for k in ("x16_quantizer", "x16_channel_block", "x16_tma", "x16_asm_store") if precision.startswith("x16")}}
             try:
                 ms = _ms(lambda: kernels.encode_into(codec, x, out), 2, 10)
                 got = kernels.encode(codec, probe)

@@ -167,19 +167,22 @@ def test_decode_falls_back_to_the_split_kernel_when_the_warp_kernel_fails(monkey
     assert _rel(out, ref) < REL_TOL
 
 
-X16_TUNINGS = [("f16x2", 64), ("f32", 64), ("f16x2", 128), ("f32", 128)] if DEVICE == "cuda" else [("f32", 64)]  # (the interpreter: f32 only)
+# STORE_TUNING knobs of the x16 kernel beside its defaults (fp16x2 quantizer, 64-column MMA chains, TMA loads, stores
+# from registers); the interpreter runs the float32 quantizer with plain loads and stores whatever is set
+X16_TUNINGS = [{}, {"x16_quantizer": "f32"}, {"x16_channel_block": 128}, {"x16_quantizer": "f32", "x16_channel_block": 128},
+               {"x16_tma": False, "x16_asm_store": False}] if DEVICE == "cuda" else [{}]
 
 
-@pytest.mark.parametrize("quantizer,channel_block", X16_TUNINGS)
+@pytest.mark.parametrize("knobs", X16_TUNINGS, ids=lambda k: "-".join(f"{n[4:]}={v}" for n, v in k.items()) or "defaults")
 @pytest.mark.parametrize("d,bits,dtype,norm_bits", X16_CASES)
-def test_x16_store_kernel_matches_the_codec(d, bits, dtype, norm_bits, quantizer, channel_block, monkeypatch):
+def test_x16_store_kernel_matches_the_codec(d, bits, dtype, norm_bits, knobs, monkeypatch):
     """The x16 store kernel (16-bit x times a hi + lo split of the rotation, codes packed in registers) writes the
-    codec's codes and norms with either quantizer and MMA chain width: ragged token counts (partial tiles), a zero
-    vector, norms over 6 octaves, and a strided destination (the store buffer's free slots)."""
-    if channel_block > d:
+    codec's codes and norms with each quantizer, MMA chain width, load and store path: ragged token counts (partial
+    tiles), a zero vector, norms over 6 octaves, and a strided destination (the store buffer's free slots)."""
+    if knobs.get("x16_channel_block", 64) > d:
         pytest.skip("one chain of d columns either way")
-    monkeypatch.setitem(kernels.STORE_TUNING, "x16_quantizer", quantizer)
-    monkeypatch.setitem(kernels.STORE_TUNING, "x16_channel_block", channel_block)
+    for name, value in knobs.items():
+        monkeypatch.setitem(kernels.STORE_TUNING, name, value)
     calls = []
     launch = kernels._launch_store_x16
     monkeypatch.setattr(kernels, "_launch_store_x16", lambda *a, **kw: calls.append(a[2].shape) or launch(*a, **kw))

@@ -270,10 +270,12 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 # int16/int32 (2- and 4-bit codes) instead of byte by byte (the x16 kernel always writes whole words).
 # x16_quantizer: how the x16 kernel finds the codes: "f16x2" (inline PTX on fp16 pairs, `ptx.store_codes_asm`; codes
 # move only within fp16 rounding of a boundary) or "f32" (Triton code in float32; what the CPU interpreter runs);
-# x16_channel_block: columns per MMA chain (64 or 128; the rotation's d columns in d / it chains).
+# x16_channel_block: columns per MMA chain (64 or 128; the rotation's d columns in d / it chains); x16_tma: load
+# x tiles by TMA (tensor descriptors, Hopper+) instead of per-thread loads; x16_asm_store: write codes and norms
+# from the registers that hold them (inline st.global) instead of tl.store's coalescing round trip through shared memory.
 STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True,
                 "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2, "x16_programs_per_sm": None, "x16_quantizer": "f16x2",
-                "x16_channel_block": 64}
+                "x16_channel_block": 64, "x16_tma": True, "x16_asm_store": True}
 X16_QUANTIZERS = ("f16x2", "f32")
 X16_DIMS = (32, 64, 128)  # widths the x16 store kernel takes (whole words of 8 codes per thread and row; [D, D] tiles fit)
 
@@ -346,6 +348,8 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
     quantizer = tune["x16_quantizer"]
     if quantizer not in X16_QUANTIZERS:
         raise ValueError(f"STORE_TUNING['x16_quantizer'] must be one of {X16_QUANTIZERS}, got {quantizer!r}")
+    # TMA loads of x: Hopper or newer, 16-byte aligned rows (the interpreter reads x with plain loads)
+    tma = tune["x16_tma"] and not interpreting() and torch.cuda.get_device_capability(x.device)[0] >= 9 and _tma_fits(x)
     if interpreting():
         quantizer = "f32"  # the CPU interpreter runs no inline PTX
     block_r = tune["x16_block_r"]
@@ -355,16 +359,28 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
     grid = min(tiles, per_sm * _sm_count(x.device.index or 0)) if x.is_cuda else min(tiles, 3)
     with _device_ctx(x.device):
         _tk()._tq_store_x16_kernel[(grid,)](
-            x, x.stride(0), x.stride(1), x.stride(2),
+            x, x.stride(0), x.stride(1), x.stride(2), _x_descriptor(x, block_r) if tma else x,
             h, t, rows,
             c["rotT_bhi"] if bf16 else c["rotT_hi"], c["rotT_blo"] if bf16 else c["rotT_lo"], c["boundaries"], c["store_code_constants"],
             codes, codes.stride(0), codes.stride(1), codes.stride(2),
             norms, norms.stride(0), norms.stride(1), norms.stride(2),
             nrange,
             D=d, MB=mse.bits, BLOCK_R=block_r, SCALE=1.0 if bf16 else 4096.0, NORM8=norm8, LO=lo, F16X2=quantizer == "f16x2",
-            CBMAX=tune["x16_channel_block"],
+            CBMAX=tune["x16_channel_block"], TMA=tma, ASM_STORE=tune["x16_asm_store"] and not interpreting(),
             num_warps=tune["x16_num_warps"], num_stages=tune["x16_num_stages"],
         )
+
+
+def _tma_fits(x: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can address x [B, H, T, d]: a 16-byte aligned base and 16-byte multiples as strides."""
+    return x.data_ptr() % 16 == 0 and all(s * x.element_size() % 16 == 0 for s in x.stride()[:3]) and x.stride(3) == 1
+
+
+def _x_descriptor(x: torch.Tensor, block_r: int):
+    """A host-side tensor descriptor of x [B, H, T, d] whose blocks are [1, 1, block_r, d]: one tile of the x16 kernel."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_r, x.shape[3]])
 
 
 def triton_cdiv(a: int, b: int) -> int:

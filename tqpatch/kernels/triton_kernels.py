@@ -190,8 +190,24 @@ def _pair_codes(u, h0, h1, h2, h3, h4, h5, h6, h7, MB: tl.constexpr):
 
 
 @triton.jit
+def _store_as_held(ptr, value, mask, BITS: tl.constexpr):
+    """tl.store of BITS-bit value [any shape] at ptr where mask, from the registers that hold it: an inline st.global
+    that Triton's coalescing cannot re-layout (its shared-memory round trip and barriers cost the x16 kernel more
+    than the partly filled sectors it saves)."""
+    if BITS == 32:
+        asm: tl.constexpr = "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }"
+    elif BITS == 16:
+        asm: tl.constexpr = "{ .reg .pred p; .reg .b16 t; setp.ne.b32 p, $3, 0; cvt.u16.u32 t, $2; @p st.global.b16 [$1], t; mov.b32 $0, 0; }"
+    else:
+        asm: tl.constexpr = "{ .reg .pred p; .reg .b16 t; setp.ne.b32 p, $3, 0; cvt.u16.u32 t, $2; @p st.global.b8 [$1], t; mov.b32 $0, 0; }"
+    value = value.to(tl.int32, bitcast=True) if BITS == 32 else value.to(tl.int32)
+    return tl.inline_asm_elementwise(asm, "=r,l,r,r", [ptr.to(tl.int64), value, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h4, h5, h6, h7, c_row, rmask,
-                      BLOCK_R: tl.constexpr, CB: tl.constexpr, cb: tl.constexpr, MB: tl.constexpr, F16X2: tl.constexpr):
+                      BLOCK_R: tl.constexpr, CB: tl.constexpr, cb: tl.constexpr, MB: tl.constexpr, F16X2: tl.constexpr,
+                      ASM_STORE: tl.constexpr):
     """Quantize and write one channel block: y [BLOCK_R, CB] = SCALE·(Πx) in kernel column order, inv [BLOCK_R] =
     1 / (SCALE·‖x‖), codes at byte rows c_row [BLOCK_R]. The symmetric codebook gives the code as the magnitude
     index k of |y|·inv (binary search), HALF + k above the middle boundary and HALF - 1 - k below; each thread
@@ -209,8 +225,16 @@ def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h
         word = tl.sum(tl.reshape(code, [BLOCK_R, WT, 4, 8]) << (tl.arange(0, 8) * MB)[None, None, None, :], axis=3)  # [r, a, m]
     word_byte = (cb * CB // 8 + tl.arange(0, 4)[None, :] * WT + tl.arange(0, WT)[:, None]) * MB  # [WT, 4]: word (a, m)
     wptr = c_row[:, None, None] + word_byte[None, :, :]
-    wmask = rmask[:, None, None]
-    if MB == 4:
+    wmask = rmask[:, None, None] & (word_byte < 1 << 30)[None, :, :]  # (the full shape, for the asm store)
+    if ASM_STORE:
+        if MB == 4:
+            _store_as_held(wptr, word, wmask, 32)
+        elif MB == 2:
+            _store_as_held(wptr, word & 0xFFFF, wmask, 16)
+        else:
+            for j in tl.static_range(MB):
+                _store_as_held(wptr + j, (word >> (8 * j)) & 255, wmask, 8)
+    elif MB == 4:
         tl.store(wptr.to(tl.pointer_type(tl.int32)), word, mask=wmask)
     elif MB == 2:
         tl.store(wptr.to(tl.pointer_type(tl.int16)), word.to(tl.int16), mask=wmask)
@@ -222,6 +246,7 @@ def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h
 @triton.jit
 def _tq_store_x16_kernel(
     x_ptr, sxb, sxh, sxt,                 # x [B, H, T, D] bfloat16 or float16 (last stride 1)
+    x_desc,                               # TMA: a tensor descriptor of x, blocks [1, 1, BLOCK_R, D] (else unused)
     H, T, R,                              # R = B*H*T rows
     rhi_ptr, rlo_ptr,                     # SCALE·Πᵀ = hi + lo [D, D] in x's dtype, contiguous
     bnd_ptr,                              # boundaries [2^MB - 1] fp32, symmetric about the middle one (≈ 0)
@@ -230,7 +255,7 @@ def _tq_store_x16_kernel(
     n_ptr, snb, snh, snt,                 # norms [B, H, *] fp16, or uint8 log codes (NORM8)
     nrange_ptr,                           # NORM8: [2, H] fp32 (tqpatch.norms)
     D: tl.constexpr, MB: tl.constexpr, BLOCK_R: tl.constexpr, SCALE: tl.constexpr, NORM8: tl.constexpr, LO: tl.constexpr,
-    F16X2: tl.constexpr, CBMAX: tl.constexpr,
+    F16X2: tl.constexpr, CBMAX: tl.constexpr, TMA: tl.constexpr, ASM_STORE: tl.constexpr,
 ):
     # mse codes of 16-bit inputs, 32 <= D <= 128 (LO = False: the hi part of Πᵀ alone, one MMA, ~8 significant bits). x is exact in its own dtype, so y = x·hi + x·lo (two MMAs with
     # x as it is, no normalising or splitting) carries the ~16 significant bits of the split Πᵀ; the code of
@@ -281,7 +306,10 @@ def _tq_store_x16_kernel(
         t = (blk % TB) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = t < T
         t = t.to(tl.int64)
-        x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + cols[None, :], mask=rmask[:, None], other=0.0)
+        if TMA:  # one bulk copy of the tile (rows past T read as zeros)
+            x = tl.reshape(x_desc.load([b.to(tl.int32), h.to(tl.int32), (blk % TB) * BLOCK_R, 0]), [BLOCK_R, D])
+        else:
+            x = tl.load(x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + cols[None, :], mask=rmask[:, None], other=0.0)
         c_row = c_ptr + b * scb + h * sch + t * sct
         y0 = tl.dot(x, rhi0)
         if LO:
@@ -297,14 +325,20 @@ def _tq_store_x16_kernel(
         norm = norm_y * (1.0 / SCALE)
         inv = 1.0 / tl.maximum(norm_y, 1.1754943508222875e-38)
         _store_code_block(y0, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h4, h5, h6, h7, c_row, rmask,
-                          BLOCK_R, CB, 0, MB, F16X2)
+                          BLOCK_R, CB, 0, MB, F16X2, ASM_STORE)
         if D > CB:
             _store_code_block(y1, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h4, h5, h6, h7, c_row, rmask,
-                              BLOCK_R, CB, 1, MB, F16X2)
+                              BLOCK_R, CB, 1, MB, F16X2, ASM_STORE)
         if NORM8:  # this tile's head
             low = tl.load(nrange_ptr + h)
             step = tl.load(nrange_ptr + H + h)
-            tl.store(n_ptr + b * snb + h * snh + t * snt, _log_norm_code(norm, low, step), mask=rmask)
+            ncode = _log_norm_code(norm, low, step)
+            if ASM_STORE:
+                _store_as_held(n_ptr + b * snb + h * snh + t * snt, ncode, rmask, 8)
+            else:
+                tl.store(n_ptr + b * snb + h * snh + t * snt, ncode, mask=rmask)
+        elif ASM_STORE:
+            _store_as_held(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16).to(tl.int16, bitcast=True), rmask, 16)
         else:
             tl.store(n_ptr + b * snb + h * snh + t * snt, norm.to(tl.float16), mask=rmask)
 
