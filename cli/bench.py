@@ -132,14 +132,15 @@ def bench_store(bw: float) -> dict:
         x = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # the model's layout
         out = kernels.encode(codec, x[:, :, :16])
         out = {n: torch.empty(b, h, t, *p.shape[3:], dtype=p.dtype, device="cuda") for n, p in out.items()}
-        ms = _ms(lambda: kernels.encode_into(codec, x, out), 3, 20)
+        ms_events = _ms(lambda: kernels.encode_into(codec, x, out), 3, 20)  # each call timed alone: host launch included
+        ms = _ms_graph(lambda: kernels.encode_into(codec, x, out), 20) or ms_events  # GPU time per call
         nbytes = x.numel() * 2 + sum(p.numel() * p.element_size() for p in out.values())
         one = x[:, :, :1]
         one_out = {n: p[:, :, :1] for n, p in out.items()}
         ms_one = _ms(lambda: kernels.encode_into(codec, one, one_out), 10, 200)
         rows.append({
             "what": f"store {codec.bits}-bit {method}{'' if norm_bits == 16 else ', 8-bit norms'}, B={b} Hkv={h} T={t} d={d}",
-            "ms": ms, "bytes": nbytes, "GB_per_s": nbytes / ms / 1e6, "fraction_of_copy": nbytes / (ms * 1e-3) / bw,
+            "ms": ms, "ms_events": ms_events, "bytes": nbytes, "GB_per_s": nbytes / ms / 1e6, "fraction_of_copy": nbytes / (ms * 1e-3) / bw,
             "append_one_token_ms": ms_one,
         })
         del x, out
@@ -170,10 +171,12 @@ def bench_store_sweep(bw: float) -> dict:
         # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, and the knobs of
         # STORE_TUNING that differ from the defaults (x16_quantizer, x16_channel_block, x16_tma, x16_asm_store,
         # x16_programs_per_sm); the last row has the run-33 settings (float32 quantizer, plain loads and stores)
-        old = dict(x16_quantizer="f32", x16_tma=False, x16_asm_store=False)
+        old = dict(x16_quantizer="f32", x16_tma=False, x16_asm_store=False, x16_channel_block=64)
+        c64 = dict(x16_channel_block=64)
         configs += [("x16", r, None, n, st, knobs) for r, n, st, knobs in (
-            (64, 4, 2, {}), (64, 4, 2, dict(x16_quantizer="f32")), (64, 4, 2, dict(x16_tma=False)), (64, 4, 2, dict(x16_asm_store=False)),
-            (64, 4, 3, {}), (64, 4, 2, dict(x16_channel_block=128)), (128, 8, 2, {}), (64, 8, 2, {}), (64, 4, 2, old))]
+            (64, 4, 3, {}), (64, 4, 3, dict(x16_quantizer="f32")), (64, 4, 3, dict(x16_tma=False)), (64, 4, 3, dict(x16_asm_store=False)),
+            (64, 4, 3, c64), (64, 4, 2, {}), (64, 4, 4, {}), (64, 4, 2, c64), (64, 4, 3, dict(x16_maxnreg=128)),
+            (128, 8, 1, dict(x16_maxnreg=128)), (128, 8, 1, dict(x16_maxnreg=128, **c64)), (64, 4, 2, old))]
         configs += [("x16-hi", 64, None, 4, 2, {})]
         for precision, block_r, bn, warps, stages, knobs in configs:
             kernels.STORE_TUNING.update(saved)
@@ -182,13 +185,15 @@ def bench_store_sweep(bw: float) -> dict:
             else:
                 kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps, num_stages=stages, word_store=True)
             row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages,
-                   **{k: kernels.STORE_TUNING[k] for k in ("x16_quantizer", "x16_channel_block", "x16_tma", "x16_asm_store") if precision.startswith("x16")}}
+                   **{k: kernels.STORE_TUNING[k] for k in ("x16_quantizer", "x16_channel_block", "x16_tma", "x16_asm_store", "x16_maxnreg")
+                      if precision.startswith("x16")}}
             try:
-                ms = _ms(lambda: kernels.encode_into(codec, x, out), 2, 10)
+                ms_events = _ms(lambda: kernels.encode_into(codec, x, out), 2, 10)
+                ms = _ms_graph(lambda: kernels.encode_into(codec, x, out), 20) or ms_events
                 got = kernels.encode(codec, probe)
                 deq = codec.decode(got, torch.float32)
                 row.update(
-                    ms=ms, GB_per_s=nbytes / ms / 1e6, fraction_of_copy=nbytes / (ms * 1e-3) / bw,
+                    ms=ms, ms_events=ms_events, GB_per_s=nbytes / ms / 1e6, fraction_of_copy=nbytes / (ms * 1e-3) / bw,
                     code_mismatch=(unpack_codes(got["codes"], 4, d) != unpack_codes(ref["codes"], 4, d)).float().mean().item(),
                     sqnr_db=10 * torch.log10(ref_deq.pow(2).sum() / (deq - ref_deq).pow(2).sum().clamp_min(1e-30)).item(),
                     # what the codes are for: their distortion of x, relative to the float32 reference's

@@ -272,10 +272,11 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 # move only within fp16 rounding of a boundary) or "f32" (Triton code in float32; what the CPU interpreter runs);
 # x16_channel_block: columns per MMA chain (64 or 128; the rotation's d columns in d / it chains); x16_tma: load
 # x tiles by TMA (tensor descriptors, Hopper+) instead of per-thread loads; x16_asm_store: write codes and norms
-# from the registers that hold them (inline st.global) instead of tl.store's coalescing round trip through shared memory.
+# from the registers that hold them (inline st.global) instead of tl.store's coalescing round trip through shared memory;
+# x16_maxnreg: a register cap (ptxas), so that more warps fit an SM (None: ptxas's choice).
 STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True,
-                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2, "x16_programs_per_sm": None, "x16_quantizer": "f16x2",
-                "x16_channel_block": 64, "x16_tma": True, "x16_asm_store": True}
+                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 3, "x16_programs_per_sm": None, "x16_quantizer": "f16x2",
+                "x16_channel_block": 128, "x16_tma": True, "x16_asm_store": True, "x16_maxnreg": None}
 X16_QUANTIZERS = ("f16x2", "f32")
 X16_DIMS = (32, 64, 128)  # widths the x16 store kernel takes (whole words of 8 codes per thread and row; [D, D] tiles fit)
 
@@ -355,7 +356,9 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
     block_r = tune["x16_block_r"]
     tiles = b * h * triton_cdiv(t, block_r)  # the kernel's tiles: block_r consecutive tokens of one (batch, head)
     smem = (4 if lo else 2) * d * d + 2 * tune["x16_num_stages"] * block_r * d + (4 << 10)  # Πᵀ hi (+ lo), x tiles, scratch
-    per_sm = tune["x16_programs_per_sm"] or max(1, min(8, (224 << 10) // smem))  # as many as shared memory holds
+    regs = tune["x16_maxnreg"] or 168  # (ptxas's choice at d 128 is 162-168)
+    fits = min((224 << 10) // smem, 65536 // (regs * 32 * tune["x16_num_warps"]))  # as many as shared memory and registers hold
+    per_sm = tune["x16_programs_per_sm"] or max(1, min(8, fits))
     grid = min(tiles, per_sm * _sm_count(x.device.index or 0)) if x.is_cuda else min(tiles, 3)
     with _device_ctx(x.device):
         _tk()._tq_store_x16_kernel[(grid,)](
@@ -368,6 +371,7 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
             D=d, MB=mse.bits, BLOCK_R=block_r, SCALE=1.0 if bf16 else 4096.0, NORM8=norm8, LO=lo, F16X2=quantizer == "f16x2",
             CBMAX=tune["x16_channel_block"], TMA=tma, ASM_STORE=tune["x16_asm_store"] and not interpreting(),
             num_warps=tune["x16_num_warps"], num_stages=tune["x16_num_stages"],
+            **({"maxnreg": tune["x16_maxnreg"]} if tune["x16_maxnreg"] else {}),
         )
 
 
