@@ -175,8 +175,8 @@ def bench_store_sweep(bw: float) -> dict:
         c64 = dict(x16_channel_block=64)
         configs += [("x16", r, None, n, st, knobs) for r, n, st, knobs in (
             (64, 4, 3, {}), (64, 4, 3, dict(x16_quantizer="f32")), (64, 4, 3, dict(x16_tma=False)), (64, 4, 3, dict(x16_asm_store=False)),
-            (64, 4, 3, c64), (64, 4, 2, {}), (64, 4, 4, {}), (64, 4, 2, c64), (64, 4, 3, dict(x16_maxnreg=128)),
-            (128, 8, 1, dict(x16_maxnreg=128)), (128, 8, 1, dict(x16_maxnreg=128, **c64)), (64, 4, 2, old))]
+            (64, 4, 3, c64), (64, 4, 2, {}), (64, 4, 4, {}), (128, 8, 2, {}), (128, 8, 3, {}), (128, 8, 1, dict(x16_maxnreg=128)),
+            (64, 4, 2, c64), (64, 4, 2, old))]
         configs += [("x16-hi", 64, None, 4, 2, {})]
         for precision, block_r, bn, warps, stages, knobs in configs:
             kernels.STORE_TUNING.update(saved)
