@@ -167,13 +167,16 @@ def test_decode_falls_back_to_the_split_kernel_when_the_warp_kernel_fails(monkey
     assert _rel(out, ref) < REL_TOL
 
 
-# STORE_TUNING knobs of the x16 kernel beside its defaults (fp16x2 quantizer, 128-column MMA chains, TMA loads, stores
-# from registers); the interpreter runs the float32 quantizer with plain loads and stores whatever is set
-X16_TUNINGS = [{}, {"x16_quantizer": "f32"}, {"x16_channel_block": 64}, {"x16_quantizer": "f32", "x16_channel_block": 64},
-               {"x16_tma": False, "x16_asm_store": False, "x16_num_stages": 2}] if DEVICE == "cuda" else [{}]
+# STORE_TUNING knobs of the x16 kernel beside its defaults (fp16x2 quantizer, 128-row tiles on 8 warps, 128-column
+# MMA chains, TMA loads, stores from registers, 128 registers); the last one is run 33's kernel settings. The
+# interpreter runs the float32 quantizer with plain loads and stores whatever is set.
+_RUN33 = {"x16_quantizer": "f32", "x16_tma": False, "x16_asm_store": False, "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2,
+          "x16_channel_block": 64, "x16_maxnreg": None}
+X16_TUNINGS = [{}, {"x16_quantizer": "f32"}, {"x16_channel_block": 64},
+               {"x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 3, "x16_maxnreg": None}, _RUN33] if DEVICE == "cuda" else [{}]
 
 
-@pytest.mark.parametrize("knobs", X16_TUNINGS, ids=lambda k: "-".join(f"{n[4:]}={v}" for n, v in k.items()) or "defaults")
+@pytest.mark.parametrize("knobs", X16_TUNINGS, ids=lambda k: "run33" if k is _RUN33 else "-".join(f"{n[4:]}={v}" for n, v in k.items()) or "defaults")
 @pytest.mark.parametrize("d,bits,dtype,norm_bits", X16_CASES)
 def test_x16_store_kernel_matches_the_codec(d, bits, dtype, norm_bits, knobs, monkeypatch):
     """The x16 store kernel (16-bit x times a hi + lo split of the rotation, codes packed in registers) writes the
