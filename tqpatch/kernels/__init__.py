@@ -349,8 +349,10 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
     quantizer = tune["x16_quantizer"]
     if quantizer not in X16_QUANTIZERS:
         raise ValueError(f"STORE_TUNING['x16_quantizer'] must be one of {X16_QUANTIZERS}, got {quantizer!r}")
-    # TMA loads of x: Hopper or newer, 16-byte aligned rows (the interpreter reads x with plain loads)
-    tma = tune["x16_tma"] and not interpreting() and torch.cuda.get_device_capability(x.device)[0] >= 9 and _tma_fits(x)
+    # TMA loads of x: Hopper or newer, 16-byte aligned rows, and at least one whole tile of tokens: a one-token append
+    # would pay the host's descriptor set-up for nothing (the interpreter reads x with plain loads)
+    tma = (tune["x16_tma"] and not interpreting() and t >= tune["x16_block_r"] and torch.cuda.get_device_capability(x.device)[0] >= 9
+           and _tma_fits(x))
     if interpreting():
         quantizer = "f32"  # the CPU interpreter runs no inline PTX
     block_r = tune["x16_block_r"]
