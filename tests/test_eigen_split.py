@@ -190,6 +190,36 @@ def test_refit_copies_follow_crop_and_batch_changes():
     assert not layer.refit_pending and layer._exact_keys is None and layer.num_compressed == 75
 
 
+def test_refit_of_values_chooses_their_outlier_channels_again_on_more_tokens():
+    """fitkv<N>: the values' split codec (outlier channels by mean |v|) is fitted again on the first N compressed
+    values and they are encoded again with it; the value copies are counted while held and follow a crop."""
+    from tqpatch.patch import make_layer
+
+    config = TurboQuantConfig.from_spec("k4v3.5-fitkv24")
+    assert config.refit_values and config.refit_tokens == 24 and config.name == "k4v3.5-fitkv24"
+    with pytest.raises(ValueError, match="refit_values needs refit_tokens"):
+        TurboQuantConfig(refit_values=True)
+    gen = torch.Generator().manual_seed(7)
+    layer = make_layer(config, 16, 4, 3.5)
+    # the first chunk's loudest value channels (0..7) are quiet later; channels 8..15 carry the sequence
+    scale = torch.ones(2, 1, 30, 16)
+    scale[..., :6, :8], scale[..., 6:, 8:] = 20.0, 20.0
+    keys, values = torch.randn(2, 1, 30, 16, generator=gen), torch.randn(2, 1, 30, 16, generator=gen) * scale
+    layer.lazy_initialization(keys, values)
+    layer.update(keys[..., :6, :], values[..., :6, :])
+    first = layer.value_codec
+    assert layer._exact_values.shape == (2, 1, 6, 16)
+    assert layer.memory()["full_precision_bytes"] == (layer._exact_keys.numel() + layer._exact_values.numel()) * 4
+    layer.crop(-1)
+    assert layer._exact_values.shape[-2] == layer.num_compressed == 5
+    layer.update(keys[..., 6:, :], values[..., 6:, :])
+    assert not layer.refit_pending and layer._exact_values is None and layer.value_codec is not first
+    held = values[..., list(range(5)) + list(range(6, 30)), :]
+    decoded = layer._decode(layer.value_codec, layer.compressed_values.parts, torch.float32, 0)
+    before = first.decode(first.encode(held), torch.float32)
+    assert (decoded - held).pow(2).sum() < 0.8 * (before - held).pow(2).sum()  # the refit split sees channels 8..15
+
+
 def test_value_eigen_split_cuts_the_value_error_and_counts_its_basis():
     """`value_split`: values in their PCA basis (EigenValueCodec), the leading directions at the high bits. On
     correlated values (a random basis, energies spread 30x) it leaves much less error than the paper's outlier

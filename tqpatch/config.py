@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .norms import check_norm_bits
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, ev<high>.<low>, fit<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -107,6 +107,9 @@ class TurboQuantConfig:
         them (μ, A, an eigen split's basis, 8-bit norm ranges; and the queries seen
         until then) and encode them again; reads stay compressed (0 = off: fitted on
         the first chunk only). The copies count as full-precision bytes while held.
+    refit_values: with refit_tokens, the values too: exact copies of the first N,
+        then a fresh value codec (outlier channels, norm ranges, eigen basis) fitted
+        on all of them and the values encoded again (spec fitkv<N>).
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per
@@ -134,6 +137,7 @@ class TurboQuantConfig:
     key_split: tuple[int, int] | None = None
     value_split: tuple[int, int] | None = None
     refit_tokens: int = 0
+    refit_values: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -147,6 +151,8 @@ class TurboQuantConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.refit_values and not self.refit_tokens:
+            raise ValueError("refit_values needs refit_tokens > 0 (how many tokens to refit on; spec fitkv<N>)")
         object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.protected_layers):
             raise ValueError(f"protected_layers must be non-negative layer indices, got {self.protected_layers!r}")
@@ -223,7 +229,7 @@ class TurboQuantConfig:
         if self.value_split is not None:
             label += "-ev{}.{}".format(*self.value_split)
         if self.refit_tokens:
-            label += f"-fit{self.refit_tokens}"
+            label += f"-fit{'kv' if self.refit_values else ''}{self.refit_tokens}"
         if self.protect_first or self.protect_last:
             label += f"-p{self.protect_first}.{self.protect_last}" + ("" if self.protected_bits is None else f"b{self.protected_bits}")
         if self.protected_layers:  # protected_bits rides on -p when that is printed, else on -L
@@ -238,7 +244,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -266,6 +272,7 @@ class TurboQuantConfig:
             r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
             r"ev(\d+)\.(\d+)": lambda m: {"value_split": (int(m[1]), int(m[2]))},
             r"fit(\d+)": lambda m: {"refit_tokens": int(m[1])},
+            r"fitkv(\d+)": lambda m: {"refit_tokens": int(m[1]), "refit_values": True},
             r"q": lambda m: {"prefill_exact": False},
             r"seed(\d+)": lambda m: {"seed": int(m[1])},
         }

@@ -85,14 +85,18 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
             rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split,
         )
 
+    def make_value_codec():
+        return make_codec(
+            head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,
+            split=value_split,
+        )
+
     return TurboQuantLayer(
         key_codec=make_key_codec(),
         refit_tokens=cfg.refit_tokens,
         make_key_codec=make_key_codec,
-        value_codec=make_codec(
-            head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,
-            split=value_split,
-        ),
+        make_value_codec=make_value_codec if cfg.refit_values else None,
+        value_codec=make_value_codec(),
         residual_length=cfg.residual_length,
         sink_tokens=cfg.sink_tokens,
         prefill_exact=cfg.prefill_exact,

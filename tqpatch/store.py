@@ -18,6 +18,8 @@ which may be a few dozen tokens. With refit_tokens = N the layer also keeps
 exact copies of its first N compressed keys; once it holds N, a fresh key codec
 is fitted on all of them (and on the queries seen until then), they are encoded
 again with it and the copies are dropped. Reads are compressed throughout.
+With a value-codec factory too (`refit_values`), the values get the same: their
+outlier channels, norm ranges or eigen basis are chosen again on N tokens.
 
 `update` returns the layer's K/V for attention, dequantized in the model's
 dtype for this call only: no dequantized copy outlives the call, so at most
@@ -138,6 +140,7 @@ class TurboQuantLayer(CacheLayerMixin):
         sliding_window: int | None = None,
         refit_tokens: int = 0,
         make_key_codec=None,
+        make_value_codec=None,
     ):
         super().__init__()
         self.key_codec = key_codec
@@ -162,8 +165,10 @@ class TurboQuantLayer(CacheLayerMixin):
         # refit (module docstring): exact copies of the first compressed keys until the key codec is fitted again
         self.refit_tokens = refit_tokens if (make_key_codec is not None and not self.is_sliding) else 0
         self._make_key_codec = make_key_codec
+        self._make_value_codec = make_value_codec  # None: the values keep the codec fitted on their first chunk
         self.refit_pending = self.refit_tokens > 0
         self._exact_keys: torch.Tensor | None = None  # [B, H, n, d] model dtype, n < refit_tokens
+        self._exact_values: torch.Tensor | None = None  # the same for values (with make_value_codec)
 
     def __repr__(self) -> str:
         kind = "sliding" if self.is_sliding else "full"
@@ -255,6 +260,8 @@ class TurboQuantLayer(CacheLayerMixin):
             store_compressed(self, self.compressed_values, self.value_codec, window_values[..., :overflow, :])
             if self.refit_pending:
                 self._exact_keys = _cat(self._exact_keys, window_keys[..., :overflow, :]).clone()
+                if self._make_value_codec is not None:
+                    self._exact_values = _cat(self._exact_values, window_values[..., :overflow, :]).clone()
                 if self._exact_keys.shape[-2] >= self.refit_tokens:
                     self._refit()
             window_keys, window_values = window_keys[..., overflow:, :], window_values[..., overflow:, :]
@@ -263,7 +270,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _refit(self) -> None:
         """Fit a fresh key codec on the exact copies of all compressed keys (and the queries seen so far),
-        encode them again with it and drop the copies."""
+        encode them again with it and drop the copies; the same for values where they are kept."""
         from .attention import store_compressed
 
         old, fresh = self.key_codec, self._make_key_codec()
@@ -273,7 +280,11 @@ class TurboQuantLayer(CacheLayerMixin):
         self.key_codec = fresh
         self.compressed_keys = TokenBuffer()
         store_compressed(self, self.compressed_keys, fresh, self._exact_keys)
-        self._exact_keys = None
+        if self._exact_values is not None:
+            self.value_codec = self._make_value_codec()
+            self.compressed_values = TokenBuffer()
+            store_compressed(self, self.compressed_values, self.value_codec, self._exact_values)
+        self._exact_keys = self._exact_values = None
         self.refit_pending = False
 
     def _trim_front(self, count: int) -> None:
@@ -350,6 +361,8 @@ class TurboQuantLayer(CacheLayerMixin):
             self.compressed_values.keep(0, len(self.compressed_values) - from_compressed)
             if self._exact_keys is not None:
                 self._exact_keys = self._exact_keys[..., : self.num_compressed, :]
+            if self._exact_values is not None:
+                self._exact_values = self._exact_values[..., : self.num_compressed, :]
         from_sink = remove - from_window - from_compressed
         if from_sink:
             self.sink_keys = self.sink_keys[..., : self.num_sink - from_sink, :]
@@ -360,7 +373,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         self.compressed_keys.map_batch(fn)
         self.compressed_values.map_batch(fn)
-        for name in ("sink_keys", "sink_values", "window_keys", "window_values", "_exact_keys"):
+        for name in ("sink_keys", "sink_values", "window_keys", "window_values", "_exact_keys", "_exact_values"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -380,7 +393,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.compressed_keys = TokenBuffer()
         self.compressed_values = TokenBuffer()
-        self.sink_keys = self.sink_values = self.window_keys = self.window_values = self._exact_keys = None
+        self.sink_keys = self.sink_values = self.window_keys = self.window_values = self._exact_keys = self._exact_values = None
         self.cumulative_length = 0
         self.compressed_start = 0
         self.is_initialized = False
@@ -394,7 +407,7 @@ class TurboQuantLayer(CacheLayerMixin):
     # -- accounting ----------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         """Token counts and bytes held by this layer (compressed codes, full-precision sinks and window)."""
-        full_precision = [self.sink_keys, self.sink_values, self.window_keys, self.window_values, self._exact_keys]
+        full_precision = [self.sink_keys, self.sink_values, self.window_keys, self.window_values, self._exact_keys, self._exact_values]
         fp_bytes = sum(_tensor_nbytes(t) for t in full_precision)
         compressed_bytes = self.compressed_keys.nbytes + self.compressed_values.nbytes
         extra = self.key_codec.extra_nbytes + self.value_codec.extra_nbytes
