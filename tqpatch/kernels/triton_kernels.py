@@ -193,7 +193,8 @@ def _pair_codes(u, h0, h1, h2, h3, h4, h5, h6, h7, MB: tl.constexpr):
 def _store_as_held(ptr, value, mask, BITS: tl.constexpr):
     """tl.store of BITS-bit value [any shape] at ptr where mask, from the registers that hold it: an inline st.global
     that Triton's coalescing cannot re-layout (its shared-memory round trip and barriers cost the x16 kernel more
-    than the partly filled sectors it saves)."""
+    than the partly filled sectors it saves). A value that several lanes hold (a row's norm) is written by each of
+    them: the same bytes. Returns a dummy int32 tensor (inline asm must have an output)."""
     if BITS == 32:
         asm: tl.constexpr = "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }"
     elif BITS == 16:
