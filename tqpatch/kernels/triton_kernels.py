@@ -226,7 +226,7 @@ def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h
         word = tl.sum(tl.reshape(code, [BLOCK_R, WT, 4, 8]) << (tl.arange(0, 8) * MB)[None, None, None, :], axis=3)  # [r, a, m]
     word_byte = (cb * CB // 8 + tl.arange(0, 4)[None, :] * WT + tl.arange(0, WT)[:, None]) * MB  # [WT, 4]: word (a, m)
     wptr = c_row[:, None, None] + word_byte[None, :, :]
-    wmask = rmask[:, None, None] & (word_byte < 1 << 30)[None, :, :]  # (the full shape, for the asm store)
+    wmask = rmask[:, None, None]
     if ASM_STORE:
         if MB == 4:
             _store_as_held(wptr, word, wmask, 32)
