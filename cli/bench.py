@@ -168,9 +168,11 @@ def bench_store_sweep(bw: float) -> dict:
     try:
         # (precision, row block, column block, warps, stages); word stores on (run 8: always faster)
         configs = [("fp16x3", 64, 128, 4, 1, {})]
-        # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, and the knobs of
-        # STORE_TUNING that differ from the defaults (x16_quantizer, x16_channel_block, x16_tma, x16_asm_store,
-        # x16_programs_per_sm); the last row has the run-33 settings (float32 quantizer, plain loads and stores)
+        # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, and the STORE_TUNING
+        # knobs that differ from `base` (set in full, so a row means the same whatever the defaults are; run 54 measured
+        # these rows; the default since is 128 / 8 / 1 with x16_maxnreg=128); the last x16 row has the run-33 settings
+        # (float32 quantizer, plain loads and stores, 64-column chains)
+        base = dict(x16_quantizer="f16x2", x16_channel_block=128, x16_tma=True, x16_asm_store=True, x16_maxnreg=None, x16_programs_per_sm=None)
         old = dict(x16_quantizer="f32", x16_tma=False, x16_asm_store=False, x16_channel_block=64)
         c64 = dict(x16_channel_block=64)
         configs += [("x16", r, None, n, st, knobs) for r, n, st, knobs in (
@@ -181,7 +183,7 @@ def bench_store_sweep(bw: float) -> dict:
         for precision, block_r, bn, warps, stages, knobs in configs:
             kernels.STORE_TUNING.update(saved)
             if precision.startswith("x16"):
-                kernels.STORE_TUNING.update(precision=precision, x16_block_r=block_r, x16_num_warps=warps, x16_num_stages=stages, **knobs)
+                kernels.STORE_TUNING.update(precision=precision, x16_block_r=block_r, x16_num_warps=warps, x16_num_stages=stages, **{**base, **knobs})
             else:
                 kernels.STORE_TUNING.update(precision=precision, block_r=block_r, bn=bn, num_warps=warps, num_stages=stages, word_store=True)
             row = {"precision": precision, "block_r": block_r, "bn": bn, "num_warps": warps, "num_stages": stages,
