@@ -61,6 +61,19 @@ def word_layouts(d: int, tokens: int = 16) -> tuple:
     return code_layouts(d, 4, tokens)
 
 
+# One warp's mma.sync m16n8k16 tile and its operand layouts: what both decode kernels compute in.
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+OP_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+OP_B = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+
+
+@gluon.jit
+def _split_program(Hkv):
+    """This program's place in the (B·Hkv, splits) grid: (pid_bh, batch b, KV head h (int64), split, number of splits)."""
+    pid_bh = gl.program_id(0)
+    return pid_bh, (pid_bh // Hkv).to(gl.int64), (pid_bh % Hkv).to(gl.int64), gl.program_id(1), gl.num_programs(1)
+
+
 @gluon.jit
 def _norms(raw, range_ptr, h, Hkv, N8: gl.constexpr):
     """Stored norms -> float32 (fp16 as they are, or 8-bit log codes: 2^(low_h + (code - 1) step_h), 0 for code 0).
@@ -100,25 +113,18 @@ def _tq_decode_warp_kernel(
     G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr, PAIRS: gl.constexpr,
     kbytes: gl.constexpr, vbytes: gl.constexpr,  # the code-byte tiles' layouts (`byte_layouts`)
 ):
-    GP: gl.constexpr = 16  # query rows of an mma tile (G real ones)
+    GP: gl.constexpr = 16  # query rows of an MMA tile (G real ones)
     BT: gl.constexpr = 16  # tokens per step: the scores' N and the values' K
     NB: gl.constexpr = D // 2  # code bytes per token
     KB: gl.constexpr = D // 8  # key bytes per lane and token
     VB: gl.constexpr = D // 16  # value bytes per lane and token
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-    op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    rows: gl.constexpr = gl.SliceLayout(1, mma)  # per query row
-    toks: gl.constexpr = gl.SliceLayout(0, mma)  # per token of a score tile
+    rows: gl.constexpr = gl.SliceLayout(1, MMA)  # per query row
+    toks: gl.constexpr = gl.SliceLayout(0, MMA)  # per token of a score tile
 
-    pid_bh = gl.program_id(0)
-    pid_s = gl.program_id(1)
-    n_split = gl.num_programs(1)
-    b = (pid_bh // Hkv).to(gl.int64)
-    h = (pid_bh % Hkv).to(gl.int64)
+    pid_bh, b, h, pid_s, n_split = _split_program(Hkv)
     # queries: A operand [GP, D], rows past G read 0
-    qg = gl.arange(0, GP, layout=gl.SliceLayout(1, op_a))
-    qc = gl.arange(0, D, layout=gl.SliceLayout(0, op_a))
+    qg = gl.arange(0, GP, layout=gl.SliceLayout(1, OP_A))
+    qc = gl.arange(0, D, layout=gl.SliceLayout(0, OP_A))
     qrow = (b * Hkv * G + h * G + qg) * sqk
     q = gl.load(qk_ptr + qrow[:, None] + qc[None, :], mask=(qg < G)[:, None], other=0.0).to(gl.float16)
 
@@ -131,7 +137,7 @@ def _tq_decode_warp_kernel(
     vbase = vc_ptr + b * svcb + h * svch
     m_i = gl.full([GP], NEG, gl.float32, layout=rows)
     l_i = gl.zeros([GP], gl.float32, layout=rows)
-    acc = gl.zeros([GP, D], gl.float32, layout=mma)
+    acc = gl.zeros([GP, D], gl.float32, layout=MMA)
     start = pid_s * per_split
     end = gl.minimum(L, start + per_split)
     # the code bytes and norms of a step are loaded one step ahead (registers), so HBM latency overlaps the step before
@@ -156,8 +162,8 @@ def _tq_decode_warp_kernel(
         kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
         kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
         kv = gl.permute(kv, [2, 1, 3, 0])  # (j, m, e, n)
-        kv = gl.convert_layout(gl.reshape(kv, [D, BT]), op_b, assert_trivial=True)
-        s = mma_v2(q, kv, gl.zeros([GP, BT], gl.float32, layout=mma))
+        kv = gl.convert_layout(gl.reshape(kv, [D, BT]), OP_B, assert_trivial=True)
+        s = mma_v2(q, kv, gl.zeros([GP, BT], gl.float32, layout=MMA))
         offs = t0 + tt
         tmask = offs < end
         kn = _norms(kn_raw, krange_ptr, h, Hkv, KN8)
@@ -172,21 +178,21 @@ def _tq_decode_warp_kernel(
         l_i = l_i * alpha + gl.sum(p, axis=1)
         m_i = m_new
         vn = _norms(vn_raw, vrange_ptr, h, Hkv, VN8)
-        pv = gl.convert_layout((p * vn[None, :]).to(gl.float16), op_a, assert_trivial=True)  # scores' C = values' A
+        pv = gl.convert_layout((p * vn[None, :]).to(gl.float16), OP_A, assert_trivial=True)  # scores' C = values' A
         # values: bytes -> centroids -> operand B [BT, D] in kernel column order 8c + r
         vlo = gl.load(vcent_ptr + (vb & 15))
         vhi = gl.load(vcent_ptr + (vb >> 4))
         vv = gl.join(vlo, vhi)  # [BT, NB, 2]: (token, byte VB·r + i, e), stored channel (D/8) r + 2i + e
         vv = gl.reshape(vv, [BT, 8, VB * 2])  # (t, r, c)
         vv = gl.permute(vv, [0, 2, 1])  # (t, c, r)
-        vv = gl.convert_layout(gl.reshape(vv, [BT, D]), op_b, assert_trivial=True)
+        vv = gl.convert_layout(gl.reshape(vv, [BT, D]), OP_B, assert_trivial=True)
         acc = mma_v2(pv, vv, acc * alpha[:, None])
     out = pid_bh * n_split + pid_s
     g = gl.arange(0, GP, layout=rows)
     gmask = g < G
     gl.store(m_ptr + out * G + g, m_i, mask=gmask)
     gl.store(l_ptr + out * G + g, l_i, mask=gmask)
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, mma))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))
     gl.store(acc_ptr + ((out * G + g) * D)[:, None] + cols[None, :], acc, mask=gmask[:, None])
 
 
@@ -238,7 +244,7 @@ def _lut_values(even, odd, t0, t1, t2, t3, t4, t5, t6, t7, SYM: gl.constexpr):
 
 @gluon.jit
 def _fp16_halves(x):
-    """int32 -> its (low, high) halves as float16 (a bit cast: no instructions once the mma takes the register)."""
+    """int32 -> its (low, high) halves as float16 (a bit cast: no instructions once the MMA takes the register)."""
     return (x & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True), (x >> 16).to(gl.int16).to(gl.float16, bitcast=True)
 
 
@@ -263,7 +269,7 @@ def _tq_decode_lut_kernel(
     """The warp kernel with centroids from registers (`_lut_keys`, `_lut_values`) and both products transposed
     (G <= 8 query heads per KV head, padded to 8 columns):
         Sᵀ [BT, 8] = K [BT, D] · Qᵀ [D, 8]          accᵀ [D, 8] += Vᵀ [D, BT] · Pᵀ [BT, 8]
-    so no mma carries padding rows (half the score mmas of S = Q Kᵀ at M = 16), the accumulator is [D, 8] (the
+    so no MMA carries padding rows (half the score mmas of S = Q Kᵀ at M = 16), the accumulator is [D, 8] (the
     rescale by α takes D/4 multiplies per lane), and the softmax statistics are per column, where accᵀ needs them.
     Pᵀ goes from the C fragment (token lane / 4) to the B fragment (query lane / 4) by warp shuffles. The key A
     fragment holds what a key B fragment Kᵀ [D, BT] would: tokens lane / 4 (+ 8), channels 2t + e (+ 8) (`key_channels`).
@@ -273,19 +279,12 @@ def _tq_decode_lut_kernel(
     NB: gl.constexpr = D // 2
     KB: gl.constexpr = D // 8
     VB: gl.constexpr = D // 16
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-    op_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    op_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    toks: gl.constexpr = gl.SliceLayout(1, mma)  # per token (row) of the transposed score tile Sᵀ [BT, 8]
-    cols: gl.constexpr = gl.SliceLayout(0, mma)  # per query column of Sᵀ and of accᵀ
+    toks: gl.constexpr = gl.SliceLayout(1, MMA)  # per token (row) of the transposed score tile Sᵀ [BT, 8]
+    cols: gl.constexpr = gl.SliceLayout(0, MMA)  # per query column of Sᵀ and of accᵀ
 
-    pid_bh = gl.program_id(0)
-    pid_s = gl.program_id(1)
-    n_split = gl.num_programs(1)
-    b = (pid_bh // Hkv).to(gl.int64)
-    h = (pid_bh % Hkv).to(gl.int64)
-    qc = gl.arange(0, D, layout=gl.SliceLayout(1, op_b))
-    qg = gl.arange(0, 8, layout=gl.SliceLayout(0, op_b))
+    pid_bh, b, h, pid_s, n_split = _split_program(Hkv)
+    qc = gl.arange(0, D, layout=gl.SliceLayout(1, OP_B))
+    qg = gl.arange(0, 8, layout=gl.SliceLayout(0, OP_B))
     qrow = (b * Hkv * G + h * G + qg) * sqk
     q = gl.load(qk_ptr + qrow[None, :] + qc[:, None], mask=(qg < G)[None, :], other=0.0).to(gl.float16)  # Qᵀ [D, 8]
 
@@ -298,7 +297,7 @@ def _tq_decode_lut_kernel(
     vbase = vc_ptr + b * svcb + h * svch
     m_i = gl.full([8], NEG, gl.float32, layout=cols)
     l_i = gl.zeros([8], gl.float32, layout=cols)
-    acc = gl.zeros([D, 8], gl.float32, layout=mma)  # accᵀ
+    acc = gl.zeros([D, 8], gl.float32, layout=MMA)  # accᵀ
     start = pid_s * per_split
     end = gl.minimum(L, start + per_split)
     k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
@@ -320,8 +319,8 @@ def _tq_decode_lut_kernel(
         kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
         kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
         kv = gl.permute(kv, [0, 2, 1, 3])  # (n, j, m, e)
-        kv = gl.convert_layout(gl.reshape(kv, [BT, D]), op_a, assert_trivial=True)
-        s = mma_v2(kv, q, gl.zeros([BT, 8], gl.float32, layout=mma))  # Sᵀ [BT, 8]
+        kv = gl.convert_layout(gl.reshape(kv, [BT, D]), OP_A, assert_trivial=True)
+        s = mma_v2(kv, q, gl.zeros([BT, 8], gl.float32, layout=MMA))  # Sᵀ [BT, 8]
         offs = t0 + tt
         tmask = offs < end
         kn = _norms(kn_raw, krange_ptr, h, Hkv, KN8)
@@ -337,7 +336,7 @@ def _tq_decode_lut_kernel(
         m_i = m_new
         vn = _norms(vn_raw, vrange_ptr, h, Hkv, VN8)
         # Pᵀ [BT, 8] as the value product's B operand: a C fragment holds token lane / 4, a B fragment query lane / 4
-        pv_t = gl.convert_layout((p * vn[:, None]).to(gl.float16), op_b)
+        pv_t = gl.convert_layout((p * vn[:, None]).to(gl.float16), OP_B)
         a_col = alpha
         # values: bytes of token pairs -> fp16 pairs (token 2p, 2p + 1) -> operand A [D, BT] in kernel row order
         v_even, v_odd = gl.split(gl.permute(gl.reshape(vb, [BT // 2, 2, NB // 4]), [0, 2, 1]))  # [BT/2, NB/4] words each
@@ -347,13 +346,13 @@ def _tq_decode_lut_kernel(
         vv = gl.join(gl.join(lo0, lo1), gl.join(hi0, hi1))  # [BT/2, NB, 2 (s), 2 (h)]
         vv = gl.reshape(vv, [BT // 2, 8, VB, 2, 2])  # (p, g, i, s, h)
         vv = gl.permute(vv, [2, 4, 1, 0, 3])  # (i, h, g, p, s): row 16i + 8h + g, token 2p + s
-        vv = gl.convert_layout(gl.reshape(vv, [D, BT]), op_a, assert_trivial=True)
+        vv = gl.convert_layout(gl.reshape(vv, [D, BT]), OP_A, assert_trivial=True)
         acc = mma_v2(vv, pv_t, acc * a_col[None, :])
     out = pid_bh * n_split + pid_s
     g = gl.arange(0, 8, layout=cols)
     gmask = g < G
     gl.store(m_ptr + out * G + g, m_i, mask=gmask)
     gl.store(l_ptr + out * G + g, l_i, mask=gmask)
-    rho = gl.arange(0, D, layout=gl.SliceLayout(1, mma))
+    rho = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
     col = gl.arange(0, 8, layout=cols)
     gl.store(acc_ptr + ((out * G + col) * D)[None, :] + rho[:, None], acc, mask=(col < G)[None, :])
