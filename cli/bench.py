@@ -160,26 +160,37 @@ def bench_store_sweep(bw: float) -> dict:
     x = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     out = {"codes": torch.empty(b, h, t, d // 2, dtype=torch.uint8, device="cuda"), "norms": torch.empty(b, h, t, dtype=torch.float16, device="cuda")}
     nbytes = x.numel() * 2 + sum(p.numel() * p.element_size() for p in out.values())
+    probe32 = torch.randn(1, h, 2048, d, device="cuda")
+    x[:1, :, :2048] = probe32.to(torch.bfloat16)
     probe = x[:1, :, :2048]
     ref = codec.encode(probe)
     ref_deq = codec.decode(ref, torch.float32)
+    # the yardstick: how far the codes of the bfloat16 probe are from those of the float32 vectors it rounds
+    exact = codec.encode(probe32)
+    input_rounding = {
+        "code_mismatch": (unpack_codes(ref["codes"], 4, d) != unpack_codes(exact["codes"], 4, d)).float().mean().item(),
+        "distortion_vs_float32_codes": ((ref_deq - probe32).pow(2).sum() / (codec.decode(exact, torch.float32) - probe32).pow(2).sum()).item(),
+    }
+    print("store sweep: bfloat16 rounding of x itself", input_rounding, flush=True)
     saved = dict(kernels.STORE_TUNING)
     rows = []
     try:
         # (precision, row block, column block, warps, stages); word stores on (run 8: always faster)
         configs = [("fp16x3", 64, 128, 4, 1, {})]
-        # the x16 kernel (bf16 x times a bf16 hi + lo split of the rotation): rows, warps, stages, and the STORE_TUNING
-        # knobs that differ from `base` (set in full, so a row means the same whatever the defaults are; run 54 measured
-        # these rows; the default since is 128 / 8 / 1 with x16_maxnreg=128); the last x16 row has the run-33 settings
-        # (float32 quantizer, plain loads and stores, 64-column chains)
+        # the x16 kernel with hi + lo splits of the rotation (two MMAs): rows, warps, stages, and the STORE_TUNING knobs
+        # that differ from `base` (set in full, so a row means the same whatever the defaults are); each knob off once
+        # (runs 54 and 57 swept more tiles: bench/RESULTS.md); 128 / 8 / 1 at 128 registers was its best tile; the last
+        # row has the run-33 settings (float32 quantizer, plain loads and stores, 64-column chains)
         base = dict(x16_quantizer="f16x2", x16_channel_block=128, x16_tma=True, x16_asm_store=True, x16_maxnreg=None, x16_programs_per_sm=None)
         old = dict(x16_quantizer="f32", x16_tma=False, x16_asm_store=False, x16_channel_block=64)
-        c64 = dict(x16_channel_block=64)
         configs += [("x16", r, None, n, st, knobs) for r, n, st, knobs in (
             (64, 4, 3, {}), (64, 4, 3, dict(x16_quantizer="f32")), (64, 4, 3, dict(x16_tma=False)), (64, 4, 3, dict(x16_asm_store=False)),
-            (64, 4, 3, c64), (64, 4, 2, {}), (64, 4, 4, {}), (128, 8, 2, {}), (128, 8, 3, {}), (128, 8, 1, dict(x16_maxnreg=128)),
-            (64, 4, 2, c64), (64, 4, 2, old))]
-        configs += [("x16-hi", 64, None, 4, 2, {})]
+            (64, 4, 3, dict(x16_channel_block=64)), (128, 8, 1, dict(x16_maxnreg=128)), (64, 4, 2, old))]
+        # the default, Πᵀ's hi part alone (one MMA): its error is that of x's own bfloat16 rounding (the `input_rounding`
+        # yardstick); run 57 chose 64 / 4 / 3
+        configs += [("x16-hi", r, None, n, st, knobs) for r, n, st, knobs in (
+            (64, 4, 2, {}), (64, 4, 3, {}), (64, 4, 4, {}), (64, 4, 3, dict(x16_maxnreg=128)), (64, 4, 1, dict(x16_maxnreg=128)),
+            (128, 8, 1, dict(x16_maxnreg=128)), (128, 8, 1, dict(x16_maxnreg=96)), (128, 8, 2, dict(x16_maxnreg=128)), (128, 8, 3, {}))]
         for precision, block_r, bn, warps, stages, knobs in configs:
             kernels.STORE_TUNING.update(saved)
             if precision.startswith("x16"):
@@ -208,7 +219,7 @@ def bench_store_sweep(bw: float) -> dict:
     finally:
         kernels.STORE_TUNING.clear()
         kernels.STORE_TUNING.update(saved)
-    return {"shape": f"B={b} Hkv={h} T={t} d={d}, 4-bit mse", "bytes": nbytes, "rows": rows}
+    return {"shape": f"B={b} Hkv={h} T={t} d={d}, 4-bit mse", "bytes": nbytes, "input_rounding": input_rounding, "rows": rows}
 
 
 def _sdpa_ms(b, hq, hkv, length, d):
@@ -336,10 +347,29 @@ def bench_attention(bw: float, shapes) -> dict:
             del kp, vp
         kernels.DECODE_TUNING["lut"] = tuned_lut
         kernels.DECODE_TUNING["warp_kernel"], kernels.DECODE_TUNING["warp_lut"] = True, tuned_warp_lut
+        row["k4v4_split_scan"] = _split_scan(kernels, whole(4), b, hq, hkv, length, d)
         row["rope_bias"] = _bench_rope_bias(kernels, b, hq, hkv, length, d, variants["back_to_back"])
         rows.append(row)
         torch.cuda.empty_cache()
     return {"tuning_sweep": sweep, "tuning": dict(kernels.DECODE_TUNING), "rows": rows}
+
+
+def _split_scan(kernels, codec, b, hq, hkv, length, d) -> dict:
+    """k4v4 on the warp kernel at explicit split counts around the default (GPU time per call, CUDA-graph replays).
+    Run 57 measured it to test whether a partly filled last wave of one-warp programs costs time: the times show no
+    step at the wave boundaries (bench/RESULTS.md)."""
+    kp, vp = _random_parts(codec, b, hkv, length), _random_parts(codec, b, hkv, length)
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    cdiv = kernels.triton_cdiv
+    base = max(1, min(cdiv(kernels.DECODE_TUNING["warp_programs_per_sm"] * kernels._sm_count(0), b * hkv),
+                      cdiv(length, kernels.DECODE_TUNING["warp_min_split_tokens"])))
+    counts = sorted({max(1, round(base * f)) for f in (0.5, 0.6, 0.7, 0.74, 0.77, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)})
+    out = {"default": base, "ms": {}}
+    for n in counts:
+        out["ms"][n] = _ms_graph(lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5, num_splits=n), 20)
+    click.echo(f"B={b} L={length} k4v4 split scan (ms by splits): {out['ms']}", err=True)
+    del kp, vp
+    return out
 
 
 def _bench_rope_bias(kernels, b, hq, hkv, length, d, sdpa_ms) -> dict:

@@ -67,12 +67,13 @@ def test_store_kernel_matches_quantizer(d, bits, method):
     x = x.transpose(1, 2).contiguous().transpose(1, 2)  # the model's [B, H, T, d] view of [B, T, H, d]
     got = kernels.encode(codec, x)
     ref = codec.encode(x)
+    hi_only = method == "mse" and d in kernels.X16_DIMS  # the x16 kernel with Πᵀ rounded to bfloat16 (see HI_ONLY)
     assert set(got) == set(ref)
     for name in ref:
         assert got[name].shape == ref[name].shape and got[name].dtype == ref[name].dtype, name
         if name == "codes":
             mismatch = _code_mismatch(got[name], ref[name], bits - (method == "prod"), d)  # prod: b - 1 bits of mse codes
-            assert mismatch <= 2e-3, (name, mismatch)
+            assert mismatch <= (HI_ONLY["mismatch"]["bfloat16"] if hi_only else 2e-3), (name, mismatch)
         elif ref[name].dtype == torch.uint8:
             # signs may differ only where a coordinate sits within float rounding of zero
             mismatch = (got[name] != ref[name]).float().mean().item()
@@ -80,7 +81,7 @@ def test_store_kernel_matches_quantizer(d, bits, method):
         else:
             assert _rel(got[name], ref[name]) < 2e-3, name
     # what matters downstream: the dequantized vectors are as close to x as the reference's
-    assert _distortion_ratio(codec, got, ref, x) < 1 + 1e-3
+    assert _distortion_ratio(codec, got, ref, x) < 1 + (HI_ONLY["distortion"]["bfloat16"] if hi_only else 1e-3)
 
 
 @pytest.mark.parametrize("precision", ["fp16x3", "tf32x3"])
@@ -167,16 +168,21 @@ def test_decode_falls_back_to_the_split_kernel_when_the_warp_kernel_fails(monkey
     assert _rel(out, ref) < REL_TOL
 
 
-# STORE_TUNING knobs of the x16 kernel beside its defaults (fp16x2 quantizer, 128-row tiles on 8 warps, 128-column
-# MMA chains, TMA loads, stores from registers, 128 registers); the last one is run 33's kernel settings. The
-# interpreter runs the float32 quantizer with plain loads and stores whatever is set.
-_RUN33 = {"x16_quantizer": "f32", "x16_tma": False, "x16_asm_store": False, "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2,
+# STORE_TUNING knobs of the x16 kernel beside its defaults (Πᵀ's hi part alone, fp16x2 quantizer, 64-row tiles on 4
+# warps in 3 stages, 128-column MMA chains, TMA loads, stores from registers); the last one is run 33's kernel
+# settings. The interpreter runs the float32 quantizer with plain loads and stores whatever is set.
+_RUN33 = {"precision": "x16", "x16_quantizer": "f32", "x16_tma": False, "x16_asm_store": False, "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2,
           "x16_channel_block": 64, "x16_maxnreg": None}
 X16_TUNINGS = [{}, {"x16_quantizer": "f32"}, {"x16_channel_block": 64},
-               {"x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 3, "x16_maxnreg": None}, _RUN33] if DEVICE == "cuda" else [{}]
+               {"x16_block_r": 128, "x16_num_warps": 8, "x16_num_stages": 1, "x16_maxnreg": 96}, {"precision": "x16"},
+               {"precision": "x16", "x16_block_r": 128, "x16_num_warps": 8, "x16_num_stages": 1, "x16_maxnreg": 128}, _RUN33] if DEVICE == "cuda" else [{}]
+# The default multiplies by Πᵀ rounded to x's dtype (one MMA): in bfloat16 that moves ~0.45% of the codes to a
+# neighbour and adds ~3e-4 to the distortion of random vectors, as rounding x itself to bfloat16 does (bench/RESULTS.md,
+# run 57; at d 32 and 3 bits up to 1.1e-3); in float16 ~0.05% of the codes. "x16" (hi + lo, two MMAs) keeps ~16 bits.
+HI_ONLY = {"mismatch": {"bfloat16": 1e-2, "float16": 2e-3}, "distortion": {"bfloat16": 3e-3, "float16": 1e-3}}
 
 
-@pytest.mark.parametrize("knobs", X16_TUNINGS, ids=lambda k: "run33" if k is _RUN33 else "-".join(f"{n[4:]}={v}" for n, v in k.items()) or "defaults")
+@pytest.mark.parametrize("knobs", X16_TUNINGS, ids=lambda k: "run33" if k is _RUN33 else "-".join(f"{n.removeprefix('x16_')}={v}" for n, v in k.items()) or "defaults")
 @pytest.mark.parametrize("d,bits,dtype,norm_bits", X16_CASES)
 def test_x16_store_kernel_matches_the_codec(d, bits, dtype, norm_bits, knobs, monkeypatch):
     """The x16 store kernel (16-bit x times a hi + lo split of the rotation, codes packed in registers) writes the
@@ -200,13 +206,14 @@ def test_x16_store_kernel_matches_the_codec(d, bits, dtype, norm_bits, knobs, mo
     kernels.encode_into(codec, x, {n: t[:, :, 9 : 9 + x.shape[2]] for n, t in storage.items()})
     assert calls == [x.shape]
     got = {n: t[:, :, 9 : 9 + x.shape[2]] for n, t in storage.items()}
-    assert _code_mismatch(got["codes"], ref["codes"], bits, d) <= 2e-3
+    hi_only = kernels.STORE_TUNING["precision"] != "x16"
+    assert _code_mismatch(got["codes"], ref["codes"], bits, d) <= (HI_ONLY["mismatch"][dtype] if hi_only else 2e-3)
     assert torch.all(storage["codes"][:, :, :9] == 7) and torch.all(storage["codes"][:, :, 9 + x.shape[2] :] == 7)
     if norm_bits == 8:
         assert (got["norms"].int() - ref["norms"].int()).abs().max() <= 1 and got["norms"][1, 0, 5] == 0
     else:
         assert _rel(got["norms"], ref["norms"]) < 2e-3 and got["norms"][1, 0, 5] == 0
-    assert _distortion_ratio(codec, got, ref, x) < 1 + 1e-3
+    assert _distortion_ratio(codec, got, ref, x) < 1 + (HI_ONLY["distortion"][dtype] if hi_only else 1e-3)
 
 
 DECODE_CASES = [

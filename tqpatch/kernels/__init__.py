@@ -262,9 +262,11 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 
 
 # Store-kernel launch settings; None = the default for the shape. `tqpatch bench --parts store_sweep` times the
-# alternatives. precision: how the rotation product is computed: "x16" (`_tq_store_x16_kernel`: x as it is, in
-# bfloat16/float16, times hi + lo splits of Πᵀ in that dtype, two MMAs; mse codes at d 32..128, the default there;
-# "x16-hi": the hi part alone, one MMA, a bench variant),
+# alternatives. precision: how the rotation product is computed: "x16-hi" (`_tq_store_x16_kernel`: x as it is, in
+# bfloat16/float16, times Πᵀ rounded to that dtype, one MMA; mse codes at d 32..128, the default there. Πᵀ rounded to
+# bfloat16 errs as much as x's own bfloat16 rounding: both move ~0.45% of the codes to a neighbour and add ~3e-4 to
+# the distortion (run 57); in float16, scaled by 4096, ~0.05%), "x16" (hi + lo splits of Πᵀ, two MMAs: the float32
+# reference's codes to within the quantizer's fp16 rounding, 1.2x the time),
 # "fp16x3" (three fp16 MMAs on hi/lo splits of both operands; mse codes only, the default for the other mse cases),
 # or a tl.dot input_precision ("tf32x3", "tf32", "ieee"). word_store: write each group of 8 codes as one
 # int16/int32 (2- and 4-bit codes) instead of byte by byte (the x16 kernel always writes whole words).
@@ -275,8 +277,8 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 # from the registers that hold them (inline st.global) instead of tl.store's coalescing round trip through shared memory;
 # x16_maxnreg: a register cap (ptxas), so that more warps fit an SM (None: ptxas's choice).
 STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True,
-                "x16_block_r": 128, "x16_num_warps": 8, "x16_num_stages": 1, "x16_programs_per_sm": None, "x16_quantizer": "f16x2",
-                "x16_channel_block": 128, "x16_tma": True, "x16_asm_store": True, "x16_maxnreg": 128}
+                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 3, "x16_programs_per_sm": None, "x16_quantizer": "f16x2",
+                "x16_channel_block": 128, "x16_tma": True, "x16_asm_store": True, "x16_maxnreg": None}
 X16_QUANTIZERS = ("f16x2", "f32")
 X16_DIMS = (32, 64, 128)  # widths the x16 store kernel takes (whole words of 8 codes per thread and row; [D, D] tiles fit)
 
@@ -300,7 +302,7 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
     # (Triton's CPU interpreter multiplies bfloat16 tiles wrongly: there bfloat16 x takes fp16x3, float16 x still x16)
     x16_dtypes = (torch.float16,) if interpreting() else (torch.bfloat16, torch.float16)
     x16_fits = not prod and d in X16_DIMS and x.dtype in x16_dtypes and aligned
-    prec = tune["precision"] or ("tf32x3" if prod else "x16" if x16_fits else "fp16x3")
+    prec = tune["precision"] or ("tf32x3" if prod else "x16-hi" if x16_fits else "fp16x3")
     if prec in ("x16", "x16-hi"):
         if not x16_fits:
             raise ValueError(f"the x16 store kernel needs mse codes, a group width in {X16_DIMS}, bfloat16/float16 x and "
@@ -339,9 +341,10 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
 
 
 def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor, nrange: torch.Tensor, norm8: bool,
-                      lo: bool = True) -> None:
-    """`_tq_store_x16_kernel` on x [B, H, T, d] (bfloat16/float16, last stride 1) -> codes, norms; lo=False drops the
-    rotation's lo part (one MMA: a bench variant, codes within ~2^-9 of a boundary may move)."""
+                      lo: bool = False) -> None:
+    """`_tq_store_x16_kernel` on x [B, H, T, d] (bfloat16/float16, last stride 1) -> codes, norms. lo=False (the
+    default) multiplies by Πᵀ rounded to x's dtype alone, one MMA: in bfloat16 a code within ~2^-9 of a boundary may
+    move to its neighbour, as rounding x to bfloat16 moves it; lo=True adds the lo part (two MMAs)."""
     b, h, t, d = x.shape
     rows = b * h * t
     tune = STORE_TUNING
