@@ -260,6 +260,31 @@ def test_decode_attention_matches_reference(d, hkv, group, length, nfp, kbits, v
         assert _cos(out, ref) > COS_FLOOR
 
 
+@pytest.mark.parametrize("kbits,vbits,unbias_keys", [(4, 4, False), (2, 2, True), (2.5, 2.5, True)])
+def test_decode_attention_reads_unbiased_codecs(kbits, vbits, unbias_keys):
+    """Unbiased decoding (centroids / (1 − D), `TurboQuantConfig.unbias_values` / `unbias_keys`) lives in the
+    quantizers' centroid tables, so the kernels (the warp kernel for k4v4, the split kernel for the rest) read the
+    same vectors as the reference."""
+    gen = torch.Generator().manual_seed(int(kbits * 10))
+    make = lambda bits, unbiased: (TurboQuantCodec(128, bits, "mse", seed=2, unbiased=unbiased) if bits == int(bits)  # noqa: E731
+                                   else SplitCodec(128, bits, 2, unbiased=unbiased))
+    kc, vc = make(kbits, unbias_keys), make(vbits, True)
+    k = torch.randn(2, 2, 700, 128, generator=gen) + 0.3
+    v = torch.randn(2, 2, 700, 128, generator=gen) + 0.5
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(k).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(v).items()}
+    q = (torch.randn(2, 8, 128, generator=gen) / 2).to(DEVICE, torch.bfloat16)
+    fk = torch.randn(2, 2, 1, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, 128**-0.5)
+    out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, 128**-0.5, out_dtype=torch.float32)
+    assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR
+    kplain, vplain = make(kbits, False), make(vbits, False)
+    assert all(torch.equal(t.to(DEVICE), kp[n]) for n, t in kplain.encode(k).items())  # same codes (and split channels)
+    assert all(torch.equal(t.to(DEVICE), vp[n]) for n, t in vplain.encode(v).items())
+    plain = kernels.decode_attention_reference(q, kplain, vplain, kp, vp, fk, fk, 128**-0.5)
+    assert _rel(plain, ref) > 10 * _rel(out, ref)  # the gain is there to be read: the plain decode differs
+
+
 @pytest.mark.parametrize("lut", [0, 1, 2])
 @pytest.mark.parametrize("kbits,vbits", [(4, 2), (2, 4), (4, 4)])
 def test_decode_lookup_variants(lut, kbits, vbits, monkeypatch):

@@ -31,6 +31,7 @@ def test_unknown_preset_names_the_valid_ones():
         (dict(outlier_step=5), "outlier_step must be 1, 2, 3 or 4"),
         (dict(rotation_candidates=0), "rotation_candidates must be an integer in 1..64"),
         (dict(key_bits=7.5, outlier_step=2), "needs more than 8 bits"),
+        (dict(key_method="prod", unbias_keys=True), "unbias_keys is for key_method='mse'"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -117,14 +118,14 @@ def test_use_cache_false_is_untouched():
         assert torch.equal(model(prompt(), use_cache=False).logits, reference)
 
 
-@pytest.mark.parametrize("name", ["center_keys", "center_values", "prefill_exact"])
+@pytest.mark.parametrize("name", ["center_keys", "center_values", "prefill_exact", "unbias_keys", "unbias_values"])
 def test_boolean_fields_are_checked(name):
     with pytest.raises(ValueError, match=f"{name} must be True or False"):
         TurboQuantConfig(**{name: 1})
 
 
 @pytest.mark.parametrize("spec", ["k4v4", "k2v2-rc8", "k2.5v2-o2-s4-r128", "k3v2-prod-ckv-p2.2b8-q", "k4v4-L0.29-seed3", "k3.5v3.5",
-                                  "k4v4-L18b6", "k4v4-p0.0b6-L1.18"])
+                                  "k4v4-L18b6", "k4v4-p0.0b6-L1.18", "k2v2-s4-ck-uv-qs-n8", "k2v2-ukv", "k3v2-uk-seed1"])
 def test_setting_specs_round_trip_through_name(spec):
     config = TurboQuantConfig.from_spec(spec)
     assert TurboQuantConfig.from_spec(config.name) == config
@@ -134,6 +135,8 @@ def test_spec_fields():
     config = TurboQuantConfig.from_spec("k2.5v2-o2-s4-r128-ck-p1.2")
     assert (config.key_bits, config.value_bits, config.outlier_step, config.sink_tokens, config.residual_length) == (2.5, 2, 2, 4, 128)
     assert config.center_keys and not config.center_values and (config.protect_first, config.protect_last, config.protected_bits) == (1, 2, None)
+    config = TurboQuantConfig.from_spec("k2v2-uv")
+    assert config.unbias_values and not config.unbias_keys
     config = TurboQuantConfig.from_spec("k4v4-L1.18b6")  # protected layers at 6 bits, the others at 4
     assert (config.protected_layers, config.protected_bits, config.layer_bits(18, 30), config.layer_bits(17, 30)) == ((1, 18), 6, (6, 6), (4, 4))
 

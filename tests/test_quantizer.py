@@ -51,6 +51,39 @@ def test_mse_inner_product_is_biased_prod_fixes_it():
     assert abs(ratio_prod - 1) < 0.05
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_unbiased_decoding_removes_the_mean_shrinkage(bits):
+    """Lloyd-Max reconstructions are conditional means: E⟨u, ũ⟩ = 1 − D, so an average of many reconstructions
+    shrinks by 1 − D. unbiased=True decodes ũ / (1 − D): the same codes, ⟨u, ũ⟩ = 1 on average, and the mean of
+    vectors near a common direction comes back at its length."""
+    x = unit_vectors(N, D, seed=20 + bits)
+    plain = TurboQuantMSE(D, bits, seed=3, norm_dtype=torch.float32)
+    unbiased = TurboQuantMSE(D, bits, seed=3, norm_dtype=torch.float32, unbiased=True)
+    packed = plain.quantize(x)
+    assert torch.equal(unbiased.quantize(x).codes, packed.codes)
+    distortion = plain.codebook.unit_vector_mse
+    assert unbiased.decode_gain == pytest.approx(1 / (1 - distortion)) and plain.decode_gain == 1.0
+    assert torch.allclose(unbiased.dequantize(packed), plain.dequantize(packed) / (1 - distortion), atol=1e-6)
+    stderr = 4 / math.sqrt(N)
+    assert (plain.dequantize(packed) * x).sum(-1).mean().item() == pytest.approx(1 - distortion, abs=stderr)
+    assert (unbiased.dequantize(packed) * x).sum(-1).mean().item() == pytest.approx(1.0, abs=stderr)
+    # values that share a direction (as attention averages them): over random rotations the plain mean comes back
+    # short by D along it, the unbiased one at its length (one rotation alone spreads by a few percent)
+    common = unit_vectors(1, D, seed=9)[0]
+    v = 0.8 * common + 0.6 * unit_vectors(2000, D, seed=30 + bits)
+    target = v.mean(0) @ common
+
+    def shrink(unbiased: bool) -> float:
+        ratios = []
+        for seed in range(8):
+            q = TurboQuantMSE(D, bits, seed=seed, norm_dtype=torch.float32, unbiased=unbiased)
+            ratios.append((q.dequantize(q.quantize(v)).mean(0) @ common).item() / target)
+        return sum(ratios) / len(ratios)
+
+    assert shrink(False) == pytest.approx(1 - distortion, abs=0.02)
+    assert shrink(True) == pytest.approx(1.0, abs=0.02)
+
+
 @pytest.mark.parametrize("cls", [TurboQuantMSE, TurboQuantProd])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("device", DEVICES)

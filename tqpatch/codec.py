@@ -28,23 +28,27 @@ Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
 
 
-def make_quantizer(head_dim: int, bits: int, method: str, seed: int) -> TurboQuantMSE | TurboQuantProd:
-    return TurboQuantProd(head_dim, bits, seed) if method == "prod" else TurboQuantMSE(head_dim, bits, seed)
+def make_quantizer(head_dim: int, bits: int, method: str, seed: int, unbiased: bool = False) -> TurboQuantMSE | TurboQuantProd:
+    if method == "prod":
+        if unbiased:
+            raise ValueError("unbiased decoding is for mse codes; TurboQuant_prod's inner products are unbiased already")
+        return TurboQuantProd(head_dim, bits, seed)
+    return TurboQuantMSE(head_dim, bits, seed, unbiased=unbiased)
 
 
 class TurboQuantCodec:
     """Whole-vector TurboQuant: parts codes [B,H,T,nb] (+ norms, + QJL signs/residual norms for prod).
 
     norm_bits=8 stores the norms as 8-bit log codes (`tqpatch.norms`) instead of float16
-    (prod keys' residual norms stay float16)."""
+    (prod keys' residual norms stay float16); unbiased=True decodes c / (1 − D) (`TurboQuantMSE.decode_gain`)."""
 
-    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, norm_bits: int = 16):
+    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, norm_bits: int = 16, unbiased: bool = False):
         check_norm_bits(norm_bits)
         self.head_dim = head_dim
         self.bits = bits
         self.method = method
         self.norm_bits = norm_bits
-        self.quantizer = make_quantizer(head_dim, bits, method, seed)
+        self.quantizer = make_quantizer(head_dim, bits, method, seed, unbiased)
         self.norm_codes = LogNormQuantizer() if norm_bits == 8 else None
 
     def encode(self, x: torch.Tensor) -> Parts:  # x: [B, H, T, d]
@@ -86,9 +90,10 @@ class RotationSearchCodec(TurboQuantCodec):
     keeps the one with the smallest ‖x - x̃‖²; nothing extra is stored per token.
     """
 
-    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, candidates: int = 8, norm_bits: int = 16):
-        super().__init__(head_dim, bits, method, seed, norm_bits)
-        self.candidates = [self.quantizer] + [make_quantizer(head_dim, bits, method, seed + i) for i in range(1, candidates)]
+    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, candidates: int = 8, norm_bits: int = 16,
+                 unbiased: bool = False):
+        super().__init__(head_dim, bits, method, seed, norm_bits, unbiased)
+        self.candidates = [self.quantizer] + [make_quantizer(head_dim, bits, method, seed + i, unbiased) for i in range(1, candidates)]
         self.chosen: int | None = None
 
     def prepare(self, x: torch.Tensor) -> None:
@@ -121,7 +126,7 @@ class SplitCodec:
     """
 
     def __init__(self, head_dim: int, bits: float, seed: int = 0, step: int = 1, norm_bits: int = 16,
-                 groups: tuple[int, int, int] | None = None):
+                 groups: tuple[int, int, int] | None = None, unbiased: bool = False):
         check_norm_bits(norm_bits)
         self.head_dim = head_dim
         self.norm_bits = norm_bits
@@ -131,8 +136,8 @@ class SplitCodec:
         if not 0 < self.num_outliers < head_dim:
             raise ValueError(f"{bits} bits at head_dim {head_dim} needs no channel split; use TurboQuantCodec")
         self.bits = self.bits_per_coordinate
-        self.outlier = TurboQuantMSE(self.num_outliers, self.outlier_bits, seed)
-        self.regular = TurboQuantMSE(head_dim - self.num_outliers, self.regular_bits, seed) if self.regular_bits else None
+        self.outlier = TurboQuantMSE(self.num_outliers, self.outlier_bits, seed, unbiased=unbiased)
+        self.regular = TurboQuantMSE(head_dim - self.num_outliers, self.regular_bits, seed, unbiased=unbiased) if self.regular_bits else None
         self.outlier_index: torch.Tensor | None = None
         self.regular_index: torch.Tensor | None = None
         # one norm per stored channel group and vector: 8-bit log codes (norm_bits=8) or float16
@@ -467,26 +472,28 @@ def make_codec(
     shape: bool = False,
     norm_bits: int = 16,
     split: tuple[int, int] | None = None,
+    unbiased: bool = False,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
     optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`).
     `split` = (high, low) bits: an eigen split at `bits` on average (`eigen_split_groups`): of query-shaped keys
-    (`rope`), or of values in their PCA basis (`EigenValueCodec`)."""
+    (`rope`), or of values in their PCA basis (`EigenValueCodec`). `unbiased`: every group decodes c / (1 − D)
+    (`TurboQuantMSE.decode_gain`)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if split is not None:
-        codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split))
+        codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split), unbiased=unbiased)
         if not rope:  # values: the PCA basis (EigenValueCodec), centered first where asked
             return CenteredCodec(EigenValueCodec(codec)) if center else EigenValueCodec(codec)
         if not shape:
             raise ValueError("an eigen split of keys (key_split) needs query-shaped keys")
         return RopeKeyCodec(codec, center=center, shape=True, eigen=True)
     if outliers == 0 and rotation_candidates > 1:
-        codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits)
+        codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits, unbiased)
     elif outliers == 0:
-        codec = TurboQuantCodec(head_dim, high, method, seed, norm_bits)
+        codec = TurboQuantCodec(head_dim, high, method, seed, norm_bits, unbiased)
     else:
-        codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits)
+        codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits, unbiased=unbiased)
     if rope and (center or shape):
         return RopeKeyCodec(codec, center=center, shape=shape)
     return CenteredCodec(codec) if center else codec

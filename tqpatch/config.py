@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .norms import check_norm_bits
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, qs, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, qs, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -110,6 +110,11 @@ class TurboQuantConfig:
     refit_values: with refit_tokens, the values too: exact copies of the first N,
         then a fresh value codec (outlier channels, norm ranges, eigen basis) fitted
         on all of them and the values encoded again (spec fitkv<N>).
+    unbias_keys, unbias_values: decode each code group's centroids divided by 1 − D (D its
+        codebook's unit-vector MSE): Lloyd-Max reconstructions are conditional means, so on
+        average they shrink by 1 − D, and so do attention outputs (sums of many values) and
+        the scale of the scores; the division removes that bias for (1 − D)⁻² more noise per
+        vector (`TurboQuantMSE.decode_gain`). Nothing stored changes (spec uk, uv, ukv).
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per
@@ -138,6 +143,8 @@ class TurboQuantConfig:
     value_split: tuple[int, int] | None = None
     refit_tokens: int = 0
     refit_values: bool = False
+    unbias_keys: bool = False
+    unbias_values: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -167,10 +174,12 @@ class TurboQuantConfig:
         if self.protected_bits is not None:
             if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
                 raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
-        for name in ("prefill_exact", "center_keys", "center_values", "shape_keys"):
+        for name in ("prefill_exact", "center_keys", "center_values", "shape_keys", "unbias_keys", "unbias_values", "refit_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_norm_bits(self.norm_bits)
+        if self.unbias_keys and self.key_method != "mse":
+            raise ValueError("unbias_keys is for key_method='mse' (TurboQuant_prod's inner products are unbiased already)")
         if self.key_split is not None:
             object.__setattr__(self, "key_split", tuple(self.key_split))
             _check_split(self.key_bits, self.key_split)
@@ -220,6 +229,8 @@ class TurboQuantConfig:
             label += f"-rc{self.rotation_candidates}"
         if self.center_keys or self.center_values:
             label += "-c" + ("k" if self.center_keys else "") + ("v" if self.center_values else "")
+        if self.unbias_keys or self.unbias_values:
+            label += "-u" + ("k" if self.unbias_keys else "") + ("v" if self.unbias_values else "")
         if self.shape_keys:
             label += "-qs"
         if self.norm_bits != 16:
@@ -244,7 +255,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -265,6 +276,7 @@ class TurboQuantConfig:
             r"o(\d+)": lambda m: {"outlier_step": int(m[1])},
             r"rc(\d+)": lambda m: {"rotation_candidates": int(m[1])},
             r"c(k?)(v?)": lambda m: {"center_keys": bool(m[1]), "center_values": bool(m[2])},
+            r"u(k?)(v?)": lambda m: {"unbias_keys": bool(m[1]), "unbias_values": bool(m[2])},
             r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
             r"L(\d+(?:\.\d+)*)(?:b(\d+))?": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))} | ({"protected_bits": int(m[2])} if m[2] else {}),
             r"qs": lambda m: {"shape_keys": True},

@@ -82,13 +82,13 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
     def make_key_codec():
         return make_codec(
             head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates,
-            rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split,
+            rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split, unbiased=cfg.unbias_keys,
         )
 
     def make_value_codec():
         return make_codec(
             head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,
-            split=value_split,
+            split=value_split, unbiased=cfg.unbias_values,
         )
 
     return TurboQuantLayer(

@@ -96,24 +96,35 @@ class TurboQuantMSE:
     >>> x_hat = q.dequantize(packed)      # [..., 128], x's dtype
     """
 
-    def __init__(self, head_dim: int, bits: int, seed: int = 0, norm_dtype: torch.dtype = torch.float16):
+    def __init__(self, head_dim: int, bits: int, seed: int = 0, norm_dtype: torch.dtype = torch.float16, unbiased: bool = False):
         _check_shape_args(head_dim, bits)
         self.head_dim = head_dim
         self.bits = bits
         self.seed = seed
         self.norm_dtype = norm_dtype
+        self.unbiased = unbiased
         self.codebook = get_codebook(head_dim, bits)
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._tables: dict[torch.device, torch.Tensor] = {}
 
+    @property
+    def decode_gain(self) -> float:
+        """1 / (1 − D) when `unbiased`, else 1; D = E‖u − ũ‖² of a unit vector (the codebook's MSE).
+
+        Lloyd-Max centroids are conditional means, so E⟨u, ũ⟩ = E‖ũ‖² = 1 − D: a reconstruction is shrunk
+        towards 0 on average, and a sum of many (an attention output Σ p_t ṽ_t, or the scores' scale) shrinks
+        by 1 − D where the independent errors average out. Decoding ũ / (1 − D) removes that bias and costs
+        (1 − D)⁻² more noise per vector (`TurboQuantConfig.unbias_values`, `unbias_keys`). Codes are unchanged."""
+        return 1.0 / (1.0 - self.codebook.unit_vector_mse) if self.unbiased else 1.0
+
     # -- per-device constants -------------------------------------------------
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Π [d, d], centroids [2^b], boundaries [2^b - 1]) in float32 on `device`."""
+        """(Π [d, d], centroids [2^b] (times `decode_gain`), boundaries [2^b - 1]) in float32 on `device`."""
         device = torch.device(device)
         if device not in self._device_cache:
             self._device_cache[device] = (
                 haar_rotation(self.head_dim, self.seed, device),
-                self.codebook.centroids.to(device=device, dtype=torch.float32),
+                (self.codebook.centroids * self.decode_gain).to(device=device, dtype=torch.float32),
                 self.codebook.boundaries.to(device=device, dtype=torch.float32),
             )
         return self._device_cache[device]
