@@ -260,7 +260,7 @@ def test_decode_attention_matches_reference(d, hkv, group, length, nfp, kbits, v
         assert _cos(out, ref) > COS_FLOOR
 
 
-@pytest.mark.parametrize("kbits,vbits,unbias_keys", [(4, 4, False), (2, 2, True), (2.5, 2.5, True)])
+@pytest.mark.parametrize("kbits,vbits,unbias_keys", [(4, 4, False), (4, 4, True), (2, 2, True), (2.5, 2.5, True)])
 def test_decode_attention_reads_unbiased_codecs(kbits, vbits, unbias_keys):
     """Unbiased decoding (centroids / (1 − D), `TurboQuantConfig.unbias_values` / `unbias_keys`) lives in the
     quantizers' centroid tables, so the kernels (the warp kernel for k4v4, the split kernel for the rest) read the
