@@ -360,9 +360,7 @@ def _split_scan(kernels, codec, b, hq, hkv, length, d) -> dict:
     step at the wave boundaries (bench/RESULTS.md)."""
     kp, vp = _random_parts(codec, b, hkv, length), _random_parts(codec, b, hkv, length)
     q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-    cdiv = kernels.triton_cdiv
-    base = max(1, min(cdiv(kernels.DECODE_TUNING["warp_programs_per_sm"] * kernels._sm_count(0), b * hkv),
-                      cdiv(length, kernels.DECODE_TUNING["warp_min_split_tokens"])))
+    base = kernels.default_splits(b * hkv, length, kernels._sm_count(0), True, kernels.DECODE_TUNING["warp_lut_tokens"])
     counts = sorted({max(1, round(base * f)) for f in (0.5, 0.6, 0.7, 0.74, 0.77, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)})
     out = {"default": base, "ms": {}}
     for n in counts:

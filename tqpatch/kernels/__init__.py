@@ -494,10 +494,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     block_t = block_t or DECODE_TUNING["split_block_t" if max(len(kgroups), len(vgroups)) > 1 else "block_t"]
     programs = b * hkv
     if num_splits is None:
-        sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
-        want = triton_cdiv(DECODE_TUNING["warp_programs_per_sm" if warp else "programs_per_sm"] * sms, programs)
-        min_tokens = DECODE_TUNING["warp_min_split_tokens"] if warp else 4 * block_t  # (few long splits: less to combine)
-        num_splits = max(1, min(want, triton_cdiv(length, min_tokens)))
+        num_splits = default_splits(programs, length, _sm_count(q.device.index or 0) if q.is_cuda else 4, warp, block_t)
     per_split = triton_cdiv(triton_cdiv(max(length, 1), num_splits), block_t) * block_t
     splits = triton_cdiv(length, per_split) if length else 0
     aw = d if warp else vlay.accumulator_width
@@ -580,6 +577,15 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
             num_warps=4,
         )
     return out
+
+
+def default_splits(programs: int, length: int, sms: int, warp: bool, block_t: int) -> int:
+    """Flash-decoding splits per (B·Hkv) program row: enough programs to fill the SMs (`programs_per_sm`, or
+    `warp_programs_per_sm` for the one-warp kernels), but splits no shorter than `warp_min_split_tokens` (warp
+    kernels) or 4 tiles (few long splits: less to combine)."""
+    want = triton_cdiv(DECODE_TUNING["warp_programs_per_sm" if warp else "programs_per_sm"] * sms, programs)
+    min_tokens = DECODE_TUNING["warp_min_split_tokens"] if warp else 4 * block_t
+    return max(1, min(want, triton_cdiv(length, min_tokens)))
 
 
 class WarpKernelError(RuntimeError):
