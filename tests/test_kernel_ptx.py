@@ -19,8 +19,9 @@ def _ptx_codes(u: np.ndarray, boundaries: np.ndarray, bits: int) -> np.ndarray:
     out = []
     for i in range(0, len(u), 2):
         pair = run_ptx(asm, {"$1": int(words[i]), "$2": int(words[i + 1]), **{f"${3 + j}": c for j, c in enumerate(consts)}})["$0"]
-        assert pair >> 2 * bits == 0, "bits above the pair's two codes must be clear"
-        out += [pair & ((1 << bits) - 1), pair >> bits]
+        code_mask = (1 << bits) - 1
+        assert pair & ~(code_mask | code_mask << 16) == 0, "bits beside the pair's two codes must be clear"
+        out += [pair & code_mask, pair >> 16]
     return np.array(out)
 
 

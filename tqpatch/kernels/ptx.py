@@ -11,7 +11,7 @@ positive boundaries p_i = b_{H+i}) gives a normalized coordinate u the code
 
 `store_codes_asm` evaluates it for a pair (u0, u1) packed as one fp16x2 word: k by a binary search over the p_i
 (one fp16x2 compare per level, thresholds picked by LOP3 bit selects on the 0xFFFF/0 masks), the sign by one more
-compare, and the two codes come out packed as the byte c0 | c1 << b: 17 instructions per pair at 4 bits. The
+compare, and the two codes come out as c0 | c1 << 16, one per half: 15 instructions per pair at 4 bits. The
 boundaries are rounded down to fp16 (`store_code_constants`), so the code is exactly that of u rounded to fp16;
 it differs from the float32 reference's only where u lies within fp16 rounding (2^-11 relative) of a boundary,
 ~1e-3 of the coordinates of random unit vectors at 4 bits, where both neighbouring centroids are equally close
@@ -43,9 +43,9 @@ def store_code_constants(boundaries) -> list[int]:
 
 
 def store_codes_asm(mb: int) -> str:
-    """PTX for Triton's inline_asm_elementwise (pack=1): inputs $1, $2 = the coordinates u0, u1 (float32 bits) of two
-    consecutive channels, $3 + i = the constant i of `store_code_constants`; output $0 = the pair's codes
-    c0 | c1 << mb. See the module docstring for the search."""
+    """PTX for Triton's inline_asm_elementwise (pack=1): inputs $1, $2 = the coordinates u0, u1 (float32 bits) of a
+    pair of channels, $3 + i = the constant i of `store_code_constants`; output $0 = the pair's codes c0 | c1 << 16,
+    one in each half (the kernel packs four such pairs into a word with shifted adds). See the module docstring."""
     if not 1 <= mb <= 4:
         raise ValueError(f"store_codes_asm: bits must be 1, 2, 3 or 4, got {mb}")
     levels = mb - 1  # binary-search levels: k has mb - 1 bits
@@ -82,9 +82,7 @@ def store_codes_asm(mb: int) -> str:
             c = 1 << i
             lines.append(f"lop3.b32 %k, %m{i}, %k, {c | c << 16:#010x}, 0xE4;")  # (m_i & c) | (k & ~c)
     code_mask = (1 << mb) - 1
-    lines += [f"lop3.b32 %x, %k, %s, {code_mask | code_mask << 16:#010x}, 0x82;",  # c & ~(k ^ s): code in each half
-              f"shr.b32 %t, %x, {16 - mb};",
-              f"lop3.b32 $0, %x, %t, {(1 << 2 * mb) - 1:#x}, 0xA8;",  # (x | t) & mask: c0 | c1 << mb
+    lines += [f"lop3.b32 $0, %k, %s, {code_mask | code_mask << 16:#010x}, 0x82;",  # c & ~(k ^ s): code in each half
               "}"]
     return "\n".join(lines)
 

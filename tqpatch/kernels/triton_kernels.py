@@ -164,16 +164,17 @@ def _magnitude_index(a, p0, p1, p2, p3, p4, p5, p6, MB: tl.constexpr):
 @triton.jit
 def _rotation_block(r_ptr, D: tl.constexpr, CB: tl.constexpr, cb: tl.constexpr):
     """Columns of the rotation [D, D] for channel block cb (CB channels), in the x16 kernel's column order:
-    kernel column k = 8j + 2m + e is channel cb·CB + m·CB/4 + 2j + e (see `_tq_store_x16_kernel`)."""
+    kernel column k = 8j + 2m + e is channel cb·CB + m·CB/4 + 8(j // 4) + j % 4 + 4e (see `_tq_store_x16_kernel`)."""
     rows = tl.arange(0, D)
     k = tl.arange(0, CB)
-    chan = cb * CB + ((k % 8) // 2) * (CB // 4) + 2 * (k // 8) + (k % 2)
+    j = k // 8
+    chan = cb * CB + ((k % 8) // 2) * (CB // 4) + 8 * (j // 4) + j % 4 + 4 * (k % 2)
     return tl.load(r_ptr + rows[:, None] * D + chan[None, :])
 
 
 @triton.jit
 def _pair_codes(u, h0, h1, h2, h3, h4, h5, h6, h7, MB: tl.constexpr):
-    """u [R, C] float32 -> int32 [R, C/2]: the codes of channels 2i and 2i + 1 as c0 | c1 << MB, by the fp16x2
+    """u [R, C] float32 -> int32 [R, C/2]: the codes of kernel columns 2i and 2i + 1 as c0 | c1 << 16, by the fp16x2
     quantizer of `ptx.store_codes_asm` (h0..: `ptx.store_code_constants`, the positive boundaries then mid)."""
     u0, u1 = tl.split(tl.reshape(u, [u.shape[0], u.shape[1] // 2, 2]))
     u0 = u0.to(tl.int32, bitcast=True)
@@ -212,18 +213,23 @@ def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h
     """Quantize and write one channel block: y [BLOCK_R, CB] = SCALE·(Πx) in kernel column order, inv [BLOCK_R] =
     1 / (SCALE·‖x‖), codes at byte rows c_row [BLOCK_R]. The symmetric codebook gives the code as the magnitude
     index k of |y|·inv (binary search), HALF + k above the middle boundary and HALF - 1 - k below; each thread
-    packs the whole words of 8 codes it holds and writes them. F16X2: the search runs on fp16 pairs in inline PTX
+    packs the whole words of 8 codes it holds and writes them. Kernel column 8j + 2m + e holds code q + 4e of word
+    a = j // 4 (q = j % 4, `_rotation_block`): a pair's two codes go to the word's two halves, so the four pairs of
+    a word add up shifted by MB·q with no per-pair combining. F16X2: the search runs on fp16 pairs in inline PTX
     (`_pair_codes`, constants h0..h7), else in float32 (boundaries mid, p0..p6)."""
     HALF: tl.constexpr = 1 << (MB - 1)
     WT: tl.constexpr = CB // 32  # words per thread and row
     u = y * inv[:, None]  # (a zero vector gives 0 and compares 0 > mid like the reference)
-    if F16X2:  # pair i = kernel columns 2i, 2i + 1 = 8j + 2m + (0, 1), i.e. 4j + m = 16a + 4(j % 4) + m
-        pair = tl.permute(tl.reshape(_pair_codes(u, h0, h1, h2, h3, h4, h5, h6, h7, MB), [BLOCK_R, WT, 4, 4]), [0, 1, 3, 2])  # [r, a, m, j % 4]
-        word = tl.sum(pair << (tl.arange(0, 4) * (2 * MB))[None, None, None, :], axis=3)  # [r, a, m]
+    if F16X2:  # pair i = kernel columns 2i, 2i + 1 = 8j + 2m + (0, 1), i.e. 4j + m = 16a + 4q + m
+        pair = tl.permute(tl.reshape(_pair_codes(u, h0, h1, h2, h3, h4, h5, h6, h7, MB), [BLOCK_R, WT, 4, 4]), [0, 1, 3, 2])  # [r, a, m, q]
+        word = tl.sum(pair << (tl.arange(0, 4) * MB)[None, None, None, :], axis=3)  # [r, a, m]: codes 0-3 at 0, 4-7 at 16
+        if MB < 4:  # codes 4-7 follow codes 0-3 at bit 4·MB
+            word = (word & ((1 << 4 * MB) - 1)) | ((word >> (16 - 4 * MB)) & (((1 << 4 * MB) - 1) << 4 * MB))
     else:
         code = _magnitude_index(tl.abs(u), p0, p1, p2, p3, p4, p5, p6, MB) ^ tl.where(u > mid, HALF, HALF - 1)
-        code = tl.permute(tl.reshape(code, [BLOCK_R, WT, 4, 4, 2]), [0, 1, 3, 2, 4])  # [r, a, m, j % 4, e]
-        word = tl.sum(tl.reshape(code, [BLOCK_R, WT, 4, 8]) << (tl.arange(0, 8) * MB)[None, None, None, :], axis=3)  # [r, a, m]
+        code = tl.permute(tl.reshape(code, [BLOCK_R, WT, 4, 4, 2]), [0, 1, 3, 2, 4])  # [r, a, m, q, e]
+        shift = (tl.arange(0, 4)[:, None] + 4 * tl.arange(0, 2)[None, :]) * MB  # code q + 4e of the word
+        word = tl.sum(tl.reshape(code << shift[None, None, None, :, :], [BLOCK_R, WT, 4, 8]), axis=3)  # [r, a, m]
     word_byte = (cb * CB // 8 + tl.arange(0, 4)[None, :] * WT + tl.arange(0, WT)[:, None]) * MB  # [WT, 4]: word (a, m)
     wptr = c_row[:, None, None] + word_byte[None, :, :]
     wmask = rmask[:, None, None]
@@ -245,6 +251,16 @@ def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h
 
 
 @triton.jit
+def _row_sum_of_squares(y, BLOCK_R: tl.constexpr, CB: tl.constexpr):
+    """Σ_c y[r, c]² of y [BLOCK_R, CB] -> [BLOCK_R], summed as four interleaved partial sums: columns c and
+    c + CB/4, c + CB/2, c + 3CB/4 lie in the same thread (kernel column 8j + 2m + e, the four differ in j), so the
+    sum over the four is CB/8 independent 3-add chains and the serial chain per row is ~CB/16 + 3 adds long, not CB/4
+    (more work in flight while the quantizer waits for the norm)."""
+    quarters = tl.sum(tl.reshape(y * y, [BLOCK_R, 4, CB // 4]), axis=1)
+    return tl.sum(quarters, axis=1)
+
+
+@triton.jit
 def _tq_store_x16_kernel(
     x_ptr, sxb, sxh, sxt,                 # x [B, H, T, D] bfloat16 or float16 (last stride 1)
     x_desc,                               # TMA: a tensor descriptor of x, blocks [1, 1, BLOCK_R, D] (else unused)
@@ -263,8 +279,9 @@ def _tq_store_x16_kernel(
     # y/‖x‖ is the code of Π(x/‖x‖). Channels are handled in blocks of CB = min(D, CBMAX) columns (one MMA chain each).
     # Packing without moving data between threads: in the MMA accumulator a thread holds, per row, the columns
     # 8j + 2m + e (m = lane % 4, e = 0, 1). The rotation's columns are loaded permuted so that kernel column
-    # 8j + 2m + e of block cb is channel cb·CB + m·CB/4 + 2j + e: each thread then holds CB/4 consecutive
-    # channels of its rows, whole words of 8 codes, which it packs and writes itself.
+    # 8j + 2m + e of block cb is channel cb·CB + m·CB/4 + 8(j // 4) + j % 4 + 4e: each thread then holds CB/4
+    # consecutive channels of its rows, whole words of 8 codes, which it packs and writes itself (the two codes of
+    # an fp16 pair, e = 0 and 1, are codes q and q + 4 of one word: they land in its two halves).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     CB: tl.constexpr = D if D < CBMAX else CBMAX
@@ -315,16 +332,17 @@ def _tq_store_x16_kernel(
         y0 = tl.dot(x, rhi0)
         if LO:
             y0 = tl.dot(x, rlo0, y0)
-        sq = tl.sum(y0 * y0, axis=1)
+        sq = _row_sum_of_squares(y0, BLOCK_R, CB)
         if D > CB:
             y1 = tl.dot(x, rhi1)
             if LO:
                 y1 = tl.dot(x, rlo1, y1)
-            sq += tl.sum(y1 * y1, axis=1)
+            sq += _row_sum_of_squares(y1, BLOCK_R, CB)
         # ‖y‖ = SCALE·‖x‖ (Π is orthogonal; the split carries ~16 bits): the norm from the accumulators, not from x
-        norm_y = tl.sqrt(sq)
-        norm = norm_y * (1.0 / SCALE)
-        inv = 1.0 / tl.maximum(norm_y, 1.1754943508222875e-38)
+        # one reciprocal square root (MUFU.RSQ) instead of a square root and a division, each with its slow-path checks:
+        # a shorter chain of dependent instructions between the MMA and the quantizer. A zero row gives inv = 2^63, u = 0
+        inv = tl.math.rsqrt(tl.maximum(sq, 1.1754943508222875e-38))
+        norm = sq * inv * (1.0 / SCALE)
         _store_code_block(y0, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h4, h5, h6, h7, c_row, rmask,
                           BLOCK_R, CB, 0, MB, F16X2, ASM_STORE)
         if D > CB:
