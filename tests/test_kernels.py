@@ -169,7 +169,7 @@ def test_decode_falls_back_to_the_split_kernel_when_the_warp_kernel_fails(monkey
 
 
 # STORE_TUNING knobs of the x16 kernel beside its defaults (Πᵀ's hi part alone, fp16x2 quantizer, 64-row tiles on 4
-# warps in 3 stages at 168 registers, 128-column MMA chains, TMA loads, stores from registers); the last one is run 33's kernel
+# warps in 4 stages at 168 registers, 128-column MMA chains, TMA loads, stores from registers); the last one is run 33's kernel
 # settings. The interpreter runs the float32 quantizer with plain loads and stores whatever is set.
 _RUN33 = {"precision": "x16", "x16_quantizer": "f32", "x16_tma": False, "x16_asm_store": False, "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 2,
           "x16_channel_block": 64, "x16_maxnreg": None}

@@ -279,7 +279,7 @@ def _write_groups(groups: list[CodeGroup], x: torch.Tensor, out: Parts) -> None:
 # Shared memory holds 2 programs per SM at d 128 either way, so the default 168 costs no occupancy and lets ptxas
 # keep more pairs in flight (run 61: 0.277 against 0.292 ms).
 STORE_TUNING = {"block_r": None, "bn": None, "precision": None, "num_warps": None, "num_stages": 1, "word_store": True,
-                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 3, "x16_programs_per_sm": None, "x16_quantizer": "f16x2",
+                "x16_block_r": 64, "x16_num_warps": 4, "x16_num_stages": 4, "x16_programs_per_sm": None, "x16_quantizer": "f16x2",
                 "x16_channel_block": 128, "x16_tma": True, "x16_asm_store": True, "x16_maxnreg": 168}
 X16_QUANTIZERS = ("f16x2", "f32")
 X16_DIMS = (32, 64, 128)  # widths the x16 store kernel takes (whole words of 8 codes per thread and row; [D, D] tiles fit)
