@@ -46,6 +46,16 @@ def test_config_is_frozen_and_presets_override():
         config.key_bits = 4
 
 
+def test_two_bit_quality_presets_decode_values_unbiased():
+    """k3v2+ and k2v2+ add unbiased values (README, Unbiased decoding: better on SmolLM2 and Gemma-3 at every seed);
+    the other quality presets do not."""
+    for name in ("k3v2+", "k2v2+"):
+        config = TurboQuantConfig.preset(name)
+        assert config.unbias_values and not config.unbias_keys and config.name.endswith("-s4-ck-uv-qs-n8")
+    assert not any(TurboQuantConfig.preset(name).unbias_values for name in ("k4v4+", "3.5bit+", "2.5bit+"))
+    assert TurboQuantConfig.from_spec("k2v2+") == TurboQuantConfig.from_spec("k2v2-s4-ck-uv-qs-n8")
+
+
 def test_patching_twice_is_refused():
     model = tiny_model("llama")
     tqpatch.patch(model)

@@ -311,10 +311,11 @@ PRESETS: dict[str, TurboQuantConfig] = {
     # The quality presets: TurboQuant plus the levers that helped together on SmolLM2 and Gemma-3
     # (README, quality presets): the first 4 tokens exact (attention sinks), keys centered before RoPE,
     # query-shaped keys, and 8-bit norms that pay for them (same quality within ±0.25%, 0.03-0.25 bits
-    # less). Fused on CUDA too.
+    # less). Fused on CUDA too. Where values have 2 bits they are also decoded unbiased (centroids / (1 - D),
+    # spec "-uv"): better on both models at every seed measured (README, Unbiased decoding), nothing stored changes.
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, **_QUALITY),
-    "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, **_QUALITY),
-    "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, **_QUALITY),
+    "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, **_QUALITY),
+    "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, unbias_values=True, **_QUALITY),
     "3.5bit+": TurboQuantConfig(key_bits=3.5, value_bits=3.5, **_QUALITY),
     "2.5bit+": TurboQuantConfig(key_bits=2.5, value_bits=2.5, **_QUALITY),
 }
