@@ -96,7 +96,7 @@ def _f16x2_compare_gt(a: int, b: int) -> int:
 
 
 def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
-    """Interpret the PTX subset of `store_codes_asm` and `groups.lut_asm` (shl, shr, and, or, mov, mul.lo, prmt,
+    """Interpret the PTX subset of `store_codes_asm` and `groups.lut_asm` (shl, shr, and, or, mov, mul.lo, mul.hi, prmt,
     lop3 on 32 bits, default-mode prmt; cvt.rn.f16x2.f32, set.gt.u32.f16x2) on Python ints: operands {"$n": value}
     in (32-bit patterns; float32 operands as their bits), every register written out. For CPU tests of the exact
     text the GPU runs."""
@@ -120,6 +120,8 @@ def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
             r = val(a[1])
         elif op == "mul.lo.u32":
             r = val(a[1]) * val(a[2])
+        elif op == "mul.hi.u32":
+            r = (val(a[1]) * val(a[2])) >> 32
         elif op == "lop3.b32":
             x, y, z, lut = (val(v) for v in a[1:])
             r = sum(((lut >> (((x >> k & 1) << 2) | ((y >> k & 1) << 1) | (z >> k & 1))) & 1) << k for k in range(32))
