@@ -617,7 +617,8 @@ def table(result: dict) -> str:
         lines.append(f"{row['what']}: {row['ms']:.3f} ms, {row['GB_per_s']:.0f} GB/s ({row['fraction_of_copy']:.0%} of copy); one-token append {row['append_one_token_ms'] * 1e3:.1f} us")
     for row in result.get("attention", {}).get("rows", []):
         cells = [f"B={row['B']:<3} L={row['L']:<6} bf16 SDPA {row['bf16_sdpa_ms']:.3f} ms"]
-        names = [name for name, value in row.items() if isinstance(value, dict) and "ms" in value]  # the settings timed
+        # the settings timed (the split scan's "ms" is a dict of split count -> ms: it is printed while it runs)
+        names = [name for name, value in row.items() if isinstance(value, dict) and isinstance(value.get("ms"), float)]
         cells += [f"{name} {row[name]['ms']:.3f} ms ({row[name]['ratio_to_bf16']:.2f}x)" for name in names]
         lines.append(" | ".join(cells))
         if "back_to_back" in row["bf16_sdpa_variants"]:

@@ -219,14 +219,13 @@ def lut_asm(words: list[str], outs: list[list[str]], table: int, symmetric: bool
     low bytes of centroids 4j .. 4j + 3, $table + 4 + j their high bytes (`lut_table`). Per 4 codes: PRMT looks up
     the low bytes of entries 0..7 and of 8..15 by the codes' low 3 bits, a LOP3 picks one by bit 3 (a byte mask
     made by PRMT's sign-replicating mode), the same for the high bytes, and two PRMTs interleave them into fp16
-    pairs: 19 integer-pipe instructions per 8 codes, plus 2 IMADs.
+    pairs: 21 instructions per 8 codes.
 
     symmetric (c[15 - i] = -c[i], as Lloyd-Max codebooks of a symmetric density are): one look-up per byte half in
-    the 8 magnitudes c[8..15] (table words 2, 3, 6, 7) by |index| = c & 7 for c >= 8, 7 - (c & 7) below, and the
-    sign bit flipped where bit 3 is clear: 14 integer-pipe instructions per 8 codes, plus 3 IMADs.
-
-    The kernels are bound by the integer pipe (bench/RESULTS.md), so shifts are written as multiplies (x << 4 as
-    x · 16, x >> k as the high word of x · 2^(32-k)), which ptxas issues as IMADs on the FMA pipe."""
+    the 8 magnitudes c[8..15] (table words 2, 3, 6, 7) by |index| = c & 7 for c >= 8, 7 - (c & 7) below (bit 3 of
+    each nibble, times 7/8 by one multiply-high, says where), and the sign bit flipped where bit 3 is clear: 17 per 8
+    codes. (Writing the shifts as multiplies, which ptxas issues as IMADs on the FMA pipe instead of SHFs on the
+    integer pipe, left the kernel's time unchanged in run 65: it is not bound by that pipe's throughput.)"""
     t = [f"${table + j}" for j in range(8)]
     lines = ["{", ".reg .b32 %w4, %s, %sh, %m0, %m1, %a, %b, %lo, %hi, %f;"]
     for word, out in zip(words, outs):
@@ -236,8 +235,7 @@ def lut_asm(words: list[str], outs: list[list[str]], table: int, symmetric: bool
                       f"lop3.b32 %s, {word}, %f, 0x77777777, 0x82;"]  # ~(w ^ f) & 0x77777777
         else:
             lines += [f"and.b32 %s, {word}, 0x77777777;"]
-        # the two shifts as multiplies: ptxas keeps them on the FMA pipe (IMAD), off the integer pipe the look-ups fill
-        lines += [f"mul.lo.u32 %w4, {word}, 16;", "mul.hi.u32 %sh, %s, 0x10000;",
+        lines += [f"shl.b32 %w4, {word}, 4;", "shr.b32 %sh, %s, 16;",
                   f"prmt.b32 %m0, {word}, %w4, 0x9D8C;",  # byte i: 0xFF where code i (0..3) has bit 3 set
                   f"prmt.b32 %m1, {word}, %w4, 0xBFAE;"]  # the same for codes 4..7
         for sel, mask, pair in (("%s", "%m0", out[:2]), ("%sh", "%m1", out[2:])):
@@ -257,8 +255,8 @@ def is_symmetric(centroids: torch.Tensor) -> bool:
     return h.numel() == 16 and torch.equal(h, -h.flip(0))
 
 
-_VALUE_PRELUDE = ("{\n.reg .b32 %x, %y, %u4, %t4;\nmul.lo.u32 %u4, $9, 16;\nlop3.b32 %x, $8, %u4, 0x0F0F0F0F, 0xE4;\n"
-                  "mul.hi.u32 %t4, $8, 0x10000000;\nlop3.b32 %y, %t4, $9, 0x0F0F0F0F, 0xE4;\n")  # shifts by 4 as IMADs
+_VALUE_PRELUDE = ("{\n.reg .b32 %x, %y, %u4, %t4;\nshl.b32 %u4, $9, 4;\nlop3.b32 %x, $8, %u4, 0x0F0F0F0F, 0xE4;\n"
+                  "shr.b32 %t4, $8, 4;\nlop3.b32 %y, %t4, $9, 0x0F0F0F0F, 0xE4;\n")
 # keys: one word of codes ($4) -> 4 fp16 pairs $0..$3 (one per byte); tables $5..$12
 KEY_LUT_ASM = lut_asm(["$4"], [["$0", "$1", "$2", "$3"]], 5)
 KEY_LUT_ASM_SYMMETRIC = lut_asm(["$4"], [["$0", "$1", "$2", "$3"]], 5, symmetric=True)
