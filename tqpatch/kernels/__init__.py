@@ -363,7 +363,7 @@ def _launch_store_x16(mse, c: dict, x: torch.Tensor, codes: torch.Tensor, norms:
     block_r = tune["x16_block_r"]
     tiles = b * h * triton_cdiv(t, block_r)  # the kernel's tiles: block_r consecutive tokens of one (batch, head)
     smem = (4 if lo else 2) * d * d + 2 * tune["x16_num_stages"] * block_r * d + (4 << 10)  # Πᵀ hi (+ lo), x tiles, scratch
-    regs = tune["x16_maxnreg"] or 168  # without a cap, assume the most ptxas chose at d 128 in the compile checks
+    regs = tune["x16_maxnreg"] or 168  # without a cap, assume 168 (ptxas chose 96-168 at d 128 in the compile checks)
     fits = min((224 << 10) // smem, 65536 // (regs * 32 * tune["x16_num_warps"]))  # as many as shared memory and registers hold
     per_sm = tune["x16_programs_per_sm"] or max(1, min(8, fits))
     grid = min(tiles, per_sm * _sm_count(x.device.index or 0)) if x.is_cuda else min(tiles, 3)

@@ -11,7 +11,7 @@ positive boundaries p_i = b_{H+i}) gives a normalized coordinate u the code
 
 `store_codes_asm` evaluates it for a pair (u0, u1) packed as one fp16x2 word: k by a binary search over the p_i
 (one fp16x2 compare per level, thresholds picked by LOP3 bit selects on the 0xFFFF/0 masks), the sign by one more
-compare, and the two codes come out as c0 | c1 << 16, one per half: 15 instructions per pair at 4 bits. The
+compare, and the two codes come out as c0 | c1 << 16, one per half: 14 instructions per pair at 4 bits. The
 boundaries are rounded down to fp16 (`store_code_constants`), so the code is exactly that of u rounded to fp16;
 it differs from the float32 reference's only where u lies within fp16 rounding (2^-11 relative) of a boundary,
 ~1e-3 of the coordinates of random unit vectors at 4 bits, where both neighbouring centroids are equally close

@@ -254,7 +254,7 @@ def _store_code_block(y, inv, mid, p0, p1, p2, p3, p4, p5, p6, h0, h1, h2, h3, h
 def _row_sum_of_squares(y, BLOCK_R: tl.constexpr, CB: tl.constexpr):
     """Σ_c y[r, c]² of y [BLOCK_R, CB] -> [BLOCK_R], summed as four interleaved partial sums: columns c and
     c + CB/4, c + CB/2, c + 3CB/4 lie in the same thread (kernel column 8j + 2m + e, the four differ in j), so the
-    sum over the four is CB/8 independent 3-add chains and the serial chain per row is ~CB/16 + 3 adds long, not CB/4
+    sum over the four is CB/16 independent 3-add chains and the serial chain per row is ~CB/16 + 3 adds long, not CB/4
     (more work in flight while the quantizer waits for the norm)."""
     quarters = tl.sum(tl.reshape(y * y, [BLOCK_R, 4, CB // 4]), axis=1)
     return tl.sum(quarters, axis=1)
