@@ -10,7 +10,7 @@ from tqpatch import kernels
 from tqpatch.codec import RopeKeyCodec, TurboQuantCodec, make_codec
 from tqpatch.config import TurboQuantConfig
 from tqpatch.rope import RopeTable
-from tqpatch.shaping import QueryMoments, rope_average, shaping_gain, shaping_transform, stored_nbytes, stored_transform
+from tqpatch.shaping import QueryMoments, diagonal_transform, rope_average, shaping_gain, shaping_transform, stored_nbytes, stored_transform
 
 
 def _anisotropic(d: int, rank: int, seed: int) -> torch.Tensor:
@@ -175,4 +175,62 @@ def test_which_layers_get_shaped_across_architectures(arch, shaped):
         tqpatch.unpatch(model)
     got = [getattr(layer.key_codec, "shaping", None) is not None for layer in cache.layers]
     assert got[: len(shaped)] == shaped
+    assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.95
+
+
+def test_diagonal_transform_is_the_best_pair_tied_diagonal():
+    """diag(a): det 1, equal on each RoPE pair (i, i + d/2), and no pair-tied diagonal perturbation does better."""
+    d = 32
+    sq, sk = _anisotropic(d, 3, 7) + torch.diag(torch.linspace(2, 0.1, d, dtype=torch.float64)), _anisotropic(d, 20, 8)
+    a = diagonal_transform(sq, sk, shrink=0.0).double()
+    assert torch.equal(a[: d // 2], a[d // 2 :]) and a.log().sum().item() == pytest.approx(0.0, abs=1e-5)
+    best = shaping_gain(sq, sk, torch.diag(a)).item()
+    assert best < 1.0 and shaping_gain(sq, sk, torch.eye(d)).item() == pytest.approx(1.0)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(5):
+        noise = torch.randn(d // 2, generator=gen, dtype=torch.float64) * 0.1
+        perturbed = a * torch.cat([noise, noise]).exp()
+        assert shaping_gain(sq, sk, torch.diag(perturbed)).item() >= best - 1e-9
+
+
+def test_diagonal_shaping_codec_stores_d_numbers_and_decodes_the_keys():
+    """RopeKeyCodec(diagonal=True): A is diagonal (float16 entries, exact inverse), counted as d float16 per head,
+    and still cuts the score error of low-rank queries whose weight sits on a few channels."""
+    queries, keys = _low_rank_queries_and_keys()
+    queries = queries * torch.linspace(4, 0.1, 16).repeat(2)  # channel-wise anisotropy, equal on RoPE pairs: what a diagonal map can use
+    codec = make_codec(32, 2, "mse", 0, rope=True, shape=True, diagonal=True)
+    with pytest.raises(ValueError, match="shape=True"):
+        RopeKeyCodec(TurboQuantCodec(32, 2), shape=False, diagonal=True)
+    codec.observe_queries(queries[:, :32], kv_heads=2)
+    out = torch.cat([codec.decode(codec.encode(keys[:, :, s : s + 32], s), torch.float32, s) for s in (0, 32, 64)], dim=2)
+    m, m_inv = codec.shaping
+    assert torch.equal(m, torch.diag_embed(m.diagonal(dim1=-2, dim2=-1))) and torch.equal(m.diagonal(dim1=-2, dim2=-1).half().float(), m.diagonal(dim1=-2, dim2=-1))
+    assert torch.allclose(m @ m_inv, torch.eye(32).expand(2, 32, 32), atol=1e-6)
+    assert codec.extra_nbytes == codec.inner.extra_nbytes + codec.mean.numel() * 2 + 2 * 32 * 2  # μ and a in float16, 2 heads
+    plain = TurboQuantCodec(32, 2)
+    plain_out = torch.cat([plain.decode(plain.encode(keys[:, :, s : s + 32]), torch.float32) for s in (0, 32, 64)], dim=2)
+    error = lambda decoded: torch.einsum("bthd,bhsd->bhts", queries, keys - decoded).pow(2).mean().sqrt()  # noqa: E731
+    assert error(out) < 0.93 * error(plain_out), (error(out), error(plain_out))  # 0.875 at this seed
+
+
+def test_shape_sliding_keys_gives_sliding_layers_a_diagonal_map():
+    """`-qsd`: Gemma-3's sliding-window layers get a diagonal A, its full-attention layer keeps the full one."""
+    import tqpatch
+    from transformers import DynamicCache
+
+    config = TurboQuantConfig.from_spec("k4v4-s2-ck-qsd")
+    assert config.shape_keys and config.shape_sliding_keys and config.name == "k4v4-s2-ck-qsd"
+    with pytest.raises(ValueError, match="shape_keys=True"):
+        TurboQuantConfig(shape_sliding_keys=True)
+    model = tiny_model("gemma3")
+    ids = prompt(length=24)
+    with torch.no_grad():
+        exact = model(ids).logits
+        tqpatch.patch(model, config)
+        cache = DynamicCache(config=model.config)
+        out = torch.cat([model(ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 24, 8)], dim=1)
+        tqpatch.unpatch(model)
+    diagonal = [layer.key_codec.diagonal for layer in cache.layers]
+    assert diagonal[:4] == [True, True, False, True]  # layer 2 is the full-attention one (as in the test above)
+    assert all(layer.key_codec.shaping is not None for layer in cache.layers[:4])
     assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.95

@@ -22,7 +22,7 @@ from .config import eigen_split_groups, split_bits
 from .norms import LogNormQuantizer, check_norm_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rope import RopeBias, RopeTable, rotate_half
-from .shaping import QueryMoments, eigen_ordered, rope_average, shaping_transform, stored_nbytes, stored_transform
+from .shaping import QueryMoments, diagonal_transform, eigen_ordered, rope_average, shaping_transform, stored_nbytes, stored_transform
 
 Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
@@ -317,6 +317,10 @@ class RopeKeyCodec:
     outlier group is the leading directions: bits go where the score error is.
     B is not symmetric: stored whole, in 4-bit entries (d²/2 bytes per head).
 
+    Diagonal shaping (`diagonal`, with `shape`): A = diag(a), a [H, d] in float16
+    (`shaping.diagonal_transform`): d numbers per head instead of d²/2, for
+    sliding-window layers, whose short caches a full A would cost as much as.
+
     The store passes each chunk's sequence index (`first_index`); encode and
     decode use the same indices, so the reconstruction is consistent even
     where they differ from the model's positions (left padding), which costs
@@ -327,11 +331,14 @@ class RopeKeyCodec:
 
     uses_positions = True
 
-    def __init__(self, inner, skip: int = 1, center: bool = True, shape: bool = False, eigen: bool = False):
+    def __init__(self, inner, skip: int = 1, center: bool = True, shape: bool = False, eigen: bool = False, diagonal: bool = False):
         if eigen and not (shape and isinstance(inner, SplitCodec)):
             raise ValueError("an eigen split needs query shaping and a SplitCodec")
+        if diagonal and (eigen or not shape):
+            raise ValueError("diagonal shaping needs shape=True and no eigen split")
         self.inner = inner
         self.eigen = eigen
+        self.diagonal = diagonal
         self.skip = skip
         self.center_keys = center
         self.rope = None  # RopeTable
@@ -376,8 +383,11 @@ class RopeKeyCodec:
             sigma_q = self.queries.mean
             if self.rope is not None:
                 sigma_q, sigma_k = rope_average(sigma_q, self.rope), rope_average(sigma_k, self.rope)
-            a = shaping_transform(sigma_q, sigma_k)
-            if self.eigen:
+            if self.diagonal:  # a in float16, as stored; its inverse from the stored values
+                a = diagonal_transform(sigma_q, sigma_k).half().float()
+                self.shaping = (torch.diag_embed(a).to(x.device), torch.diag_embed(1 / a).to(x.device))
+            elif self.eigen:
+                a = shaping_transform(sigma_q, sigma_k)
                 vectors = centered.shape[0] * centered.shape[2]
                 if vectors < self.head_dim // 4:  # measured: 28 of 64 helped, 28 of 256 hurt
                     warnings.warn(
@@ -388,7 +398,7 @@ class RopeKeyCodec:
                     )
                 self.shaping = _fit_eigen_split(self.inner, a, sigma_k, x.device)  # y = B k, leading directions first
             else:
-                m, m_inv = stored_transform(a)
+                m, m_inv = stored_transform(shaping_transform(sigma_q, sigma_k))
                 self.shaping = (m.to(x.device), m_inv.to(x.device))
         self.mean = mean
 
@@ -449,11 +459,13 @@ class RopeKeyCodec:
 
     @property
     def extra_nbytes(self) -> int:
-        """μ in float16, A as stored (int8 upper triangle, or B whole in 4-bit entries; + row scales) and the RoPE
+        """μ in float16, A as stored (int8 upper triangle, or B whole in 4-bit entries; + row scales; diagonal: d float16) and the RoPE
         frequencies: per layer."""
         mean = 0 if self.mean is None else self.mean.numel() * 2
         shaping = 0
-        if self.shaping is not None:
+        if self.shaping is not None and self.diagonal:
+            shaping = self.shaping[0].shape[0] * self.head_dim * 2  # a in float16
+        elif self.shaping is not None:
             storage = dict(symmetric=False, entry_bits=EIGEN_ENTRY_BITS) if self.eigen else {}
             shaping = stored_nbytes(self.shaping[0].shape[0], self.head_dim, **storage)
         rope = 0 if self.rope is None else self.rope.frequencies.numel() * 4
@@ -473,13 +485,14 @@ def make_codec(
     norm_bits: int = 16,
     split: tuple[int, int] | None = None,
     unbiased: bool = False,
+    diagonal: bool = False,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
     optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`).
     `split` = (high, low) bits: an eigen split at `bits` on average (`eigen_split_groups`): of query-shaped keys
     (`rope`), or of values in their PCA basis (`EigenValueCodec`). `unbiased`: every group decodes c / (1 − D)
-    (`TurboQuantMSE.decode_gain`)."""
+    (`TurboQuantMSE.decode_gain`). `diagonal`: the shaping map is diagonal (with `shape`; sliding-window layers)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if split is not None:
         codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split), unbiased=unbiased)
@@ -495,5 +508,5 @@ def make_codec(
     else:
         codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits, unbiased=unbiased)
     if rope and (center or shape):
-        return RopeKeyCodec(codec, center=center, shape=shape)
+        return RopeKeyCodec(codec, center=center, shape=shape, diagonal=diagonal)
     return CenteredCodec(codec) if center else codec

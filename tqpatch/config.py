@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from .norms import check_norm_bits
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, qs, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, qs, qsd, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -88,6 +88,9 @@ class TurboQuantConfig:
         stored in int8 (d(d+1)/2 bytes per head, counted). Full-attention
         layers only: on a sliding-window layer A would cost as much as its
         short cache.
+    shape_sliding_keys: with shape_keys, also shape the keys of sliding-window
+        layers, by a diagonal A (d float16 numbers per head, counted; equal on
+        the two channels of each RoPE pair; `shaping.diagonal_transform`).
     key_split: (high, low) bits: keys stored in the eigenbasis of their query-shaped
         second moment (needs shape_keys), the leading directions at `high` bits and
         the rest at `low` (0: dropped), key_bits on average (`eigen_split_groups`):
@@ -136,6 +139,7 @@ class TurboQuantConfig:
     center_keys: bool = False
     center_values: bool = False
     shape_keys: bool = False
+    shape_sliding_keys: bool = False
     outlier_step: int = 1
     rotation_candidates: int = 1
     norm_bits: int = 16
@@ -174,10 +178,13 @@ class TurboQuantConfig:
         if self.protected_bits is not None:
             if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
                 raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
-        for name in ("prefill_exact", "center_keys", "center_values", "shape_keys", "unbias_keys", "unbias_values", "refit_values"):
+        for name in ("prefill_exact", "center_keys", "center_values", "shape_keys", "shape_sliding_keys", "unbias_keys", "unbias_values",
+                     "refit_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_norm_bits(self.norm_bits)
+        if self.shape_sliding_keys and not self.shape_keys:
+            raise ValueError("shape_sliding_keys extends shape_keys to sliding-window layers: set shape_keys=True too")
         if self.unbias_keys and self.key_method != "mse":
             raise ValueError("unbias_keys is for key_method='mse' (TurboQuant_prod's inner products are unbiased already)")
         if self.key_split is not None:
@@ -232,7 +239,7 @@ class TurboQuantConfig:
         if self.unbias_keys or self.unbias_values:
             label += "-u" + ("k" if self.unbias_keys else "") + ("v" if self.unbias_values else "")
         if self.shape_keys:
-            label += "-qs"
+            label += "-qsd" if self.shape_sliding_keys else "-qs"
         if self.norm_bits != 16:
             label += f"-n{self.norm_bits}"
         if self.key_split is not None:
@@ -255,7 +262,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | qs (query-shaped keys) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -280,6 +287,7 @@ class TurboQuantConfig:
             r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
             r"L(\d+(?:\.\d+)*)(?:b(\d+))?": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))} | ({"protected_bits": int(m[2])} if m[2] else {}),
             r"qs": lambda m: {"shape_keys": True},
+            r"qsd": lambda m: {"shape_keys": True, "shape_sliding_keys": True},
             r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
             r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
             r"ev(\d+)\.(\d+)": lambda m: {"value_split": (int(m[1]), int(m[2]))},

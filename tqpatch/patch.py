@@ -74,15 +74,17 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
 
     `shape_keys` applies to full-attention layers only: a sliding-window layer holds at most its window
     (512 tokens on Gemma 3), against which the stored d×d map costs too much (measured: README); so does
-    `key_split` and `value_split`, which also skip protected layers (they store their own bits)."""
-    shape = cfg.shape_keys and sliding_window is None
-    split = cfg.key_split if shape and key_bits == cfg.key_bits else None
+    `key_split` and `value_split`, which also skip protected layers (they store their own bits).
+    `shape_sliding_keys` shapes sliding-window layers with a diagonal map instead (d numbers per head)."""
+    diagonal = cfg.shape_sliding_keys and sliding_window is not None
+    shape = cfg.shape_keys and (sliding_window is None or diagonal)
+    split = cfg.key_split if shape and not diagonal and key_bits == cfg.key_bits else None
     value_split = cfg.value_split if sliding_window is None and value_bits == cfg.value_bits else None  # B costs as A does
 
     def make_key_codec():
         return make_codec(
             head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates,
-            rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split, unbiased=cfg.unbias_keys,
+            rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split, unbiased=cfg.unbias_keys, diagonal=diagonal,
         )
 
     def make_value_codec():
