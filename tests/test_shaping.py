@@ -10,7 +10,7 @@ from tqpatch import kernels
 from tqpatch.codec import RopeKeyCodec, TurboQuantCodec, make_codec
 from tqpatch.config import TurboQuantConfig
 from tqpatch.rope import RopeTable
-from tqpatch.shaping import QueryMoments, diagonal_transform, rope_average, shaping_gain, shaping_transform, stored_nbytes, stored_transform
+from tqpatch.shaping import SHAPE_PRIORS, QueryMoments, diagonal_transform, rope_average, shaping_gain, shaping_transform, stored_nbytes, stored_transform
 
 
 def _anisotropic(d: int, rank: int, seed: int) -> torch.Tensor:
@@ -234,3 +234,58 @@ def test_shape_sliding_keys_gives_sliding_layers_a_diagonal_map():
     assert diagonal[:4] == [True, True, False, True]  # layer 2 is the full-attention one (as in the test above)
     assert all(layer.key_codec.shaping is not None for layer in cache.layers[:4])
     assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.95
+
+
+def test_diagonal_prior_fits_channel_scaled_moments_better_from_few_tokens():
+    """`shape_prior="diagonal"` (spec dp): when the true moments' anisotropy is mostly per-channel scales (as QK-norm
+    gives Gemma-3), A fitted on 24 sampled vectors comes closer to the optimum shrunk towards the samples' own
+    diagonal than towards a multiple of I; on the sample moments themselves both priors keep the fit symmetric, det 1."""
+    d, tokens = 64, 24
+    gen = torch.Generator().manual_seed(11)
+    scale_q = torch.logspace(0.6, -0.6, d, dtype=torch.float64)  # per-channel scales over 1.2 decades
+    scale_k = torch.logspace(-0.4, 0.4, d, dtype=torch.float64)[torch.randperm(d, generator=gen)]
+    true_q = _anisotropic(d, 4, 12) * 0.05 + torch.diag(scale_q**2)
+    true_k = _anisotropic(d, 8, 13) * 0.05 + torch.diag(scale_k**2)
+    gains = {"isotropic": [], "diagonal": []}
+    for trial in range(4):
+        sample = lambda sigma: torch.linalg.cholesky(sigma) @ torch.randn(d, tokens, generator=gen, dtype=torch.float64)  # noqa: E731
+        q, k = sample(true_q), sample(true_k)
+        fit_q, fit_k = q @ q.T / tokens, k @ k.T / tokens
+        for prior, (diagonal_share, shrink) in SHAPE_PRIORS.items():
+            a = shaping_transform(fit_q, fit_k, shrink, diagonal_share)
+            assert torch.allclose(a, a.T, atol=1e-5) and torch.linalg.det(a.double()).item() == pytest.approx(1.0, rel=1e-3)
+            gains[prior].append(shaping_gain(true_q, true_k, a).item())
+    assert max(gains["diagonal"]) < min(gains["isotropic"]), gains
+
+
+def test_shape_prior_spec_and_validation():
+    config = TurboQuantConfig.from_spec("k4v4-s4-ck-qsd-dp-n8")
+    assert config.shape_prior == "diagonal" and config.name == "k4v4-s4-ck-qsd-dp-n8"
+    assert TurboQuantConfig.from_spec(config.name) == config
+    with pytest.raises(ValueError, match="'isotropic', 'diagonal'"):
+        TurboQuantConfig(shape_keys=True, shape_prior="ledoit")
+    with pytest.raises(ValueError, match="shape_keys=True"):
+        TurboQuantConfig.from_spec("k4v4-dp")
+    with pytest.raises(ValueError, match="isotropic, diagonal"):
+        make_codec(32, 4, "mse", 0, rope=True, shape=True, prior="ledoit")
+
+
+def test_diagonal_prior_reaches_every_key_codec_of_a_patched_gemma3():
+    """dp changes only the fit: each layer's codec carries the prior, and the shaped maps differ from the isotropic fit's."""
+    import tqpatch
+    from transformers import DynamicCache
+
+    model = tiny_model("gemma3")
+    ids = prompt(length=24)
+    maps = {}
+    with torch.no_grad():
+        for spec in ("k4v4-s2-ck-qsd", "k4v4-s2-ck-qsd-dp"):
+            tqpatch.patch(model, TurboQuantConfig.from_spec(spec))
+            cache = DynamicCache(config=model.config)
+            for s in range(0, 24, 8):
+                model(ids[:, s : s + 8], past_key_values=cache, use_cache=True)
+            tqpatch.unpatch(model)
+            maps[spec] = [(layer.key_codec.prior, layer.key_codec.shaping[0]) for layer in cache.layers]
+    assert all(prior == "isotropic" for prior, _ in maps["k4v4-s2-ck-qsd"])
+    assert all(prior == "diagonal" for prior, _ in maps["k4v4-s2-ck-qsd-dp"])
+    assert all(not torch.allclose(a, b) for (_, a), (_, b) in zip(maps["k4v4-s2-ck-qsd"], maps["k4v4-s2-ck-qsd-dp"]))

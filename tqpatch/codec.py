@@ -22,7 +22,7 @@ from .config import eigen_split_groups, split_bits
 from .norms import LogNormQuantizer, check_norm_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rope import RopeBias, RopeTable, rotate_half
-from .shaping import QueryMoments, diagonal_transform, eigen_ordered, rope_average, shaping_transform, stored_nbytes, stored_transform
+from .shaping import SHAPE_PRIORS, QueryMoments, diagonal_transform, eigen_ordered, rope_average, shaping_transform, stored_nbytes, stored_transform
 
 Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
@@ -321,6 +321,10 @@ class RopeKeyCodec:
     (`shaping.diagonal_transform`): d numbers per head instead of d²/2, for
     sliding-window layers, whose short caches a full A would cost as much as.
 
+    Shaping prior (`prior`, a `shaping.SHAPE_PRIORS` name): what the first chunk's second moments are
+    shrunk towards before A is fitted ("isotropic": half of a multiple of I; "diagonal": their own
+    diagonal, then a little I).
+
     The store passes each chunk's sequence index (`first_index`); encode and
     decode use the same indices, so the reconstruction is consistent even
     where they differ from the model's positions (left padding), which costs
@@ -331,14 +335,18 @@ class RopeKeyCodec:
 
     uses_positions = True
 
-    def __init__(self, inner, skip: int = 1, center: bool = True, shape: bool = False, eigen: bool = False, diagonal: bool = False):
+    def __init__(self, inner, skip: int = 1, center: bool = True, shape: bool = False, eigen: bool = False, diagonal: bool = False,
+                 prior: str = "isotropic"):
         if eigen and not (shape and isinstance(inner, SplitCodec)):
             raise ValueError("an eigen split needs query shaping and a SplitCodec")
         if diagonal and (eigen or not shape):
             raise ValueError("diagonal shaping needs shape=True and no eigen split")
+        if prior not in SHAPE_PRIORS:
+            raise ValueError(f"unknown shaping prior {prior!r}; valid: {', '.join(SHAPE_PRIORS)}")
         self.inner = inner
         self.eigen = eigen
         self.diagonal = diagonal
+        self.prior = prior
         self.skip = skip
         self.center_keys = center
         self.rope = None  # RopeTable
@@ -383,11 +391,12 @@ class RopeKeyCodec:
             sigma_q = self.queries.mean
             if self.rope is not None:
                 sigma_q, sigma_k = rope_average(sigma_q, self.rope), rope_average(sigma_k, self.rope)
+            diagonal_share, shrink = SHAPE_PRIORS[self.prior]
             if self.diagonal:  # a in float16, as stored; its inverse from the stored values
-                a = diagonal_transform(sigma_q, sigma_k).half().float()
+                a = diagonal_transform(sigma_q, sigma_k, shrink).half().float()
                 self.shaping = (torch.diag_embed(a).to(x.device), torch.diag_embed(1 / a).to(x.device))
             elif self.eigen:
-                a = shaping_transform(sigma_q, sigma_k)
+                a = shaping_transform(sigma_q, sigma_k, shrink, diagonal_share)
                 vectors = centered.shape[0] * centered.shape[2]
                 if vectors < self.head_dim // 4:  # measured: 28 of 64 helped, 28 of 256 hurt
                     warnings.warn(
@@ -398,7 +407,7 @@ class RopeKeyCodec:
                     )
                 self.shaping = _fit_eigen_split(self.inner, a, sigma_k, x.device)  # y = B k, leading directions first
             else:
-                m, m_inv = stored_transform(shaping_transform(sigma_q, sigma_k))
+                m, m_inv = stored_transform(shaping_transform(sigma_q, sigma_k, shrink, diagonal_share))
                 self.shaping = (m.to(x.device), m_inv.to(x.device))
         self.mean = mean
 
@@ -486,13 +495,15 @@ def make_codec(
     split: tuple[int, int] | None = None,
     unbiased: bool = False,
     diagonal: bool = False,
+    prior: str = "isotropic",
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
     optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`).
     `split` = (high, low) bits: an eigen split at `bits` on average (`eigen_split_groups`): of query-shaped keys
     (`rope`), or of values in their PCA basis (`EigenValueCodec`). `unbiased`: every group decodes c / (1 − D)
-    (`TurboQuantMSE.decode_gain`). `diagonal`: the shaping map is diagonal (with `shape`; sliding-window layers)."""
+    (`TurboQuantMSE.decode_gain`). `diagonal`: the shaping map is diagonal (with `shape`; sliding-window layers).
+    `prior`: what the shaping fit shrinks towards (`shaping.SHAPE_PRIORS`)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if split is not None:
         codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split), unbiased=unbiased)
@@ -500,7 +511,7 @@ def make_codec(
             return CenteredCodec(EigenValueCodec(codec)) if center else EigenValueCodec(codec)
         if not shape:
             raise ValueError("an eigen split of keys (key_split) needs query-shaped keys")
-        return RopeKeyCodec(codec, center=center, shape=True, eigen=True)
+        return RopeKeyCodec(codec, center=center, shape=True, eigen=True, prior=prior)
     if outliers == 0 and rotation_candidates > 1:
         codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits, unbiased)
     elif outliers == 0:
@@ -508,5 +519,5 @@ def make_codec(
     else:
         codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits, unbiased=unbiased)
     if rope and (center or shape):
-        return RopeKeyCodec(codec, center=center, shape=shape, diagonal=diagonal)
+        return RopeKeyCodec(codec, center=center, shape=shape, diagonal=diagonal, prior=prior)
     return CenteredCodec(codec) if center else codec

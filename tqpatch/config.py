@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .norms import check_norm_bits
+from .shaping import SHAPE_PRIORS
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, qs, qsd, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, qs, qsd, dp, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -91,6 +92,10 @@ class TurboQuantConfig:
     shape_sliding_keys: with shape_keys, also shape the keys of sliding-window
         layers, by a diagonal A (d float16 numbers per head, counted; equal on
         the two channels of each RoPE pair; `shaping.diagonal_transform`).
+    shape_prior: what the shaping fit shrinks the first chunk's second moments
+        towards (`shaping.SHAPE_PRIORS`): "isotropic" (half a multiple of I) or
+        "diagonal" (half their own diagonal, then a tenth of I: spec dp);
+        nothing stored changes.
     key_split: (high, low) bits: keys stored in the eigenbasis of their query-shaped
         second moment (needs shape_keys), the leading directions at `high` bits and
         the rest at `low` (0: dropped), key_bits on average (`eigen_split_groups`):
@@ -140,6 +145,7 @@ class TurboQuantConfig:
     center_values: bool = False
     shape_keys: bool = False
     shape_sliding_keys: bool = False
+    shape_prior: str = "isotropic"
     outlier_step: int = 1
     rotation_candidates: int = 1
     norm_bits: int = 16
@@ -183,6 +189,10 @@ class TurboQuantConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_norm_bits(self.norm_bits)
+        if self.shape_prior not in SHAPE_PRIORS:
+            raise ValueError(f"shape_prior must be one of {', '.join(map(repr, SHAPE_PRIORS))}, got {self.shape_prior!r}")
+        if self.shape_prior != "isotropic" and not self.shape_keys:
+            raise ValueError("shape_prior tunes query shaping: set shape_keys=True too")
         if self.shape_sliding_keys and not self.shape_keys:
             raise ValueError("shape_sliding_keys extends shape_keys to sliding-window layers: set shape_keys=True too")
         if self.unbias_keys and self.key_method != "mse":
@@ -240,6 +250,8 @@ class TurboQuantConfig:
             label += "-u" + ("k" if self.unbias_keys else "") + ("v" if self.unbias_values else "")
         if self.shape_keys:
             label += "-qsd" if self.shape_sliding_keys else "-qs"
+        if self.shape_prior == "diagonal":
+            label += "-dp"
         if self.norm_bits != 16:
             label += f"-n{self.norm_bits}"
         if self.key_split is not None:
@@ -262,7 +274,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -288,6 +300,7 @@ class TurboQuantConfig:
             r"L(\d+(?:\.\d+)*)(?:b(\d+))?": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))} | ({"protected_bits": int(m[2])} if m[2] else {}),
             r"qs": lambda m: {"shape_keys": True},
             r"qsd": lambda m: {"shape_keys": True, "shape_sliding_keys": True},
+            r"dp": lambda m: {"shape_prior": "diagonal"},
             r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
             r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
             r"ev(\d+)\.(\d+)": lambda m: {"value_split": (int(m[1]), int(m[2]))},
