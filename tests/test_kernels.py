@@ -517,15 +517,26 @@ def _tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=64):
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k2v2+", "k3v2+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40",
-                                    "3.5bit+", "2.5bit", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40"])
-@pytest.mark.parametrize("padded", [False, True])
-def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
+def _tiny_gemma3(head_dim=256):
+    """Gemma-3's attention shape (1 KV head, head_dim 256, QK-norm), 4 layers of which the third is full attention and
+    the others slide over 16 tokens."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=head_dim, sliding_window=16, query_pre_attn_scalar=head_dim, max_position_embeddings=512, attn_implementation="sdpa",
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    )
+    return Gemma3ForCausalLM(config).to(DEVICE).eval()
+
+
+def _fused_and_reference_generation(model, config, padded):
+    """Greedy generation of a patched model with the fused decode kernels (spied on) and with the PyTorch path:
+    (fused calls taken, whether each call's keys were shaped, fused output, reference output)."""
     import tqpatch
     from tqpatch import attention
 
-    model = _tiny_llama()
-    config = tqpatch.TurboQuantConfig.from_spec(preset).with_(residual_length=4, sink_tokens=2)
     tqpatch.patch(model, config)
     try:
         gen = torch.Generator().manual_seed(5)
@@ -534,10 +545,8 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
         if padded:
             mask[1, :9] = 0
         kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
-        calls = []
+        calls, shaped = [], []
         original = attention._fused_attention
-
-        shaped = []
 
         def spy(*args, **kw):
             out = original(*args, **kw)
@@ -554,14 +563,89 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
             ref = model.generate(ids, **kwargs)
     finally:
         tqpatch.unpatch(model)
-    assert calls and all(calls), "decode steps did not take the fused kernel path"
-    assert all(shaped) == config.shape_keys  # query-shaped keys (k4v4+): the kernel scored the codes with A⁻¹q
     assert model.config._attn_implementation == "sdpa"
+    return calls, shaped, fused, ref
+
+
+def _assert_fused_matches_reference(fused, ref):
     logits_f, logits_r = torch.stack(fused.logits).float(), torch.stack(ref.logits).float()
     assert _rel(logits_f, logits_r) < 2e-2
     # greedy tokens agree (near-ties aside, which random tiny models rarely produce)
     agree = (fused.sequences == ref.sequences).float().mean().item()
     assert agree >= 0.97, agree
+
+
+@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k2v2+", "k3v2+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40",
+                                    "3.5bit+", "2.5bit", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
+    import tqpatch
+
+    config = tqpatch.TurboQuantConfig.from_spec(preset).with_(residual_length=4, sink_tokens=2)
+    calls, shaped, fused, ref = _fused_and_reference_generation(_tiny_llama(), config, padded)
+    assert calls and all(calls), "decode steps did not take the fused kernel path"
+    assert all(shaped) == config.shape_keys  # query-shaped keys (k4v4+): the kernel scored the codes with A⁻¹q
+    _assert_fused_matches_reference(fused, ref)
+
+
+def _teacher_forced_logits(model, ids, mask, tokens):
+    """Last-position logits [steps, B, V] of `model` fed the prompt `ids` [B, T] (left-padded by `mask`) and then
+    `tokens` [B, steps] one per call, with generate's positions (the mask's running count): the same inputs for
+    both decode paths, so a near-tie flipped early cannot make the rest of the sequence differ."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    step = lambda x, m, p: model(x, attention_mask=m, position_ids=p, past_key_values=cache, use_cache=True).logits[:, -1]  # noqa: E731
+    logits = [step(ids, mask, positions)]
+    for t in range(tokens.shape[1] - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        logits.append(step(tokens[:, t : t + 1], mask, positions))
+    return torch.stack(logits).float()
+
+
+@pytest.mark.parametrize("spec", ["k4v4-s4-ck-qsd-n8", "k4v4-s4-ck-qsd-dp-n8", "k2v2-s4-ck-uv-qsd-dp-n8", "k3.5v3.5-s4-ck-qs-dp-n8"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padded):
+    """Gemma-3 shapes (head_dim 256, 1 KV head, sliding layers over 16 tokens), 40-token prompts and 24 decode steps,
+    teacher-forced: with -qsd every layer's keys are shaped (a diagonal A on the sliding layers), every decode step
+    takes the fused kernels, and their logits match the PyTorch path's."""
+    import tqpatch
+    from tqpatch import attention
+
+    model = _tiny_gemma3()
+    config = tqpatch.TurboQuantConfig.from_spec(spec)
+    gen = torch.Generator().manual_seed(5)
+    ids, tokens = torch.randint(0, 256, (2, 40), generator=gen).to(DEVICE), torch.randint(0, 256, (2, 24), generator=gen).to(DEVICE)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :9] = 0
+    calls, shaped = [], []
+    original = attention._fused_attention
+
+    def spy(*args, **kw):
+        out = original(*args, **kw)
+        calls.append(out is not None)
+        shaped.append(args[2].layer.key_codec.shaping is not None)
+        return out
+
+    tqpatch.patch(model, config)
+    try:
+        with torch.no_grad():
+            attention._fused_attention = spy
+            try:
+                fused = _teacher_forced_logits(model, ids, mask, tokens)
+            finally:
+                attention._fused_attention = original
+            with attention.fused_decode(False):
+                ref = _teacher_forced_logits(model, ids, mask, tokens)
+    finally:
+        tqpatch.unpatch(model)
+    assert len(calls) == 4 * 23 and all(calls), "decode steps did not take the fused kernel path"
+    assert all(shaped) if config.shape_sliding_keys else (any(shaped) and not all(shaped))
+    assert _rel(fused, ref) < 2e-2
+    assert torch.nn.functional.cosine_similarity(fused.flatten(), ref.flatten(), dim=0) > COS_FLOOR
 
 
 @pytest.mark.parametrize("spec", ["k3.75v4-s2-ck-qs-n8-e5.3", "k4v4-cv"])
