@@ -320,7 +320,8 @@ class TurboQuantConfig:
         return cls(**fields)
 
 
-_QUALITY = {"sink_tokens": 4, "center_keys": True, "shape_keys": True, "norm_bits": 8}  # what "+" adds (spec "-s4-ck-qs-n8")
+_QUALITY = {"sink_tokens": 4, "center_keys": True, "shape_keys": True, "shape_sliding_keys": True, "norm_bits": 8}  # spec "-s4-ck-qsd-n8"
+_DIAGONAL_PRIOR = {"shape_prior": "diagonal"}  # spec "-dp": the presets below 4 bits
 
 PRESETS: dict[str, TurboQuantConfig] = {
     "k8v8": TurboQuantConfig(key_bits=8, value_bits=8),
@@ -331,12 +332,14 @@ PRESETS: dict[str, TurboQuantConfig] = {
     "2.5bit": TurboQuantConfig(key_bits=2.5, value_bits=2.5),
     # The quality presets: TurboQuant plus the levers that helped together on SmolLM2 and Gemma-3
     # (README, quality presets): the first 4 tokens exact (attention sinks), keys centered before RoPE,
-    # query-shaped keys, and 8-bit norms that pay for them (same quality within ±0.25%, 0.03-0.25 bits
-    # less). Fused on CUDA too. Where values have 2 bits they are also decoded unbiased (centroids / (1 - D),
-    # spec "-uv"): better on both models at every seed measured (README, Unbiased decoding), nothing stored changes.
+    # query-shaped keys (a diagonal map on sliding-window layers, "-qsd"), and 8-bit norms that pay for them.
+    # Fused on CUDA too. Where values have 2 bits they are also decoded unbiased (centroids / (1 - D), spec "-uv"):
+    # better on both models at every seed measured (README, Unbiased decoding), nothing stored changes. Below 4 bits
+    # the shaping fit shrinks towards the moments' diagonal ("-dp"): on Gemma-3 k2v2+ +17.7% -> +12.7% (three seeds),
+    # within SmolLM2's seed spread there (README, Shaping Gemma-3's sliding layers).
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, **_QUALITY),
-    "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, **_QUALITY),
-    "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, unbias_values=True, **_QUALITY),
-    "3.5bit+": TurboQuantConfig(key_bits=3.5, value_bits=3.5, **_QUALITY),
-    "2.5bit+": TurboQuantConfig(key_bits=2.5, value_bits=2.5, **_QUALITY),
+    "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, **_QUALITY, **_DIAGONAL_PRIOR),
+    "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, unbias_values=True, **_QUALITY, **_DIAGONAL_PRIOR),
+    "3.5bit+": TurboQuantConfig(key_bits=3.5, value_bits=3.5, **_QUALITY, **_DIAGONAL_PRIOR),
+    "2.5bit+": TurboQuantConfig(key_bits=2.5, value_bits=2.5, **_QUALITY, **_DIAGONAL_PRIOR),
 }
