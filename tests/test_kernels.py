@@ -7,6 +7,7 @@ check without a GPU). Otherwise every test here skips: CPU CI stays green.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -531,12 +532,37 @@ def _tiny_gemma3(head_dim=256):
     return Gemma3ForCausalLM(config).to(DEVICE).eval()
 
 
-def _fused_and_reference_generation(model, config, padded):
-    """Greedy generation of a patched model with the fused decode kernels (spied on) and with the PyTorch path:
-    (fused calls taken, whether each call's keys were shaped, fused output, reference output)."""
+@contextlib.contextmanager
+def _fused_calls():
+    """Spy on the fused decode path: yields (calls, shaped), one entry per decode call and layer: whether the fused
+    kernels took it, and whether that layer's keys were query-shaped."""
+    from tqpatch import attention
+
+    calls, shaped = [], []
+    original = attention._fused_attention
+
+    def spy(*args, **kw):
+        out = original(*args, **kw)
+        calls.append(out is not None)
+        shaped.append(getattr(args[2].layer.key_codec, "shaping", None) is not None)
+        return out
+
+    attention._fused_attention = spy
+    try:
+        yield calls, shaped
+    finally:
+        attention._fused_attention = original
+
+
+@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k2v2+", "k3v2+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40",
+                                    "3.5bit+", "2.5bit", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
     import tqpatch
     from tqpatch import attention
 
+    model = _tiny_llama()
+    config = tqpatch.TurboQuantConfig.from_spec(preset).with_(residual_length=4, sink_tokens=2)
     tqpatch.patch(model, config)
     try:
         gen = torch.Generator().manual_seed(5)
@@ -545,47 +571,20 @@ def _fused_and_reference_generation(model, config, padded):
         if padded:
             mask[1, :9] = 0
         kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
-        calls, shaped = [], []
-        original = attention._fused_attention
-
-        def spy(*args, **kw):
-            out = original(*args, **kw)
-            calls.append(out is not None)
-            shaped.append(getattr(args[2].layer.key_codec, "shaping", None) is not None)
-            return out
-
-        attention._fused_attention = spy
-        try:
+        with _fused_calls() as (calls, shaped):
             fused = model.generate(ids, **kwargs)
-        finally:
-            attention._fused_attention = original
         with attention.fused_decode(False):
             ref = model.generate(ids, **kwargs)
     finally:
         tqpatch.unpatch(model)
+    assert calls and all(calls), "decode steps did not take the fused kernel path"
+    assert all(shaped) == config.shape_keys  # query-shaped keys (k4v4+): the kernel scored the codes with A⁻¹q
     assert model.config._attn_implementation == "sdpa"
-    return calls, shaped, fused, ref
-
-
-def _assert_fused_matches_reference(fused, ref):
     logits_f, logits_r = torch.stack(fused.logits).float(), torch.stack(ref.logits).float()
     assert _rel(logits_f, logits_r) < 2e-2
     # greedy tokens agree (near-ties aside, which random tiny models rarely produce)
     agree = (fused.sequences == ref.sequences).float().mean().item()
     assert agree >= 0.97, agree
-
-
-@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k2v2+", "k3v2+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40",
-                                    "3.5bit+", "2.5bit", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40"])
-@pytest.mark.parametrize("padded", [False, True])
-def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
-    import tqpatch
-
-    config = tqpatch.TurboQuantConfig.from_spec(preset).with_(residual_length=4, sink_tokens=2)
-    calls, shaped, fused, ref = _fused_and_reference_generation(_tiny_llama(), config, padded)
-    assert calls and all(calls), "decode steps did not take the fused kernel path"
-    assert all(shaped) == config.shape_keys  # query-shaped keys (k4v4+): the kernel scored the codes with A⁻¹q
-    _assert_fused_matches_reference(fused, ref)
 
 
 def _teacher_forced_logits(model, ids, mask, tokens):
@@ -621,23 +620,11 @@ def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padde
     mask = torch.ones_like(ids)
     if padded:
         mask[1, :9] = 0
-    calls, shaped = [], []
-    original = attention._fused_attention
-
-    def spy(*args, **kw):
-        out = original(*args, **kw)
-        calls.append(out is not None)
-        shaped.append(args[2].layer.key_codec.shaping is not None)
-        return out
-
     tqpatch.patch(model, config)
     try:
         with torch.no_grad():
-            attention._fused_attention = spy
-            try:
+            with _fused_calls() as (calls, shaped):
                 fused = _teacher_forced_logits(model, ids, mask, tokens)
-            finally:
-                attention._fused_attention = original
             with attention.fused_decode(False):
                 ref = _teacher_forced_logits(model, ids, mask, tokens)
     finally:

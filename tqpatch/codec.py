@@ -319,7 +319,7 @@ class RopeKeyCodec:
 
     Diagonal shaping (`diagonal`, with `shape`): A = diag(a), a [H, d] in float16
     (`shaping.diagonal_transform`): d numbers per head instead of d²/2, for
-    sliding-window layers, whose short caches a full A would cost as much as.
+    sliding-window layers, whose short caches a full A would add about a quarter to (d 256).
 
     Shaping prior (`prior`, a `shaping.SHAPE_PRIORS` name): what the first chunk's second moments are
     shrunk towards before A is fitted ("isotropic": half of a multiple of I; "diagonal": their own
@@ -392,7 +392,7 @@ class RopeKeyCodec:
             if self.rope is not None:
                 sigma_q, sigma_k = rope_average(sigma_q, self.rope), rope_average(sigma_k, self.rope)
             diagonal_share, shrink = SHAPE_PRIORS[self.prior]
-            if self.diagonal:  # a in float16, as stored; its inverse from the stored values
+            if self.diagonal:  # a in float16, as stored; its inverse from the stored values (a diagonal share leaves diagonals as they are)
                 a = diagonal_transform(sigma_q, sigma_k, shrink).half().float()
                 self.shaping = (torch.diag_embed(a).to(x.device), torch.diag_embed(1 / a).to(x.device))
             elif self.eigen:
