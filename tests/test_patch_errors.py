@@ -56,13 +56,13 @@ def test_two_bit_quality_presets_decode_values_unbiased():
     assert TurboQuantConfig.from_spec("k2v2+") == TurboQuantConfig.from_spec("k2v2-s4-ck-uv-qsd-dp-n8")
 
 
-def test_quality_presets_shape_sliding_layers_and_shrink_towards_the_diagonal_below_4_bits():
-    """Every `+` preset shapes sliding-window layers too (-qsd); those below 4 bits fit with the diagonal prior (-dp)
-    (README, Shaping Gemma-3's sliding layers)."""
+def test_quality_presets_shape_sliding_layers_and_shrink_towards_the_diagonal():
+    """Every `+` preset shapes sliding-window layers too (-qsd); k3v2+, k2v2+ and 3.5bit+ fit with the diagonal prior
+    (-dp) (README, Shaping Gemma-3's sliding layers)."""
     for name in ("k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+"):
         config = TurboQuantConfig.preset(name)
         assert config.shape_keys and config.shape_sliding_keys
-        assert config.shape_prior == ("isotropic" if name == "k4v4+" else "diagonal")
+        assert config.shape_prior == ("isotropic" if name in ("k4v4+", "2.5bit+") else "diagonal")
         assert TurboQuantConfig.from_spec(config.name) == config
 
 
