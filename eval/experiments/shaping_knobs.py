@@ -11,11 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 shaping = importlib.import_module("tqpatch.shaping")
-if "SHRINK" in os.environ:
-    shaping.shaping_transform.__defaults__ = (float(os.environ["SHRINK"]),)
+if "SHRINK" in os.environ:  # the codec takes its shrinkage from SHAPE_PRIORS, not from the functions' defaults
+    shaping.SHAPE_PRIORS["isotropic"] = (0.0, float(os.environ["SHRINK"]))
 if "HORIZON" in os.environ:
     shaping.rope_average.__defaults__ = (int(os.environ["HORIZON"]),)
-print(f"[shaping] shrink {shaping.shaping_transform.__defaults__[0]}, horizon {shaping.rope_average.__defaults__[0]}", flush=True)
+print(f"[shaping] isotropic prior (diagonal share, shrink) {shaping.SHAPE_PRIORS['isotropic']}, horizon {shaping.rope_average.__defaults__[0]}", flush=True)
 sys.argv = ["tqpatch", *sys.argv[1:]]
 from cli.main import main  # noqa: E402
 
