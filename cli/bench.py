@@ -294,6 +294,10 @@ def bench_attention(bw: float, shapes) -> dict:
     for tokens, maxnreg in ((16, None), (16, 144), (16, 128), (32, 168), (32, None)):  # the LUT kernel's step and register cap
         trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_lut_tokens": tokens, "warp_maxnreg": maxnreg})
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
+    for int8_keys in (0, 1, 2):  # keys by fp16 look-ups and mmas, or by int8 mmas (the query as int8, or int8 + remainder)
+        for tokens, maxnreg in ((32, 168), (32, None)):
+            trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_lut_int8_keys": int8_keys, "warp_lut_tokens": tokens, "warp_maxnreg": maxnreg})
+    best_warp = min(sweep[first:], key=lambda r: r["ms"])
     for pairs in (True, False):  # the gather kernel on the same splits
         trial(name="k4v4-warp", **{**_tuning_of(best_warp), "warp_lut": False, "warp_key_pairs": pairs})
     for block_s in (64, 128):  # the combine kernel's splits per round
@@ -301,7 +305,7 @@ def bench_attention(bw: float, shapes) -> dict:
     trial(name="k4v4-warp", **_tuning_of(best_warp))  # the same again: run-to-run spread
     best_warp = min(sweep[first:], key=lambda r: r["ms"])
     kernels.DECODE_TUNING.update({k: best_warp[k] for k in ("warp_kernel", "warp_lut", "warp_programs_per_sm", "warp_min_split_tokens", "warp_key_pairs",
-                                                            "warp_maxnreg", "warp_lut_tokens", "combine_block_s")})
+                                                            "warp_maxnreg", "warp_lut_tokens", "warp_lut_int8_keys", "combine_block_s")})
     # split codecs (two code groups): their tile and the narrowest plane, on 2.5 bits (3-bit + 2-bit halves)
     split = SplitCodec(d, 2.5, 0, norm_bits=8)
     kp, vp = _random_parts(split, 8, hkv, 32768), _random_parts(split, 8, hkv, 32768)
@@ -323,17 +327,20 @@ def bench_attention(bw: float, shapes) -> dict:
         # (name, key codec, value codec, centroid lookup: None = the tuned one). Split codecs: two code groups per
         # vector; "k4v4-2groups" stores k4v4's bytes as two 64-channel groups (the cost of the second group alone).
         # "-split": k4v4 on the Triton split kernel instead of the Gluon warp kernel; "-gather": on the warp kernel that
-        # gathers centroids from memory instead of the register-table (LUT) one
-        settings = (("k4v4", whole(4), whole(4), None), ("k4v4-gather", whole(4), whole(4), None), ("k4v4-split", whole(4), whole(4), None),
+        # gathers centroids from memory instead of the register-table (LUT) one; "-fp16keys" / "-int8q" / "-int8q-lo":
+        # the LUT kernel with its keys scored by fp16 mmas / int8 mmas with the query as int8 / as int8 + remainder
+        settings = (("k4v4", whole(4), whole(4), None), ("k4v4-fp16keys", whole(4), whole(4), None), ("k4v4-int8q", whole(4), whole(4), None),
+                    ("k4v4-int8q-lo", whole(4), whole(4), None), ("k4v4-gather", whole(4), whole(4), None), ("k4v4-split", whole(4), whole(4), None),
                     ("k4v4-n8", whole(4, norm_bits=8), whole(4, norm_bits=8), None), ("k4v4-n8-split", whole(4, norm_bits=8), whole(4, norm_bits=8), None),
                     ("k2v2", whole(2), whole(2), None), ("k2v2-lut2", whole(2), whole(2), 2), ("k3v3", whole(3), whole(3), None),
                     ("k4v4-prod", whole(4, "prod"), whole(4), None),
                     ("k4v4-2groups", split(4, (64, 4, 4)), split(4, (64, 4, 4)), None),
                     ("3.5bit-n8", split(3.5, norm_bits=8), split(3.5, norm_bits=8), None),
                     ("2.5bit-n8", split(2.5, norm_bits=8), split(2.5, norm_bits=8), None))
-        tuned_lut, tuned_warp_lut = kernels.DECODE_TUNING["lut"], kernels.DECODE_TUNING["warp_lut"]
+        tuned_lut, tuned_warp_lut, tuned_i8 = kernels.DECODE_TUNING["lut"], kernels.DECODE_TUNING["warp_lut"], kernels.DECODE_TUNING["warp_lut_int8_keys"]
         for name, kc, vc, lut in settings:
             kernels.DECODE_TUNING["lut"] = tuned_lut if lut is None else lut
+            kernels.DECODE_TUNING["warp_lut_int8_keys"] = {"k4v4-fp16keys": 0, "k4v4-int8q": 1, "k4v4-int8q-lo": 2}.get(name, tuned_i8)
             kernels.DECODE_TUNING["warp_kernel"] = not name.endswith("-split")
             kernels.DECODE_TUNING["warp_lut"] = tuned_warp_lut and not name.endswith("-gather")
             kp, vp = _random_parts(kc, b, hkv, length), _random_parts(vc, b, hkv, length)
@@ -347,7 +354,7 @@ def bench_attention(bw: float, shapes) -> dict:
                          "back_to_back_ms": streamed, "back_to_back_ratio_to_bf16": streamed / variants["back_to_back"],
                          "graph_ms": graphed, "graph_ratio_to_bf16": graphed / variants["graph"] if graphed and variants["graph"] else None}
             del kp, vp
-        kernels.DECODE_TUNING["lut"] = tuned_lut
+        kernels.DECODE_TUNING["lut"], kernels.DECODE_TUNING["warp_lut_int8_keys"] = tuned_lut, tuned_i8
         kernels.DECODE_TUNING["warp_kernel"], kernels.DECODE_TUNING["warp_lut"] = True, tuned_warp_lut
         row["k4v4_split_scan"] = _split_scan(kernels, whole(4), b, hq, hkv, length, d)
         row["rope_bias"] = _bench_rope_bias(kernels, b, hq, hkv, length, d, variants["back_to_back"])

@@ -133,6 +133,58 @@ def test_lut_kernel_ptx_decodes_every_byte_from_the_register_table(symmetric):
 
 
 @pytest.mark.parametrize("d", [64, 128])
+def test_int8_key_scores_follow_the_kernels_fragments_and_match_float_scores(d):
+    """The int8 key path of `_tq_decode_lut_kernel`, emulated step by step on CPU: the exact PTX (`lut_asm_i8`)
+    turns lane t's code words d/32 · t + j into the bytes of kernel channels 32j + 16h + 4t + i; the query, rotated
+    into `key_channels_i8` order and rounded to int8 per column, meets them in an integer dot product, corrected by
+    64 Σ q8 and scaled by max|q| / (127 s). Every byte of the 7-bit table is its centroid (no wrong entry or byte
+    order), and the scores match ⟨Πq, c⟩ within the two roundings (~1e-2 relative with q8 alone, less with the query's
+    remainder as a second int8 operand, KI8 = 2: then the table's 7 bits dominate), while a wrong channel order (the fp16 kernel's) is far off."""
+    from tqpatch.kernels.groups import (I8_OFFSET, KEY_LUT_ASM_I8, int8_centroid_scale, key_channels, key_channels_i8, lut_table_i8)
+    from tqpatch.kernels.ptx import run_ptx
+    from tqpatch.packing import unpack_codes
+
+    codec = TurboQuantCodec(d, 4, "mse", seed=3)
+    gen = torch.Generator().manual_seed(d)
+    parts = codec.encode(torch.randn(1, 1, 6, d, generator=gen))
+    centroids = codec.quantizer.centroids("cpu")
+    scale = int8_centroid_scale(centroids)
+    table = [int(v) & 0xFFFFFFFF for v in lut_table_i8(centroids, scale)[0].tolist()]
+    assert torch.equal(lut_table_i8(centroids, scale), lut_table_i8(centroids, scale)[:1].expand(32, 8))  # rows of 32 bytes, as `_table_word` reads
+    u = torch.round(centroids.double() * scale).long() + I8_OFFSET
+    assert u.min() >= 0 and u.max() <= 127
+    assert ((u - I8_OFFSET) / scale - centroids.double()).abs().max() < 0.5 / scale + 1e-12
+    words = parts["codes"].view(torch.int32)[0, 0]  # [T, d/8]
+    codes = unpack_codes(parts["codes"], 4, d)[0, 0].long()  # [T, d] natural channel order
+    kw = d // 32
+    kernel_u = torch.zeros(words.shape[0], d, dtype=torch.long)
+    for n in range(words.shape[0]):
+        for t in range(4):  # lane % 4
+            for j in range(kw):
+                out = run_ptx(KEY_LUT_ASM_I8, {"$2": int(words[n, kw * t + j]) & 0xFFFFFFFF, **{f"${3 + k}": table[k] for k in range(4)}})
+                for hh in range(2):
+                    for i in range(4):
+                        kernel_u[n, 32 * j + 16 * hh + 4 * t + i] = out[f"${hh}"] >> 8 * i & 0xFF
+    assert torch.equal(kernel_u, u[codes[:, key_channels_i8(d)]])
+    q = torch.randn(d, 3, generator=gen, dtype=torch.float64)  # rotated queries, natural order, 3 columns
+    exact = centroids.double()[codes] @ q  # [T, 3]
+    errors = {}
+    for order, name in ((key_channels_i8(d), "int8"), (key_channels_i8(d), "int8+lo"), (key_channels(d), "wrong order")):
+        qk = q[order]
+        qmax = qk.abs().amax(0)
+        qx = qk * (127 / qmax)
+        q8 = torch.floor(qx + 0.5)
+        if name == "int8+lo":  # KI8 == 2: the remainder in 1/128 steps, |q8lo| <= 64
+            q8lo = torch.floor((qx - q8) * 128 + 0.5)
+            assert q8lo.abs().max() <= 64
+            q8 = q8 + q8lo / 128
+        w = qmax / (127 * scale)
+        scores = (kernel_u.double() @ q8) * w - I8_OFFSET * q8.sum(0) * w
+        errors[name] = ((scores - exact).norm() / exact.norm()).item()
+    assert errors["int8+lo"] < errors["int8"] < 1.5e-2 and errors["wrong order"] > 0.5, errors
+
+
+@pytest.mark.parametrize("d", [64, 128])
 def test_lut_kernel_value_rows_turn_its_transposed_tile_into_the_stored_values(d):
     """The LUT kernel's value operand Vᵀ [d, 16]: lane g reads bytes (d/16) g .. of token pairs, the value PTX gives
     per byte i the (low, high)-nibble channels as rows 16i + g and 16i + 8 + g; reading accᵀ's rows through

@@ -386,14 +386,15 @@ WARP_CASES = [
 
 
 @pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
-@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16"])
+@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16", "lut-fp16keys", "lut-int8q-lo"])
 @pytest.mark.parametrize("d,hkv,group,length,norm_bits,masked", WARP_CASES)
 def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, group, length, norm_bits, masked, variant, monkeypatch):
     """k4v4 codes take a Gluon warp kernel (one warp per program, codes read in the mma operands' channel order):
     ragged tails, masks, GQA 1..16, 8-bit norms, d 64/128; key centroids gathered per nibble or per byte (pairs), or
     (lut, G <= 8) every centroid from the register table of `_tq_decode_lut_kernel` (the Lloyd-Max codebooks are
     symmetric: its short PTX; lut-general: the PTX for any codebook; lut16: 16 tokens per step instead of the default
-    32); the Triton split kernel on the same inputs agrees."""
+    32; keys scored by int8 mmas with the query as int8 by default, lut-int8q-lo: the query as int8 plus its remainder,
+    lut-fp16keys: by fp16 look-ups and mmas); the Triton split kernel on the same inputs agrees."""
     from tqpatch.kernels import groups
 
     if variant == "lut16":
@@ -401,6 +402,7 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
         monkeypatch.setitem(kernels.DECODE_TUNING, "warp_maxnreg", 144)
     if variant == "lut-general":
         monkeypatch.setattr(groups, "is_symmetric", lambda centroids: False)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", {"lut-fp16keys": 0, "lut-int8q-lo": 2}.get(variant, 1))
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_key_pairs", variant == "pairs")
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut", variant.startswith("lut"))
     calls = []

@@ -51,7 +51,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
-                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32,
+                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1,
                  "combine_block_s": 64}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
@@ -62,6 +62,10 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # and the value product transposed (accᵀ [d, 8]); warp_maxnreg: a register cap for it (ptxas; None: its own choice);
 # warp_lut_tokens: its tokens per step (16 or 32). Run 42's sweep chose 128 programs per SM, 32 tokens per step at
 # 168 registers (12 warps per SM, no spills): 0.147 ms against 0.156 for 16 tokens at 144 (bench/RESULTS.md).
+# warp_lut_int8_keys: the LUT kernel scores keys by int8 mmas (7-bit centroids, `groups.lut_asm_i8`; 0: fp16 look-ups
+# and mmas as before), the query rounded to int8 per column (1) or as int8 plus its remainder in 1/128 steps (2: a
+# second mma: the table's 7 bits then dominate the score error). SASS per 32-token step: 948 (0), 820 (1), 848 (2);
+# run 72 (B=8, 32k, graph replays): 0.146 / 0.130 / 0.134 ms (bench/RESULTS.md).
 # combine_block_s: splits the combine kernel reads per round (more: more registers, fewer rounds; run 47: 64, within 1%).
 
 __all__ = [
@@ -117,14 +121,20 @@ def _warp_kernel_fits(kgroups, vgroups, d: int, g: int, prod: bool, key_bias, ro
 
 def _warp_consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tensor]:
     """The warp kernel's matrices for a group's quantizer: keys' query map Πᵀ[:, key_channels] [d, d] (q @ it = the
-    rotated query in the kernel's channel order) and values' un-rotation Π[value_columns] [1, d, d] (the LUT
-    kernel's: Π[value_rows]); centroids fp16, as pairs, and as the LUT kernel's register table."""
+    rotated query in the kernel's channel order; warp_query_i8: the int8 key product's order) and values' un-rotation
+    Π[value_columns] [1, d, d] (the LUT kernel's: Π[value_rows]); centroids fp16, as pairs, and as the LUT kernel's
+    register tables (fp16; int8 with its scale, for 16-entry codebooks)."""
     c = _consts(group, device)
     if "warp_query" not in c:
-        from .groups import is_symmetric, key_channels, lut_table, pair_table, value_columns, value_rows
+        from .groups import (CENTROID_SLOTS, int8_centroid_scale, is_symmetric, key_channels, key_channels_i8, lut_table, lut_table_i8,
+                             pair_table, value_columns, value_rows)
 
         d = c["rotT"].shape[0]
         c["warp_query"] = c["rotT"][:, key_channels(d).to(device)].contiguous()
+        c["warp_query_i8"] = c["rotT"][:, key_channels_i8(d).to(device)].contiguous()
+        if c["centroids"].numel() == CENTROID_SLOTS:
+            c["lut_i8_scale"] = int8_centroid_scale(c["centroids"].cpu())
+            c["lut_table_i8"] = lut_table_i8(c["centroids"], c["lut_i8_scale"])
         c["warp_unrotate"] = c["rotT"].T[value_columns(d).to(device)].contiguous()[None]
         c["centroids_fp16"] = c["centroids"].half().contiguous()
         c["centroid_pairs"] = pair_table(c["centroids"])
@@ -513,9 +523,8 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     with _device_ctx(q.device):
         if splits and warp:
             kc, vc = _warp_consts(kgroups[0], q.device), _warp_consts(vgroups[0], q.device)
-            qk = scoring.reshape(b * hq, d) @ kc["warp_query"]  # [B*Hq, d] rotated, in the kernel's key channel order
-            lut = _launch_decode_warp(qk, kgroups[0], vgroups[0], kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split,
-                                      splits, scale_log2, g, d)
+            lut = _launch_decode_warp(scoring.reshape(b * hq, d), kgroups[0], vgroups[0], kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv,
+                                      length, per_split, splits, scale_log2, g, d)
             unrot, awu = vc["lut_unrotate" if lut else "warp_unrotate"], d
         elif splits:
             k0, k1 = _group_args(kp, kgroups, klay)
@@ -594,16 +603,19 @@ class WarpKernelError(RuntimeError):
     """The Gluon warp kernel could not be built or launched (decode_attention falls back to the split kernel)."""
 
 
-def _launch_decode_warp(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d) -> bool:
-    """A Gluon warp kernel over (B*Hkv, splits) programs of one warp: partials m, l, acc (value columns in its
-    order). The LUT kernel where it fits (`warp_lut`, G <= 8, codes readable as 32-bit words), else
-    `_tq_decode_warp_kernel`; returns whether the LUT kernel ran."""
+def _launch_decode_warp(q, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d) -> bool:
+    """A Gluon warp kernel over (B*Hkv, splits) programs of one warp for the queries q [B*Hq, d] fp32: partials m, l,
+    acc (value columns in its order). The LUT kernel where it fits (`warp_lut`, G <= 8, codes readable as 32-bit
+    words; with int8 keys where `warp_lut_int8_keys` and the key table allow), else `_tq_decode_warp_kernel`;
+    returns whether the LUT kernel ran."""
     kcodes, vcodes = kp[kgroup.codes], vp[vgroup.codes]
     words = _as_words(kcodes), _as_words(vcodes)
     lut = DECODE_TUNING["warp_lut"] and g <= 8 and None not in words
+    i8 = int(DECODE_TUNING["warp_lut_int8_keys"]) if lut and "lut_table_i8" in kc else 0
+    qk = q @ kc["warp_query_i8" if i8 else "warp_query"]  # [B*Hq, d] rotated, in the kernel's key channel order
     try:
         if lut:
-            _run_lut_kernel(qk, kgroup, vgroup, kp, vp, *words, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d)
+            _run_lut_kernel(qk, kgroup, vgroup, kp, vp, *words, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d, i8)
         else:
             _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d)
     except Exception as exc:
@@ -627,7 +639,8 @@ def _warp_common_args(qk, kgroup, vgroup, kp, vp, klay, vlay, valid) -> tuple:
             kn8, vn8)
 
 
-def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d):
+def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d,
+                    i8: int = 0):
     from . import gluon_kernels as gk
 
     knorms, vnorms, krange, vrange, mk, smb, kn8, vn8 = _warp_common_args(qk, kgroup, vgroup, kp, vp, klay, vlay, valid)
@@ -635,11 +648,11 @@ def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, 
     klayout, vlayout = gk.word_layouts(d, bt)
     gk._tq_decode_lut_kernel[(m.shape[0], splits)](
         qk, qk.stride(0),
-        kwords, *kwords.stride()[:3], knorms, *knorms.stride()[:3], kc["lut_table"],
+        kwords, *kwords.stride()[:3], knorms, *knorms.stride()[:3], kc["lut_table_i8" if i8 else "lut_table"],
         vwords, *vwords.stride()[:3], vnorms, *vnorms.stride()[:3], vc["lut_table"],
         krange, vrange, mk, smb, 0, m, l_, acc,
-        hkv, length, per_split, scale_log2,
-        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
+        hkv, length, per_split, scale_log2, kc["lut_i8_scale"] if i8 else 1.0,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, KI8=i8, BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
         num_warps=1, **({"maxnreg": DECODE_TUNING["warp_maxnreg"]} if DECODE_TUNING["warp_maxnreg"] else {}),
     )
 

@@ -2,7 +2,8 @@
 
 _tq_decode_warp_kernel   the flash-decoding split kernel for one 4-bit code group per side, one warp per program
 _tq_decode_lut_kernel    the same (at most 8 query heads per KV head) with centroids decoded in registers by byte
-                         permutes (PTX from `groups.lut_asm`) and the value product transposed: the default for k4v4
+                         permutes (PTX from `groups.lut_asm`) and the value product transposed: the default for k4v4;
+                         KI8: the key product on int8 operands (`groups.lut_asm_i8`: 7-bit centroids, int8 queries)
 
 Why a second split kernel. `_tq_decode_split_kernel` (triton_kernels.py) lets Triton pick the layouts: the decoded
 centroids of every tile go through shared memory to reach the mma operand layout (a layout conversion and a barrier
@@ -31,7 +32,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .groups import KEY_LUT_ASM as _KEY_LUT_ASM, KEY_LUT_ASM_SYMMETRIC as _KEY_LUT_ASM_SYMMETRIC
+from .groups import I8_OFFSET as _I8_OFFSET, KEY_LUT_ASM as _KEY_LUT_ASM, KEY_LUT_ASM_I8 as _KEY_LUT_ASM_I8
+from .groups import KEY_LUT_ASM_SYMMETRIC as _KEY_LUT_ASM_SYMMETRIC
 from .groups import VALUE_LUT_ASM as _VALUE_LUT_ASM, VALUE_LUT_ASM_SYMMETRIC as _VALUE_LUT_ASM_SYMMETRIC
 from .groups import key_channels, pair_table, value_columns  # noqa: F401  (the launcher's side of the layouts)
 
@@ -65,6 +67,8 @@ def word_layouts(d: int, tokens: int = 16) -> tuple:
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 OP_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
 OP_B = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+OP_A8 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4))  # int8 operands: mma m16n8k32
+OP_B8 = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=4))
 
 
 @gluon.jit
@@ -203,6 +207,9 @@ KEY_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 9))
 VALUE_LUT_ASM = gl.constexpr(_VALUE_LUT_ASM)  # the same word of two tokens -> 8 (token, token + 1) pairs; tables $10..$17
 VALUE_LUT_ASM_SYMMETRIC = gl.constexpr(_VALUE_LUT_ASM_SYMMETRIC)
 VALUE_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 10))
+KEY_LUT_ASM_I8 = gl.constexpr(_KEY_LUT_ASM_I8)  # groups.lut_asm_i8: one code word -> 2 registers of 4 int8 bytes; tables $3..$6
+KEY_LUT_I8_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 2 + ["r"] * 5))
+I8_OFFSET = gl.constexpr(_I8_OFFSET)
 
 
 @gluon.jit
@@ -233,6 +240,29 @@ def _lut_keys(words, t0, t1, t2, t3, t4, t5, t6, t7, SYM: gl.constexpr):
 
 
 @gluon.jit
+def _int8_bytes(r):
+    """int32 [X, Y] -> int8 [X, Y, 4]: its bytes, byte i at index i (ptxas sees the bytes repacked into the mma
+    operand register they came from)."""
+    b0 = (r & 0xFF).to(gl.int8)
+    b1 = ((r >> 8) & 0xFF).to(gl.int8)
+    b2 = ((r >> 16) & 0xFF).to(gl.int8)
+    b3 = ((r >> 24) & 0xFF).to(gl.int8)
+    return gl.reshape(gl.join(gl.join(b0, b2), gl.join(b1, b3)), [r.shape[0], r.shape[1], 4])  # [.., q, p] = b_{2p+q}: flat 2q + p
+
+
+@gluon.jit
+def _lut_keys_i8(words, t0, t1, t2, t3, D: gl.constexpr):
+    """Code words [BT, D/8] int32 (lane t holds words D/32 · t ..) -> the int8 key operand [BT, D] (OP_A8): kernel
+    channel 32j + 16h + 4t + i is u(code) of stored channel 8(D/32 · t + j) + 4h + i (`groups.key_channels_i8`)."""
+    lo, hi = gl.inline_asm_elementwise(KEY_LUT_ASM_I8, KEY_LUT_I8_CONSTRAINTS, [words, t0, t1, t2, t3],
+                                       dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+    x = gl.permute(gl.join(_int8_bytes(lo), _int8_bytes(hi)), [0, 1, 3, 2])  # [BT, D/8 (w), 2 (h), 4 (i)]
+    x = gl.reshape(x, [x.shape[0], 4, D // 32, 2, 4])  # (n, t, j, h, i)
+    x = gl.permute(x, [0, 2, 3, 1, 4])  # (n, j, h, t, i)
+    return gl.convert_layout(gl.reshape(x, [x.shape[0], D]), OP_A8, assert_trivial=True)
+
+
+@gluon.jit
 def _lut_values(even, odd, t0, t1, t2, t3, t4, t5, t6, t7, SYM: gl.constexpr):
     """Code words of tokens 2p and 2p + 1 [X, Y] int32 -> (low, high) int32 [X, 4Y]: byte i's low-nibble centroids
     of both tokens as an fp16 pair (token 2p in the low half), and its high-nibble ones."""
@@ -253,15 +283,16 @@ def _tq_decode_lut_kernel(
     qk_ptr, sqk,                          # rotated queries in key-kernel channel order [B*Hq, D] fp32
     kc_ptr, skcb, skch, skct,             # key codes as int32 words [B, Hkv, *, D/8] (4-bit, natural order; strides in words)
     kn_ptr, sknb, sknh, sknt,             # key norms [B, Hkv, *] fp16, or uint8 log codes (KN8)
-    ktab_ptr,                             # key centroid table [32, 8] int32 (`lut_table`)
+    ktab_ptr,                             # key centroid table [32, 8] int32 (`lut_table`; KI8: `lut_table_i8`)
     vc_ptr, svcb, svch, svct,             # value codes and norms, the same
     vn_ptr, svnb, svnh, svnt,
     vtab_ptr,                             # value centroid table [32, 8] int32
     krange_ptr, vrange_ptr,               # KN8/VN8: [2, Hkv] fp32 (low, step)
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (value columns in `value_rows` order)
-    Hkv, L, per_split, scale_log2,
+    Hkv, L, per_split, scale_log2, ktab_scale,  # ktab_scale: KI8's s (u = round(s c) + 64)
     G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
+    KI8: gl.constexpr,                    # keys scored by int8 mmas (queries in `key_channels_i8` order): 0 no, 1 q8, 2 q8 + q8lo/128
     BT: gl.constexpr,                     # tokens per step: 16 or 32 (fewer per-token softmax and rescale instructions, more registers)
     KSYM: gl.constexpr, VSYM: gl.constexpr,  # the key / value codebook is symmetric (`groups.is_symmetric`): the shorter PTX
     kwords: gl.constexpr, vwords: gl.constexpr,  # the code-word tiles' layouts (`word_layouts(D, BT)`)
@@ -283,10 +314,27 @@ def _tq_decode_lut_kernel(
     cols: gl.constexpr = gl.SliceLayout(0, MMA)  # per query column of Sᵀ and of accᵀ
 
     pid_bh, b, h, pid_s, n_split = _split_program(Hkv)
-    qc = gl.arange(0, D, layout=gl.SliceLayout(1, OP_B))
-    qg = gl.arange(0, 8, layout=gl.SliceLayout(0, OP_B))
-    qrow = (b * Hkv * G + h * G + qg) * sqk
-    q = gl.load(qk_ptr + qrow[None, :] + qc[:, None], mask=(qg < G)[None, :], other=0.0).to(gl.float16)  # Qᵀ [D, 8]
+    if KI8 > 0:  # Qᵀ [D, 8] rounded per column: q8 = round(127 q / max|q|); scores w (q8 · u − 64 Σ q8), w = max|q| / (127 s)
+        qc = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
+        qg = gl.arange(0, 8, layout=cols)
+        qrow = (b * Hkv * G + h * G + qg) * sqk
+        qf = gl.load(qk_ptr + qrow[None, :] + qc[:, None], mask=(qg < G)[None, :], other=0.0)
+        qmax = gl.maximum(gl.max(gl.abs(qf), axis=0), 1e-30)
+        qx = qf * (127.0 / qmax)[None, :]
+        q8 = gl.floor(qx + 0.5)
+        kw = qmax / (127.0 * ktab_scale)
+        qsum = gl.sum(q8, axis=0)
+        q = gl.convert_layout(q8.to(gl.int8), OP_B8)  # once per program (through shared memory)
+        if KI8 == 2:  # and the rounding's remainder in 1/128 steps (|.| <= 64): q ≈ q8 + q8lo / 128, a second mma
+            q8lo = gl.floor((qx - q8) * 128.0 + 0.5)
+            qsum = qsum + gl.sum(q8lo, axis=0) / 128.0
+            qlo = gl.convert_layout(q8lo.to(gl.int8), OP_B8)
+        kcorr = I8_OFFSET * qsum * kw
+    else:
+        qc = gl.arange(0, D, layout=gl.SliceLayout(1, OP_B))
+        qg = gl.arange(0, 8, layout=gl.SliceLayout(0, OP_B))
+        qrow = (b * Hkv * G + h * G + qg) * sqk
+        q = gl.load(qk_ptr + qrow[None, :] + qc[:, None], mask=(qg < G)[None, :], other=0.0).to(gl.float16)  # Qᵀ [D, 8]
 
     kt = gl.arange(0, BT, layout=gl.SliceLayout(1, kwords))
     kcol = gl.arange(0, NB // 4, layout=gl.SliceLayout(0, kwords))
@@ -300,8 +348,11 @@ def _tq_decode_lut_kernel(
     acc = gl.zeros([D, 8], gl.float32, layout=MMA)  # accᵀ
     start = pid_s * per_split
     end = gl.minimum(L, start + per_split)
-    k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
-    k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
+    if KI8 > 0:
+        k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
+    else:
+        k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
+        k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
     v0, v1, v2, v3 = _table_word(vtab_ptr), _table_word(vtab_ptr + 1), _table_word(vtab_ptr + 2), _table_word(vtab_ptr + 3)
     v4, v5, v6, v7 = _table_word(vtab_ptr + 4), _table_word(vtab_ptr + 5), _table_word(vtab_ptr + 6), _table_word(vtab_ptr + 7)
     knbase = kn_ptr + b * sknb + h * sknh
@@ -315,12 +366,19 @@ def _tq_decode_lut_kernel(
         t1 = t0 + BT
         kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, t1, end)
         # keys: code words -> fp16 pairs (one per byte) from the register table -> operand A [BT, D] in kernel channel order
-        klo, khi = _fp16_halves(_lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7, KSYM))
-        kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
-        kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
-        kv = gl.permute(kv, [0, 2, 1, 3])  # (n, j, m, e)
-        kv = gl.convert_layout(gl.reshape(kv, [BT, D]), OP_A, assert_trivial=True)
-        s = mma_v2(kv, q, gl.zeros([BT, 8], gl.float32, layout=MMA))  # Sᵀ [BT, 8]
+        if KI8 > 0:  # keys as 7-bit int8 (`groups.lut_asm_i8`), one int8 mma per 32 channels (two: KI8 == 2)
+            ka = _lut_keys_i8(kb, k0, k1, k2, k3, D)
+            s = mma_v2(ka, q, gl.zeros([BT, 8], gl.int32, layout=MMA)).to(gl.float32)
+            if KI8 == 2:
+                s = s + mma_v2(ka, qlo, gl.zeros([BT, 8], gl.int32, layout=MMA)).to(gl.float32) * (1.0 / 128.0)
+            s = s * kw[None, :] - kcorr[None, :]
+        else:
+            klo, khi = _fp16_halves(_lut_keys(kb, k0, k1, k2, k3, k4, k5, k6, k7, KSYM))
+            kv = gl.join(klo, khi)  # [BT, NB, 2]: (token, byte 16m + j, e)
+            kv = gl.reshape(kv, [BT, 4, KB, 2])  # (n, m, j, e)
+            kv = gl.permute(kv, [0, 2, 1, 3])  # (n, j, m, e)
+            kv = gl.convert_layout(gl.reshape(kv, [BT, D]), OP_A, assert_trivial=True)
+            s = mma_v2(kv, q, gl.zeros([BT, 8], gl.float32, layout=MMA))  # Sᵀ [BT, 8]
         offs = t0 + tt
         tmask = offs < end
         kn = _norms(kn_raw, krange_ptr, h, Hkv, KN8)

@@ -267,3 +267,64 @@ KEY_LUT_ASM_SYMMETRIC = lut_asm(["$4"], [["$0", "$1", "$2", "$3"]], 5, symmetric
 VALUE_LUT_ASM = lut_asm(["%x", "%y"], [["$0", "$1", "$2", "$3"], ["$4", "$5", "$6", "$7"]], 10).replace("{\n", _VALUE_PRELUDE, 1)
 VALUE_LUT_ASM_SYMMETRIC = lut_asm(["%x", "%y"], [["$0", "$1", "$2", "$3"], ["$4", "$5", "$6", "$7"]], 10, symmetric=True).replace(
     "{\n", _VALUE_PRELUDE, 1)
+
+
+# -- int8 keys for the LUT kernel: 7-bit centroids, an integer mma (m16n8k32) for the scores ---------------------------
+# The key product Sᵀ = K · Qᵀ runs on int8 operands: the query rounded per column, q8 = round(127 q / max|q|), and each
+# key centroid c as the 7-bit unsigned u = round(s c) + 64 in [0, 127]. With w = max|q| / (127 s) per query column,
+#     Σ_i q_i c_i ≈ w (Σ_i q8_i u_i − 64 Σ_i q8_i),
+# one int32 dot product per score, corrected once per column. Why 7 bits: every table byte then has its top bit clear,
+# so PRMT's sign-replicating mode (selector bit 3) reads 0 from it, and the two 8-entry half tables combine by one OR
+# (`lut_asm_i8`): 9 integer instructions per 8 codes where the fp16 look-up takes 17, and one mma per 32 channels
+# instead of two per 16 × 2. The rounding costs ~1e-3 relative score error (both roundings; tests/test_kernel_groups.py).
+I8_OFFSET = 64  # u = round(s c) + I8_OFFSET
+
+
+def key_channels_i8(d: int) -> torch.Tensor:
+    """Stored channel of each kernel channel k = 32j + 16h + 4t + i of the int8 key product [d] int64. An m16n8k32 A
+    fragment gives lane t (= lane % 4) the channels 4t .. 4t + 3 and 16 + 4t .. 16 + 4t + 3 of each 32-channel chunk j;
+    lane t loads the d/32 words d/32 · t .. of its token (`word_layouts`), word w holding stored channels 8w .. 8w + 7,
+    and `lut_asm_i8` turns its low and high half (h) into those two registers."""
+    k = torch.arange(d)
+    j, h, t, i = k // 32, (k % 32) // 16, (k % 16) // 4, k % 4
+    return 8 * (d // 32 * t + j) + 4 * h + i
+
+
+def int8_centroid_scale(centroids: torch.Tensor, candidates: int = 512) -> float:
+    """The scale s of the 7-bit key table u = round(s c) + 64: among s ≤ 63 / max|c| (|round(s c)| ≤ 63), the one
+    whose rounded table round(s c) / s is closest to c in squared error."""
+    c = centroids.detach().cpu().double().flatten()
+    s = 63.0 / c.abs().max().item() * torch.linspace(0.5, 1.0, candidates, dtype=torch.float64)
+    err = ((torch.round(c[None] * s[:, None]) / s[:, None] - c[None]) ** 2).sum(1)
+    return float(s[err.argmin()])
+
+
+def lut_table_i8(centroids: torch.Tensor, scale: float, lanes: int = 32) -> torch.Tensor:
+    """[lanes, 8] int32, the same row for every lane: the 16 bytes u = round(scale · c) + 64 of a 16-entry codebook,
+    entry 4j + i in byte i of word j (words 0, 1: entries 0..7; words 2, 3: entries 8..15; `lut_asm_i8`'s operands),
+    words 4..7 zero: rows of 32 bytes, as the kernel's per-lane table load (`_table_word`) reads `lut_table`'s."""
+    u = torch.round(centroids.detach().cpu().double().flatten() * scale).long() + I8_OFFSET
+    if u.numel() != CENTROID_SLOTS or u.min() < 0 or u.max() > 127:
+        raise ValueError(f"lut_table_i8: needs {CENTROID_SLOTS} centroids whose scaled values fit 7 bits, got {u.tolist()}")
+    words = torch.cat([(u.reshape(4, 4) << torch.tensor([0, 8, 16, 24])).sum(1), torch.zeros(4, dtype=torch.long)])
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).to(centroids.device).expand(lanes, 8).contiguous()
+
+
+def lut_asm_i8(word: str, outs: list[str], table: int) -> str:
+    """PTX: the 8 4-bit codes of `word` -> two registers of 4 int8 bytes u(code): outs[0] the codes of nibbles 0..3,
+    outs[1] of nibbles 4..7 (byte i = nibble i's). Table operands $table .. $table + 3 (`lut_table_i8`). A PRMT
+    selector nibble with bit 3 clear picks a table byte, with bit 3 set it replicates that byte's top bit (0 here):
+    so a PRMT on the low table by the code picks u(c) for c < 8 and 0 above, a PRMT on the high table by c ^ 8 picks
+    u(c) for c ≥ 8 and 0 below, and their OR is u(c). PRMT reads its selector's low 16 bits: 9 instructions per word."""
+    t = [f"${table + j}" for j in range(4)]
+    return "\n".join([
+        "{", ".reg .b32 %x, %wh, %xh, %a, %c;",
+        f"xor.b32 %x, {word}, 0x88888888;", f"shr.b32 %wh, {word}, 16;", "shr.b32 %xh, %x, 16;",
+        f"prmt.b32 %a, {t[0]}, {t[1]}, {word};", f"prmt.b32 %c, {t[2]}, {t[3]}, %x;", f"or.b32 {outs[0]}, %a, %c;",
+        f"prmt.b32 %a, {t[0]}, {t[1]}, %wh;", f"prmt.b32 %c, {t[2]}, {t[3]}, %xh;", f"or.b32 {outs[1]}, %a, %c;",
+        "}"])
+
+
+# keys as int8: one word of codes ($2) -> two registers of 4 bytes $0, $1; tables $3..$6
+KEY_LUT_ASM_I8 = lut_asm_i8("$2", ["$0", "$1"], 3)

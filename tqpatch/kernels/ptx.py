@@ -96,7 +96,7 @@ def _f16x2_compare_gt(a: int, b: int) -> int:
 
 
 def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
-    """Interpret the PTX subset of `store_codes_asm` and `groups.lut_asm` (shl, shr, and, or, mov, mul.lo, mul.hi, prmt,
+    """Interpret the PTX subset of `store_codes_asm` and `groups.lut_asm` (shl, shr, and, or, xor, mov, mul.lo, mul.hi, prmt,
     lop3 on 32 bits, default-mode prmt; cvt.rn.f16x2.f32, set.gt.u32.f16x2) on Python ints: operands {"$n": value}
     in (32-bit patterns; float32 operands as their bits), every register written out. For CPU tests of the exact
     text the GPU runs."""
@@ -116,6 +116,8 @@ def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
             r = val(a[1]) & val(a[2])
         elif op == "or.b32":
             r = val(a[1]) | val(a[2])
+        elif op == "xor.b32":
+            r = val(a[1]) ^ val(a[2])
         elif op == "mov.b32":
             r = val(a[1])
         elif op == "mul.lo.u32":
