@@ -5,9 +5,12 @@
 
 Shapes (Llama-3.1-8B KV heads): store: B=8, 8 KV heads, 32,768 tokens, d=128, 4-bit mse, bf16 input in
 the model's [B, T, H, d] layout; decode: k4v4 codes, B=8, 32 query / 8 KV heads, L=32,768, without and
-with one exact token (the latter adds the combine kernel's window work). Each kernel is compiled by a
+with one exact token (the latter adds the combine kernel's window work). TQ_INT8_KEYS=0/1/2 in the environment sets
+the LUT kernel's key scoring (`DECODE_TUNING["warp_lut_int8_keys"]`). Each kernel is compiled by a
 first call outside the profiled range, so the profiled launches are steady-state ones.
 """
+
+import os
 
 import torch
 
@@ -24,6 +27,7 @@ def random_parts(codec, b, h, length):
 
 def main():
     b, h, t, d, hq = 8, 8, 32768, 128, 32
+    kernels.DECODE_TUNING["warp_lut_int8_keys"] = int(os.environ.get("TQ_INT8_KEYS", kernels.DECODE_TUNING["warp_lut_int8_keys"]))
     codec = TurboQuantCodec(d, 4, "mse", 0)
     x = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     out = kernels.encode(codec, x[:, :, :64])  # compile

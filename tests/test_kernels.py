@@ -30,6 +30,10 @@ FAST = DEVICE == "cpu"  # the interpreter is slow: fewer, smaller cases
 # Tolerances: scores and value sums use tf32/fp16 tensor-core operands (~1e-3 relative).
 REL_TOL = 1e-2
 COS_FLOOR = 0.9995
+# The LUT kernel's int8 keys (DECODE_TUNING["warp_lut_int8_keys"] 1 or 2) round the key centroids to 7 bits and the
+# query to int8: ~1e-2 relative score error, 1.5-2.6e-2 on the output (bench/int8_keys_error.py, run 73).
+INT8_REL_TOL = 3e-2
+INT8_COS_FLOOR = 0.999
 
 
 def _code_mismatch(got: torch.Tensor, ref: torch.Tensor, bits: int, d: int) -> float:
@@ -386,15 +390,15 @@ WARP_CASES = [
 
 
 @pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
-@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16", "lut-fp16keys", "lut-int8q-lo"])
+@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16", "lut-int8q", "lut-int8q-lo"])
 @pytest.mark.parametrize("d,hkv,group,length,norm_bits,masked", WARP_CASES)
 def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, group, length, norm_bits, masked, variant, monkeypatch):
     """k4v4 codes take a Gluon warp kernel (one warp per program, codes read in the mma operands' channel order):
     ragged tails, masks, GQA 1..16, 8-bit norms, d 64/128; key centroids gathered per nibble or per byte (pairs), or
     (lut, G <= 8) every centroid from the register table of `_tq_decode_lut_kernel` (the Lloyd-Max codebooks are
     symmetric: its short PTX; lut-general: the PTX for any codebook; lut16: 16 tokens per step instead of the default
-    32; keys scored by int8 mmas with the query as int8 by default, lut-int8q-lo: the query as int8 plus its remainder,
-    lut-fp16keys: by fp16 look-ups and mmas); the Triton split kernel on the same inputs agrees."""
+    32; lut-int8q: keys scored by int8 mmas with the query as int8, lut-int8q-lo: as int8 plus its remainder, both
+    within the looser INT8_REL_TOL); the Triton split kernel on the same inputs agrees."""
     from tqpatch.kernels import groups
 
     if variant == "lut16":
@@ -402,7 +406,8 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
         monkeypatch.setitem(kernels.DECODE_TUNING, "warp_maxnreg", 144)
     if variant == "lut-general":
         monkeypatch.setattr(groups, "is_symmetric", lambda centroids: False)
-    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", {"lut-fp16keys": 0, "lut-int8q-lo": 2}.get(variant, 1))
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", {"lut-int8q": 1, "lut-int8q-lo": 2}.get(variant, 0))
+    rel_tol, cos_floor = (INT8_REL_TOL, INT8_COS_FLOOR) if "int8" in variant else (REL_TOL, COS_FLOOR)
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_key_pairs", variant == "pairs")
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut", variant.startswith("lut"))
     calls = []
@@ -426,12 +431,12 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     outs = []
     for splits in (None, 1, 5):
         out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, out_dtype=torch.float32, num_splits=splits)
-        assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, (splits, _rel(out, ref))
+        assert _rel(out, ref) < rel_tol and _cos(out, ref) > cos_floor, (splits, _rel(out, ref))
         outs.append(out)
     assert calls == [variant.startswith("lut") and group <= 8] * 3
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_kernel", False)
     split = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, out_dtype=torch.float32)
-    assert len(calls) == 3 and _rel(outs[0], split) < REL_TOL
+    assert len(calls) == 3 and _rel(outs[0], split) < rel_tol
 
 
 @pytest.mark.parametrize("block_s", [8, 64])
