@@ -30,6 +30,7 @@ def main(rounds: int, out: str | None) -> None:
     hq, hkv, d = 32, 8, 128
     codec = TurboQuantCodec(d, 4, "mse", 0)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": []}
+    default = kernels.DECODE_TUNING["warp_lut_int8_keys"]
     for b, length in ((8, 32768), (1, 131072)):
         kp, vp = _random_parts(codec, b, hkv, length), _random_parts(codec, b, hkv, length)
         q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -48,7 +49,7 @@ def main(rounds: int, out: str | None) -> None:
                 if name in MODES:
                     kernels.DECODE_TUNING["warp_lut_int8_keys"] = MODES[name]  # the setting the graph captures
                 times[name].append(_ms_graph(fn, 50))
-        kernels.DECODE_TUNING["warp_lut_int8_keys"] = 0
+        kernels.DECODE_TUNING["warp_lut_int8_keys"] = default
         med = {name: statistics.median(t) for name, t in times.items()}
         row = {"B": b, "L": length, "ms": times, "median_ms": med,
                "ratio_to_sdpa": {name: med[name] / med["bf16 SDPA"] for name in MODES}}

@@ -17,6 +17,7 @@ from tqpatch.codec import TurboQuantCodec
 
 
 def main() -> None:
+    default = kernels.DECODE_TUNING["warp_lut_int8_keys"]
     gen = torch.Generator().manual_seed(0)
     d, hkv, group, length = 128, 8, 4, 4099
     kc, vc = TurboQuantCodec(d, 4, "mse", seed=5), TurboQuantCodec(d, 4, "mse", seed=6)
@@ -32,7 +33,7 @@ def main() -> None:
             rel = ((out - ref).norm() / ref.norm()).item()
             cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.float().flatten(), dim=0).item()
             print(f"query sigma {sigma:.2f}  int8 keys {mode}: relative error {rel:.2e}, cosine {cos:.6f}", flush=True)
-    kernels.DECODE_TUNING["warp_lut_int8_keys"] = 1
+    kernels.DECODE_TUNING["warp_lut_int8_keys"] = default
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ FAST = DEVICE == "cpu"  # the interpreter is slow: fewer, smaller cases
 # Tolerances: scores and value sums use tf32/fp16 tensor-core operands (~1e-3 relative).
 REL_TOL = 1e-2
 COS_FLOOR = 0.9995
-# The LUT kernel's int8 keys (DECODE_TUNING["warp_lut_int8_keys"] 1 or 2) round the key centroids to 7 bits and the
-# query to int8: ~1e-2 relative score error, 1.5-2.6e-2 on the output (bench/int8_keys_error.py, run 73).
+# The LUT kernel's int8 keys (DECODE_TUNING["warp_lut_int8_keys"] 1, the default, or 2) round the key centroids to
+# 7 bits and the query to int8: ~1e-2 relative score error, 1.5-2.6e-2 on the output (bench/int8_keys_error.py, run 73).
 INT8_REL_TOL = 3e-2
 INT8_COS_FLOOR = 0.999
 
@@ -238,7 +238,8 @@ if FAST:
 
 
 @pytest.mark.parametrize("d,hkv,group,length,nfp,kbits,vbits,method,masked", DECODE_CASES)
-def test_decode_attention_matches_reference(d, hkv, group, length, nfp, kbits, vbits, method, masked):
+def test_decode_attention_matches_reference(d, hkv, group, length, nfp, kbits, vbits, method, masked, monkeypatch):
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)  # exact keys at REL_TOL; the int8 default: the warp test
     gen = torch.Generator().manual_seed(length + d)
     b = 3
     kc, vc = TurboQuantCodec(d, kbits, method, seed=1), TurboQuantCodec(d, vbits, "mse", seed=1)
@@ -390,15 +391,16 @@ WARP_CASES = [
 
 
 @pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
-@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16", "lut-int8q", "lut-int8q-lo"])
+@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16", "lut-fp16keys", "lut-int8q-lo"])
 @pytest.mark.parametrize("d,hkv,group,length,norm_bits,masked", WARP_CASES)
 def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, group, length, norm_bits, masked, variant, monkeypatch):
     """k4v4 codes take a Gluon warp kernel (one warp per program, codes read in the mma operands' channel order):
     ragged tails, masks, GQA 1..16, 8-bit norms, d 64/128; key centroids gathered per nibble or per byte (pairs), or
     (lut, G <= 8) every centroid from the register table of `_tq_decode_lut_kernel` (the Lloyd-Max codebooks are
     symmetric: its short PTX; lut-general: the PTX for any codebook; lut16: 16 tokens per step instead of the default
-    32; lut-int8q: keys scored by int8 mmas with the query as int8, lut-int8q-lo: as int8 plus its remainder, both
-    within the looser INT8_REL_TOL); the Triton split kernel on the same inputs agrees."""
+    32; keys scored by int8 mmas with the query as int8, the default, within the looser INT8_REL_TOL, as in
+    lut-int8q-lo: the query as int8 plus its remainder; lut-fp16keys: the exact fp16 key path at REL_TOL); the Triton
+    split kernel on the same inputs agrees."""
     from tqpatch.kernels import groups
 
     if variant == "lut16":
@@ -406,8 +408,9 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
         monkeypatch.setitem(kernels.DECODE_TUNING, "warp_maxnreg", 144)
     if variant == "lut-general":
         monkeypatch.setattr(groups, "is_symmetric", lambda centroids: False)
-    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", {"lut-int8q": 1, "lut-int8q-lo": 2}.get(variant, 0))
-    rel_tol, cos_floor = (INT8_REL_TOL, INT8_COS_FLOOR) if "int8" in variant else (REL_TOL, COS_FLOOR)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", {"lut-fp16keys": 0, "lut-int8q-lo": 2}.get(variant, 1))
+    int8 = variant.startswith("lut") and variant != "lut-fp16keys" and group <= 8
+    rel_tol, cos_floor = (INT8_REL_TOL, INT8_COS_FLOOR) if int8 else (REL_TOL, COS_FLOOR)
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_key_pairs", variant == "pairs")
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut", variant.startswith("lut"))
     calls = []
@@ -444,6 +447,7 @@ def test_combine_kernel_merges_more_splits_than_it_reads_per_round(block_s, monk
     """150 splits (a 1-token tail among them) merged `block_s` at a time, with exact tokens in the same softmax:
     the combine kernel's multi-round online merge matches the reference."""
     monkeypatch.setitem(kernels.DECODE_TUNING, "combine_block_s", block_s)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)  # exact keys: the merge is what is tested
     gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(12, b=1, hkv=2, group=4, length=150 * 32 + 1, d=64, fp_tokens=3)
     ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, 64**-0.5)
     out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, 64**-0.5, out_dtype=torch.float32, block_t=32, num_splits=151)

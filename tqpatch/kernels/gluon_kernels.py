@@ -348,10 +348,8 @@ def _tq_decode_lut_kernel(
     acc = gl.zeros([D, 8], gl.float32, layout=MMA)  # accᵀ
     start = pid_s * per_split
     end = gl.minimum(L, start + per_split)
-    if KI8 > 0:
-        k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
-    else:
-        k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
+    k0, k1, k2, k3 = _table_word(ktab_ptr), _table_word(ktab_ptr + 1), _table_word(ktab_ptr + 2), _table_word(ktab_ptr + 3)
+    if KI8 == 0:  # the int8 table has 4 words
         k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
     v0, v1, v2, v3 = _table_word(vtab_ptr), _table_word(vtab_ptr + 1), _table_word(vtab_ptr + 2), _table_word(vtab_ptr + 3)
     v4, v5, v6, v7 = _table_word(vtab_ptr + 4), _table_word(vtab_ptr + 5), _table_word(vtab_ptr + 6), _table_word(vtab_ptr + 7)
@@ -365,7 +363,7 @@ def _tq_decode_lut_kernel(
         vn_raw = vn_next
         t1 = t0 + BT
         kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, t1, end)
-        # keys: code words -> fp16 pairs (one per byte) from the register table -> operand A [BT, D] in kernel channel order
+        # keys: code words -> int8 bytes or fp16 pairs from the register table -> operand A [BT, D] in kernel channel order
         if KI8 > 0:  # keys as 7-bit int8 (`groups.lut_asm_i8`), one int8 mma per 32 channels (two: KI8 == 2)
             ka = _lut_keys_i8(kb, k0, k1, k2, k3, D)
             s = mma_v2(ka, q, gl.zeros([BT, 8], gl.int32, layout=MMA)).to(gl.float32)
