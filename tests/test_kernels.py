@@ -442,11 +442,13 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     assert len(calls) == 3 and _rel(outs[0], split) < rel_tol
 
 
-@pytest.mark.parametrize("block_s", [8, 64])
-def test_combine_kernel_merges_more_splits_than_it_reads_per_round(block_s, monkeypatch):
-    """150 splits (a 1-token tail among them) merged `block_s` at a time, with exact tokens in the same softmax:
-    the combine kernel's multi-round online merge matches the reference."""
+@pytest.mark.parametrize("block_s,premerge", [(8, 0), (64, 0), (64, 16), (8, 4)])
+def test_combine_kernel_merges_more_splits_than_it_reads_per_round(block_s, premerge, monkeypatch):
+    """151 splits (a 1-token tail among them) merged `block_s` at a time, with exact tokens in the same softmax:
+    the combine kernel's multi-round online merge matches the reference; so it does after `_tq_decode_merge_kernel`
+    merged groups of `premerge` splits first (10 groups, the last of 7; 38 groups of 4, still more than 8 per round)."""
     monkeypatch.setitem(kernels.DECODE_TUNING, "combine_block_s", block_s)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "premerge_splits", premerge)
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)  # exact keys: the merge is what is tested
     gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(12, b=1, hkv=2, group=4, length=150 * 32 + 1, d=64, fp_tokens=3)
     ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, 64**-0.5)

@@ -52,7 +52,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
                  "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1,
-                 "combine_block_s": 64}
+                 "combine_block_s": 64, "premerge_splits": 16}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
@@ -69,6 +69,8 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # reference rises from ~1e-3 to 1.5-2.6e-2 (run 73); in perplexity, emulated on CPU (eval/experiments/int8_keys.py),
 # SmolLM2 k4v4 moves by +0.007 (mean of three seeds: +0.011 / +0.025 / -0.014, within the seeds' spread), all of it
 # from the query's rounding (the 7-bit table alone: +0.0001). So mode 1 is the default; 0 is the exact path.
+# premerge_splits: where there are more splits than the combine kernel reads per round, `_tq_decode_merge_kernel`
+# first merges groups of this many (0: never), so the B·Hq combine programs read few (bench/RESULTS.md, run 77).
 # combine_block_s: splits the combine kernel reads per round (more: more registers, fewer rounds; run 47: 64, within 1%).
 
 __all__ = [
@@ -568,6 +570,14 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 BLOCK_T=block_t, LUT=DECODE_TUNING["lut"], KN8=kn8, VN8=vn8,
                 num_warps=DECODE_TUNING["num_warps"], num_stages=DECODE_TUNING["num_stages"],
             )
+        ch = DECODE_TUNING["premerge_splits"]
+        if ch and splits > DECODE_TUNING["combine_block_s"]:  # long context, few programs: merge the splits in groups first
+            merged = triton_cdiv(splits, ch)
+            m2 = torch.empty(programs, merged, g, dtype=torch.float32, device=q.device)
+            l2 = torch.empty_like(m2)
+            acc2 = torch.empty(programs, merged, g, aw, dtype=torch.float32, device=q.device)
+            tk._tq_decode_merge_kernel[(programs * g, merged)](m, l_, acc, splits, m2, l2, acc2, merged, G=g, AW=aw, CH=ch, num_warps=4)
+            m, l_, acc, splits = m2, l2, acc2, merged
         out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
         nf = 0 if fk is None else fk.shape[2]
         if nf == 0:

@@ -682,6 +682,34 @@ def _tq_decode_split_kernel(
 
 
 @triton.jit
+def _tq_decode_merge_kernel(
+    m_ptr, l_ptr, acc_ptr, S,             # partials [P, S, G], [P, S, G], [P, S, G, AW] of the split kernel
+    m2_ptr, l2_ptr, acc2_ptr, S2,         # merged partials [P, S2, G], [P, S2, G], [P, S2, G, AW]: splits CH·i .. CH·i + CH - 1
+    G: tl.constexpr, AW: tl.constexpr, CH: tl.constexpr,
+):
+    """Program (p·G + g, i) merges CH consecutive splits of one query head into one, exactly as the combine kernel
+    would: M = max m_s, l = Σ e^(m_s - M) l_s, acc = Σ e^(m_s - M) acc_s (base-2 exponents). A first level for long
+    contexts at small batch, where the combine kernel's B·Hq programs would each read hundreds of splits."""
+    pid = tl.program_id(0)
+    p = pid // G
+    g = pid % G
+    i = tl.program_id(1)
+    sidx = i * CH + tl.arange(0, CH)
+    smask = sidx < S
+    row = (p * S + sidx) * G + g
+    m_s = tl.load(m_ptr + row, mask=smask, other=NEG)
+    l_s = tl.load(l_ptr + row, mask=smask, other=0.0)
+    cols = tl.arange(0, AW)
+    a_s = tl.load(acc_ptr + row.to(tl.int64)[:, None] * AW + cols[None, :], mask=smask[:, None], other=0.0)
+    big = tl.max(m_s, axis=0)
+    w_s = tl.exp2(m_s - big)
+    out = (p * S2 + i) * G + g
+    tl.store(m2_ptr + out, big)
+    tl.store(l2_ptr + out, tl.sum(w_s * l_s, axis=0))
+    tl.store(acc2_ptr + out.to(tl.int64) * AW + cols, tl.sum(w_s[:, None] * a_s, axis=0))
+
+
+@triton.jit
 def _tq_decode_combine_kernel(
     m_ptr, l_ptr, acc_ptr, S,             # partials of the split kernel (value sums [.., AW] in the groups' rotated spaces)
     q_ptr, sqb, sqh,                      # queries [B, Hq, D] (last stride 1), any float dtype
