@@ -52,7 +52,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
                  "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1,
-                 "combine_block_s": 64, "premerge_splits": 16}
+                 "combine_block_s": 64, "premerge_splits": 32}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
@@ -70,7 +70,8 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # SmolLM2 k4v4 moves by +0.007 (mean of three seeds: +0.011 / +0.025 / -0.014, within the seeds' spread), all of it
 # from the query's rounding (the 7-bit table alone: +0.0001). So mode 1 is the default; 0 is the exact path.
 # premerge_splits: where there are more splits than the combine kernel reads per round, `_tq_decode_merge_kernel`
-# first merges groups of this many (0: never), so the B·Hq combine programs read few (bench/RESULTS.md, run 77).
+# first merges groups of this many (0: never), so the B·Hq combine programs read few. Run 77, B=1 at 128k (256 splits):
+# 0.0828 ms without, 0.0804 with 16, 0.0798 with 32 (bench/RESULTS.md); B=8 at 32k (64 splits) does not use it.
 # combine_block_s: splits the combine kernel reads per round (more: more registers, fewer rounds; run 47: 64, within 1%).
 
 __all__ = [
