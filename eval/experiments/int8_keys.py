@@ -1,7 +1,7 @@
 """What the LUT decode kernel's opt-in int8 keys (`kernels.DECODE_TUNING["warp_lut_int8_keys"] = 1`) would cost in
 perplexity, emulated on CPU, then the CLI run with the given arguments:
 
-    python eval/experiments/int8_keys.py eval ppl --settings k4v4,k4v4-s4-qs-n8 --max-tokens 8192 --window 2048 --chunk 32 ...
+    python eval/experiments/int8_keys.py eval ppl --settings k4v4,k4v4-seed1,k4v4-seed2 --max-tokens 8192 --window 2048 --chunk 32
 
 The kernel scores a compressed key as n · w (q8 · u − 64 Σ q8) (`tqpatch.kernels.groups`, int8 keys section), which is
 exactly ⟨q', k̃'⟩ with
@@ -9,7 +9,8 @@ exactly ⟨q', k̃'⟩ with
     q'  = Πᵀ q8 m / 127,  q8 = round(127 Π q / m), m = max|Π q|   the query rounded per query row in the rotated space.
 Here every 4-bit key codec of one group (what the LUT kernel reads) decodes with c̃, and the attention of each patched
 layer scores its compressed tokens with q' (sinks, window and the current chunk with q). Set TQ_INT8_QUERY=0 for
-the table's rounding alone. The PPL protocol runs chunks of queries where the kernel serves one-token decode steps;
+the table's rounding alone. Wrapped key codecs (shaped `-qs`, centered `-ck` keys) are left exact: the kernel would
+round the shaped query A⁻¹q, which this script does not model. The PPL protocol runs chunks of queries where the kernel serves one-token decode steps;
 the arithmetic per query row is the same.
 """
 
