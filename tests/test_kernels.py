@@ -391,7 +391,7 @@ WARP_CASES = [
 
 
 @pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
-@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16", "lut-fp16keys", "lut-int8q-lo"])
+@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16", "lut-fp16keys", "lut-int8q-lo", "lut-lazy"])
 @pytest.mark.parametrize("d,hkv,group,length,norm_bits,masked", WARP_CASES)
 def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, group, length, norm_bits, masked, variant, monkeypatch):
     """k4v4 codes take a Gluon warp kernel (one warp per program, codes read in the mma operands' channel order):
@@ -399,8 +399,9 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     (lut, G <= 8) every centroid from the register table of `_tq_decode_lut_kernel` (the Lloyd-Max codebooks are
     symmetric: its short PTX; lut-general: the PTX for any codebook; lut16: 16 tokens per step instead of the default
     32; keys scored by int8 mmas with the query as int8, the default, within the looser INT8_REL_TOL, as in
-    lut-int8q-lo: the query as int8 plus its remainder; lut-fp16keys: the exact fp16 key path at REL_TOL); the Triton
-    split kernel on the same inputs agrees."""
+    lut-int8q-lo: the query as int8 plus its remainder; lut-fp16keys: the exact fp16 key path at REL_TOL; lut-lazy:
+    exact keys, running sums rescaled only when a column's max grows by more than 3); the Triton split kernel on the
+    same inputs agrees."""
     from tqpatch.kernels import groups
 
     if variant == "lut16":
@@ -408,8 +409,9 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
         monkeypatch.setitem(kernels.DECODE_TUNING, "warp_maxnreg", 144)
     if variant == "lut-general":
         monkeypatch.setattr(groups, "is_symmetric", lambda centroids: False)
-    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", {"lut-fp16keys": 0, "lut-int8q-lo": 2}.get(variant, 1))
-    int8 = variant.startswith("lut") and variant != "lut-fp16keys" and group <= 8
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", {"lut-fp16keys": 0, "lut-lazy": 0, "lut-int8q-lo": 2}.get(variant, 1))
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_rescale_tau", 3 if variant == "lut-lazy" else 0)
+    int8 = variant.startswith("lut") and variant not in ("lut-fp16keys", "lut-lazy") and group <= 8
     rel_tol, cos_floor = (INT8_REL_TOL, INT8_COS_FLOOR) if int8 else (REL_TOL, COS_FLOOR)
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_key_pairs", variant == "pairs")
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut", variant.startswith("lut"))

@@ -51,7 +51,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
-                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1,
+                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1, "warp_lut_rescale_tau": 0,
                  "combine_block_s": 64, "premerge_splits": 32}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
@@ -69,6 +69,9 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # reference rises from ~1e-3 to 1.5-2.6e-2 (run 73); in perplexity, emulated on CPU (eval/experiments/int8_keys.py),
 # SmolLM2 k4v4 moves by +0.007 (mean of three seeds: +0.011 / +0.025 / -0.014, within the seeds' spread), all of it
 # from the query's rounding (the 7-bit table alone: +0.0001). So mode 1 is the default; 0 is the exact path.
+# warp_lut_rescale_tau: > 0: the LUT kernel rescales its running sums only when a query column's max score grows by
+# more than this (log2 units, FlashAttention-4's lazy rescaling; probabilities then reach 2^tau, so p · |v| must stay
+# in fp16: |v| < 65504 / 2^tau); 0: every step (bench/RESULTS.md, run 78).
 # premerge_splits: where there are more splits than the combine kernel reads per round, `_tq_decode_merge_kernel`
 # first merges groups of this many (0: never), so the B·Hq combine programs read few. Run 77, B=1 at 128k (256 splits):
 # 0.0828 ms without, 0.0804 with 16, 0.0798 with 32 (bench/RESULTS.md); B=8 at 32k (64 splits) does not use it.
@@ -666,7 +669,7 @@ def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, 
         vwords, *vwords.stride()[:3], vnorms, *vnorms.stride()[:3], vc["lut_table"],
         krange, vrange, mk, smb, 0, m, l_, acc,
         hkv, length, per_split, scale_log2, kc["lut_i8_scale"] if i8 else 1.0,
-        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, KI8=i8, BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, KI8=i8, TAU=DECODE_TUNING["warp_lut_rescale_tau"], BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
         num_warps=1, **({"maxnreg": DECODE_TUNING["warp_maxnreg"]} if DECODE_TUNING["warp_maxnreg"] else {}),
     )
 

@@ -293,6 +293,7 @@ def _tq_decode_lut_kernel(
     Hkv, L, per_split, scale_log2, ktab_scale,  # ktab_scale: KI8's s (u = round(s c) + 64)
     G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
     KI8: gl.constexpr,                    # keys scored by int8 mmas (queries in `key_channels_i8` order): 0 no, 1 q8, 2 q8 + q8lo/128
+    TAU: gl.constexpr,                    # > 0: rescale only when a column's max grows by more than TAU (log2 units); 0: every step
     BT: gl.constexpr,                     # tokens per step: 16 or 32 (fewer per-token softmax and rescale instructions, more registers)
     KSYM: gl.constexpr, VSYM: gl.constexpr,  # the key / value codebook is symmetric (`groups.is_symmetric`): the shorter PTX
     kwords: gl.constexpr, vwords: gl.constexpr,  # the code-word tiles' layouts (`word_layouts(D, BT)`)
@@ -386,14 +387,23 @@ def _tq_decode_lut_kernel(
             valid = valid & (gl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
         s = gl.where(valid[:, None], s, NEG)
         m_new = gl.maximum(m_i, gl.max(s, axis=0))
-        alpha = gl.exp2(m_i - m_new)  # per query column: the layout of accᵀ's columns
-        p = gl.where(valid[:, None], gl.exp2(s - m_new[None, :]), 0.0)
-        l_i = l_i * alpha + gl.sum(p, axis=0)
-        m_i = m_new
+        if TAU > 0:  # lazy rescaling: keep a stale max while no column's max grew by more than TAU (p <= 2^TAU)
+            if gl.max(m_new - m_i, axis=0) > TAU:
+                alpha = gl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[None, :]
+                m_i = m_new
+            p = gl.where(valid[:, None], gl.exp2(s - m_i[None, :]), 0.0)
+            l_i = l_i + gl.sum(p, axis=0)
+        else:
+            alpha = gl.exp2(m_i - m_new)  # per query column: the layout of accᵀ's columns
+            p = gl.where(valid[:, None], gl.exp2(s - m_new[None, :]), 0.0)
+            l_i = l_i * alpha + gl.sum(p, axis=0)
+            m_i = m_new
+            acc = acc * alpha[None, :]
         vn = _norms(vn_raw, vrange_ptr, h, Hkv, VN8)
         # Pᵀ [BT, 8] as the value product's B operand: a C fragment holds token lane / 4, a B fragment query lane / 4
         pv_t = gl.convert_layout((p * vn[:, None]).to(gl.float16), OP_B)
-        a_col = alpha
         # values: bytes of token pairs -> fp16 pairs (token 2p, 2p + 1) -> operand A [D, BT] in kernel row order
         v_even, v_odd = gl.split(gl.permute(gl.reshape(vb, [BT // 2, 2, NB // 4]), [0, 2, 1]))  # [BT/2, NB/4] words each
         vlo, vhi = _lut_values(v_even, v_odd, v0, v1, v2, v3, v4, v5, v6, v7, VSYM)  # (p, byte VB·g + i): channel 2i (lo) / 2i + 1 (hi) of byte group g
@@ -403,7 +413,7 @@ def _tq_decode_lut_kernel(
         vv = gl.reshape(vv, [BT // 2, 8, VB, 2, 2])  # (p, g, i, s, h)
         vv = gl.permute(vv, [2, 4, 1, 0, 3])  # (i, h, g, p, s): row 16i + 8h + g, token 2p + s
         vv = gl.convert_layout(gl.reshape(vv, [D, BT]), OP_A, assert_trivial=True)
-        acc = mma_v2(vv, pv_t, acc * a_col[None, :])
+        acc = mma_v2(vv, pv_t, acc)
     out = pid_bh * n_split + pid_s
     g = gl.arange(0, 8, layout=cols)
     gmask = g < G
