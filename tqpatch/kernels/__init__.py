@@ -71,7 +71,8 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # from the query's rounding (the 7-bit table alone: +0.0001). So mode 1 is the default; 0 is the exact path.
 # warp_lut_rescale_tau: > 0: the LUT kernel rescales its running sums only when a query column's max score grows by
 # more than this (log2 units, FlashAttention-4's lazy rescaling; probabilities then reach 2^tau, so p · |v| must stay
-# in fp16: |v| < 65504 / 2^tau); 0: every step (bench/RESULTS.md, run 78).
+# in fp16: |v| < 65504 / 2^tau); 0: every step. Run 78: tau 3 saves 1.6-1.9% (B=8 32k 0.1297 -> 0.1276 ms, B=1 128k
+# 0.0794 -> 0.0779); off by default, since a value norm above 8188 would then overflow (bench/RESULTS.md).
 # premerge_splits: where there are more splits than the combine kernel reads per round, `_tq_decode_merge_kernel`
 # first merges groups of this many (0: never), so the B·Hq combine programs read few. Run 77, B=1 at 128k (256 splits):
 # 0.0828 ms without, 0.0804 with 16, 0.0798 with 32 (bench/RESULTS.md); B=8 at 32k (64 splits) does not use it.
