@@ -132,11 +132,13 @@ def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_l
 @click.option("--depths", default="0,25,50,75,100", help="Comma-separated needle depths in percent (0..100).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, help="Answer length in tokens.")
 @click.option("--seed", type=int, default=0, help="Seeds the needle numbers.")
+@click.option("--trials", type=click.IntRange(min=1), default=1, help="Needles per cell (each its own number and prefill); recall is counted per cell.")
 @click.option("--text-file", type=click.Path(path_type=Path), default=None, help="Haystack text [default: ../shared/data/wikitext-2-raw-test.txt beside the repo].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/needle"), help="Folder for needle.json and one needle_<setting>.png per setting.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--progress/--no-progress", default=True, help="Show a tqdm progress bar (stderr).")
-def needle(model_spec, device, dtype, device_map, settings, key_method, residual_length, lengths, depths, max_new_tokens, seed, text_file, out_dir, as_json, progress):
+def needle(model_spec, device, dtype, device_map, settings, key_method, residual_length, lengths, depths, max_new_tokens, seed, trials, text_file, out_dir, as_json,
+           progress):
     """Needle in a haystack: exact recall over context lengths x depths, heat maps (baseline beside each setting)."""
     from tqpatch.eval.needle import check_grid, needle_in_haystack, write_needle
 
@@ -157,7 +159,7 @@ def needle(model_spec, device, dtype, device_map, settings, key_method, residual
     try:
         result = needle_in_haystack(
             model, tokenizer, text, configs, length_list, depth_list, max_new_tokens=max_new_tokens, seed=seed,
-            model_name=model_spec or "smollm2", text_source=source, progress=progress,
+            model_name=model_spec or "smollm2", text_source=source, progress=progress, trials=trials,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

@@ -6,6 +6,12 @@ L tokens, the needle sentence "The special magic number is N." (N a
 seeded 7-digit number, different per cell) is inserted at the sentence
 boundary nearest to p% of the haystack, and the model is asked for the number
 (greedy, a few tokens). Exact recall: 1 if N appears in the answer, else 0.
+With `trials` > 1 every cell is asked that many times, each with its own
+number (and so its own prefill), and a cell's recall is the count of right
+answers: one needle per cell is a coin at the edge of what a model can do.
+Beside recall, each setting is compared with the baseline answer by answer:
+`paired[setting]` = (answers the baseline got right and the setting missed,
+the reverse).
 
 The prompt is prefilled once per cell without compression; each setting then
 continues from a copy of that cache, which patch() compresses as it takes it
@@ -43,21 +49,34 @@ class NeedleResult:
     lengths: list[int]
     depths: list[float]
     settings: list[str]  # baseline first
-    recall: dict[str, list[list[int]]]  # setting -> [depth][length] 0/1
-    answers: dict[str, list[list[str]]]  # setting -> [depth][length] generated text
-    prompt_tokens: list[list[int]]  # [depth][length] actual prompt lengths
-    mean_recall: dict[str, float] = field(default_factory=dict)
+    recall: dict[str, list[list[int]]]  # setting -> [depth][length] right answers (of `trials`)
+    answers: dict[str, list[list[list[str]]]]  # setting -> [depth][length][trial] generated text
+    prompt_tokens: list[list[int]]  # [depth][length] actual prompt lengths (the last trial's)
+    mean_recall: dict[str, float] = field(default_factory=dict)  # right answers / (cells · trials)
+    trials: int = 1
+    paired: dict[str, list[int]] = field(default_factory=dict)  # setting -> [lost, gained] against the baseline
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
         lines = [f"{self.model}: needle recall over lengths {self.lengths} x depths {self.depths} ({self.text_source})"]
+        if self.trials > 1:
+            lines[0] += f", {self.trials} needles per cell"
         for name in self.settings:
-            lines.append(f"{name:<24} mean recall {self.mean_recall[name]:.3f}")
+            versus = ""
+            if name in self.paired:
+                lost, gained = self.paired[name]
+                versus = f"; against {self.settings[0]}: lost {lost}, gained {gained} of {len(self.lengths) * len(self.depths) * self.trials}"
+            lines.append(f"{name:<24} mean recall {self.mean_recall[name]:.3f}{versus}")
             for d, row in zip(self.depths, self.recall[name]):
-                lines.append(f"    depth {d:>5.1f}%  " + " ".join(f"{v:>5d}" for v in row))
+                lines.append(f"    depth {d:>5.1f}%  " + " ".join(_cell(v, self.trials).rjust(5) for v in row))
         return "\n".join(lines)
+
+
+def _cell(right: int, trials: int) -> str:
+    """A cell's recall as printed: 0/1 for one needle, right/trials for several."""
+    return str(right) if trials == 1 else f"{right}/{trials}"
 
 
 def check_grid(lengths: list[int], depths: list[float], max_length: int | None) -> None:
@@ -130,8 +149,12 @@ def needle_in_haystack(
     model_name: str = "",
     text_source: str = "",
     progress: bool = True,
+    trials: int = 1,
 ) -> NeedleResult:
-    """Recall of the baseline (always first) and each setting on the lengths × depths grid."""
+    """Recall of the baseline (always first) and each setting on the lengths × depths grid, `trials` needles per
+    cell (trial 0 draws the numbers a single-trial run with the same seed draws)."""
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
     if is_patched(model):
         raise TQPatchError("needle_in_haystack patches the model for each setting itself; pass an unpatched model")
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
@@ -141,11 +164,12 @@ def needle_in_haystack(
         raise ValueError(f"the haystack text has {len(haystack_ids)} tokens, fewer than the longest context {max(lengths)}")
     names = [BASELINE] + [s.name for s in settings]
     recall = {n: [[0] * len(lengths) for _ in depths] for n in names}
-    answers = {n: [[""] * len(lengths) for _ in depths] for n in names}
+    answers = {n: [[[] for _ in lengths] for _ in depths] for n in names}
+    paired = {n: [0, 0] for n in names[1:]}
     prompt_tokens = [[0] * len(lengths) for _ in depths]
     rng = random.Random(seed)
     device = next(model.parameters()).device
-    cells = [(i, j) for i in range(len(depths)) for j in range(len(lengths))]
+    cells = [(i, j) for _ in range(trials) for i in range(len(depths)) for j in range(len(lengths))]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -159,17 +183,23 @@ def needle_in_haystack(
             prefill = DynamicCache(config=model.config)
             with torch.no_grad():
                 model(input_ids=ids[:, :-1], use_cache=True, **{cache_kwarg(model): prefill})
+            right = {}
             for name, setting in zip(names, [None] + list(settings)):
                 text = _answer(model, tokenizer, ids, prefill, setting, max_new_tokens)
-                answers[name][i][j] = text
-                recall[name][i][j] = int(number in text.replace(",", "").replace(" ", ""))
+                answers[name][i][j].append(text)
+                right[name] = number in text.replace(",", "").replace(" ", "")
+                recall[name][i][j] += right[name]
+                if name in paired:
+                    paired[name][0] += right[BASELINE] and not right[name]
+                    paired[name][1] += right[name] and not right[BASELINE]
                 if bar is not None:
                     bar.update()
     finally:
         if bar is not None:
             bar.close()
-    mean = {n: sum(map(sum, recall[n])) / (len(lengths) * len(depths)) for n in names}
-    return NeedleResult(model_name or type(model).__name__, text_source, list(lengths), list(depths), names, recall, answers, prompt_tokens, mean)
+    mean = {n: sum(map(sum, recall[n])) / (len(lengths) * len(depths) * trials) for n in names}
+    return NeedleResult(model_name or type(model).__name__, text_source, list(lengths), list(depths), names, recall, answers, prompt_tokens, mean,
+                        trials, paired)
 
 
 def plot_needle(result: NeedleResult, setting: str, path: Path) -> Path:
@@ -180,17 +210,17 @@ def plot_needle(result: NeedleResult, setting: str, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(2 * width, 1.8 + 0.5 * len(result.depths)), squeeze=False, layout="constrained")
     for k, (ax, name) in enumerate(zip(axes[0], (result.settings[0], setting))):
         data = result.recall[name]
-        image = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        image = ax.imshow([[v / result.trials for v in row] for row in data], cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(result.lengths)), [str(n) for n in result.lengths])
         ax.set_yticks(range(len(result.depths)), [f"{d:g}%" for d in result.depths])
         for i, row in enumerate(data):
             for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=9)
+                ax.text(j, i, _cell(v, result.trials), ha="center", va="center", fontsize=9)
         ax.set_xlabel("context length (tokens)")
         if k == 0:
             ax.set_ylabel("needle depth")
         ax.set_title(f"{name}: recall {result.mean_recall[name]:.2f}", fontsize=10)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact recall")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact recall" if result.trials == 1 else f"exact recall ({result.trials} needles per cell)")
     fig.suptitle(f"needle in a haystack, {result.model}", fontsize=11)
     return save_figure(fig, path, dpi=110)
 

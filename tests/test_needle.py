@@ -65,6 +65,30 @@ def test_needle_cli_writes_json_and_heat_maps(tiny_model_dir, tmp_path):
     for name in ("k4v4", "k2.5v2.5"):
         png = (out / f"needle_{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+        assert data["paired"][name][0] <= sum(map(sum, data["recall"]["fp"]))  # lost: only where the baseline was right
+
+
+def test_needle_trials_count_right_answers_per_cell_and_compare_with_the_baseline(tiny_model_dir, tokenizer):
+    """Three needles per cell: recall counts right answers (0..3), every answer is kept, and `paired` counts the
+    answers the baseline got right and a setting missed (and the reverse), checked against the kept answers.
+    The baseline itself (same model, no compression) cannot lose to itself: a setting equal to it is exact."""
+    from transformers import AutoModelForCausalLM
+
+    from tqpatch.config import TurboQuantConfig
+    from tqpatch.eval.needle import needle_in_haystack
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    settings = [TurboQuantConfig.from_spec("k4v4"), TurboQuantConfig.from_spec("k2v2")]
+    result = needle_in_haystack(model, tokenizer, HAYSTACK, settings, [128], [0.0, 100.0], max_new_tokens=4, trials=3, progress=False)
+    single = needle_in_haystack(model, tokenizer, HAYSTACK, settings[:1], [128], [0.0, 100.0], max_new_tokens=4, trials=1, progress=False)
+    assert result.trials == 3 and all(len(result.answers[n][i][0]) == 3 for n in result.settings for i in range(2))
+    assert [row[0][0] for row in single.answers["fp"]] == [row[0][0] for row in result.answers["fp"]]  # trial 0 = a one-trial run
+    for name in ("k4v4", "k2v2"):
+        assert all(0 <= v <= 3 for row in result.recall[name] for v in row)
+        assert result.mean_recall[name] == sum(map(sum, result.recall[name])) / 6
+        lost, gained = result.paired[name]
+        assert lost - gained == sum(map(sum, result.recall["fp"])) - sum(map(sum, result.recall[name]))
+    assert "needles per cell" in result.table() and "/3" in result.table()
 
 
 @pytest.mark.parametrize(
