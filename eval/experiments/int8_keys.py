@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 from tqpatch import store  # noqa: E402
 from tqpatch.codec import TurboQuantCodec  # noqa: E402
-from tqpatch.kernels.groups import I8_OFFSET, int8_centroid_scale  # noqa: E402
+from tqpatch.kernels.groups import I8_OFFSET, int8_centroid_scale, int8_table_values  # noqa: E402
 from tqpatch.quantizer import TurboQuantMSE  # noqa: E402
 
 ROUND_QUERY = os.environ.get("TQ_INT8_QUERY", "1") == "1"
@@ -39,8 +39,8 @@ def _emulate_table(codec) -> bool:
     if not getattr(q, "_int8_table", False):
         rot, cent, bnd = q._constants(torch.device("cpu"))
         scale = int8_centroid_scale(cent)
-        u = torch.round(cent.double() * scale) + I8_OFFSET
-        q._device_cache[torch.device("cpu")] = (rot, ((u - I8_OFFSET) / scale).float(), bnd)
+        u = int8_table_values(cent, scale)
+        q._device_cache[torch.device("cpu")] = (rot, ((u.double() - I8_OFFSET) / scale).float(), bnd)
         q._tables.clear()
         q._int8_table = True
     return True

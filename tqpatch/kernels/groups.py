@@ -300,11 +300,17 @@ def int8_centroid_scale(centroids: torch.Tensor, candidates: int = 512) -> float
     return float(s[err.argmin()])
 
 
+def int8_table_values(centroids: torch.Tensor, scale: float) -> torch.Tensor:
+    """The 7-bit table u = round(scale · c) + 64 of a codebook [n] -> [n] int64 on CPU (the kernel's key centroid
+    c is (u - 64) / scale)."""
+    return torch.round(centroids.detach().cpu().double().flatten() * scale).long() + I8_OFFSET
+
+
 def lut_table_i8(centroids: torch.Tensor, scale: float, lanes: int = 32) -> torch.Tensor:
     """[lanes, 8] int32, the same row for every lane: the 16 bytes u = round(scale · c) + 64 of a 16-entry codebook,
     entry 4j + i in byte i of word j (words 0, 1: entries 0..7; words 2, 3: entries 8..15; `lut_asm_i8`'s operands),
     words 4..7 zero: rows of 32 bytes, as the kernel's per-lane table load (`_table_word`) reads `lut_table`'s."""
-    u = torch.round(centroids.detach().cpu().double().flatten() * scale).long() + I8_OFFSET
+    u = int8_table_values(centroids, scale)
     if u.numel() != CENTROID_SLOTS or u.min() < 0 or u.max() > 127:
         raise ValueError(f"lut_table_i8: needs {CENTROID_SLOTS} centroids whose scaled values fit 7 bits, got {u.tolist()}")
     words = torch.cat([(u.reshape(4, 4) << torch.tensor([0, 8, 16, 24])).sum(1), torch.zeros(4, dtype=torch.long)])
