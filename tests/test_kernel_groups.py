@@ -184,6 +184,35 @@ def test_int8_key_scores_follow_the_kernels_fragments_and_match_float_scores(d):
     assert errors["int8+lo"] < errors["int8"] < 1.5e-2 and errors["wrong order"] > 0.5, errors
 
 
+def test_int8_value_ptx_gives_both_tokens_table_bytes_as_fp16_1024_plus_u():
+    """The int8 value PTX (`value_lut_asm_i8`, interpreted on CPU): every byte of the same word of tokens t and t + 1
+    becomes the fp16 pairs (1024 + u(t's code), 1024 + u(t + 1's code)) of its low- and high-nibble channels, as the
+    fp16 value PTX pairs centroids; 1024 + u is exact in fp16, so (half − 1088) / s is the 7-bit table's centroid."""
+    import random
+
+    from tqpatch.kernels.groups import FP16_MAGIC, I8_OFFSET, VALUE_LUT_ASM_I8, int8_centroid_scale, int8_table_values, lut_table_i8
+    from tqpatch.kernels.ptx import run_ptx
+
+    gen = torch.Generator().manual_seed(1)
+    centroids = torch.linspace(-2.0, 2.6, 16) + 0.05 * torch.rand(16, generator=gen)  # asymmetric, distinct bytes
+    scale = int8_centroid_scale(centroids)
+    u = int8_table_values(centroids, scale)
+    assert len(set(u.tolist())) == 16
+    table = [int(v) & 0xFFFFFFFF for v in lut_table_i8(centroids, scale)[0].tolist()]
+    half = [int(v) & 0xFFFF for v in torch.tensor([FP16_MAGIC + x for x in u.tolist()], dtype=torch.float16).view(torch.int16).tolist()]
+    rng = random.Random(0)
+    words = [int.from_bytes(bytes([v, (v + 17) % 256, (3 * v) % 256, 255 - v]), "little") for v in range(256)]  # every byte in every slot
+    words += [rng.getrandbits(32) for _ in range(64)]
+    for t, w in zip(words, words[1:] + words[:1]):
+        value = run_ptx(VALUE_LUT_ASM_I8, {"$8": t, "$9": w, **{f"${10 + j}": table[j] for j in range(4)}})
+        for i in range(4):
+            bt, bw = t >> 8 * i & 0xFF, w >> 8 * i & 0xFF
+            assert value[f"${i}"] == half[bt & 15] | half[bw & 15] << 16  # channel 2i of tokens t, t + 1
+            assert value[f"${4 + i}"] == half[bt >> 4] | half[bw >> 4] << 16  # channel 2i + 1
+    decoded = (torch.tensor(half, dtype=torch.int16).view(torch.float16).double() - FP16_MAGIC - I8_OFFSET) / scale
+    assert (decoded - centroids.double()).abs().max() <= 0.5 / scale + 1e-12
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_lut_kernel_value_rows_turn_its_transposed_tile_into_the_stored_values(d):
     """The LUT kernel's value operand Vᵀ [d, 16]: lane g reads bytes (d/16) g .. of token pairs, the value PTX gives

@@ -391,7 +391,8 @@ WARP_CASES = [
 
 
 @pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
-@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16", "lut-fp16keys", "lut-int8q-lo", "lut-lazy"])
+@pytest.mark.parametrize("variant", ["nibbles", "pairs", "lut", "lut-general", "lut16", "lut-fp16keys", "lut-int8q-lo", "lut-lazy", "lut-int8v",
+                                     "lut-int8v-lazy"])
 @pytest.mark.parametrize("d,hkv,group,length,norm_bits,masked", WARP_CASES)
 def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, group, length, norm_bits, masked, variant, monkeypatch):
     """k4v4 codes take a Gluon warp kernel (one warp per program, codes read in the mma operands' channel order):
@@ -400,8 +401,8 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     symmetric: its short PTX; lut-general: the PTX for any codebook; lut16: 16 tokens per step instead of the default
     32; keys scored by int8 mmas with the query as int8, the default, within the looser INT8_REL_TOL, as in
     lut-int8q-lo: the query as int8 plus its remainder; lut-fp16keys: the exact fp16 key path at REL_TOL; lut-lazy:
-    exact keys, running sums rescaled only when a column's max grows by more than 3); the Triton split kernel on the
-    same inputs agrees."""
+    exact keys, running sums rescaled only when a column's max grows by more than 3; lut-int8v: int8 keys and values
+    read from their 7-bit tables as fp16 1024 + u, and with lazy rescaling); the Triton split kernel on the same inputs agrees."""
     from tqpatch.kernels import groups
 
     if variant == "lut16":
@@ -410,7 +411,8 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     if variant == "lut-general":
         monkeypatch.setattr(groups, "is_symmetric", lambda centroids: False)
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", {"lut-fp16keys": 0, "lut-lazy": 0, "lut-int8q-lo": 2}.get(variant, 1))
-    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_rescale_tau", 3 if variant == "lut-lazy" else 0)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_rescale_tau", 3 if variant.endswith("lazy") else 0)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", int(variant.startswith("lut-int8v")))
     int8 = variant.startswith("lut") and variant not in ("lut-fp16keys", "lut-lazy") and group <= 8
     rel_tol, cos_floor = (INT8_REL_TOL, INT8_COS_FLOOR) if int8 else (REL_TOL, COS_FLOOR)
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_key_pairs", variant == "pairs")

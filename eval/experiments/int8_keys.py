@@ -1,4 +1,4 @@
-"""What the LUT decode kernel's opt-in int8 keys (`kernels.DECODE_TUNING["warp_lut_int8_keys"] = 1`) would cost in
+"""What the LUT decode kernel's int8 keys (`kernels.DECODE_TUNING["warp_lut_int8_keys"] = 1`) would cost in
 perplexity, emulated on CPU, then the CLI run with the given arguments:
 
     python eval/experiments/int8_keys.py eval ppl --settings k4v4,k4v4-seed1,k4v4-seed2 --max-tokens 8192 --window 2048 --chunk 32
@@ -9,7 +9,9 @@ exactly ⟨q', k̃'⟩ with
     q'  = Πᵀ q8 m / 127,  q8 = round(127 Π q / m), m = max|Π q|   the query rounded per query row in the rotated space.
 Here every 4-bit key codec of one group (what the LUT kernel reads) decodes with c̃, and the attention of each patched
 layer scores its compressed tokens with q' (sinks, window and the current chunk with q). Set TQ_INT8_QUERY=0 for
-the table's rounding alone. Wrapped key codecs (shaped `-qs`, centered `-ck` keys) are left exact: the kernel would
+the table's rounding alone, TQ_INT8_VALUES=1 to decode 4-bit single-group value codecs with their 7-bit table too
+(`warp_lut_int8_values`: the kernel's value product then reads (u − 64) / s exactly, its 1088 Σ p offset removed by
+an exact fp32 sum of the same fp16 probabilities, so the table is the only change). Wrapped key codecs (shaped `-qs`, centered `-ck` keys) are left exact: the kernel would
 round the shaped query A⁻¹q, which this script does not model. The PPL protocol runs chunks of queries where the kernel serves one-token decode steps;
 the arithmetic per query row is the same.
 """
@@ -28,6 +30,7 @@ from tqpatch.kernels.groups import I8_OFFSET, int8_centroid_scale, int8_table_va
 from tqpatch.quantizer import TurboQuantMSE  # noqa: E402
 
 ROUND_QUERY = os.environ.get("TQ_INT8_QUERY", "1") == "1"
+INT8_VALUES = os.environ.get("TQ_INT8_VALUES", "0") == "1"
 _current = [None]  # (layer, first compressed index, compressed count) of the attention call about to run
 
 
@@ -53,6 +56,8 @@ def update(self, key_states, value_states, *args, **kwargs):
     before = (self.num_sink, self.num_compressed)
     out = original_update(self, key_states, value_states, *args, **kwargs)
     first, count = before if self.prefill_exact else (self.num_sink, self.num_compressed)
+    if INT8_VALUES:
+        _emulate_table(self.value_codec)
     _current[0] = (self, first, count) if count and _emulate_table(self.key_codec) else None
     return out
 
@@ -91,7 +96,7 @@ def sdpa_with_int8_queries(module, query, key, value, attention_mask, dropout=0.
 
 
 ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_with_int8_queries
-print(f"[int8_keys] 4-bit key codecs decode with the 7-bit table; queries rounded to int8: {ROUND_QUERY}", flush=True)
+print(f"[int8_keys] 4-bit key codecs decode with the 7-bit table; queries rounded to int8: {ROUND_QUERY}; values too: {INT8_VALUES}", flush=True)
 sys.argv = ["tqpatch", *sys.argv[1:]]
 from cli.main import main  # noqa: E402
 

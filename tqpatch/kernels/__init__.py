@@ -51,7 +51,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
-                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1, "warp_lut_rescale_tau": 0,
+                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1, "warp_lut_int8_values": 0, "warp_lut_rescale_tau": 0,
                  "combine_block_s": 64, "premerge_splits": 32}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
@@ -630,10 +630,12 @@ def _launch_decode_warp(q, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m,
     words = _as_words(kcodes), _as_words(vcodes)
     lut = DECODE_TUNING["warp_lut"] and g <= 8 and None not in words
     i8 = int(DECODE_TUNING["warp_lut_int8_keys"]) if lut and "lut_table_i8" in kc else 0
+    vi8 = int(bool(DECODE_TUNING["warp_lut_int8_values"]) and lut and "lut_table_i8" in vc)
     qk = q @ kc["warp_query_i8" if i8 else "warp_query"]  # [B*Hq, d] rotated, in the kernel's key channel order
     try:
         if lut:
-            _run_lut_kernel(qk, kgroup, vgroup, kp, vp, *words, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d, i8)
+            _run_lut_kernel(qk, kgroup, vgroup, kp, vp, *words, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d, i8,
+                            vi8)
         else:
             _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d)
     except Exception as exc:
@@ -658,7 +660,7 @@ def _warp_common_args(qk, kgroup, vgroup, kp, vp, klay, vlay, valid) -> tuple:
 
 
 def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d,
-                    i8: int = 0):
+                    i8: int = 0, vi8: int = 0):
     from . import gluon_kernels as gk
 
     knorms, vnorms, krange, vrange, mk, smb, kn8, vn8 = _warp_common_args(qk, kgroup, vgroup, kp, vp, klay, vlay, valid)
@@ -667,10 +669,10 @@ def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, 
     gk._tq_decode_lut_kernel[(m.shape[0], splits)](
         qk, qk.stride(0),
         kwords, *kwords.stride()[:3], knorms, *knorms.stride()[:3], kc["lut_table_i8" if i8 else "lut_table"],
-        vwords, *vwords.stride()[:3], vnorms, *vnorms.stride()[:3], vc["lut_table"],
+        vwords, *vwords.stride()[:3], vnorms, *vnorms.stride()[:3], vc["lut_table_i8" if vi8 else "lut_table"],
         krange, vrange, mk, smb, 0, m, l_, acc,
-        hkv, length, per_split, scale_log2, kc["lut_i8_scale"] if i8 else 1.0,
-        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, KI8=i8, TAU=DECODE_TUNING["warp_lut_rescale_tau"], BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
+        hkv, length, per_split, scale_log2, kc["lut_i8_scale"] if i8 else 1.0, vc["lut_i8_scale"] if vi8 else 1.0,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, KI8=i8, VI8=vi8, TAU=DECODE_TUNING["warp_lut_rescale_tau"], BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
         num_warps=1, **({"maxnreg": DECODE_TUNING["warp_maxnreg"]} if DECODE_TUNING["warp_maxnreg"] else {}),
     )
 

@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .groups import I8_OFFSET as _I8_OFFSET, KEY_LUT_ASM as _KEY_LUT_ASM, KEY_LUT_ASM_I8 as _KEY_LUT_ASM_I8
 from .groups import KEY_LUT_ASM_SYMMETRIC as _KEY_LUT_ASM_SYMMETRIC
 from .groups import VALUE_LUT_ASM as _VALUE_LUT_ASM, VALUE_LUT_ASM_SYMMETRIC as _VALUE_LUT_ASM_SYMMETRIC
+from .groups import FP16_MAGIC as _FP16_MAGIC, VALUE_LUT_ASM_I8 as _VALUE_LUT_ASM_I8
 from .groups import key_channels, pair_table, value_columns  # noqa: F401  (the launcher's side of the layouts)
 
 NEG = gl.constexpr(-1.0e30)  # finite "minus infinity" (as in triton_kernels.NEG)
@@ -210,6 +211,9 @@ VALUE_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 10))
 KEY_LUT_ASM_I8 = gl.constexpr(_KEY_LUT_ASM_I8)  # groups.lut_asm_i8: one code word -> 2 registers of 4 int8 bytes; tables $3..$6
 KEY_LUT_I8_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 2 + ["r"] * 5))
 I8_OFFSET = gl.constexpr(_I8_OFFSET)
+VALUE_LUT_ASM_I8 = gl.constexpr(_VALUE_LUT_ASM_I8)  # groups.value_lut_asm_i8: two tokens' words -> 8 fp16 pairs 1024 + u; tables $10..$13
+VALUE_LUT_I8_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 6))
+FP16_MAGIC = gl.constexpr(_FP16_MAGIC)
 
 
 @gluon.jit
@@ -273,6 +277,14 @@ def _lut_values(even, odd, t0, t1, t2, t3, t4, t5, t6, t7, SYM: gl.constexpr):
 
 
 @gluon.jit
+def _lut_values_i8(even, odd, t0, t1, t2, t3):
+    """As `_lut_values`, from the 7-bit table (`lut_table_i8`): every half is the fp16 number 1024 + u(code)."""
+    l0, l1, l2, l3, h0, h1, h2, h3 = gl.inline_asm_elementwise(
+        VALUE_LUT_ASM_I8, VALUE_LUT_I8_CONSTRAINTS, [even, odd, t0, t1, t2, t3], dtype=(gl.int32,) * 8, is_pure=True, pack=1)
+    return _bytes4(l0, l1, l2, l3), _bytes4(h0, h1, h2, h3)
+
+
+@gluon.jit
 def _fp16_halves(x):
     """int32 -> its (low, high) halves as float16 (a bit cast: no instructions once the MMA takes the register)."""
     return (x & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True), (x >> 16).to(gl.int16).to(gl.float16, bitcast=True)
@@ -290,9 +302,10 @@ def _tq_decode_lut_kernel(
     krange_ptr, vrange_ptr,               # KN8/VN8: [2, Hkv] fp32 (low, step)
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (value columns in `value_rows` order)
-    Hkv, L, per_split, scale_log2, ktab_scale,  # ktab_scale: KI8's s (u = round(s c) + 64)
+    Hkv, L, per_split, scale_log2, ktab_scale, vtab_scale,  # KI8's / VI8's table scale s (u = round(s c) + 64)
     G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
     KI8: gl.constexpr,                    # keys scored by int8 mmas (queries in `key_channels_i8` order): 0 no, 1 q8, 2 q8 + q8lo/128
+    VI8: gl.constexpr,                    # values from the 7-bit table as fp16 1024 + u (`groups.value_lut_asm_i8`), corrected at the end
     TAU: gl.constexpr,                    # > 0: rescale only when a column's max grows by more than TAU (log2 units); 0: every step
     BT: gl.constexpr,                     # tokens per step: 16 or 32 (fewer per-token softmax and rescale instructions, more registers)
     KSYM: gl.constexpr, VSYM: gl.constexpr,  # the key / value codebook is symmetric (`groups.is_symmetric`): the shorter PTX
@@ -353,7 +366,11 @@ def _tq_decode_lut_kernel(
     if KI8 == 0:  # the int8 table has 4 words
         k4, k5, k6, k7 = _table_word(ktab_ptr + 4), _table_word(ktab_ptr + 5), _table_word(ktab_ptr + 6), _table_word(ktab_ptr + 7)
     v0, v1, v2, v3 = _table_word(vtab_ptr), _table_word(vtab_ptr + 1), _table_word(vtab_ptr + 2), _table_word(vtab_ptr + 3)
-    v4, v5, v6, v7 = _table_word(vtab_ptr + 4), _table_word(vtab_ptr + 5), _table_word(vtab_ptr + 6), _table_word(vtab_ptr + 7)
+    if VI8 == 0:  # the int8 table has 4 words
+        v4, v5, v6, v7 = _table_word(vtab_ptr + 4), _table_word(vtab_ptr + 5), _table_word(vtab_ptr + 6), _table_word(vtab_ptr + 7)
+    else:  # Σ_t P̂_t per column, for the 1024 + 64 that every int8 value half carries: one mma against ones per step
+        ones = gl.full([16, BT], 1.0, gl.float16, layout=OP_A)
+        psum = gl.zeros([16, 8], gl.float32, layout=MMA)  # 16 equal rows
     knbase = kn_ptr + b * sknb + h * sknh
     vnbase = vn_ptr + b * svnb + h * svnh
     kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, start, end)
@@ -392,6 +409,8 @@ def _tq_decode_lut_kernel(
                 alpha = gl.exp2(m_i - m_new)
                 l_i = l_i * alpha
                 acc = acc * alpha[None, :]
+                if VI8 > 0:
+                    psum = psum * alpha[None, :]
                 m_i = m_new
             p = gl.where(valid[:, None], gl.exp2(s - m_i[None, :]), 0.0)
             l_i = l_i + gl.sum(p, axis=0)
@@ -401,12 +420,18 @@ def _tq_decode_lut_kernel(
             l_i = l_i * alpha + gl.sum(p, axis=0)
             m_i = m_new
             acc = acc * alpha[None, :]
+            if VI8 > 0:
+                psum = psum * alpha[None, :]
         vn = _norms(vn_raw, vrange_ptr, h, Hkv, VN8)
         # Pᵀ [BT, 8] as the value product's B operand: a C fragment holds token lane / 4, a B fragment query lane / 4
         pv_t = gl.convert_layout((p * vn[:, None]).to(gl.float16), OP_B)
         # values: bytes of token pairs -> fp16 pairs (token 2p, 2p + 1) -> operand A [D, BT] in kernel row order
         v_even, v_odd = gl.split(gl.permute(gl.reshape(vb, [BT // 2, 2, NB // 4]), [0, 2, 1]))  # [BT/2, NB/4] words each
-        vlo, vhi = _lut_values(v_even, v_odd, v0, v1, v2, v3, v4, v5, v6, v7, VSYM)  # (p, byte VB·g + i): channel 2i (lo) / 2i + 1 (hi) of byte group g
+        if VI8 > 0:
+            vlo, vhi = _lut_values_i8(v_even, v_odd, v0, v1, v2, v3)
+            psum = mma_v2(ones, pv_t, psum)
+        else:
+            vlo, vhi = _lut_values(v_even, v_odd, v0, v1, v2, v3, v4, v5, v6, v7, VSYM)  # (p, byte VB·g + i): channel 2i (lo) / 2i + 1 (hi) of byte group g
         lo0, lo1 = _fp16_halves(vlo)
         hi0, hi1 = _fp16_halves(vhi)
         vv = gl.join(gl.join(lo0, lo1), gl.join(hi0, hi1))  # [BT/2, NB, 2 (s), 2 (h)]
@@ -414,6 +439,8 @@ def _tq_decode_lut_kernel(
         vv = gl.permute(vv, [2, 4, 1, 0, 3])  # (i, h, g, p, s): row 16i + 8h + g, token 2p + s
         vv = gl.convert_layout(gl.reshape(vv, [D, BT]), OP_A, assert_trivial=True)
         acc = mma_v2(vv, pv_t, acc)
+    if VI8 > 0:  # accᵀ holds Σ P̂ (1024 + u) = Σ P̂ (u − 64) + 1088 Σ P̂; the centroid is (u − 64) / s
+        acc = (acc - (FP16_MAGIC + I8_OFFSET) * gl.max(psum, axis=0)[None, :]) * (1.0 / vtab_scale)
     out = pid_bh * n_split + pid_s
     g = gl.arange(0, 8, layout=cols)
     gmask = g < G

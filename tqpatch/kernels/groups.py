@@ -335,3 +335,36 @@ def lut_asm_i8(word: str, outs: list[str], table: int) -> str:
 
 # keys as int8: one word of codes ($2) -> two registers of 4 bytes $0, $1; tables $3..$6
 KEY_LUT_ASM_I8 = lut_asm_i8("$2", ["$0", "$1"], 3)
+
+
+# -- int8 values for the LUT kernel: the same 7-bit table, read as fp16 1024 + u ------------------------------------------
+# A byte u in the low half of an fp16 whose high byte is 0x64 is the number 1024 + u exactly (exponent 10: one unit per
+# mantissa step). So the value product can take the 7-bit table's bytes as fp16 operands after one PRMT per pair, with
+# no arithmetic: accᵀ = Σ_t p_t (1024 + u_t) = Σ_t p_t (u_t − 64) + 1088 Σ_t p_t, and the kernel subtracts 1088 Σ_t p_t
+# (the same fp16 p_t, summed by one more mma against ones) and divides by s once at the end. Per 8 codes: 9 integer
+# instructions for the bytes (`lut_asm_i8`), 4 PRMTs to make them fp16 pairs, against 17 for the fp16 look-up.
+FP16_MAGIC = 1024  # 0x6400: the fp16 1024 + u for a byte u in its low half
+FP16_MAGIC_BYTES = 0x64646464
+
+
+def value_lut_asm_i8(table: int) -> str:
+    """PTX: the same code word of tokens t ($8) and t + 1 ($9) -> 8 fp16 pairs (token t in the low half), each half
+    1024 + u(code) of the 7-bit table (`lut_table_i8`, operands $table .. $table + 3). Outputs as `VALUE_LUT_ASM`'s:
+    $0..$3 the low-nibble channel of bytes 0..3, $4..$7 the high-nibble one. The nibbles of both tokens are
+    interleaved first (as there), so byte i of %x holds (t, t + 1) of byte i's low-nibble channel; `lut_asm_i8` turns
+    each interleaved word into 8 bytes and a PRMT puts 0x64 above each: 30 instructions per 16 codes (38 in fp16)."""
+    t = [f"${table + j}" for j in range(4)]
+    lines = ["{", ".reg .b32 %x, %y, %u4, %t4, %m, %xx, %wh, %xh, %a, %c, %b0, %b1;",
+             "shl.b32 %u4, $9, 4;", "lop3.b32 %x, $8, %u4, 0x0F0F0F0F, 0xE4;",
+             "shr.b32 %t4, $8, 4;", "lop3.b32 %y, %t4, $9, 0x0F0F0F0F, 0xE4;", f"mov.b32 %m, {FP16_MAGIC_BYTES:#x};"]
+    for word, out in (("%x", ["$0", "$1", "$2", "$3"]), ("%y", ["$4", "$5", "$6", "$7"])):
+        lines += [f"xor.b32 %xx, {word}, 0x88888888;", f"shr.b32 %wh, {word}, 16;", "shr.b32 %xh, %xx, 16;",
+                  f"prmt.b32 %a, {t[0]}, {t[1]}, {word};", f"prmt.b32 %c, {t[2]}, {t[3]}, %xx;", "or.b32 %b0, %a, %c;",
+                  f"prmt.b32 %a, {t[0]}, {t[1]}, %wh;", f"prmt.b32 %c, {t[2]}, {t[3]}, %xh;", "or.b32 %b1, %a, %c;",
+                  f"prmt.b32 {out[0]}, %b0, %m, 0x4140;", f"prmt.b32 {out[1]}, %b0, %m, 0x4342;",  # (byte 0, 0x64, byte 1, 0x64)
+                  f"prmt.b32 {out[2]}, %b1, %m, 0x4140;", f"prmt.b32 {out[3]}, %b1, %m, 0x4342;"]
+    return "\n".join(lines + ["}"])
+
+
+# values as int8: the same word of tokens t ($8) and t + 1 ($9) -> 8 fp16 pairs $0..$7; tables $10..$13
+VALUE_LUT_ASM_I8 = value_lut_asm_i8(10)
