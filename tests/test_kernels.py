@@ -31,7 +31,9 @@ FAST = DEVICE == "cpu"  # the interpreter is slow: fewer, smaller cases
 REL_TOL = 1e-2
 COS_FLOOR = 0.9995
 # The LUT kernel's int8 keys (DECODE_TUNING["warp_lut_int8_keys"] 1, the default, or 2) round the key centroids to
-# 7 bits and the query to int8: ~1e-2 relative score error, 1.5-2.6e-2 on the output (bench/int8_keys_error.py, run 73).
+# 7 bits and the query to int8: ~1e-2 relative score error, 1.5-2.6e-2 on the output (bench/int8_keys_error.py, run 73);
+# its int8 values (`warp_lut_int8_values`, the default) read the value centroids from their 7-bit table: 7.6e-3 alone,
+# 1.8-2.7e-2 with int8 keys (run 79).
 INT8_REL_TOL = 3e-2
 INT8_COS_FLOOR = 0.999
 
@@ -239,7 +241,8 @@ if FAST:
 
 @pytest.mark.parametrize("d,hkv,group,length,nfp,kbits,vbits,method,masked", DECODE_CASES)
 def test_decode_attention_matches_reference(d, hkv, group, length, nfp, kbits, vbits, method, masked, monkeypatch):
-    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)  # exact keys at REL_TOL; the int8 default: the warp test
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)  # exact keys and values at REL_TOL; the int8 defaults: the warp test
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", 0)
     gen = torch.Generator().manual_seed(length + d)
     b = 3
     kc, vc = TurboQuantCodec(d, kbits, method, seed=1), TurboQuantCodec(d, vbits, "mse", seed=1)
@@ -267,10 +270,12 @@ def test_decode_attention_matches_reference(d, hkv, group, length, nfp, kbits, v
 
 
 @pytest.mark.parametrize("kbits,vbits,unbias_keys", [(4, 4, False), (4, 4, True), (2, 2, True), (2.5, 2.5, True)])
-def test_decode_attention_reads_unbiased_codecs(kbits, vbits, unbias_keys):
+def test_decode_attention_reads_unbiased_codecs(kbits, vbits, unbias_keys, monkeypatch):
     """Unbiased decoding (centroids / (1 − D), `TurboQuantConfig.unbias_values` / `unbias_keys`) lives in the
     quantizers' centroid tables, so the kernels (the warp kernel for k4v4, the split kernel for the rest) read the
-    same vectors as the reference."""
+    same vectors as the reference (exact tables here: the int8 ones round them by ~1e-2, the warp test's tolerance)."""
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", 0)
     gen = torch.Generator().manual_seed(int(kbits * 10))
     make = lambda bits, unbiased: (TurboQuantCodec(128, bits, "mse", seed=2, unbiased=unbiased) if bits == int(bits)  # noqa: E731
                                    else SplitCodec(128, bits, 2, unbiased=unbiased))
@@ -453,7 +458,8 @@ def test_combine_kernel_merges_more_splits_than_it_reads_per_round(block_s, prem
     merged groups of `premerge` splits first (10 groups, the last of 7; 38 groups of 4, still more than 8 per round)."""
     monkeypatch.setitem(kernels.DECODE_TUNING, "combine_block_s", block_s)
     monkeypatch.setitem(kernels.DECODE_TUNING, "premerge_splits", premerge)
-    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)  # exact keys: the merge is what is tested
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)  # exact keys and values: the merge is what is tested
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", 0)
     gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(12, b=1, hkv=2, group=4, length=150 * 32 + 1, d=64, fp_tokens=3)
     ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, 64**-0.5)
     out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, 64**-0.5, out_dtype=torch.float32, block_t=32, num_splits=151)

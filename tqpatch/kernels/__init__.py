@@ -51,7 +51,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 # output error against 2e-3; "tf32x3" ~ float32 but slower than the dense bias: bench/RESULTS.md, run 28).
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
-                 "warp_lut": True, "warp_maxnreg": 168, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1, "warp_lut_int8_values": 0, "warp_lut_rescale_tau": 0,
+                 "warp_lut": True, "warp_maxnreg": 160, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1, "warp_lut_int8_values": 1, "warp_lut_rescale_tau": 0,
                  "combine_block_s": 64, "premerge_splits": 32}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
@@ -69,6 +69,11 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # reference rises from ~1e-3 to 1.5-2.6e-2 (run 73); in perplexity, emulated on CPU (eval/experiments/int8_keys.py),
 # SmolLM2 k4v4 moves by +0.007 (mean of three seeds: +0.011 / +0.025 / -0.014, within the seeds' spread), all of it
 # from the query's rounding (the 7-bit table alone: +0.0001). So mode 1 is the default; 0 is the exact path.
+# warp_lut_int8_values: the LUT kernel reads value centroids from their 7-bit table too, as the fp16 numbers 1024 + u
+# (one PRMT per pair puts 0x64 above each byte, `groups.value_lut_asm_i8`), and removes the 1088 Σ p this adds by one
+# more mma against ones: 30 integer instructions per 16 codes instead of 38 (SASS per step 820 -> 773). Run 79 (H200,
+# interleaved, 7 rounds): B=8 32k 0.1295 -> 0.1247 ms, B=1 128k 0.0790 -> 0.0774; output error 7.6e-3 alone, 1.8-2.7e-2
+# with int8 keys (1.5-2.6e-2 without). 0: the fp16 look-up.
 # warp_lut_rescale_tau: > 0: the LUT kernel rescales its running sums only when a query column's max score grows by
 # more than this (log2 units, FlashAttention-4's lazy rescaling; probabilities then reach 2^tau, so p · |v| must stay
 # in fp16: |v| < 65504 / 2^tau); 0: every step. Run 78: tau 3 saves 1.6-1.9% (B=8 32k 0.1297 -> 0.1276 ms, B=1 128k
