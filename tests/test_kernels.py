@@ -451,6 +451,30 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     assert len(calls) == 3 and _rel(outs[0], split) < rel_tol
 
 
+@pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
+@pytest.mark.parametrize("int8_values", [0, 1])
+def test_lazy_rescaling_keeps_value_norms_near_the_fp16_limit_finite(int8_values, monkeypatch):
+    """With lazy rescaling (tau 3) probabilities reach 2^3 against a stale max; the LUT kernel's value product takes
+    p |v| 2^-tau, so value norms near fp16's limit (3e4: p |v| would reach 2.4e5 > 65504) still give the reference's
+    output. Keys grow along the sequence, so the max keeps rising by less than tau and p > 1 happens."""
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_rescale_tau", 3)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", int8_values)
+    gen = torch.Generator().manual_seed(11)
+    d, hkv, group, length = 128, 2, 4, 3000
+    kc, vc = TurboQuantCodec(d, 4, "mse", seed=5), TurboQuantCodec(d, 4, "mse", seed=6)
+    k = torch.randn(1, hkv, length, d, generator=gen) * torch.linspace(0.5, 4.0, length)[None, None, :, None]
+    v = torch.randn(1, hkv, length, d, generator=gen)
+    v = v / v.norm(dim=-1, keepdim=True) * 3.0e4
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(k).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(v).items()}
+    assert vp["norms"].float().max() > 2.9e4
+    q = torch.randn(1, hkv * group, d, generator=gen).to(DEVICE, torch.bfloat16)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, None, None, d**-0.5)
+    out = kernels.decode_attention(q, kc, vc, kp, vp, None, None, d**-0.5, out_dtype=torch.float32)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < INT8_REL_TOL and _cos(out, ref) > INT8_COS_FLOOR, _rel(out, ref)
+
+
 @pytest.mark.parametrize("block_s,premerge", [(8, 0), (64, 0), (64, 16), (8, 4)])
 def test_combine_kernel_merges_more_splits_than_it_reads_per_round(block_s, premerge, monkeypatch):
     """151 splits (a 1-token tail among them) merged `block_s` at a time, with exact tokens in the same softmax:

@@ -306,7 +306,8 @@ def _tq_decode_lut_kernel(
     G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
     KI8: gl.constexpr,                    # keys scored by int8 mmas (queries in `key_channels_i8` order): 0 no, 1 q8, 2 q8 + q8lo/128
     VI8: gl.constexpr,                    # values from the 7-bit table as fp16 1024 + u (`groups.value_lut_asm_i8`), corrected at the end
-    TAU: gl.constexpr,                    # > 0: rescale only when a column's max grows by more than TAU (log2 units); 0: every step
+    TAU: gl.constexpr,                    # > 0: rescale only when a column's max grows by more than TAU (log2 units; p <= 2^TAU, so
+                                          # the value product takes p |v| 2^-TAU: any fp16 norm fits), 0: every step
     BT: gl.constexpr,                     # tokens per step: 16 or 32 (fewer per-token softmax and rescale instructions, more registers)
     KSYM: gl.constexpr, VSYM: gl.constexpr,  # the key / value codebook is symmetric (`groups.is_symmetric`): the shorter PTX
     kwords: gl.constexpr, vwords: gl.constexpr,  # the code-word tiles' layouts (`word_layouts(D, BT)`)
@@ -423,6 +424,8 @@ def _tq_decode_lut_kernel(
             if VI8 > 0:
                 psum = psum * alpha[None, :]
         vn = _norms(vn_raw, vrange_ptr, h, Hkv, VN8)
+        if TAU > 0:  # p <= 2^TAU: p |v| 2^-TAU stays within fp16 for every norm fp16 can store; undone at the end
+            vn = vn * (1.0 / (1 << TAU))
         # Pᵀ [BT, 8] as the value product's B operand: a C fragment holds token lane / 4, a B fragment query lane / 4
         pv_t = gl.convert_layout((p * vn[:, None]).to(gl.float16), OP_B)
         # values: bytes of token pairs -> fp16 pairs (token 2p, 2p + 1) -> operand A [D, BT] in kernel row order
@@ -441,6 +444,8 @@ def _tq_decode_lut_kernel(
         acc = mma_v2(vv, pv_t, acc)
     if VI8 > 0:  # accᵀ holds Σ P̂ (1024 + u) = Σ P̂ (u − 64) + 1088 Σ P̂; the centroid is (u − 64) / s
         acc = (acc - (FP16_MAGIC + I8_OFFSET) * gl.max(psum, axis=0)[None, :]) * (1.0 / vtab_scale)
+    if TAU > 0:
+        acc = acc * (1 << TAU)
     out = pid_bh * n_split + pid_s
     g = gl.arange(0, 8, layout=cols)
     gmask = g < G
