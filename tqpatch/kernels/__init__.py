@@ -75,9 +75,9 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # interleaved, 7 rounds): B=8 32k 0.1295 -> 0.1247 ms, B=1 128k 0.0790 -> 0.0774; output error 7.6e-3 alone, 1.8-2.7e-2
 # with int8 keys (1.5-2.6e-2 without). 0: the fp16 look-up.
 # warp_lut_rescale_tau: > 0: the LUT kernel rescales its running sums only when a query column's max score grows by
-# more than this (log2 units, FlashAttention-4's lazy rescaling; probabilities then reach 2^tau, so p · |v| must stay
-# in fp16: |v| < 65504 / 2^tau); 0: every step. Run 78: tau 3 saves 1.6-1.9% (B=8 32k 0.1297 -> 0.1276 ms, B=1 128k
-# 0.0794 -> 0.0779); off by default, since a value norm above 8188 would then overflow (bench/RESULTS.md).
+# more than this (log2 units, FlashAttention-4's lazy rescaling; probabilities then reach 2^tau, so the value product
+# takes p |v| 2^-tau); 0: every step. Run 78 (168 registers): tau 3 saved 1.6-1.9%; run 82 (160 registers, int8
+# values): it costs 1-2% (B=8 32k 0.1232 -> 0.1244 ms, B=1 128k 0.0749 -> 0.0766), so 0 (bench/RESULTS.md).
 # premerge_splits: where there are more splits than the combine kernel reads per round, `_tq_decode_merge_kernel`
 # first merges groups of this many (0: never), so the B·Hq combine programs read few. Run 77, B=1 at 128k (256 splits):
 # 0.0828 ms without, 0.0804 with 16, 0.0798 with 32 (bench/RESULTS.md); B=8 at 32k (64 splits) does not use it.
