@@ -246,3 +246,17 @@ def test_lut_kernel_reads_codes_as_words_only_where_they_align():
     assert sliced is not None and torch.equal(sliced.view(torch.uint8), codes[:, :, 3:])
     assert _as_words(codes[..., 2:62]) is None  # starts 2 bytes in
     assert _as_words(codes[..., :62]) is None  # 62 bytes a token: not whole words
+
+
+def test_warp_kernels_take_only_caches_whose_token_offsets_fit_int32():
+    """The warp kernels address tokens by int32 offsets from each (batch, head) base: a cache whose token stride ×
+    length reaches 2^31 elements goes to the split kernel instead (checked on the strides, no GPU needed)."""
+    from tqpatch import kernels
+
+    codec = TurboQuantCodec(128, 4, "mse", seed=0)
+    parts = codec.encode(torch.randn(1, 2, 5, 128))
+    group = kernels._groups(codec)[0]
+    stride = max(parts[group.codes].stride(2), parts[group.norms].stride(2))
+    assert stride == 64  # 128 4-bit codes per token
+    assert kernels._token_offsets_fit_int32(parts, parts, group, group, (2**31 - 1) // stride)
+    assert not kernels._token_offsets_fit_int32(parts, parts, group, group, 2**31 // stride)

@@ -134,6 +134,13 @@ def _warp_kernel_fits(kgroups, vgroups, d: int, g: int, prod: bool, key_bias, ro
             and gluon_available())
 
 
+def _token_offsets_fit_int32(kp, vp, kgroup: CodeGroup, vgroup: CodeGroup, length: int) -> bool:
+    """The warp kernels address a token's codes and norms by int32 offsets from its (batch, head) base: every token
+    stride × length must stay below 2^31 elements."""
+    strides = [parts[name].stride(2) for parts, group in ((kp, kgroup), (vp, vgroup)) for name in (group.codes, group.norms)]
+    return max(strides) * length < 2**31
+
+
 def _warp_consts(group: CodeGroup, device: torch.device) -> dict[str, torch.Tensor]:
     """The warp kernel's matrices for a group's quantizer: keys' query map Πᵀ[:, key_channels] [d, d] (q @ it = the
     rotated query in the kernel's channel order; warp_query_i8: the int8 key product's order) and values' un-rotation
@@ -511,7 +518,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     if q.stride(-1) != 1:
         q = q.contiguous()
     scoring = (q if code_query is None else code_query).float()
-    warp = _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias)
+    warp = _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias) and _token_offsets_fit_int32(kp, vp, kgroups[0], vgroups[0], length)
     if warp:
         block_t = max(16, DECODE_TUNING["warp_lut_tokens"])  # the warp kernels' step; their rotated query is made below, in their channel order
     elif klay.query.shape[0] == 1:

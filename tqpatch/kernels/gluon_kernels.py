@@ -94,11 +94,12 @@ def _norms(raw, range_ptr, h, Hkv, N8: gl.constexpr):
 
 @gluon.jit
 def _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, t, end):
-    """The code tiles (key and value layouts of kt/kcol, vt/vcol) and norms of the tokens t .. t + BT - 1 (< end)."""
-    kb = gl.load(kbase + ((t + kt).to(gl.int64) * skct)[:, None] + kcol[None, :], mask=((t + kt) < end)[:, None], other=0)
-    vb = gl.load(vbase + ((t + vt).to(gl.int64) * svct)[:, None] + vcol[None, :], mask=((t + vt) < end)[:, None], other=0)
-    kn = gl.load(knbase + (t + tt).to(gl.int64) * sknt, mask=(t + tt) < end, other=0)
-    vn = gl.load(vnbase + (t + tt).to(gl.int64) * svnt, mask=(t + tt) < end, other=0)
+    """The code tiles (key and value layouts of kt/kcol, vt/vcol) and norms of the tokens t .. t + BT - 1 (< end).
+    Offsets within one (batch, head) are int32 (the bases are int64): a head's codes stay below 2^31 elements."""
+    kb = gl.load(kbase + ((t + kt) * gl.to_tensor(skct).to(gl.int32))[:, None] + kcol[None, :], mask=((t + kt) < end)[:, None], other=0)
+    vb = gl.load(vbase + ((t + vt) * gl.to_tensor(svct).to(gl.int32))[:, None] + vcol[None, :], mask=((t + vt) < end)[:, None], other=0)
+    kn = gl.load(knbase + (t + tt) * gl.to_tensor(sknt).to(gl.int32), mask=(t + tt) < end, other=0)
+    vn = gl.load(vnbase + (t + tt) * gl.to_tensor(svnt).to(gl.int32), mask=(t + tt) < end, other=0)
     return kb, vb, kn, vn
 
 
