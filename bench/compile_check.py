@@ -5,7 +5,8 @@ registers, spills, shared memory.
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
     .venv/bin/python bench/compile_check.py store-x16 [BLOCK_R,WARPS,STAGES,BITS[,D[,DTYPE[,N8[,LO[,F16X2[,CB[,TMA[,ASM_STORE]]]]]]]] ...]   e.g. 128,8,1,4,128,bf16,0,1,1,128,1,1
     .venv/bin/python bench/compile_check.py warp [D[,N8[,MASK[,G[,PAIRS]]]] ...]   e.g. 128,1,1,4,0 (the Gluon k4v4 gather kernel)
-    .venv/bin/python bench/compile_check.py lut [D[,N8[,MASK[,G[,BT[,MAXNREG[,SYM[,I8[,TAU[,VI8]]]]]]]]] ...]   e.g. 128,0,0,4,32,168,1,1,3,1 (the register-table kernel; I8: int8 keys; TAU: lazy rescaling; VI8: int8 values)
+    .venv/bin/python bench/compile_check.py lut [D[,N8[,MASK[,G[,BT[,MAXNREG[,SYM[,I8[,TAU[,VI8]]]]]]]]] ...]   e.g. 128,0,0,4,32,160,1,1,3,1 (the register-table kernel; I8: int8 keys; TAU: lazy rescaling; VI8: int8 values)
+    .venv/bin/python bench/compile_check.py lut-sass [the same] ...   its main loop's SASS per token step, per opcode (cuobjdump)
 
 Uses the ptxas that ships with Triton (for the Gluon kernel: shared memory 0 B and 0 barriers is the point). Integer arguments are specialized as on the B=8, Hkv=8, L=32k
 bench shape (pointers and multiples of 16 marked divisible by 16, ones folded), so the pipelining
@@ -109,8 +110,8 @@ def compile_warp(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, pairs: in
             f"shared {k.metadata.shared} B; {_ptxas_report(k)}")
 
 
-def compile_lut(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, bt: int = 32, maxnreg: int = 168, sym: int = 1, i8: int = 0, tau: int = 0, vi8: int = 0) -> str:
-    """The Gluon register-table decode kernel at the B=8, Hkv=8, L=32k bench shape, k4v4 codes read as int32 words."""
+def build_lut(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, bt: int = 32, maxnreg: int = 160, sym: int = 1, i8: int = 0, tau: int = 0, vi8: int = 0):
+    """The Gluon register-table decode kernel compiled at the B=8, Hkv=8, L=32k bench shape, k4v4 codes read as int32 words."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from tqpatch.kernels import gluon_kernels as gk
@@ -124,9 +125,34 @@ def compile_lut(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, bt: int = 
     i32 = ("kc_ptr", "vc_ptr", "ktab_ptr", "vtab_ptr")
     ptr_type = lambda n: "*fp32" if n in fp32 else "*i32" if n in i32 else "*fp16" if n in ("kn_ptr", "vn_ptr") and not n8 else "*u8"  # noqa: E731
     int_type = lambda n: "fp32" if n in ("scale_log2", "ktab_scale", "vtab_scale") else "i64" if n.startswith("s") else "i32"  # noqa: E731
-    k = _compile(gk._tq_decode_lut_kernel, const, ints, ptr_type, int_type, 1, source=GluonASTSource, maxnreg=maxnreg or None)
+    return _compile(gk._tq_decode_lut_kernel, const, ints, ptr_type, int_type, 1, source=GluonASTSource, maxnreg=maxnreg or None)
+
+
+def compile_lut(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, bt: int = 32, maxnreg: int = 160, sym: int = 1, i8: int = 0, tau: int = 0, vi8: int = 0) -> str:
+    """`build_lut`'s ptxas report (registers, spills)."""
+    k = build_lut(d, n8, mask, g, bt, maxnreg, sym, i8, tau, vi8)
     return (f"lut d={d} G={g} tokens/step={bt}{' 8-bit norms' if n8 else ''}{' mask' if mask else ''}{' symmetric' if sym else ' general'} PTX"
             f"{f' maxnreg={maxnreg}' if maxnreg else ''}{f' int8 keys ({i8})' if i8 else ''}{' int8 values' if vi8 else ''}{f' lazy rescale {tau}' if tau else ''}: shared {k.metadata.shared} B; {_ptxas_report(k)}")
+
+
+def sass_loop_counts(k) -> tuple[int, dict[str, int]]:
+    """The SASS of a compiled kernel's main loop (from the last backward branch's target to the branch, by cuobjdump):
+    its instruction count and the count per opcode (modifiers dropped), e.g. the LUT kernel's work per token step."""
+    import collections
+    import re
+
+    line = re.compile(r"\s*/\*([0-9a-f]{4})\*/\s*(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        subprocess.run([PTXAS, "-arch=sm_90a", ptx, "-o", cubin], check=True, capture_output=True)
+        sass = subprocess.run([os.path.join(os.path.dirname(PTXAS), "cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    code = [(int(m[1], 16), m[2], text) for text in sass.splitlines() if (m := line.match(text))]
+    loops = [(int(b[1], 16), addr) for addr, op, text in code if op == "BRA" and (b := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(b[1], 16) < addr]
+    start, end = loops[-1]
+    body = [op for addr, op, _ in code if start <= addr <= end]
+    return len(body), dict(collections.Counter(body).most_common())
 
 
 def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0, groups: int = 1, rope: int = 0) -> str:
@@ -160,7 +186,11 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["lut"]:
+    if sys.argv[1:2] == ["lut-sass"]:
+        for spec in sys.argv[2:] or ["128,0,0,4,32,160,1,1,0,1"]:
+            n, ops = sass_loop_counts(build_lut(*map(int, spec.split(","))))
+            print(f"lut {spec}: {n} SASS instructions per loop step; " + ", ".join(f"{op} {c}" for op, c in ops.items()), flush=True)
+    elif sys.argv[1:2] == ["lut"]:
         for spec in sys.argv[2:] or ["128", "128,0,0,4,16,144", "128,1,1,8,32,168,0", "64,0,1,5"]:
             print(compile_lut(*map(int, spec.split(","))), flush=True)
     elif sys.argv[1:2] == ["warp"]:
