@@ -202,6 +202,30 @@ def needle_in_haystack(
                         trials, paired)
 
 
+def combine_runs(results: list[NeedleResult]) -> NeedleResult:
+    """Runs of one grid with the same settings (e.g. `--seed 1` .. `--seed 4`) as one result whose needles are the
+    runs' trials together: right answers and lost / gained summed per cell, answers concatenated per cell."""
+    if not results:
+        raise ValueError("combine_runs needs at least one result")
+    first = results[0]
+    for r in results[1:]:
+        for name in ("model", "lengths", "depths", "settings"):
+            if getattr(r, name) != getattr(first, name):
+                raise ValueError(f"combine_runs: runs differ in {name}: {getattr(first, name)} vs {getattr(r, name)}")
+    shape = [(i, j) for i in range(len(first.depths)) for j in range(len(first.lengths))]
+    recall = {n: [[sum(r.recall[n][i][j] for r in results) for j in range(len(first.lengths))] for i in range(len(first.depths))] for n in first.settings}
+    answers = {n: [[[] for _ in first.lengths] for _ in first.depths] for n in first.settings}
+    for r in results:
+        for n in first.settings:
+            for i, j in shape:
+                answers[n][i][j] += r.answers[n][i][j]
+    trials = sum(r.trials for r in results)
+    paired = {n: [sum(r.paired[n][k] for r in results) for k in range(2)] for n in first.settings[1:] if all(n in r.paired for r in results)}
+    mean = {n: sum(map(sum, recall[n])) / (len(shape) * trials) for n in first.settings}
+    return NeedleResult(first.model, first.text_source, list(first.lengths), list(first.depths), list(first.settings), recall, answers,
+                        first.prompt_tokens, mean, trials, paired)
+
+
 def plot_needle(result: NeedleResult, setting: str, path: Path) -> Path:
     """Depth × length recall heat maps: the baseline beside `setting`."""
     plt = pyplot()

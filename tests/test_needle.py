@@ -115,3 +115,23 @@ def test_smollm2_finds_a_short_needle(tmp_path):
     assert result.exit_code == 0, result.output
     recall = json.loads(result.stdout)["recall"]
     assert recall == {"fp": [[1]], "k4v4": [[1]]}
+
+
+def test_runs_combine_into_trials_per_cell():
+    """Two one-needle runs of the same grid are one run of two needles per cell: right answers and lost / gained
+    add up, answers keep both; runs of different grids are refused by name."""
+    from tqpatch.eval.needle import NeedleResult, combine_runs
+
+    def run(fp, k4, answer):
+        return NeedleResult("m", "t", [1024], [0.0, 50.0], ["fp", "k4v4"], {"fp": fp, "k4v4": k4},
+                            {"fp": [[[answer]], [[answer]]], "k4v4": [[[answer]], [[answer]]]}, [[1024], [1024]],
+                            trials=1, paired={"k4v4": [int(fp[0][0] and not k4[0][0]), 0]})
+
+    both = combine_runs([run([[1], [0]], [[0], [0]], "a"), run([[1], [1]], [[1], [1]], "b")])
+    assert both.trials == 2 and both.recall == {"fp": [[2], [1]], "k4v4": [[1], [1]]}
+    assert both.mean_recall == {"fp": 0.75, "k4v4": 0.5} and both.paired == {"k4v4": [1, 0]}
+    assert both.answers["fp"][1][0] == ["a", "b"]
+    other = run([[1], [0]], [[0], [0]], "a")
+    other.depths = [0.0, 75.0]
+    with pytest.raises(ValueError, match="differ in depths"):
+        combine_runs([both, other])
