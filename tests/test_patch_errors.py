@@ -46,14 +46,15 @@ def test_config_is_frozen_and_presets_override():
         config.key_bits = 4
 
 
-def test_two_bit_quality_presets_decode_values_unbiased():
-    """k3v2+ and k2v2+ add unbiased values (README, Unbiased decoding: better on SmolLM2 and Gemma-3 at every seed);
-    the other quality presets do not."""
-    for name in ("k3v2+", "k2v2+"):
+def test_two_and_three_bit_value_presets_decode_values_unbiased():
+    """k3v2+, k2v2+ and 3.5bit+ (4-bit keys, 3-bit values) add unbiased values (README, Unbiased decoding and Needle in
+    a haystack: better on SmolLM2 and Gemma-3); the other quality presets do not."""
+    for name in ("k3v2+", "k2v2+", "3.5bit+"):
         config = TurboQuantConfig.preset(name)
         assert config.unbias_values and not config.unbias_keys and config.name.endswith("-s4-ck-uv-qsd-dp-n8")
-    assert not any(TurboQuantConfig.preset(name).unbias_values for name in ("k4v4+", "3.5bit+", "2.5bit+"))
+    assert not any(TurboQuantConfig.preset(name).unbias_values for name in ("k4v4+", "2.5bit+"))
     assert TurboQuantConfig.from_spec("k2v2+") == TurboQuantConfig.from_spec("k2v2-s4-ck-uv-qsd-dp-n8")
+    assert TurboQuantConfig.preset("3.5bit+").name == "k4v3-s4-ck-uv-qsd-dp-n8"
 
 
 def test_quality_presets_shape_sliding_layers_and_shrink_towards_the_diagonal():
