@@ -340,7 +340,7 @@ PRESETS: dict[str, TurboQuantConfig] = {
     # seed measured (README, Shaping Gemma-3's sliding layers). 3.5bit+ spends its 3.5 bits as 4-bit keys and 3-bit
     # values, decoded unbiased, instead of the paper's 3.5 / 3.5 outlier split: retrieval needs the keys' bits (at 8k
     # it keeps 14 of FP's 16 right needles where k3.5v3.5-s4-ck-qsd-dp-n8 kept 8), and it reads better at fewer bits
-    # (SmolLM2 +1.0% vs +1.6% at 3.75 vs 3.88 bits, Gemma-3 +1.16% vs +1.30% at 3.70 vs 3.74; README, Needle in a haystack).
+    # (SmolLM2 +1.20% vs +1.57% at 3.75 vs 3.88 bits, Gemma-3 +1.16% vs +1.30% at 3.70 vs 3.74; README, Needle in a haystack).
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, **_QUALITY),
     "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, **_QUALITY, **_DIAGONAL_PRIOR),
     "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, unbias_values=True, **_QUALITY, **_DIAGONAL_PRIOR),
