@@ -11,8 +11,9 @@ Here every 4-bit key codec of one group (what the LUT kernel reads) decodes with
 layer scores its compressed tokens with q' (sinks, window and the current chunk with q). Set TQ_INT8_QUERY=0 for
 the table's rounding alone, TQ_INT8_VALUES=1 to decode 4-bit single-group value codecs with their 7-bit table too
 (`warp_lut_int8_values`: the kernel's value product then reads (u − 64) / s exactly, its 1088 Σ p offset removed by
-an exact fp32 sum of the same fp16 probabilities, so the table is the only change). Wrapped key codecs (shaped `-qs`, centered `-ck` keys) are left exact: the kernel would
-round the shaped query A⁻¹q, which this script does not model. The PPL protocol runs chunks of queries where the kernel serves one-token decode steps;
+an exact fp32 sum of the same fp16 probabilities, so the table is the only change). Wrapped key codecs (shaped
+`-qs`, centered `-ck` keys) are left exact: the kernel would round the shaped query A⁻¹q, which this script does not
+model. The PPL protocol runs chunks of queries where the kernel serves one-token decode steps;
 the arithmetic per query row is the same.
 """
 
