@@ -211,6 +211,18 @@ def test_int8_value_ptx_gives_both_tokens_table_bytes_as_fp16_1024_plus_u():
             assert value[f"${4 + i}"] == half[bt >> 4] | half[bw >> 4] << 16  # channel 2i + 1
     decoded = (torch.tensor(half, dtype=torch.int16).view(torch.float16).double() - FP16_MAGIC - I8_OFFSET) / scale
     assert (decoded - centroids.double()).abs().max() <= 0.5 / scale + 1e-12
+    # no inner block (`lut_asm_i8`'s) declares a register an enclosing block has: in PTX it would shadow the outer one
+    # (reading an unset register), while run_ptx, which knows no scopes, would not notice
+    scopes = []
+    for line in VALUE_LUT_ASM_I8.splitlines():
+        if line == "{":
+            scopes.append(set())
+        elif line == "}":
+            scopes.pop()
+        elif line.startswith(".reg"):
+            names = {r.strip(" ;") for r in line.split(None, 2)[2].split(",")}
+            assert not names & set().union(*scopes), names & set().union(*scopes)
+            scopes[-1] |= names
 
 
 @pytest.mark.parametrize("d", [64, 128])

@@ -326,9 +326,9 @@ def lut_asm_i8(word: str, outs: list[str], table: int) -> str:
     u(c) for c ≥ 8 and 0 below, and their OR is u(c). PRMT reads its selector's low 16 bits: 9 instructions per word."""
     t = [f"${table + j}" for j in range(4)]
     return "\n".join([
-        "{", ".reg .b32 %x, %wh, %xh, %a, %c;",
-        f"xor.b32 %x, {word}, 0x88888888;", f"shr.b32 %wh, {word}, 16;", "shr.b32 %xh, %x, 16;",
-        f"prmt.b32 %a, {t[0]}, {t[1]}, {word};", f"prmt.b32 %c, {t[2]}, {t[3]}, %x;", f"or.b32 {outs[0]}, %a, %c;",
+        "{", ".reg .b32 %xs, %wh, %xh, %a, %c;",  # local names apart from `value_lut_asm_i8`'s words %x, %y
+        f"xor.b32 %xs, {word}, 0x88888888;", f"shr.b32 %wh, {word}, 16;", "shr.b32 %xh, %xs, 16;",
+        f"prmt.b32 %a, {t[0]}, {t[1]}, {word};", f"prmt.b32 %c, {t[2]}, {t[3]}, %xs;", f"or.b32 {outs[0]}, %a, %c;",
         f"prmt.b32 %a, {t[0]}, {t[1]}, %wh;", f"prmt.b32 %c, {t[2]}, {t[3]}, %xh;", f"or.b32 {outs[1]}, %a, %c;",
         "}"])
 
@@ -351,16 +351,12 @@ def value_lut_asm_i8(table: int) -> str:
     """PTX: the same code word of tokens t ($8) and t + 1 ($9) -> 8 fp16 pairs (token t in the low half), each half
     1024 + u(code) of the 7-bit table (`lut_table_i8`, operands $table .. $table + 3). Outputs as `VALUE_LUT_ASM`'s:
     $0..$3 the low-nibble channel of bytes 0..3, $4..$7 the high-nibble one. The nibbles of both tokens are
-    interleaved first (as there), so byte i of %x holds (t, t + 1) of byte i's low-nibble channel; `lut_asm_i8` turns
-    each interleaved word into 8 bytes and a PRMT puts 0x64 above each: 30 instructions per 16 codes (38 in fp16)."""
-    t = [f"${table + j}" for j in range(4)]
-    lines = ["{", ".reg .b32 %x, %y, %u4, %t4, %m, %xx, %wh, %xh, %a, %c, %b0, %b1;",
-             "shl.b32 %u4, $9, 4;", "lop3.b32 %x, $8, %u4, 0x0F0F0F0F, 0xE4;",
-             "shr.b32 %t4, $8, 4;", "lop3.b32 %y, %t4, $9, 0x0F0F0F0F, 0xE4;", f"mov.b32 %m, {FP16_MAGIC_BYTES:#x};"]
+    interleaved first (`_VALUE_PRELUDE`, as there), so byte i of %x holds (t, t + 1) of byte i's low-nibble channel;
+    `lut_asm_i8` turns each interleaved word into 8 bytes and a PRMT puts 0x64 above each: 30 instructions per 16
+    codes (38 in fp16)."""
+    lines = [_VALUE_PRELUDE + ".reg .b32 %m, %b0, %b1;", f"mov.b32 %m, {FP16_MAGIC_BYTES:#x};"]
     for word, out in (("%x", ["$0", "$1", "$2", "$3"]), ("%y", ["$4", "$5", "$6", "$7"])):
-        lines += [f"xor.b32 %xx, {word}, 0x88888888;", f"shr.b32 %wh, {word}, 16;", "shr.b32 %xh, %xx, 16;",
-                  f"prmt.b32 %a, {t[0]}, {t[1]}, {word};", f"prmt.b32 %c, {t[2]}, {t[3]}, %xx;", "or.b32 %b0, %a, %c;",
-                  f"prmt.b32 %a, {t[0]}, {t[1]}, %wh;", f"prmt.b32 %c, {t[2]}, {t[3]}, %xh;", "or.b32 %b1, %a, %c;",
+        lines += [lut_asm_i8(word, ["%b0", "%b1"], table),
                   f"prmt.b32 {out[0]}, %b0, %m, 0x4140;", f"prmt.b32 {out[1]}, %b0, %m, 0x4342;",  # (byte 0, 0x64, byte 1, 0x64)
                   f"prmt.b32 {out[2]}, %b1, %m, 0x4140;", f"prmt.b32 {out[3]}, %b1, %m, 0x4342;"]
     return "\n".join(lines + ["}"])
