@@ -23,15 +23,17 @@ from tqpatch.codec import TurboQuantCodec
 
 
 @click.command()
-@click.option("--setting", required=True, help="KEY=V1,V2,...: a DECODE_TUNING key and the integer values to compare.")
+@click.option("--setting", required=True, help="KEY=V1,V2,...: a DECODE_TUNING key and the integer values to compare "
+              "(KEY1+KEY2=V1,V2: several keys set to the same value together).")
 @click.option("--rounds", default=7, show_default=True)
 @click.option("--out", default=None, help="JSON file for the per-round times and medians.")
 def main(setting: str, rounds: int, out: str | None) -> None:
     key, _, values = setting.partition("=")
-    if key not in kernels.DECODE_TUNING or not values:
+    keys = key.split("+")
+    if any(k not in kernels.DECODE_TUNING for k in keys) or not values:
         raise click.BadParameter(f"expected KEY=V1,V2 with KEY one of {sorted(kernels.DECODE_TUNING)}", param_hint="--setting")
     values = [int(v) for v in values.split(",")]
-    default = kernels.DECODE_TUNING[key]
+    defaults = {k: kernels.DECODE_TUNING[k] for k in keys}
     hq, hkv, d = 32, 8, 128
     codec = TurboQuantCodec(d, 4, "mse", 0)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "setting": key, "values": values, "shapes": []}
@@ -46,9 +48,9 @@ def main(setting: str, rounds: int, out: str | None) -> None:
         for _ in range(rounds):
             times["bf16 SDPA"].append(_ms_graph(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True), 50))
             for v in values:
-                kernels.DECODE_TUNING[key] = v  # the setting the graph captures
+                kernels.DECODE_TUNING.update({k: v for k in keys})  # the setting the graph captures
                 times[f"{key}={v}"].append(_ms_graph(lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5), 50))
-        kernels.DECODE_TUNING[key] = default
+        kernels.DECODE_TUNING.update(defaults)
         med = {name: statistics.median(t) for name, t in times.items()}
         result["shapes"].append({"B": b, "L": length, "ms": times, "median_ms": med,
                                  "ratio_to_sdpa": {n: med[n] / med["bf16 SDPA"] for n in names[1:]}})

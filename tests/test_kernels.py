@@ -407,7 +407,8 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     32; keys scored by int8 mmas with the query as int8, the default, within the looser INT8_REL_TOL, as in
     lut-int8q-lo: the query as int8 plus its remainder; lut-fp16keys: the exact fp16 key path at REL_TOL; lut-lazy:
     exact keys, running sums rescaled only when a column's max grows by more than 3; lut-int8v: int8 keys and values
-    read from their 7-bit tables as fp16 1024 + u, and with lazy rescaling); the Triton split kernel on the same inputs agrees."""
+    read from their 7-bit tables as fp16 1024 + u, and with lazy rescaling);
+    the Triton split kernel on the same inputs agrees."""
     from tqpatch.kernels import groups
 
     if variant == "lut16":
@@ -473,6 +474,18 @@ def test_lazy_rescaling_keeps_value_norms_near_the_fp16_limit_finite(int8_values
     out = kernels.decode_attention(q, kc, vc, kp, vp, None, None, d**-0.5, out_dtype=torch.float32)
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < INT8_REL_TOL and _cos(out, ref) > INT8_COS_FLOOR, _rel(out, ref)
+
+
+@pytest.mark.parametrize("rows,d,n,dtype", [(1, 64, 64, torch.float32), (33, 128, 128, torch.bfloat16), (256, 80, 200, torch.float16)])
+def test_rotate_rows_matches_a_float32_matmul(rows, d, n, dtype):
+    """The decode queries' rotation kernel: x (any float dtype, strided rows) @ W in float32, any d and width."""
+    gen = torch.Generator().manual_seed(rows + d)
+    x = torch.randn(rows, d + 3, generator=gen).to(DEVICE, dtype)[:, :d]  # rows d + 3 apart
+    w = torch.randn(d, n, generator=gen).to(DEVICE)
+    out = kernels.rotate_rows(x, w)
+    ref = x.double() @ w.double()
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    assert (out.double() - ref).abs().max() < 1e-5 * ref.abs().max()
 
 
 @pytest.mark.parametrize("block_s,premerge", [(8, 0), (64, 0), (64, 16), (8, 4)])

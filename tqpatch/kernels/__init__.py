@@ -517,14 +517,14 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     prod = isinstance(kgroups[0].quantizer, TurboQuantProd)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    scoring = (q if code_query is None else code_query).float()
+    scoring = (q if code_query is None else code_query).reshape(b * hq, d)  # any float dtype: rotate_rows reads it as float32
     warp = _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias) and _token_offsets_fit_int32(kp, vp, kgroups[0], vgroups[0], length)
     if warp:
         block_t = max(16, DECODE_TUNING["warp_lut_tokens"])  # the warp kernels' step; their rotated query is made below, in their channel order
     elif klay.query.shape[0] == 1:
-        qr = scoring.reshape(b * hq, d) @ klay.query[0]  # [B*Hq, QW]: the groups' Π_g q_g (| S q)
+        qr = rotate_rows(scoring, klay.query[0])  # [B*Hq, QW]: the groups' Π_g q_g (| S q)
     else:  # per KV head: each group's channels gathered and rotated in one product
-        qr = torch.matmul(scoring.view(b, hkv, g, d), klay.query).reshape(b * hq, -1)
+        qr = torch.matmul(scoring.float().view(b, hkv, g, d), klay.query).reshape(b * hq, -1)
     block_t = block_t or DECODE_TUNING["split_block_t" if max(len(kgroups), len(vgroups)) > 1 else "block_t"]
     programs = b * hkv
     if num_splits is None:
@@ -545,7 +545,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     with _device_ctx(q.device):
         if splits and warp:
             kc, vc = _warp_consts(kgroups[0], q.device), _warp_consts(vgroups[0], q.device)
-            lut = _launch_decode_warp(scoring.reshape(b * hq, d), kgroups[0], vgroups[0], kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv,
+            lut = _launch_decode_warp(scoring, kgroups[0], vgroups[0], kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv,
                                       length, per_split, splits, scale_log2, g, d)
             unrot, awu = vc["lut_unrotate" if lut else "warp_unrotate"], d
         elif splits:
@@ -620,6 +620,22 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     return out
 
 
+def rotate_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [R, d] (any float dtype, last stride 1) @ w [d, N] float32 -> [R, N] float32, by `_tq_rotate_rows_kernel`
+    (one launch; torch's cast and GEMM take two or three, ~10 µs at a decode step's few hundred rows: run 84)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    w = w.float().contiguous()
+    r, d = x.shape
+    n = w.shape[1]
+    out = torch.empty(r, n, dtype=torch.float32, device=x.device)
+    block_n = 32
+    with _device_ctx(x.device):
+        _tk()._tq_rotate_rows_kernel[(triton_cdiv(r, 16), triton_cdiv(n, block_n))](
+            x, x.stride(0), w, out, r, n, D=d, BLOCK_K=max(16, 1 << (d - 1).bit_length()), BLOCK_R=16, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
 def default_splits(programs: int, length: int, sms: int, warp: bool, block_t: int) -> int:
     """Flash-decoding splits per (B·Hkv) program row: enough programs to fill the SMs (`programs_per_sm`, or
     `warp_programs_per_sm` for the one-warp kernels), but splits no shorter than `warp_min_split_tokens` (warp
@@ -643,7 +659,7 @@ def _launch_decode_warp(q, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m,
     lut = DECODE_TUNING["warp_lut"] and g <= 8 and None not in words
     i8 = int(DECODE_TUNING["warp_lut_int8_keys"]) if lut and "lut_table_i8" in kc else 0
     vi8 = int(bool(DECODE_TUNING["warp_lut_int8_values"]) and lut and "lut_table_i8" in vc)
-    qk = q @ kc["warp_query_i8" if i8 else "warp_query"]  # [B*Hq, d] rotated, in the kernel's key channel order
+    qk = rotate_rows(q, kc["warp_query_i8" if i8 else "warp_query"])  # [B*Hq, d] fp32 rotated, in the kernel's key channel order
     try:
         if lut:
             _run_lut_kernel(qk, kgroup, vgroup, kp, vp, *words, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d, i8,

@@ -94,12 +94,14 @@ def _norms(raw, range_ptr, h, Hkv, N8: gl.constexpr):
 
 @gluon.jit
 def _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, t, end):
-    """The code tiles (key and value layouts of kt/kcol, vt/vcol) and norms of the tokens t .. t + BT - 1 (< end).
+    """The code tiles (key and value layouts of kt/kcol, vt/vcol) and norms of the tokens t .. t + BT - 1, those at
+    or past `end` read as token end - 1 (no masks, no zero fills: the caller drops them from the softmax; start < end).
     Offsets within one (batch, head) are int32 (the bases are int64): a head's codes stay below 2^31 elements."""
-    kb = gl.load(kbase + ((t + kt) * gl.to_tensor(skct).to(gl.int32))[:, None] + kcol[None, :], mask=((t + kt) < end)[:, None], other=0)
-    vb = gl.load(vbase + ((t + vt) * gl.to_tensor(svct).to(gl.int32))[:, None] + vcol[None, :], mask=((t + vt) < end)[:, None], other=0)
-    kn = gl.load(knbase + (t + tt) * gl.to_tensor(sknt).to(gl.int32), mask=(t + tt) < end, other=0)
-    vn = gl.load(vnbase + (t + tt) * gl.to_tensor(svnt).to(gl.int32), mask=(t + tt) < end, other=0)
+    last = end - 1
+    kb = gl.load(kbase + (gl.minimum(t + kt, last) * gl.to_tensor(skct).to(gl.int32))[:, None] + kcol[None, :])
+    vb = gl.load(vbase + (gl.minimum(t + vt, last) * gl.to_tensor(svct).to(gl.int32))[:, None] + vcol[None, :])
+    kn = gl.load(knbase + gl.minimum(t + tt, last) * gl.to_tensor(sknt).to(gl.int32))
+    vn = gl.load(vnbase + gl.minimum(t + tt, last) * gl.to_tensor(svnt).to(gl.int32))
     return kb, vb, kn, vn
 
 
@@ -400,11 +402,12 @@ def _tq_decode_lut_kernel(
         offs = t0 + tt
         tmask = offs < end
         kn = _norms(kn_raw, krange_ptr, h, Hkv, KN8)
-        s = s * (kn * scale_log2)[:, None]
         valid = tmask
         if HAS_MASK:
             valid = valid & (gl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
-        s = gl.where(valid[:, None], s, NEG)
+        # masked tokens (and the step's clamped reads past `end`) get 2 NEG added: one FFMA with the norm instead of two
+        # selects per score; the running max starts at NEG, so their weights exp2(s - m) <= exp2(NEG) are 0 even before a valid token
+        s = s * (kn * scale_log2)[:, None] + gl.where(valid, 0.0, 2.0 * NEG)[:, None]
         m_new = gl.maximum(m_i, gl.max(s, axis=0))
         if TAU > 0:  # lazy rescaling: keep a stale max while no column's max grew by more than TAU (p <= 2^TAU)
             if gl.max(m_new - m_i, axis=0) > TAU:
@@ -414,16 +417,16 @@ def _tq_decode_lut_kernel(
                 if VI8 > 0:
                     psum = psum * alpha[None, :]
                 m_i = m_new
-            p = gl.where(valid[:, None], gl.exp2(s - m_i[None, :]), 0.0)
-            l_i = l_i + gl.sum(p, axis=0)
+            p = gl.exp2(s - m_i[None, :])
         else:
             alpha = gl.exp2(m_i - m_new)  # per query column: the layout of accᵀ's columns
-            p = gl.where(valid[:, None], gl.exp2(s - m_new[None, :]), 0.0)
-            l_i = l_i * alpha + gl.sum(p, axis=0)
+            p = gl.exp2(s - m_new[None, :])
+            l_i = l_i * alpha
             m_i = m_new
             acc = acc * alpha[None, :]
             if VI8 > 0:
                 psum = psum * alpha[None, :]
+        l_i = l_i + gl.sum(p, axis=0)
         vn = _norms(vn_raw, vrange_ptr, h, Hkv, VN8)
         if TAU > 0:  # p <= 2^TAU: p |v| 2^-TAU stays within fp16 for every norm fp16 can store; undone at the end
             vn = vn * (1.0 / (1 << TAU))

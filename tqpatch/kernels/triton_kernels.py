@@ -10,6 +10,7 @@ _tq_decode_split_kernel   one query token vs. a span of compressed tokens (flash
                           scores and value sums in the rotated space
 _tq_decode_combine_kernel merges the splits, attends to the full-precision tokens exactly,
                           rotates the value sum back once, writes the output
+_tq_rotate_rows_kernel    the decode queries' rotation: x [R, d] (any float dtype) @ W [d, N] in float32, one launch
 """
 
 from __future__ import annotations
@@ -679,6 +680,20 @@ def _tq_decode_split_kernel(
     _store_group(arow, gmask, a00, a01, a02, a03, VW0, VPL0)
     if VG == 2:
         _store_group(arow + VW0, gmask, a10, a11, a12, a13, VW1, VPL1)
+
+
+@triton.jit
+def _tq_rotate_rows_kernel(x_ptr, sx, w_ptr, out_ptr, R, N, D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out [R, N] fp32 = x [R, D] @ W [D, N] fp32 (contiguous), x's rows `sx` apart in any float dtype, products and
+    sums in float32 (tl.dot at "ieee" precision). Grid (cdiv(R, BLOCK_R), cdiv(N, BLOCK_N)); BLOCK_K = D rounded up
+    to a power of two. One launch instead of a cast and a GEMM (a decode step's queries are a few hundred rows)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + rows[:, None] * sx + k[None, :], mask=(rows < R)[:, None] & (k < D)[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=(k < D)[:, None] & (cols < N)[None, :], other=0.0)
+    out = tl.dot(x, w, input_precision="ieee")
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out, mask=(rows < R)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
