@@ -52,7 +52,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
                  "warp_lut": True, "warp_maxnreg": 160, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1, "warp_lut_int8_values": 1, "warp_lut_rescale_tau": 0,
-                 "combine_block_s": 64, "premerge_splits": 32}
+                 "combine_block_s": 64, "premerge_splits": 32, "rotate_rows_kernel": True}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
@@ -81,6 +81,8 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # premerge_splits: where there are more splits than the combine kernel reads per round, `_tq_decode_merge_kernel`
 # first merges groups of this many (0: never), so the B·Hq combine programs read few. Run 77, B=1 at 128k (256 splits):
 # 0.0828 ms without, 0.0804 with 16, 0.0798 with 32 (bench/RESULTS.md); B=8 at 32k (64 splits) does not use it.
+# rotate_rows_kernel: the decode queries' rotation by `_tq_rotate_rows_kernel` (one launch) instead of torch's cast and
+# GEMM (two or three launches, ~10 µs of a 130 µs k4v4 call at B=8, 32k on an H100: run 84, bench/decode_breakdown.py).
 # combine_block_s: splits the combine kernel reads per round (more: more registers, fewer rounds; run 47: 64, within 1%).
 
 __all__ = [
@@ -623,6 +625,8 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
 def rotate_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [R, d] (any float dtype, last stride 1) @ w [d, N] float32 -> [R, N] float32, by `_tq_rotate_rows_kernel`
     (one launch; torch's cast and GEMM take two or three, ~10 µs at a decode step's few hundred rows: run 84)."""
+    if not DECODE_TUNING["rotate_rows_kernel"]:  # torch's cast and GEMM (the A/B baseline)
+        return x.float() @ w.float()
     if x.stride(-1) != 1:
         x = x.contiguous()
     w = w.float().contiguous()
