@@ -12,6 +12,7 @@ and the sum of its kernels is the gaps between kernels inside the graph.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 
 import click
@@ -32,6 +33,7 @@ def kernel_times(fn, reps: int) -> dict[str, float]:
         fn()
     graph.replay()
     torch.cuda.synchronize()
+    warnings.filterwarnings("ignore", message=".*Profiler clears events")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             graph.replay()
