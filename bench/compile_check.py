@@ -171,7 +171,7 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
                 smb=0, mask_off=0, skb=0, src=d, srt=2 * d, Hkv=8, L=length, per_split=1024, **strides)
     pl = planes(width, bits)
     const = dict(G=4, GP=16, D=d, AW=d, PROD=False, HAS_MASK=False, HAS_BIAS=False, HAS_ROPE=bool(rope), ROPE_PREC="tf32x3" if rope != 2 else "tf32", BLOCK_T=block_t, LUT=lut,
-                 KN8=bool(n8), VN8=bool(n8), KG=groups, VG=groups)
+                 KN8=bool(n8), VN8=bool(n8), KG=groups, VG=groups, KCS=max(16, 1 << bits), VCS=max(16, 1 << bits))
     for side in ("K", "V"):
         for i in range(2):
             const.update({f"{side}B{i}": bits, f"{side}W{i}": width, f"{side}NB{i}": nb, f"{side}PL{i}": pl})

@@ -62,6 +62,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 STORE_CASES = [(d, bits, method) for d in (64, 128, 256) for bits, method in ((2, "mse"), (3, "mse"), (4, "mse"), (3, "prod"), (4, "prod"))]
+STORE_CASES += [(64, 5, "mse"), (128, 6, "mse"), (128, 8, "mse"), (64, 7, "prod")]  # 5-8 bits: the generic kernel's binary search
 if FAST:
     STORE_CASES = [c for c in STORE_CASES if c[0] != 256 or c[1:] == (4, "mse")]
 
@@ -74,7 +75,7 @@ def test_store_kernel_matches_quantizer(d, bits, method):
     x = x.transpose(1, 2).contiguous().transpose(1, 2)  # the model's [B, H, T, d] view of [B, T, H, d]
     got = kernels.encode(codec, x)
     ref = codec.encode(x)
-    hi_only = method == "mse" and d in kernels.X16_DIMS  # the x16 kernel with Πᵀ rounded to bfloat16 (see HI_ONLY)
+    hi_only = method == "mse" and d in kernels.X16_DIMS and bits <= 4  # the x16 kernel with Πᵀ rounded to bfloat16 (see HI_ONLY)
     assert set(got) == set(ref)
     for name in ref:
         assert got[name].shape == ref[name].shape and got[name].dtype == ref[name].dtype, name
@@ -234,6 +235,9 @@ DECODE_CASES = [
     (128, 2, 4, 1500, 2, 4, 4, "prod", True),
     (64, 2, 1, 333, 1, 3, 2, "prod", False),
     (128, 4, 4, 65, 129, 4, 4, "mse", True),
+    (128, 2, 4, 300, 2, 8, 5, "mse", True),  # 5-8 bits: codes unpacked from 40-56-bit words, 32-256-entry tables
+    (64, 2, 8, 257, 1, 6, 7, "prod", False),
+    (128, 1, 4, 200, 1, 5, 6, "mse", False),
 ]
 if FAST:
     DECODE_CASES = [c[:3] + (min(c[3], 300),) + c[4:] for c in DECODE_CASES if c[1] * c[2] <= 16]
@@ -321,6 +325,7 @@ SPLIT_CASES = [
     (64, (32, 3, 0), (40, 4, 2), 8),
     (64, (26, 3, 1), (21, 4, 3), 16),  # widths off whole bytes: 26 x 3 and 38 x 1 bits, 21 x 4 bits
     (256, (64, 4, 2), (128, 4, 3), 16),
+    (64, (28, 6, 2), (32, 5, 3), 8),  # a 6-bit key group (e6.2's widths) and a 5-bit value group
 ]
 if FAST:
     SPLIT_CASES = [c for c in SPLIT_CASES if c[0] <= 128]
@@ -615,7 +620,8 @@ def _fused_calls():
 
 
 @pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k2v2+", "k3v2+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40",
-                                    "3.5bit+", "2.5bit", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40"])
+                                    "3.5bit+", "2.5bit", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40", "k8v8",
+                                    "k4v3-s4-ck-uv-qs-n8-e6.2-fit40"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
     import tqpatch

@@ -337,12 +337,12 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
     aligned = all(v % mse.bits == 0 for v in (codes.data_ptr(), *codes.stride()[:3])) if mse.bits in (2, 4) else True
     # (Triton's CPU interpreter multiplies bfloat16 tiles wrongly: there bfloat16 x takes fp16x3, float16 x still x16)
     x16_dtypes = (torch.float16,) if interpreting() else (torch.bfloat16, torch.float16)
-    x16_fits = not prod and d in X16_DIMS and x.dtype in x16_dtypes and aligned
+    x16_fits = not prod and mse.bits <= 4 and d in X16_DIMS and x.dtype in x16_dtypes and aligned  # its quantizer: 1-4 bits
     prec = tune["precision"] or ("tf32x3" if prod else "x16-hi" if x16_fits else "fp16x3")
     if prec in ("x16", "x16-hi"):
         if not x16_fits:
-            raise ValueError(f"the x16 store kernel needs mse codes, a group width in {X16_DIMS}, bfloat16/float16 x and "
-                             f"word-aligned codes; got {'prod' if prod else 'mse'} codes, width {d}, {x.dtype}")
+            raise ValueError(f"the x16 store kernel needs mse codes of 1-4 bits, a group width in {X16_DIMS}, bfloat16/float16 x and "
+                             f"word-aligned codes; got {'prod' if prod else 'mse'} {mse.bits}-bit codes, width {d}, {x.dtype}")
         _launch_store_x16(mse, c, x, codes, norms, nrange, norm8, lo=prec == "x16")
         return
     if prod and prec == "fp16x3":
@@ -350,7 +350,7 @@ def _launch_store(group: CodeGroup, x: torch.Tensor, out: Parts) -> None:
     signs, rnorms = (out["qjl_signs"], out["residual_norms"]) if prod else (codes, norms)
     rows = b * h * t
     # Split-precision dots keep hi/lo copies of both operands in shared memory: rotation tiles of at most [D, 64]
-    block_r = tune["block_r"] or (32 if (prod or d > 128) else 64)
+    block_r = tune["block_r"] or (32 if (prod or d > 128 or mse.bits > 4) else 64)  # 5-8 bits: int64 words (64 rows spill at d 128)
     # A whole [D, D] rotation tile per program where shared memory allows (D <= 128, not prod).
     bn = min(d, tune["bn"] or (64 if (prod or d > 128) else d))
     word = mse.bits in (2, 4) and tune["word_store"] and aligned
@@ -586,7 +586,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 VG=len(vgroups), **{"V" + k + "0": v for k, v in v0["const"].items()}, **{"V" + k + "1": v for k, v in v1["const"].items()},
                 PROD=prod, HAS_MASK=valid is not None, HAS_BIAS=key_bias is not None, HAS_ROPE=rope_bias is not None,
                 ROPE_PREC="ieee" if interpreting() else DECODE_TUNING["rope_precision"],
-                BLOCK_T=block_t, LUT=DECODE_TUNING["lut"], KN8=kn8, VN8=vn8,
+                BLOCK_T=block_t, LUT=DECODE_TUNING["lut"], KN8=kn8, VN8=vn8, KCS=klay.centroids.shape[1], VCS=vlay.centroids.shape[1],
                 num_warps=DECODE_TUNING["num_warps"], num_stages=DECODE_TUNING["num_stages"],
             )
         ch = DECODE_TUNING["premerge_splits"]

@@ -32,8 +32,8 @@ from ..codec import SplitCodec, TurboQuantCodec
 from ..norms import LogNormQuantizer
 from ..quantizer import TurboQuantMSE, TurboQuantProd
 
-KERNEL_BITS = (1, 2, 3, 4)  # mse bits the kernels read per code group
-CENTROID_SLOTS = 16  # centroid table entries per group in the decode kernel (2^4)
+KERNEL_BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # mse bits the kernels read per code group (the fused register-table kernel: 4)
+CENTROID_SLOTS = 16  # entries of a 4-bit centroid table: what the register-table (LUT) kernels read
 
 
 @dataclass(eq=False)
@@ -115,8 +115,8 @@ def kernel_columns(width: int, padded: int, planes: int) -> torch.Tensor:
 class GroupLayout:
     """Where each group sits in the decode kernel, on one device: padded widths W_g, planes P_g, the query matrix
     Q [H or 1, d, QW] (+ S for prod keys: columns W_0 .. W_0 + d), the value matrix U [H or 1, AW, d] (AW = Σ W_g,
-    padded to a power of two), the centroids [groups, 16] fp16 and the 8-bit norms' (low, step) [groups, 2, H]
-    fp32 (None for float16 norms)."""
+    padded to a power of two), the centroids [groups, max(16, 2^max bits)] fp16 and the 8-bit norms' (low, step)
+    [groups, 2, H] fp32 (None for float16 norms)."""
 
     widths: list[int]
     planes: list[int]
@@ -163,7 +163,7 @@ def _make_layout(groups: list[CodeGroup], d: int, device: torch.device, min_plan
         query[:, :, total:] = groups[0].quantizer.qjl("cpu").float().T  # S q
     unrotate = torch.zeros(heads, aw, d, dtype=torch.float32)
     unrotate[:, :total] = query[:, :, :total].transpose(1, 2)
-    centroids = torch.zeros(len(groups), CENTROID_SLOTS, dtype=torch.float16)
+    centroids = torch.zeros(len(groups), max(CENTROID_SLOTS, 1 << max(g.mse.bits for g in groups)), dtype=torch.float16)
     for i, g in enumerate(groups):
         table = g.mse.centroids("cpu")
         centroids[i, : table.numel()] = table.half()

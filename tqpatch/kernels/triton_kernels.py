@@ -109,12 +109,21 @@ def _tq_store_kernel(
             # counting all 2^MB - 1), then idx = HALF + count above the middle boundary, HALF - 1 - count below.
             a = tl.abs(y)
             count = tl.zeros([BLOCK_R, BN], dtype=tl.int32)
-            for j in tl.static_range(HALF - 1):
-                count += (a > tl.load(bnd_ptr + HALF + j) * SCALE).to(tl.int32)
+            if MB <= 4:
+                for j in tl.static_range(HALF - 1):
+                    count += (a > tl.load(bnd_ptr + HALF + j) * SCALE).to(tl.int32)
+            else:  # 5-8 bits: binary search over the HALF - 1 positive boundaries p_j = bnd[HALF + j] (MB - 1 gathers)
+                for lvl in tl.static_range(MB - 2, -1, -1):
+                    probe = count + (1 << lvl)  # count <= HALF - 1 - 2^lvl here, so p_{probe - 1} exists
+                    count = tl.where(a > tl.load(bnd_ptr + HALF - 1 + probe) * SCALE, probe, count)
             idx = tl.where(y > mid, HALF + count, HALF - 1 - count)
-            # 8 codes of MB bits fill exactly MB bytes: build the 8*MB-bit word, write its bytes.
-            idx8 = tl.reshape(idx.to(tl.int8), [BLOCK_R, G8, 8]).to(tl.int32)  # (int8 through any layout change)
-            word = tl.sum(idx8 << shifts[None, None, :], axis=2)  # [BLOCK_R, G8]
+            # 8 codes of MB bits fill exactly MB bytes: build the 8*MB-bit word (int64 past 32 bits), write its bytes.
+            if MB <= 4:
+                idx8 = tl.reshape(idx.to(tl.int8), [BLOCK_R, G8, 8]).to(tl.int32)  # (int8 through any layout change)
+                word = tl.sum(idx8 << shifts[None, None, :], axis=2)  # [BLOCK_R, G8]
+            else:
+                idx8 = tl.reshape(idx.to(tl.int16), [BLOCK_R, G8, 8]).to(tl.int64)
+                word = tl.sum(idx8 << shifts.to(tl.int64)[None, None, :], axis=2)
             grp = k * G8 + tl.arange(0, G8)
             if WORD:  # MB = 2 or 4: the word is one aligned int16/int32 store (little-endian = byte order)
                 wtype = tl.int16 if MB == 2 else tl.int32
@@ -377,15 +386,18 @@ def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexp
         w = _row_bytes(row_ptr, tmask, NB, NBY).to(tl.int32)
         w = tl.reshape(tl.broadcast_to(w[:, :, None], (BT, NB, P)), (BT, D))
         shift = (tl.arange(0, D) % P) * BITS
-    else:  # 8 codes in BITS bytes: build the word of each group of 8
+    else:  # 8 codes in BITS bytes: build the word of each group of 8 (3 bits: 24, int32; 5-7 bits: 40-56, int64)
         grp = tl.arange(0, D // 8) * BITS
-        w = tl.zeros([BT, D // 8], dtype=tl.int32)
+        if BITS > 4:
+            w = tl.zeros([BT, D // 8], dtype=tl.int64)
+        else:
+            w = tl.zeros([BT, D // 8], dtype=tl.int32)
         for j in tl.static_range(BITS):
             cb = grp + j
-            w = w | (tl.load(row_ptr[:, None] + cb[None, :], mask=tmask[:, None] & (cb < NBY)[None, :], other=0).to(tl.int32) << (8 * j))
+            w = w | (tl.load(row_ptr[:, None] + cb[None, :], mask=tmask[:, None] & (cb < NBY)[None, :], other=0).to(w.dtype) << (8 * j))
         w = tl.reshape(tl.broadcast_to(w[:, :, None], (BT, D // 8, 8)), (BT, D))
         shift = (tl.arange(0, D) % 8) * BITS
-    return (w >> shift[None, :]) & ((1 << BITS) - 1)
+    return ((w >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -535,12 +547,12 @@ def _tq_decode_split_kernel(
     kn1_ptr, skn1b, skn1h, skn1t,         # and norms
     kg_ptr, skgb, skgh, skgt,             # key qjl signs [B, Hkv, *, D/8] uint8 (prod)
     kr_ptr, skrb, skrh, skrt,             # key residual norms [B, Hkv, *] fp16 (prod)
-    kcent_ptr,                            # key centroids [KG, 16] fp16 (group g's 2^bits values from g*16)
+    kcent_ptr,                            # key centroids [KG, KCS] fp16 (group g's 2^bits values from g*KCS)
     vc0_ptr, svc0b, svc0h, svc0t,         # value codes and norms of group 0, group 1 (VG = 2)
     vn0_ptr, svn0b, svn0h, svn0t,
     vc1_ptr, svc1b, svc1h, svc1t,
     vn1_ptr, svn1b, svn1h, svn1t,
-    vcent_ptr,                            # value centroids [VG, 16] fp16
+    vcent_ptr,                            # value centroids [VG, VCS] fp16
     krange_ptr, vrange_ptr,               # KN8/VN8: [KG or VG, 2, Hkv] fp32 (low, step) of each group's norm codes
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
     kbias_ptr, skb,                       # score bias [B*Hq, L] fp32 (HAS_BIAS): added to ⟨q, k̃⟩ (centered keys)
@@ -557,6 +569,7 @@ def _tq_decode_split_kernel(
     VB1: tl.constexpr, VW1: tl.constexpr, VNB1: tl.constexpr, VPL1: tl.constexpr,
     PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, ROPE_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr, LUT: tl.constexpr, KN8: tl.constexpr, VN8: tl.constexpr,
+    KCS: tl.constexpr, VCS: tl.constexpr,  # centroid table rows: max(16, 2^bits of the side's widest group)
 ):
     # Code groups: a vector is stored as one group (TurboQuantCodec) or two (SplitCodec: channel groups with their own
     # bits, rotation and norm). Group g of the keys scores n_g ⟨Π_g q_g, c⟩ (the launcher gathers and rotates
@@ -639,7 +652,7 @@ def _tq_decode_split_kernel(
             kw1_next = _plane_bytes(kb1 + nxt * skc1t, nmask, KW1, KPL1, KNB1)
             kn1 = _norms(kn1_next, krange_ptr + 2 * Hkv, h, Hkv, KN8)
             kn1_next = tl.load(kn1_ptr + b * skn1b + h * skn1h + nxt * skn1t, mask=nmask, other=0)
-            s1 = _group_scores(kq10, kq11, kq12, kq13, kw1, kb1 + offs * skc1t, tmask, kcent_ptr + 16, BLOCK_T, KW1, KNB1, KB1, KPL1, LUT)
+            s1 = _group_scores(kq10, kq11, kq12, kq13, kw1, kb1 + offs * skc1t, tmask, kcent_ptr + KCS, BLOCK_T, KW1, KNB1, KB1, KPL1, LUT)
             s += s1 * (kn1 * scale_log2)[None, :]
         if HAS_BIAS:
             brow = (b * Hkv * G + h * G + g) * skb
@@ -671,7 +684,7 @@ def _tq_decode_split_kernel(
             vn1 = _norms(vn1_next, vrange_ptr + 2 * Hkv, h, Hkv, VN8)
             vn1_next = tl.load(vn1_ptr + b * svn1b + h * svn1h + nxt * svn1t, mask=nmask, other=0)
             a10, a11, a12, a13 = _group_values((p * vn1[None, :]).to(tl.float16), alpha, a10, a11, a12, a13, vw1, vb1 + offs * svc1t,
-                                               tmask, vcent_ptr + 16, BLOCK_T, VW1, VNB1, VB1, VPL1, LUT)
+                                               tmask, vcent_ptr + VCS, BLOCK_T, VW1, VNB1, VB1, VPL1, LUT)
         m_i = m_new
     out = pid_bh * n_split + pid_s
     tl.store(m_ptr + out * G + g, m_i, mask=gmask)

@@ -1,0 +1,61 @@
+"""Fused decode attention at every bit width the kernels read, against bf16 SDPA (one GPU).
+
+    python3 bench/decode_bits.py --out decode_bits.json
+
+Llama-3.1-8B heads (32 query / 8 KV heads, d 128), B=8 at 32k tokens; random codes and fp16 norms in each codec's
+format (`cli.bench._random_parts`); GPU time per call of `kernels.decode_attention` from CUDA-graph replays
+(`cli.bench._ms_graph`), bf16 SDPA timed in the same rounds. Codecs: one group of b = 2..8 bits on both sides
+(4 bits takes the Gluon register-table kernel, the others the Triton split kernel), and split codecs with a 5- or
+6-bit group (what `-e5.3` / `-e6.2` keys store: an eigen split's groups, here on channel indices 0..n-1).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import click
+import torch
+
+from cli.bench import _ms_graph, _random_parts
+from tqpatch import kernels
+from tqpatch.codec import SplitCodec, TurboQuantCodec
+
+
+def _split(d: int, groups: tuple[int, int, int]) -> SplitCodec:
+    codec = SplitCodec(d, 0.0, groups=groups)
+    codec.calibrate_leading(8)  # the first n channels are the high group in every KV head
+    return codec
+
+
+@click.command()
+@click.option("--rounds", default=5, show_default=True)
+@click.option("--out", default=None, help="JSON file for the per-round times and medians.")
+def main(rounds: int, out: str | None) -> None:
+    hq, hkv, d, b, length = 32, 8, 128, 8, 32768
+    codecs = {f"k{bits}v{bits}": (TurboQuantCodec(d, bits, "mse", 0),) * 2 for bits in (2, 3, 4, 5, 6, 8)}
+    codecs["keys 56 at 6 b + 72 at 2 b (e6.2), values 4 b"] = (_split(d, (56, 6, 2)), TurboQuantCodec(d, 4, "mse", 0))
+    codecs["keys 48 at 5 b + 80 at 3 b (e5.3), values 4 b"] = (_split(d, (48, 5, 3)), TurboQuantCodec(d, 4, "mse", 0))
+    codecs["keys 56 at 6 b + 72 at 2 b, values 3 b"] = (_split(d, (56, 6, 2)), TurboQuantCodec(d, 3, "mse", 0))
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    ks = torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+    vs = torch.randn_like(ks)
+    parts = {name: (_random_parts(kc, b, hkv, length), _random_parts(vc, b, hkv, length)) for name, (kc, vc) in codecs.items()}
+    times = {name: [] for name in ["bf16 SDPA", *codecs]}
+    for _ in range(rounds):
+        times["bf16 SDPA"].append(_ms_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True), 20))
+        for name, (kc, vc) in codecs.items():
+            kp, vp = parts[name]
+            times[name].append(_ms_graph(lambda: kernels.decode_attention(q, kc, vc, kp, vp, None, None, d**-0.5), 20))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "B": b, "L": length, "ms": times, "median_ms": med,
+              "ratio_to_sdpa": {n: med[n] / med["bf16 SDPA"] for n in codecs}}
+    for name, t in med.items():
+        click.echo(f"{name:<48} {t:.4f} ms" + (f"  ({t / med['bf16 SDPA']:.2f}x bf16 SDPA)" if name != "bf16 SDPA" else ""))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
