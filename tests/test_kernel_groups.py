@@ -62,7 +62,9 @@ def test_whole_vector_codecs_share_one_matrix_and_unsupported_codecs_have_none()
     codec = TurboQuantCodec(64, 4, "mse", seed=0)
     lay = layout(codec, code_groups(codec), 64, torch.device("cpu"))
     assert lay.query.shape == (1, 64, 64) and torch.allclose(lay.query[0] @ lay.unrotate[0], torch.eye(64), atol=1e-5)
-    assert code_groups(TurboQuantCodec(64, 5, "mse", seed=0)) is None  # 5-bit codes: no kernel
+    five = TurboQuantCodec(64, 5, "mse", seed=0)  # 5-8-bit groups: the split kernel reads 2^b-entry tables
+    lay5 = layout(five, code_groups(five), 64, torch.device("cpu"))
+    assert lay5.centroids.shape == (1, 32) and torch.equal(lay5.centroids[0], five.quantizer.centroids("cpu").half())
     assert code_groups(SplitCodec(64, 3.5, seed=0)) is None  # not calibrated yet
 
 
