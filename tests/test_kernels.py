@@ -653,13 +653,13 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
     assert agree >= 0.97, agree
 
 
-def _teacher_forced_logits(model, ids, mask, tokens):
+def _teacher_forced_logits(model, ids, mask, tokens, cache=None):
     """Last-position logits [steps, B, V] of `model` fed the prompt `ids` [B, T] (left-padded by `mask`) and then
     `tokens` [B, steps] one per call, with generate's positions (the mask's running count): the same inputs for
     both decode paths, so a near-tie flipped early cannot make the rest of the sequence differ."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     step = lambda x, m, p: model(x, attention_mask=m, position_ids=p, past_key_values=cache, use_cache=True).logits[:, -1]  # noqa: E731
     logits = [step(ids, mask, positions)]
@@ -704,21 +704,26 @@ def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padde
 @pytest.mark.parametrize("spec", ["k4v3-ev4.2", "k4v4-cv"])
 def test_codecs_without_kernels_run_on_the_device_through_the_reference_path(spec):
     """Codecs the kernels cannot read (an eigen split of the values; centered values): patched CUDA decoding uses the
-    PyTorch path and matches the same model on the CPU."""
+    PyTorch path and matches the same model on the CPU (teacher-forced: both read the same 8 tokens, so a near-tie
+    cannot send the two greedy sequences apart)."""
     import tqpatch
+    from transformers import DynamicCache
+
     from tqpatch.attention import kernel_codec
 
-    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    ids, tokens = torch.randint(0, 256, (2, 30), generator=gen), torch.randint(0, 256, (2, 8), generator=gen)
     outputs = []
     for device in (DEVICE, "cpu"):
         model = _tiny_llama().to(device)
         tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec(spec))
+        cache = DynamicCache(config=model.config)
         try:
-            out = model.generate(ids.to(device), max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+            with torch.no_grad():
+                outputs.append(_teacher_forced_logits(model, ids.to(device), torch.ones_like(ids).to(device), tokens.to(device), cache).cpu())
         finally:
             tqpatch.unpatch(model)
-        outputs.append(torch.stack(out.logits).float().cpu())
-        for layer in out.past_key_values.layers:
+        for layer in cache.layers:
             assert not (kernels.supports(kernel_codec(layer.key_codec)) and kernels.supports(kernel_codec(layer.value_codec)))
     assert _rel(outputs[0], outputs[1]) < 2e-2
 
