@@ -289,3 +289,44 @@ def test_diagonal_prior_reaches_every_key_codec_of_a_patched_gemma3():
     assert all(prior == "isotropic" for prior, _ in maps["k4v4-s2-ck-qsd"])
     assert all(prior == "diagonal" for prior, _ in maps["k4v4-s2-ck-qsd-dp"])
     assert all(not torch.allclose(a, b) for (_, a), (_, b) in zip(maps["k4v4-s2-ck-qsd"], maps["k4v4-s2-ck-qsd-dp"]))
+
+
+def test_values_shaped_by_the_output_metric_leave_less_weighted_error_and_count_their_map():
+    """`shape_values` (ShapedValueCodec): with an output projection that reads a few directions strongly, storing
+    A v (A fitted on the metric and the values' moment) cuts the error as o_proj sees it, eᵀ M e, against plain
+    TurboQuant at the same bits; decode applies the stored Â's exact inverse, and Â counts as stored."""
+    from tqpatch.codec import ShapedValueCodec, output_metric
+
+    gen = torch.Generator().manual_seed(6)
+    d, heads, group, hidden = 64, 2, 3, 96
+    o_weight = torch.randn(hidden, heads * group * d, generator=gen) * torch.logspace(0, -1.5, d).repeat(heads * group)
+    metric = output_metric(o_weight, heads, d)
+    blocks = [o_weight[:, g * d : (g + 1) * d].double() for g in range(heads * group)]  # query heads 3..5 read KV head 1
+    assert metric.shape == (heads, d, d) and torch.allclose(metric[1], sum(w.T @ w for w in blocks[3:6]))
+    values = torch.randn(1, heads, 300, d, generator=gen) * torch.linspace(2, 0.5, d)
+
+    def weighted_error(codec):
+        e = (codec.decode(codec.encode(values), torch.float32) - values).double()
+        return torch.einsum("bhti,hij,bhtj->", e, metric, e).item()
+
+    shaped = make_codec(d, 3, "mse", 0, value_metric=metric)
+    assert isinstance(shaped, ShapedValueCodec)
+    assert weighted_error(shaped) < 0.9 * weighted_error(make_codec(d, 3, "mse", 0))  # 0.85 here: half-shrunk moments
+    a, a_inv = shaped.transform
+    assert torch.allclose(a @ a_inv, torch.eye(d).expand(heads, d, d), atol=1e-4) and torch.allclose(a, a.transpose(1, 2))
+    assert shaped.extra_nbytes == shaped.inner.extra_nbytes + stored_nbytes(heads, d)
+
+
+def test_shape_values_config_and_patched_model():
+    """`os` parses and labels; it excludes value_split; a patched model shapes its full-attention layers' values by
+    its o_proj and still reads close to exact."""
+    from tqpatch.codec import ShapedValueCodec
+
+    config = TurboQuantConfig.from_spec("k4v3-s2-uv-os")
+    assert config.shape_values and config.name == "k4v3-s2-uv-os"
+    with pytest.raises(ValueError, match="shape_values and value_split"):
+        TurboQuantConfig(key_bits=4, value_bits=3, shape_values=True, value_split=(4, 2))
+    exact, out, cache = patched_in_chunks(tiny_model("llama"), prompt(length=40), config)
+    assert all(isinstance(layer.value_codec, ShapedValueCodec) and layer.value_codec.transform is not None for layer in cache.layers)
+    assert not kernels.supports(cache.layers[0].value_codec)  # the fused kernels do not read it: reference path
+    assert torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.98
