@@ -293,62 +293,6 @@ class EigenValueCodec:
         return self.inner.extra_nbytes + stored
 
 
-class ShapedValueCodec:
-    """Values stored as A v, A [H, d, d] symmetric per KV head, so that TurboQuant's isotropic error lands where the
-    output projection reads least (`TurboQuantConfig.shape_values`).
-
-    A head's value error e reaches the layer output as W_o e: its cost is eᵀ M e with M = Σ_g W_o,gᵀ W_o,g over the
-    query heads g that read the head (`output_metric`; weights only). With A applied before TurboQuant and A⁻¹ after,
-    the error costs tr(M A⁻²)·tr(A² Σ_v)/d, which `shaping_transform` minimises (the keys' query shaping with the
-    queries' moment replaced by M). Σ_v is the first chunk's second moment (its first `skip` tokens left out: sinks;
-    a refit, spec fitkv<N>, fits it again on N tokens). Â is stored in int8 (d(d+1)/2 bytes + row scales per head,
-    counted) and decode applies its exact inverse. Not read by the fused kernels (reference path on CUDA).
-    """
-
-    def __init__(self, inner, metric: torch.Tensor, skip: int = 1):
-        self.inner = inner
-        self.metric = metric.double().cpu()  # [H, d, d]
-        self.skip = skip
-        self.transform: tuple[torch.Tensor, torch.Tensor] | None = None  # (Â, Â⁻¹) [H, d, d]: stored = v @ Â
-
-    def __getattr__(self, name):  # head_dim, bits, ... of the wrapped codec
-        return getattr(self.__dict__["inner"], name)
-
-    def _calibrate(self, x: torch.Tensor) -> None:  # x: [B, H, T, d]
-        if self.metric.shape[0] != x.shape[1]:
-            raise ValueError(f"shape_values: the output metric has {self.metric.shape[0]} KV heads, the values {x.shape[1]}")
-        sample = (x[:, :, self.skip :] if x.shape[2] > self.skip else x).double()
-        sigma = torch.einsum("bhti,bhtj->hij", sample, sample).cpu() / (sample.shape[0] * sample.shape[2])
-        a, a_inv = stored_transform(shaping_transform(self.metric, sigma))
-        self.transform = a.to(x.device), a_inv.to(x.device)
-
-    def encode(self, x: torch.Tensor) -> Parts:
-        if self.transform is None:
-            self._calibrate(x)
-        return self.inner.encode(torch.einsum("bhtd,hde->bhte", x.float(), self.transform[0].to(x.device)))
-
-    def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:
-        stored = self.inner.decode(parts, torch.float32)
-        return torch.einsum("bhtd,hde->bhte", stored, self.transform[1].to(stored.device)).to(dtype)
-
-    @property
-    def extra_nbytes(self) -> int:
-        """The inner codec's (channel indices, norm ranges) and Â as stored."""
-        stored = 0 if self.transform is None else stored_nbytes(self.transform[0].shape[0], self.head_dim)
-        return self.inner.extra_nbytes + stored
-
-
-def output_metric(o_proj_weight: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """M [Hkv, d, d] float64: Σ_g W_gᵀ W_g over the query heads g of each KV head (consecutive groups, as
-    transformers' repeat_kv), W_g = o_proj.weight[:, g d : (g + 1) d] the block that reads head g's output."""
-    w = o_proj_weight.detach().double().cpu()
-    hidden, width = w.shape
-    if width % (kv_heads * head_dim):
-        raise ValueError(f"o_proj.weight [{hidden}, {width}] does not split into {kv_heads} KV heads of head_dim {head_dim}")
-    blocks = w.view(hidden, kv_heads, width // (kv_heads * head_dim), head_dim)  # [hidden, Hkv, G, d]
-    return torch.einsum("nhgi,nhgj->hij", blocks, blocks)
-
-
 class RopeKeyCodec:
     """Keys: quantize A (k_p - R_p μ): centered before RoPE (μ) and error-shaped by the queries (A).
 
@@ -552,7 +496,6 @@ def make_codec(
     unbiased: bool = False,
     diagonal: bool = False,
     prior: str = "isotropic",
-    value_metric: torch.Tensor | None = None,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
@@ -560,11 +503,8 @@ def make_codec(
     `split` = (high, low) bits: an eigen split at `bits` on average (`eigen_split_groups`): of query-shaped keys
     (`rope`), or of values in their PCA basis (`EigenValueCodec`). `unbiased`: every group decodes c / (1 − D)
     (`TurboQuantMSE.decode_gain`). `diagonal`: the shaping map is diagonal (with `shape`; sliding-window layers).
-    `prior`: what the shaping fit shrinks towards (`shaping.SHAPE_PRIORS`). `value_metric` [H, d, d] (values): store
-    A v shaped by the output projection's metric (`ShapedValueCodec`, `output_metric`)."""
+    `prior`: what the shaping fit shrinks towards (`shaping.SHAPE_PRIORS`)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
-    if value_metric is not None and split is not None:
-        raise ValueError("shape_values and value_split both transform the values; choose one")
     if split is not None:
         codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split), unbiased=unbiased)
         if not rope:  # values: the PCA basis (EigenValueCodec), centered first where asked
@@ -580,6 +520,4 @@ def make_codec(
         codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits, unbiased=unbiased)
     if rope and (center or shape):
         return RopeKeyCodec(codec, center=center, shape=shape, diagonal=diagonal, prior=prior)
-    if value_metric is not None:
-        codec = ShapedValueCodec(codec, value_metric)
     return CenteredCodec(codec) if center else codec

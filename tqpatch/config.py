@@ -9,7 +9,7 @@ from .norms import check_norm_bits
 from .shaping import SHAPE_PRIORS
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, qs, qsd, dp, os, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, qs, qsd, dp, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -96,11 +96,6 @@ class TurboQuantConfig:
         towards (`shaping.SHAPE_PRIORS`): "isotropic" (half a multiple of I) or
         "diagonal" (half their own diagonal, then a tenth of I: spec dp);
         nothing stored changes.
-    shape_values: store A v (A⁻¹ applied on decode), A [d, d] per layer and KV
-        head fitted on the first chunk's values and the output projection's
-        metric Σ_g W_o,gᵀ W_o,g, so the value error lands where o_proj reads
-        least (codec.ShapedValueCodec; spec os). A is stored in int8 (counted).
-        Full-attention layers only; the fused kernels do not read it.
     key_split: (high, low) bits: keys stored in the eigenbasis of their query-shaped
         second moment (needs shape_keys), the leading directions at `high` bits and
         the rest at `low` (0: dropped), key_bits on average (`eigen_split_groups`):
@@ -151,7 +146,6 @@ class TurboQuantConfig:
     shape_keys: bool = False
     shape_sliding_keys: bool = False
     shape_prior: str = "isotropic"
-    shape_values: bool = False
     outlier_step: int = 1
     rotation_candidates: int = 1
     norm_bits: int = 16
@@ -190,8 +184,8 @@ class TurboQuantConfig:
         if self.protected_bits is not None:
             if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
                 raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
-        for name in ("prefill_exact", "center_keys", "center_values", "shape_keys", "shape_sliding_keys", "shape_values", "unbias_keys",
-                     "unbias_values", "refit_values"):
+        for name in ("prefill_exact", "center_keys", "center_values", "shape_keys", "shape_sliding_keys", "unbias_keys", "unbias_values",
+                     "refit_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_norm_bits(self.norm_bits)
@@ -211,8 +205,6 @@ class TurboQuantConfig:
         if self.value_split is not None:
             object.__setattr__(self, "value_split", tuple(self.value_split))
             _check_split(self.value_bits, self.value_split, "value")
-            if self.shape_values:
-                raise ValueError("shape_values and value_split both transform the values; choose one")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -260,8 +252,6 @@ class TurboQuantConfig:
             label += "-qsd" if self.shape_sliding_keys else "-qs"
         if self.shape_prior == "diagonal":
             label += "-dp"
-        if self.shape_values:
-            label += "-os"
         if self.norm_bits != 16:
             label += f"-n{self.norm_bits}"
         if self.key_split is not None:
@@ -284,7 +274,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | os (values shaped by o_proj) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -311,7 +301,6 @@ class TurboQuantConfig:
             r"qs": lambda m: {"shape_keys": True},
             r"qsd": lambda m: {"shape_keys": True, "shape_sliding_keys": True},
             r"dp": lambda m: {"shape_prior": "diagonal"},
-            r"os": lambda m: {"shape_values": True},
             r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
             r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
             r"ev(\d+)\.(\d+)": lambda m: {"value_split": (int(m[1]), int(m[2]))},

@@ -22,7 +22,7 @@ from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remo
 from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
 
 from . import attention
-from .codec import make_codec, output_metric
+from .codec import make_codec
 from .config import TurboQuantConfig
 from .store import TurboQuantLayer
 
@@ -69,23 +69,17 @@ def self_attention_cache(cache: object) -> Cache:
     return cache
 
 
-def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits: float, sliding_window: int | None = None,
-               value_metric: torch.Tensor | None = None) -> TurboQuantLayer:
+def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits: float, sliding_window: int | None = None) -> TurboQuantLayer:
     """The TurboQuantLayer a patched attention module stores its K/V in (codecs, window, sinks from `cfg`).
 
     `shape_keys` applies to full-attention layers only: a sliding-window layer holds at most its window
     (512 tokens on Gemma 3), against which the stored d×d map costs too much (measured: README); so does
     `key_split` and `value_split`, which also skip protected layers (they store their own bits).
-    `shape_sliding_keys` shapes sliding-window layers with a diagonal map instead (d numbers per head).
-    `shape_values` (full-attention layers too) needs `value_metric` [Hkv, d, d], the output projection's
-    (`codec.output_metric`)."""
+    `shape_sliding_keys` shapes sliding-window layers with a diagonal map instead (d numbers per head)."""
     diagonal = cfg.shape_sliding_keys and sliding_window is not None
     shape = cfg.shape_keys and (sliding_window is None or diagonal)
     split = cfg.key_split if shape and not diagonal and key_bits == cfg.key_bits else None
     value_split = cfg.value_split if sliding_window is None and value_bits == cfg.value_bits else None  # B costs as A does
-    shape_values = cfg.shape_values and sliding_window is None and value_bits == cfg.value_bits
-    if shape_values and value_metric is None:
-        raise TQPatchError("shape_values needs the attention's output projection (o_proj) to fit the value map")
 
     def make_key_codec():
         return make_codec(
@@ -97,7 +91,7 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
     def make_value_codec():
         return make_codec(
             head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,
-            split=value_split, unbiased=cfg.unbias_values, value_metric=value_metric if shape_values else None,
+            split=value_split, unbiased=cfg.unbias_values,
         )
 
     return TurboQuantLayer(
@@ -123,10 +117,9 @@ class TurboQuantHook(ModelHook):
         self._state = weakref.ref(state)
         self._calibrating: TurboQuantLayer | None = None  # the layer of the current call while it wants queries
         self._kv_heads = 1
-        self._value_metric: torch.Tensor | None = None  # shape_values: the output projection's metric (codec.output_metric)
 
     def new_layer(self, head_dim: int, sliding_window: int | None) -> TurboQuantLayer:
-        return make_layer(self.config, head_dim, *self.bits, sliding_window, self._value_metric)
+        return make_layer(self.config, head_dim, *self.bits, sliding_window)
 
     def install(self, cache: Cache, head_dim: int) -> None:
         layers = cache.layers
@@ -152,8 +145,6 @@ class TurboQuantHook(ModelHook):
         if cache is not None:
             cache = self_attention_cache(cache)
             head_dim = getattr(module, "head_dim", None) or module.config.hidden_size // module.config.num_attention_heads
-            if self.config.shape_values and self._value_metric is None and self.bits is not None:
-                self._value_metric = _output_metric_of(module, head_dim)
             self.install(cache, head_dim)
             if self.bits is not None:
                 layer = cache.layers[self.layer_idx]
@@ -175,17 +166,6 @@ class TurboQuantHook(ModelHook):
             head_dim = layer.key_codec.head_dim
             if output.dim() >= 3 and output.shape[-1] % head_dim == 0:
                 layer.observe_queries(output.reshape(*output.shape[:2], -1, head_dim), self._kv_heads)
-
-
-def _output_metric_of(attention_module: torch.nn.Module, head_dim: int) -> torch.Tensor | None:
-    """`codec.output_metric` of the module's `o_proj` (None where it has none: shape_values then raises)."""
-    o_proj = getattr(attention_module, "o_proj", None)
-    weight = getattr(o_proj, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return None
-    config = attention_module.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return output_metric(weight, kv_heads, head_dim)
 
 
 def query_module(attention_module: torch.nn.Module) -> torch.nn.Module | None:
