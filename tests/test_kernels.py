@@ -303,8 +303,10 @@ def test_decode_attention_reads_unbiased_codecs(kbits, vbits, unbias_keys, monke
 @pytest.mark.parametrize("lut", [0, 1, 2])
 @pytest.mark.parametrize("kbits,vbits", [(4, 2), (2, 4), (4, 4)])
 def test_decode_lookup_variants(lut, kbits, vbits, monkeypatch):
-    # every centroid lookup (gather, select chains), on both plane widths
+    # every centroid lookup of the Triton split kernel (gather, select chains), on both plane widths (k4v4 would
+    # otherwise take the Gluon warp kernel, whose int8 defaults the warp test checks at their own tolerance)
     monkeypatch.setitem(kernels.DECODE_TUNING, "lut", lut)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_kernel", False)
     gen = torch.Generator().manual_seed(lut)
     kc, vc = TurboQuantCodec(128, kbits, "mse", seed=2), TurboQuantCodec(128, vbits, "mse", seed=2)
     kp = {n: t.to(DEVICE) for n, t in kc.encode(torch.randn(2, 2, 150, 128, generator=gen)).items()}
@@ -547,8 +549,11 @@ def test_decode_attention_adds_the_rope_bias_inside_the_kernel(first, scale):
         kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, rope_bias=short)
 
 
-def test_decode_attention_scores_codes_with_the_code_query_and_fp_tokens_with_q():
-    """Query-shaped keys: compressed tokens are scored with A⁻¹q (`code_query`), full-precision ones with q."""
+def test_decode_attention_scores_codes_with_the_code_query_and_fp_tokens_with_q(monkeypatch):
+    """Query-shaped keys: compressed tokens are scored with A⁻¹q (`code_query`), full-precision ones with q (exact
+    keys and values at REL_TOL; the int8 defaults: the warp test)."""
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", 0)
     gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(12, b=2, hkv=2, group=4, length=257, d=64, fp_tokens=3)
     d = q.shape[-1]
     code_q = (torch.randn(q.shape, generator=gen) * 2).to(DEVICE, torch.bfloat16)
@@ -561,7 +566,9 @@ def test_decode_attention_scores_codes_with_the_code_query_and_fp_tokens_with_q(
         kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, code_query=code_q[:, :1])
 
 
-def test_decode_attention_bf16_output():
+def test_decode_attention_bf16_output(monkeypatch):
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)  # exact keys and values at REL_TOL
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", 0)
     kc = vc = TurboQuantCodec(128, 4, "mse", seed=0)
     k, v = torch.randn(2, 2, 200, 128), torch.randn(2, 2, 200, 128)
     kp = {n: t.to(DEVICE) for n, t in kc.encode(k).items()}
