@@ -22,6 +22,22 @@ from tqpatch import kernels
 from tqpatch.codec import TurboQuantCodec
 
 
+SHAPES = ((8, 32768), (1, 131072))  # (B, L): the issue's two decode-attention targets
+
+
+def decode_inputs(codec, hq: int = 32, hkv: int = 8, shapes=SHAPES):
+    """For each (B, L) of `shapes`: (B, L, key parts, value parts, bf16 query [B, Hq, d], bf16 K and V [B, Hkv, L, d]
+    for SDPA), random codes in `codec`'s format; the GPU cache is emptied between shapes."""
+    d = codec.head_dim
+    for b, length in shapes:
+        kp, vp = _random_parts(codec, b, hkv, length), _random_parts(codec, b, hkv, length)
+        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+        ks = torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)
+        yield b, length, kp, vp, q, ks, torch.randn_like(ks)
+        del kp, vp, q, ks
+        torch.cuda.empty_cache()
+
+
 @click.command()
 @click.option("--setting", required=True, help="KEY=V1,V2,...: a DECODE_TUNING key and the integer values to compare "
               "(KEY1+KEY2=V1,V2: several keys set to the same value together).")
@@ -37,12 +53,8 @@ def main(setting: str, rounds: int, out: str | None) -> None:
     hq, hkv, d = 32, 8, 128
     codec = TurboQuantCodec(d, 4, "mse", 0)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "setting": key, "values": values, "shapes": []}
-    for b, length in ((8, 32768), (1, 131072)):
-        kp, vp = _random_parts(codec, b, hkv, length), _random_parts(codec, b, hkv, length)
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    for b, length, kp, vp, q, ks, vs in decode_inputs(codec, hq, hkv):
         qs = q[:, :, None]
-        ks = torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)
-        vs = torch.randn_like(ks)
         names = ["bf16 SDPA"] + [f"{key}={v}" for v in values]
         times = {name: [] for name in names}
         for _ in range(rounds):
@@ -57,8 +69,6 @@ def main(setting: str, rounds: int, out: str | None) -> None:
         click.echo(f"B={b} L={length}: " + " | ".join(f"{n} {med[n]:.4f} ms [{min(t):.4f}, {max(t):.4f}]"
                                                         + (f" ({med[n] / med['bf16 SDPA']:.2f}x)" if n != "bf16 SDPA" else "")
                                                         for n, t in times.items()))
-        del kp, vp, ks, vs
-        torch.cuda.empty_cache()
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)

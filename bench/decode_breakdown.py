@@ -18,7 +18,8 @@ from collections import defaultdict
 import click
 import torch
 
-from cli.bench import _ms_graph, _random_parts
+from bench.decode_ab import decode_inputs
+from cli.bench import _ms_graph
 from tqpatch import kernels
 from tqpatch.codec import TurboQuantCodec
 
@@ -52,11 +53,7 @@ def main(reps: int, out: str | None) -> None:
     hq, hkv, d = 32, 8, 128
     codec = TurboQuantCodec(d, 4, "mse", 0)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "tuning": dict(kernels.DECODE_TUNING), "shapes": []}
-    for b, length in ((8, 32768), (1, 131072)):
-        kp, vp = _random_parts(codec, b, hkv, length), _random_parts(codec, b, hkv, length)
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-        ks = torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16)
-        vs = torch.randn_like(ks)
+    for b, length, kp, vp, q, ks, vs in decode_inputs(codec, hq, hkv):
         call = lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5)  # noqa: E731
         sdpa = _ms_graph(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], ks, vs, enable_gqa=True), reps)
         whole = _ms_graph(call, reps)
@@ -67,8 +64,6 @@ def main(reps: int, out: str | None) -> None:
         for name, t in parts.items():
             click.echo(f"  {t:.4f} ms  {100 * t / whole:5.1f}%  {name}")
         click.echo(f"  {row['gaps_ms']:.4f} ms  {100 * row['gaps_ms'] / whole:5.1f}%  (gaps between kernels)")
-        del kp, vp, ks, vs
-        torch.cuda.empty_cache()
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
