@@ -4,7 +4,7 @@
 
 Llama-3.1-8B heads (32 query / 8 KV heads, d 128), B=8 at 32k tokens; random codes and fp16 norms in each codec's
 format (`cli.bench._random_parts`); GPU time per call of `kernels.decode_attention` from CUDA-graph replays
-(`cli.bench._ms_graph`), bf16 SDPA timed in the same rounds. Codecs: one group of b = 2..8 bits on both sides
+(`cli.bench._ms_graph`), bf16 SDPA timed in the same rounds. Codecs: one group of b = 2, 3, 4, 5, 6, 8 bits on both sides
 (4 bits takes the Gluon register-table kernel, the others the Triton split kernel), and split codecs with a 5- or
 6-bit group (what `-e5.3` / `-e6.2` keys store: an eigen split's groups, here on channel indices 0..n-1).
 """
