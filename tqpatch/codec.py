@@ -14,6 +14,7 @@ A codec's `encode` returns a dict of tensors that all share the leading
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -147,6 +148,15 @@ class SplitCodec:
     @property
     def calibrated(self) -> bool:
         return self.outlier_index is not None
+
+    def with_seed(self, seed: int) -> "SplitCodec":
+        """A copy with both groups' rotations drawn from `seed` (same split, channel order and norm codes)."""
+        other = copy.deepcopy(self)
+        for name in ("outlier", "regular"):
+            group = getattr(self, name)
+            if group is not None:
+                setattr(other, name, TurboQuantMSE(group.head_dim, group.bits, seed, unbiased=group.unbiased))
+        return other
 
     def calibrate(self, x: torch.Tensor) -> None:  # x: [B, H, T, d]
         score = x.float().abs().mean(dim=(0, 2))  # [H, d]
@@ -336,7 +346,7 @@ class RopeKeyCodec:
     uses_positions = True
 
     def __init__(self, inner, skip: int = 1, center: bool = True, shape: bool = False, eigen: bool = False, diagonal: bool = False,
-                 prior: str = "isotropic"):
+                 prior: str = "isotropic", rotation_candidates: int = 1):
         if eigen and not (shape and isinstance(inner, SplitCodec)):
             raise ValueError("an eigen split needs query shaping and a SplitCodec")
         if diagonal and (eigen or not shape):
@@ -345,6 +355,7 @@ class RopeKeyCodec:
             raise ValueError(f"unknown shaping prior {prior!r}; valid: {', '.join(SHAPE_PRIORS)}")
         self.inner = inner
         self.eigen = eigen
+        self.rotation_candidates = rotation_candidates if eigen else 1
         self.diagonal = diagonal
         self.prior = prior
         self.skip = skip
@@ -406,10 +417,30 @@ class RopeKeyCodec:
                         stacklevel=2,
                     )
                 self.shaping = _fit_eigen_split(self.inner, a, sigma_k, x.device)  # y = B k, leading directions first
+                self.mean = mean
+                if self.rotation_candidates > 1:
+                    self._choose_rotation(x[:, :, keep:] if x.shape[2] > keep else x, first_index + keep, sigma_q)
             else:
                 m, m_inv = stored_transform(shaping_transform(sigma_q, sigma_k, shrink, diagonal_share))
                 self.shaping = (m.to(x.device), m_inv.to(x.device))
         self.mean = mean
+
+    def _choose_rotation(self, x: torch.Tensor, first_index: int, sigma_q: torch.Tensor) -> None:
+        """Eigen split with `rotation_candidates` > 1: keep the groups' rotation seed (seed, seed + 1, ...) whose codes
+        leave the smallest score error on the calibration keys x [B, H, T, d] (post-RoPE, from sequence index
+        `first_index`): Σ e W eᵀ over the stored vectors' errors e, W = M⁻¹ Σ_q M⁻ᵀ the queries' (RoPE-averaged)
+        second moment carried into the stored basis (stored = x @ M). Nothing extra is stored."""
+        y = self._apply(x.float() - self._offset(x, first_index), 0)
+        m_inv = self.shaping[1].double().cpu()
+        metric = (m_inv @ sigma_q.double() @ m_inv.transpose(-1, -2)).float().to(y.device)  # [H, d, d]
+        seed = self.inner.outlier.seed
+        best = None
+        for candidate in [self.inner] + [self.inner.with_seed(seed + i) for i in range(1, self.rotation_candidates)]:
+            error = candidate.decode(candidate.encode(y), torch.float32) - y
+            score_error = torch.einsum("bhti,hij,bhtj->", error, metric, error).item()
+            if best is None or score_error < best[0]:
+                best = (score_error, candidate)
+        self.inner = best[1]
 
     def _offset(self, like: torch.Tensor, first_index: int) -> torch.Tensor:
         """R_p μ for the tokens of `like` [B, H, T, ...]: [1, H, T, d] float32."""
@@ -439,7 +470,8 @@ class RopeKeyCodec:
         return self._apply(x.float() - self._offset(x, first_index), 0)
 
     def encode(self, x: torch.Tensor, first_index: int = 0) -> Parts:
-        return self.inner.encode(self.center(x, first_index))
+        stored = self.center(x, first_index)  # first: calibrating may choose another inner codec (a rotation search)
+        return self.inner.encode(stored)
 
     def shape_queries(self, q: torch.Tensor) -> torch.Tensor:
         """A⁻¹q (eigen split: B⁻ᵀq) for queries q [B, Hq, d] (grouped over the KV heads): the inner codes
@@ -496,6 +528,7 @@ def make_codec(
     unbiased: bool = False,
     diagonal: bool = False,
     prior: str = "isotropic",
+    split_rotations: int = 1,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
@@ -503,7 +536,8 @@ def make_codec(
     `split` = (high, low) bits: an eigen split at `bits` on average (`eigen_split_groups`): of query-shaped keys
     (`rope`), or of values in their PCA basis (`EigenValueCodec`). `unbiased`: every group decodes c / (1 − D)
     (`TurboQuantMSE.decode_gain`). `diagonal`: the shaping map is diagonal (with `shape`; sliding-window layers).
-    `prior`: what the shaping fit shrinks towards (`shaping.SHAPE_PRIORS`)."""
+    `prior`: what the shaping fit shrinks towards (`shaping.SHAPE_PRIORS`). `split_rotations`: a key eigen split's
+    rotation, best of this many seeds by score error (`RopeKeyCodec._choose_rotation`)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if split is not None:
         codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split), unbiased=unbiased)
@@ -511,7 +545,7 @@ def make_codec(
             return CenteredCodec(EigenValueCodec(codec)) if center else EigenValueCodec(codec)
         if not shape:
             raise ValueError("an eigen split of keys (key_split) needs query-shaped keys")
-        return RopeKeyCodec(codec, center=center, shape=True, eigen=True, prior=prior)
+        return RopeKeyCodec(codec, center=center, shape=True, eigen=True, prior=prior, rotation_candidates=split_rotations)
     if outliers == 0 and rotation_candidates > 1:
         codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits, unbiased)
     elif outliers == 0:

@@ -9,7 +9,7 @@ from .norms import check_norm_bits
 from .shaping import SHAPE_PRIORS
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, qs, qsd, dp, n8, e<high>.<low>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, qs, qsd, dp, n8, e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -105,6 +105,10 @@ class TurboQuantConfig:
         B is fitted on the first chunk a layer stores: it needs a few dozen key
         vectors (it warns below d/4; README: it hurt Gemma-3 at d 256 with 32-token
         first chunks and helped with 256-token ones).
+    key_split_rotations: with key_split, try this many rotation seeds for the split's
+        two groups (seed, seed + 1, ...) on the chunk the split is fitted on and keep
+        the one with the smallest query-weighted score error (spec er<N>); nothing
+        extra is stored.
     value_split: (high, low) bits: the same transform coding for values, in the
         eigenbasis of their second moment on the first chunk (PCA per head: no
         queries, the output error is the value error); value_bits on average.
@@ -150,6 +154,7 @@ class TurboQuantConfig:
     rotation_candidates: int = 1
     norm_bits: int = 16
     key_split: tuple[int, int] | None = None
+    key_split_rotations: int = 1
     value_split: tuple[int, int] | None = None
     refit_tokens: int = 0
     refit_values: bool = False
@@ -202,6 +207,10 @@ class TurboQuantConfig:
             _check_split(self.key_bits, self.key_split)
             if not self.shape_keys or self.key_method != "mse":
                 raise ValueError("key_split needs shape_keys=True and key_method='mse' (it splits the query-shaped eigenbasis)")
+        if isinstance(self.key_split_rotations, bool) or not isinstance(self.key_split_rotations, int) or not 1 <= self.key_split_rotations <= 64:
+            raise ValueError(f"key_split_rotations must be an integer in 1..64, got {self.key_split_rotations!r}")
+        if self.key_split_rotations != 1 and self.key_split is None:
+            raise ValueError("key_split_rotations chooses the rotation of a key eigen split: set key_split too")
         if self.value_split is not None:
             object.__setattr__(self, "value_split", tuple(self.value_split))
             _check_split(self.value_bits, self.value_split, "value")
@@ -256,6 +265,8 @@ class TurboQuantConfig:
             label += f"-n{self.norm_bits}"
         if self.key_split is not None:
             label += "-e{}.{}".format(*self.key_split)
+        if self.key_split_rotations != 1:
+            label += f"-er{self.key_split_rotations}"
         if self.value_split is not None:
             label += "-ev{}.{}".format(*self.value_split)
         if self.refit_tokens:
@@ -274,7 +285,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | er{N} (its rotation: best of N seeds by score error) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -303,6 +314,7 @@ class TurboQuantConfig:
             r"dp": lambda m: {"shape_prior": "diagonal"},
             r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
             r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
+            r"er(\d+)": lambda m: {"key_split_rotations": int(m[1])},
             r"ev(\d+)\.(\d+)": lambda m: {"value_split": (int(m[1]), int(m[2]))},
             r"fit(\d+)": lambda m: {"refit_tokens": int(m[1])},
             r"fitkv(\d+)": lambda m: {"refit_tokens": int(m[1]), "refit_values": True},

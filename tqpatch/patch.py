@@ -85,7 +85,7 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
         return make_codec(
             head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates,
             rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split, unbiased=cfg.unbias_keys, diagonal=diagonal,
-            prior=cfg.shape_prior,
+            prior=cfg.shape_prior, split_rotations=cfg.key_split_rotations,
         )
 
     def make_value_codec():
