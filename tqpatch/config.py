@@ -101,7 +101,7 @@ class TurboQuantConfig:
         the rest at `low` (0: dropped), key_bits on average (`eigen_split_groups`):
         transform coding, bits where the score error is. Each group has its own
         norm; B is stored whole in 4-bit entries (d²/2 bytes per head, counted). Full-attention layers
-        only (others store plain key_bits); the fused CUDA kernel reads groups of 1..4 bits.
+        only (others store plain key_bits); the fused CUDA kernel reads groups of 1..8 bits.
         B is fitted on the first chunk a layer stores: it needs a few dozen key
         vectors (it warns below d/4; README: it hurt Gemma-3 at d 256 with 32-token
         first chunks and helped with 256-token ones).
