@@ -396,6 +396,7 @@ class RopeKeyCodec:
         keep = max(self.skip - first_index, 0)
         sample = pre[:, :, keep:] if pre.shape[2] > keep else pre
         mean = sample.mean(dim=(0, 2)) if self.center_keys and self.rope is not None else sample.new_zeros(x.shape[1], x.shape[-1])
+        self.mean = mean  # fixed now: the rotation search below already stores centered keys
         if self.queries is not None and self.queries.count:
             centered = (sample - mean[None, :, None, :]).double()
             sigma_k = torch.einsum("bhti,bhtj->hij", centered, centered).cpu() / (centered.shape[0] * centered.shape[2])
@@ -417,13 +418,11 @@ class RopeKeyCodec:
                         stacklevel=2,
                     )
                 self.shaping = _fit_eigen_split(self.inner, a, sigma_k, x.device)  # y = B k, leading directions first
-                self.mean = mean
                 if self.rotation_candidates > 1:
                     self._choose_rotation(x[:, :, keep:] if x.shape[2] > keep else x, first_index + keep, sigma_q)
             else:
                 m, m_inv = stored_transform(shaping_transform(sigma_q, sigma_k, shrink, diagonal_share))
                 self.shaping = (m.to(x.device), m_inv.to(x.device))
-        self.mean = mean
 
     def _choose_rotation(self, x: torch.Tensor, first_index: int, sigma_q: torch.Tensor) -> None:
         """Eigen split with `rotation_candidates` > 1: keep the groups' rotation seed (seed, seed + 1, ...) whose codes

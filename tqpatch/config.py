@@ -178,8 +178,10 @@ class TurboQuantConfig:
         object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.protected_layers):
             raise ValueError(f"protected_layers must be non-negative layer indices, got {self.protected_layers!r}")
-        if isinstance(self.rotation_candidates, bool) or not isinstance(self.rotation_candidates, int) or not 1 <= self.rotation_candidates <= 64:
-            raise ValueError(f"rotation_candidates must be an integer in 1..64, got {self.rotation_candidates!r}")
+        for name in ("rotation_candidates", "key_split_rotations"):
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 64:
+                raise ValueError(f"{name} must be an integer in 1..64, got {count!r}")
         if isinstance(self.outlier_step, bool) or self.outlier_step not in (1, 2, 3, 4):
             raise ValueError(f"outlier_step must be 1, 2, 3 or 4, got {self.outlier_step!r}")
         for name in ("key_bits", "value_bits"):
@@ -207,8 +209,6 @@ class TurboQuantConfig:
             _check_split(self.key_bits, self.key_split)
             if not self.shape_keys or self.key_method != "mse":
                 raise ValueError("key_split needs shape_keys=True and key_method='mse' (it splits the query-shaped eigenbasis)")
-        if isinstance(self.key_split_rotations, bool) or not isinstance(self.key_split_rotations, int) or not 1 <= self.key_split_rotations <= 64:
-            raise ValueError(f"key_split_rotations must be an integer in 1..64, got {self.key_split_rotations!r}")
         if self.key_split_rotations != 1 and self.key_split is None:
             raise ValueError("key_split_rotations chooses the rotation of a key eigen split: set key_split too")
         if self.value_split is not None:
