@@ -13,7 +13,7 @@ from tiny_models import prompt, tiny_model
 def test_unknown_preset_names_the_valid_ones():
     with pytest.raises(ValueError, match="valid presets: k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit, k4v4\\+, k3v2\\+, k2v2\\+, 3.5bit\\+, 2.5bit\\+"):
         TurboQuantConfig.preset("k5v5")
-    with pytest.raises(ValueError, match="valid presets"):
+    with pytest.raises(ValueError, match="use a preset \\(k8v8, .*\\) or a spec"):
         tqpatch.patch(tiny_model("llama"), "fast")
 
 

@@ -26,6 +26,14 @@ The pieces:
    and the decode kernel scores the codes with A⁻¹q (`code_query`) and adds
    ⟨q, R_p μ⟩ (`RopeKeyCodec.rope_bias`) to each compressed score.
 
+6. Score variance (`TurboQuantConfig.score_variance`): a score read from codes
+   is the conditional mean ŝ of the true score s given them, with variance σ²
+   (`codec.score_variance`); exp is convex, so E[exp s | codes] = exp(ŝ + σ²/2)
+   for a Gaussian posterior, and each compressed key's logit gets σ²/2 (times
+   scaling²) added. The store notes what it returned (`note_compressed_read`);
+   the wrapper, installed on every device for this option, adds the bias to the
+   mask (reference path) or to the kernel's per-token key bias (fused decode).
+
 `fused_decode(False)` turns the fused path off (a context manager), e.g. to
 compare both paths in tests and benchmarks.
 """
@@ -82,11 +90,63 @@ class _Snapshot:
     def fp(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return _cat(self.sink_keys, self.rest_keys), _cat(self.sink_values, self.rest_values)
 
+    def compressed_read(self) -> "CompressedRead | None":
+        """The compressed keys as a CompressedRead where the layer adds their score variance, else None."""
+        return CompressedRead(self.layer.key_codec, self.key_parts, self.num_sink) if self.layer.score_variance else None
+
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layer
         keys = _cat(self.sink_keys, layer._decode(layer.key_codec, self.key_parts, dtype, self.first), self.rest_keys)
         values = _cat(self.sink_values, layer._decode(layer.value_codec, self.value_parts, dtype, self.first), self.rest_values)
         return keys, values
+
+
+@dataclass
+class CompressedRead:
+    """The compressed keys one attention call reads: columns first .. first+L-1 of its K (after the sinks)."""
+
+    codec: object
+    parts: Parts  # [B, Hkv, L, ...]
+    first: int  # column of compressed token 0
+
+    def logit_bias(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """σ²/2 · scaling² [B, Hq, T, L] for queries [B, Hq, T, d]: what exp(logit) gains in expectation."""
+        b, hq, t, d = query.shape
+        hkv = next(iter(self.parts.values())).shape[1]
+        grouped = query.float().reshape(b, hkv, (hq // hkv) * t, d)  # query head h reads KV head h // (Hq/Hkv)
+        variance = self.codec.score_variance(grouped, self.parts)
+        return (0.5 * scaling * scaling) * variance.view(b, hq, t, -1)
+
+    def add_to_mask(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """The additive mask [B, Hq, T, Lk] (query dtype) = the call's mask (bool, additive or None: causal,
+        aligned to the last key) with the logit bias on the compressed columns."""
+        b, hq, t, _ = query.shape
+        length = key.shape[2]
+        bias = self.logit_bias(query, scaling)
+        full = query.new_zeros(b, hq, t, length, dtype=torch.float32)
+        full[..., self.first : self.first + bias.shape[-1]] = bias
+        if mask is None:
+            rows = torch.arange(t, device=query.device)[:, None] + (length - t)
+            mask = torch.arange(length, device=query.device)[None, :] <= rows  # [T, Lk]
+        mask = mask[..., :length]
+        if mask.dtype == torch.bool:
+            full = full.masked_fill(~mask, torch.finfo(torch.float32).min)
+        else:
+            full = full + mask.float()
+        return full.to(query.dtype)
+
+
+_pending_read: list = [None]  # (key tensor returned by TurboQuantLayer.update, CompressedRead)
+
+
+def note_compressed_read(keys: torch.Tensor, read: CompressedRead) -> None:
+    """Called by `TurboQuantLayer.update` with the K it returns, for the attention call that follows."""
+    _pending_read[0] = (keys, read)
+
+
+def _take_read(key: torch.Tensor) -> CompressedRead | None:
+    pending, _pending_read[0] = _pending_read[0], None
+    return pending[1] if pending is not None and pending[0] is key else None
 
 
 def _cat(*tensors):
@@ -188,12 +248,17 @@ def _fused_attention(module, query, snap: _Snapshot, attention_mask, scaling):
         fp_valid = row[:, s + n :] if s == 0 else torch.cat([row[:, :s], row[:, s + n :]], dim=1)
     key_codec = snap.layer.key_codec
     q = query[:, :, 0, :]
-    rope_bias = None
+    rope_bias = key_bias = None
     if getattr(key_codec, "has_offset", False):  # ⟨q, R_p μ⟩, evaluated inside the kernel from the shared position table
         rope_bias = key_codec.rope_bias(q, snap.first, rows=max(snap.first + n, kernels.ROPE_TABLE_MIN_ROWS))
+    read = snap.compressed_read()
+    if read is not None:  # σ²/2 per compressed key, as a dense bias on ⟨q, k̃⟩ (the kernel multiplies it by scaling)
+        key_bias = read.logit_bias(query, scaling)[:, :, 0, :] / scaling
+        if rope_bias is not None:
+            key_bias, rope_bias = key_bias + rope_bias.dense(n), None
     out = kernels.decode_attention(
         q, kernel_codec(key_codec), kernel_codec(snap.layer.value_codec), snap.key_parts, snap.value_parts,
-        fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype, rope_bias=rope_bias,
+        fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype, rope_bias=rope_bias, key_bias=key_bias,
         code_query=key_codec.shape_queries(q) if getattr(key_codec, "shaping", None) is not None else None,
     )
     return out.unsqueeze(1)  # [B, 1, Hq, d], as sdpa/eager return it
@@ -213,13 +278,16 @@ def _base_function(name: str, module):
 def _make_attention(base: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         pending = _pending[0]
-        if pending is None or pending[0] is not key:
-            return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
-        _pending[0] = None
-        snap = pending[1]
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if pending is None or pending[0] is not key:
+            read = _take_read(key)
+            if read is not None:
+                attention_mask = read.add_to_mask(query, key, attention_mask, scaling)
+            return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+        _pending[0] = None
+        snap = pending[1]
         unsupported = (
             query.shape[2] != 1
             or kwargs.get("softcap") is not None
@@ -230,6 +298,9 @@ def _make_attention(base: str):
         out = None if unsupported else _fused_attention(module, query, snap, attention_mask, scaling)
         if out is None:  # rebuild exactly what the reference path would have returned
             keys, values = snap.dequantized(key.dtype)
+            read = snap.compressed_read()
+            if read is not None:
+                attention_mask = read.add_to_mask(query, keys, attention_mask, scaling)
             return _base_function(base, module)(module, query, keys, values, attention_mask, **kwargs)
         return out, None
 
@@ -253,14 +324,15 @@ def _on_cuda(module: torch.nn.Module) -> bool:
     return any(kernels.kernel_device(p) for p in module.parameters(recurse=True))
 
 
-def enable(modules: list[torch.nn.Module]) -> None:
-    """Route these attention modules through the fused-decode wrapper (only on CUDA, with Triton)."""
-    if not kernels.triton_available():
+def enable(modules: list[torch.nn.Module], everywhere: bool = False) -> None:
+    """Route these attention modules through the wrapper: on CUDA with Triton (fused decode), or on every
+    device with `everywhere` (the score-variance bias needs the wrapper on the reference path too)."""
+    if not (everywhere or kernels.triton_available()):
         return
     for module in modules:
         config = getattr(module, "config", None)
         current = getattr(config, "_attn_implementation", None)
-        if config is None or not _on_cuda(module):
+        if config is None or not (everywhere or _on_cuda(module)):
             continue
         if current is not None and current.startswith(_PREFIX):  # another module sharing this config did it
             setattr(module, _ORIGINAL_ATTR, current[len(_PREFIX) :])

@@ -64,6 +64,14 @@ class TurboQuantCodec:
             parts = {**parts, "norms": self.norm_codes.decode(parts["norms"])}
         return self.quantizer.dequantize(QuantizedVectors(**parts, dtype=dtype))
 
+    def score_variance(self, queries: torch.Tensor, parts: Parts) -> torch.Tensor:
+        """Var(⟨q_i, x_j⟩ | stored parts of x_j) [B, H, M, L] for queries [B, H, M, d] (grouped per KV head)
+        and parts [B, H, L, ...] (`TurboQuantMSE.score_variance`; mse codes only)."""
+        if self.method != "mse":
+            raise ValueError("score_variance is for mse keys (TurboQuant_prod's scores are unbiased estimates, not conditional means)")
+        norms = parts["norms"] if self.norm_codes is None else self.norm_codes.decode(parts["norms"])
+        return self.quantizer.score_variance(queries, QuantizedVectors(parts["codes"], norms))
+
     def prepare(self, x: torch.Tensor) -> None:
         """Called with the first chunk before it is encoded (by any path, kernels included): fixes the 8-bit
         norms' ranges from its norms (rounded to float16, as `encode` sees them)."""
@@ -202,6 +210,18 @@ class SplitCodec:
         for index, part in groups:
             out.scatter_(-1, index.to(hi.device, torch.int64)[None, :, None, :].expand(b, h, t, -1), part)
         return out.to(dtype)
+
+    def score_variance(self, queries: torch.Tensor, parts: Parts) -> torch.Tensor:
+        """Var(⟨q_i, x_j⟩ | stored parts) [B, H, M, L] for queries [B, H, M, d]: the two groups' errors are
+        independent, so their variances add, each from the query's channels of that group."""
+        total = None
+        for group, quantizer, index in (("hi", self.outlier, self.outlier_index), ("lo", self.regular, self.regular_index)):
+            if quantizer is None:
+                continue
+            stored = QuantizedVectors(parts[f"{group}_codes"], self._norms(parts, group))
+            part = quantizer.score_variance(self._gather(queries, index), stored)
+            total = part if total is None else total + part
+        return total
 
     @property
     def bits_per_coordinate(self) -> float:
@@ -481,6 +501,13 @@ class RopeKeyCodec:
         hkv = self.shaping[1].shape[0]
         shaped = torch.einsum("bhgd,hed->bhge", q.float().view(b, hkv, hq // hkv, d), self.shaping[1].to(q.device))
         return shaped.reshape(b, hq, d).to(q.dtype)
+
+    def score_variance(self, queries: torch.Tensor, parts: Parts) -> torch.Tensor:
+        """Var(⟨q_i, k_j⟩ | stored parts) [B, H, M, L] for post-RoPE queries [B, H, M, d]: R_p μ is exact and
+        ⟨q, k⟩ = ⟨q @ M⁻ᵀ, y⟩ + ⟨q, R_p μ⟩ with y = (k - R_p μ) @ M what the inner codec stores."""
+        if self.shaping is not None:
+            queries = torch.einsum("bhmd,hed->bhme", queries.float(), self.shaping[1].to(queries.device))
+        return self.inner.score_variance(queries, parts)
 
     def rope_bias(self, q: torch.Tensor, first_index: int, rows: int) -> RopeBias:
         """⟨q, R_p μ⟩ for one query token per row, q [B, Hq, d], and compressed tokens from sequence index

@@ -104,6 +104,7 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
         sink_tokens=cfg.sink_tokens,
         prefill_exact=cfg.prefill_exact,
         sliding_window=sliding_window,
+        score_variance=cfg.score_variance,
     )
 
 
@@ -204,14 +205,15 @@ def find_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.M
 def patch(model: torch.nn.Module, config: TurboQuantConfig | str | None = None) -> torch.nn.Module:
     """Compress the KV cache of `model` in place with TurboQuant; returns the model.
 
-    config: a TurboQuantConfig, a preset name ("k4v4", "k3v2", "k2v2", "2.5bit", "3.5bit"), or None for k4v4.
+    config: a TurboQuantConfig, a preset name ("k4v4", "3.5bit+", ...) or spec ("k4v3-s4-ck-qs-n8-sv",
+    `TurboQuantConfig.from_spec`), or None for k4v4.
     """
     if getattr(model, _STATE_ATTR, None) is not None:
         raise TQPatchError("this model is already patched by tqpatch; call tqpatch.unpatch(model) first")
     if config is None:
         config = TurboQuantConfig()
     elif isinstance(config, str):
-        config = TurboQuantConfig.preset(config)
+        config = TurboQuantConfig.from_spec(config)
     elif not isinstance(config, TurboQuantConfig):
         raise TypeError(f"config must be a TurboQuantConfig or a preset name, got {type(config).__name__}")
     modules = find_attention_modules(model)
@@ -225,7 +227,7 @@ def patch(model: torch.nn.Module, config: TurboQuantConfig | str | None = None) 
         if projection is not None:
             state.query_hooks.append(projection.register_forward_hook(hook.observe_queries))
     setattr(model, _STATE_ATTR, state)
-    attention.enable([m for m in state.modules if config.layer_bits(m.layer_idx, num_layers) is not None])
+    attention.enable([m for m in state.modules if config.layer_bits(m.layer_idx, num_layers) is not None], everywhere=config.score_variance)
     return model
 
 

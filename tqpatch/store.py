@@ -141,6 +141,7 @@ class TurboQuantLayer(CacheLayerMixin):
         refit_tokens: int = 0,
         make_key_codec=None,
         make_value_codec=None,
+        score_variance: bool = False,
     ):
         super().__init__()
         self.key_codec = key_codec
@@ -162,6 +163,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
         self.fused = False  # set by tqpatch.attention.prepare: decode steps attend on the codes (CUDA)
+        self.score_variance = score_variance  # attention adds σ²/2 to the compressed keys' logits (tqpatch.attention)
         # refit (module docstring): exact copies of the first compressed keys until the key codec is fitted again
         self.refit_tokens = refit_tokens if (make_key_codec is not None and not self.is_sliding) else 0
         self._make_key_codec = make_key_codec
@@ -330,13 +332,28 @@ class TurboQuantLayer(CacheLayerMixin):
                 keys, values = _cat(past_keys, key_states), _cat(past_values, value_states)
             else:
                 keys, values = key_states, value_states
+            read = self._compressed_read()
             self._store(key_states, value_states)
         else:
             self._store(key_states, value_states)
             keys, values = self.stored_kv()
+            read = self._compressed_read()
+        if read is not None:
+            from .attention import note_compressed_read
+
+            note_compressed_read(keys, read)
         if self.is_sliding:
             self._trim_front(self.stored_length - (self.sliding_window - 1))
         return keys, values
+
+    def _compressed_read(self):
+        """What attention needs to add the scores' variance to the compressed keys `update` returns now
+        (`tqpatch.attention.CompressedRead`), or None (option off, nothing compressed)."""
+        if not self.score_variance or not self.num_compressed:
+            return None
+        from .attention import CompressedRead
+
+        return CompressedRead(self.key_codec, self.compressed_keys.parts, self.num_sink)
 
     # -- editing -----------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
