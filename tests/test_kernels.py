@@ -527,6 +527,31 @@ def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
         kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, key_bias=bias[:, :, :-1])
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_attention_adds_the_norm_bias_like_the_reference(split):
+    """Score variance: the kernel adds Σ_g norm_bias_g ‖k_g‖² (per query row and key group) to the compressed scores."""
+    gen = torch.Generator().manual_seed(14)
+    b, hkv, group, length, d = 2, 2, 4, 301, 64
+    k = torch.randn(b, hkv, length, d, generator=gen) * (0.3 + 3 * torch.rand(b, hkv, length, 1, generator=gen))  # norms vary
+    v = torch.randn(b, hkv, length, d, generator=gen)
+    kc = _calibrated_split(d, (28, 6, 2), 8, k, 1) if split else TurboQuantCodec(d, 2, "mse", seed=1, norm_bits=8)
+    vc = TurboQuantCodec(d, 4, "mse", seed=2)
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(k).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(v).items()}
+    q = torch.randn(b, hkv * group, d, generator=gen).to(DEVICE, torch.bfloat16)
+    fk = torch.randn(b, hkv, 3, d, generator=gen).to(DEVICE, torch.bfloat16)
+    groups = 2 if split else 1
+    bias = (torch.rand(b, hkv * group, groups, generator=gen) * 0.3).to(DEVICE)
+    valid = (torch.arange(length)[None, :] >= torch.tensor([0, 40])[:, None]).to(DEVICE)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, norm_bias=bias)
+    assert _rel(kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid), ref) > 0.05  # the bias matters
+    for splits in (None, 3):
+        out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, out_dtype=torch.float32, num_splits=splits, norm_bias=bias)
+        assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, (splits, _rel(out, ref))
+    with pytest.raises(ValueError, match="norm_bias must be"):
+        kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, norm_bias=bias[..., :1].expand(-1, -1, 3))
+
+
 @pytest.mark.parametrize("first,scale", [(0, 1.0), (1234, 1.3)])
 def test_decode_attention_adds_the_rope_bias_inside_the_kernel(first, scale):
     """Centered keys' ⟨q, R_p μ⟩ in factored form (RopeBias): the kernel evaluates it per tile from the rows of the
@@ -677,7 +702,8 @@ def _teacher_forced_logits(model, ids, mask, tokens, cache=None):
     return torch.stack(logits).float()
 
 
-@pytest.mark.parametrize("spec", ["k4v4-s4-ck-qsd-n8", "k4v4-s4-ck-qsd-dp-n8", "k2v2-s4-ck-uv-qsd-dp-n8", "k3.5v3.5-s4-ck-qs-dp-n8"])
+@pytest.mark.parametrize("spec", ["k4v4-s4-ck-qsd-n8", "k4v4-s4-ck-qsd-dp-n8", "k2v2-s4-ck-uv-qsd-dp-n8", "k3.5v3.5-s4-ck-qs-dp-n8",
+                                  "k2v2-s4-ck-uv-sv-qsd-dp-n8"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padded):
     """Gemma-3 shapes (head_dim 256, 1 KV head, sliding layers over 16 tokens), 40-token prompts and 24 decode steps,

@@ -7,33 +7,27 @@ import transformers as tf
 
 import tqpatch
 from tqpatch import attention
-from tqpatch.codec import make_codec
+from tqpatch.codec import TurboQuantCodec, make_codec, score_variance
 from tqpatch.config import TurboQuantConfig
-from tqpatch.quantizer import TurboQuantMSE
 
 from tiny_models import prompt, tiny_model
 
 
-def _calibration(quantizer_or_codec, keys, queries, **kwargs):
+def _calibration(codec, keys, queries, **kwargs):
     """(mean predicted σ², mean observed (⟨q, k - k̃⟩)², mean of observed / predicted) over all pairs."""
-    if isinstance(quantizer_or_codec, TurboQuantMSE):
-        packed = quantizer_or_codec.quantize(keys)
-        error = keys - quantizer_or_codec.dequantize(packed)
-        predicted = quantizer_or_codec.score_variance(queries, packed)
-    else:
-        parts = quantizer_or_codec.encode(keys, **kwargs)
-        error = keys - quantizer_or_codec.decode(parts, torch.float32, **kwargs)
-        predicted = quantizer_or_codec.score_variance(queries, parts)
+    parts = codec.encode(keys, **kwargs)
+    error = keys - codec.decode(parts, torch.float32, **kwargs)
+    predicted = score_variance(codec, queries, parts)
     observed = (queries @ error.transpose(-1, -2)) ** 2
     return predicted.mean().item(), observed.mean().item(), (observed / predicted).mean().item()
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_quantizer_score_variance_matches_the_observed_error(bits):
+def test_score_variance_matches_the_observed_error(bits):
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 1, 4000, 64, generator=g) * torch.rand(1, 1, 4000, 1, generator=g)  # norms vary
     queries = torch.randn(1, 1, 16, 64, generator=g) * torch.linspace(0.2, 3, 64)  # anisotropic queries
-    predicted, observed, ratio = _calibration(TurboQuantMSE(64, bits, seed=3), keys, queries)
+    predicted, observed, ratio = _calibration(TurboQuantCodec(64, bits, seed=3), keys, queries)
     assert observed == pytest.approx(predicted, rel=0.08)
     assert ratio == pytest.approx(1.0, rel=0.08)
 
@@ -41,12 +35,12 @@ def test_quantizer_score_variance_matches_the_observed_error(bits):
 def test_score_variance_ranks_keys_by_their_norm():
     """Keys with larger norms have larger score errors, and σ² says so (correlation over keys)."""
     g = torch.Generator().manual_seed(1)
-    quantizer = TurboQuantMSE(64, 2, seed=5)
+    codec = TurboQuantCodec(64, 2, seed=5, norm_bits=8)
     keys = torch.randn(1, 1, 6000, 64, generator=g) * torch.rand(1, 1, 6000, 1, generator=g) * 3
     queries = torch.randn(1, 1, 4, 64, generator=g)
-    packed = quantizer.quantize(keys)
-    observed = (queries @ (keys - quantizer.dequantize(packed)).transpose(-1, -2)) ** 2
-    predicted = quantizer.score_variance(queries, packed)
+    parts = codec.encode(keys)
+    observed = (queries @ (keys - codec.decode(parts, torch.float32)).transpose(-1, -2)) ** 2
+    predicted = score_variance(codec, queries, parts)
     p, o = predicted - predicted.mean(-1, keepdim=True), observed - observed.mean(-1, keepdim=True)
     assert ((p * o).sum(-1) / (p.norm(dim=-1) * o.norm(dim=-1))).min() > 0.3
 
@@ -71,6 +65,10 @@ def test_codec_score_variance_is_calibrated_for_split_and_shaped_keys(spec):
 def test_prod_and_unbiased_keys_refuse_score_variance():
     with pytest.raises(ValueError, match="mse keys"):
         TurboQuantConfig(key_method="prod", score_variance=True)
+    with pytest.raises(ValueError, match="mse keys"):
+        TurboQuantCodec(64, 3, "prod").variance_weights(torch.ones(1, 1, 1, 64))
+    with pytest.raises(ValueError, match="conditional means"):
+        TurboQuantCodec(64, 3, unbiased=True).variance_weights(torch.ones(1, 1, 1, 64))
     with pytest.raises(ValueError, match="unbias_keys"):
         TurboQuantConfig(unbias_keys=True, score_variance=True)
     with pytest.raises(ValueError, match="True or False"):
@@ -111,7 +109,7 @@ def test_wrapper_adds_half_the_variance_to_compressed_columns_only(monkeypatch):
         assert mask.dtype == query.dtype and mask.shape == (1, 4, 8, 24)
         grouped = query.float().reshape(1, 2, 2 * 8, -1)
         parts = {n: t[:, :, :compressed] for n, t in layer.compressed_keys.parts.items()}
-        expected = 0.5 * model.model.layers[0].self_attn.scaling ** 2 * layer.key_codec.score_variance(grouped, parts).view(1, 4, 8, -1)
+        expected = 0.5 * model.model.layers[0].self_attn.scaling ** 2 * score_variance(layer.key_codec, grouped, parts).view(1, 4, 8, -1)
         torch.testing.assert_close(mask[..., sinks : sinks + compressed].float(), expected, rtol=1e-5, atol=1e-7)
         assert (expected > 0).all()
         assert (mask[..., :sinks] == 0).all()

@@ -28,11 +28,12 @@ The pieces:
 
 6. Score variance (`TurboQuantConfig.score_variance`): a score read from codes
    is the conditional mean ŝ of the true score s given them, with variance σ²
-   (`codec.score_variance`); exp is convex, so E[exp s | codes] = exp(ŝ + σ²/2)
+   (`codec.score_variance`: Σ_g w_g(q) ‖k_g‖², from the stored norms); exp is convex, so E[exp s | codes] = exp(ŝ + σ²/2)
    for a Gaussian posterior, and each compressed key's logit gets σ²/2 (times
    scaling²) added. The store notes what it returned (`note_compressed_read`);
    the wrapper, installed on every device for this option, adds the bias to the
-   mask (reference path) or to the kernel's per-token key bias (fused decode).
+   mask (reference path), or hands the decode kernel ½·scaling·w_g(q) per query
+   head and group (`norm_bias`), which it multiplies by each token's ‖k_g‖².
 
 `fused_decode(False)` turns the fused path off (a context manager), e.g. to
 compare both paths in tests and benchmarks.
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .codec import Parts
+from .codec import Parts, score_variance
 
 _PREFIX = "tqpatch_"
 _BASES = ("sdpa", "eager")
@@ -114,7 +115,7 @@ class CompressedRead:
         b, hq, t, d = query.shape
         hkv = next(iter(self.parts.values())).shape[1]
         grouped = query.float().reshape(b, hkv, (hq // hkv) * t, d)  # query head h reads KV head h // (Hq/Hkv)
-        variance = self.codec.score_variance(grouped, self.parts)
+        variance = score_variance(self.codec, grouped, self.parts)
         return (0.5 * scaling * scaling) * variance.view(b, hq, t, -1)
 
     def add_to_mask(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -248,17 +249,16 @@ def _fused_attention(module, query, snap: _Snapshot, attention_mask, scaling):
         fp_valid = row[:, s + n :] if s == 0 else torch.cat([row[:, :s], row[:, s + n :]], dim=1)
     key_codec = snap.layer.key_codec
     q = query[:, :, 0, :]
-    rope_bias = key_bias = None
+    rope_bias = norm_bias = None
     if getattr(key_codec, "has_offset", False):  # ⟨q, R_p μ⟩, evaluated inside the kernel from the shared position table
         rope_bias = key_codec.rope_bias(q, snap.first, rows=max(snap.first + n, kernels.ROPE_TABLE_MIN_ROWS))
-    read = snap.compressed_read()
-    if read is not None:  # σ²/2 per compressed key, as a dense bias on ⟨q, k̃⟩ (the kernel multiplies it by scaling)
-        key_bias = read.logit_bias(query, scaling)[:, :, 0, :] / scaling
-        if rope_bias is not None:
-            key_bias, rope_bias = key_bias + rope_bias.dense(n), None
+    if snap.layer.score_variance:  # σ²/2 = Σ_g ½·scaling·w_g(q) ‖k_g‖² on ⟨q, k̃⟩ (the kernel multiplies by scaling)
+        hkv = next(iter(snap.key_parts.values())).shape[1]
+        weights = key_codec.variance_weights(q.float().view(b, hkv, hq // hkv, d))  # [B, Hkv, G, groups]
+        norm_bias = (0.5 * scaling) * weights.reshape(b, hq, -1)
     out = kernels.decode_attention(
         q, kernel_codec(key_codec), kernel_codec(snap.layer.value_codec), snap.key_parts, snap.value_parts,
-        fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype, rope_bias=rope_bias, key_bias=key_bias,
+        fp_k, fp_v, scaling, valid, fp_valid, out_dtype=query.dtype, rope_bias=rope_bias, norm_bias=norm_bias,
         code_query=key_codec.shape_queries(q) if getattr(key_codec, "shaping", None) is not None else None,
     )
     return out.unsqueeze(1)  # [B, 1, Hq, d], as sdpa/eager return it

@@ -64,13 +64,16 @@ class TurboQuantCodec:
             parts = {**parts, "norms": self.norm_codes.decode(parts["norms"])}
         return self.quantizer.dequantize(QuantizedVectors(**parts, dtype=dtype))
 
-    def score_variance(self, queries: torch.Tensor, parts: Parts) -> torch.Tensor:
-        """Var(⟨q_i, x_j⟩ | stored parts of x_j) [B, H, M, L] for queries [B, H, M, d] (grouped per KV head)
-        and parts [B, H, L, ...] (`TurboQuantMSE.score_variance`; mse codes only)."""
+    def variance_weights(self, queries: torch.Tensor) -> torch.Tensor:
+        """[B, H, M, 1]: ‖q‖² D / d for queries [B, H, M, d]; `score_variance` multiplies it by each key's ‖x‖²."""
         if self.method != "mse":
-            raise ValueError("score_variance is for mse keys (TurboQuant_prod's scores are unbiased estimates, not conditional means)")
+            raise ValueError("the score variance is for mse keys (TurboQuant_prod's scores are unbiased estimates, not conditional means)")
+        return queries.float().square().sum(-1, keepdim=True) * self.quantizer.coordinate_variance
+
+    def group_norms(self, parts: Parts) -> torch.Tensor:
+        """The stored norms [B, H, L, 1] float32 (decoded from 8-bit codes where stored so)."""
         norms = parts["norms"] if self.norm_codes is None else self.norm_codes.decode(parts["norms"])
-        return self.quantizer.score_variance(queries, QuantizedVectors(parts["codes"], norms))
+        return norms.float().unsqueeze(-1)
 
     def prepare(self, x: torch.Tensor) -> None:
         """Called with the first chunk before it is encoded (by any path, kernels included): fixes the 8-bit
@@ -211,17 +214,19 @@ class SplitCodec:
             out.scatter_(-1, index.to(hi.device, torch.int64)[None, :, None, :].expand(b, h, t, -1), part)
         return out.to(dtype)
 
-    def score_variance(self, queries: torch.Tensor, parts: Parts) -> torch.Tensor:
-        """Var(⟨q_i, x_j⟩ | stored parts) [B, H, M, L] for queries [B, H, M, d]: the two groups' errors are
-        independent, so their variances add, each from the query's channels of that group."""
-        total = None
-        for group, quantizer, index in (("hi", self.outlier, self.outlier_index), ("lo", self.regular, self.regular_index)):
-            if quantizer is None:
-                continue
-            stored = QuantizedVectors(parts[f"{group}_codes"], self._norms(parts, group))
-            part = quantizer.score_variance(self._gather(queries, index), stored)
-            total = part if total is None else total + part
-        return total
+    def _groups(self):
+        return [(name, q, index) for name, q, index in (("hi", self.outlier, self.outlier_index), ("lo", self.regular, self.regular_index))
+                if q is not None]
+
+    def variance_weights(self, queries: torch.Tensor) -> torch.Tensor:
+        """[B, H, M, G]: ‖q_g‖² D_g / d_g of each group's channels (the groups' errors are independent, so the
+        score variance is Σ_g weight_g ‖x_g‖²), in the kernels' group order (high-bit group first)."""
+        return torch.cat([q.coordinate_variance * self._gather(queries.float(), index).square().sum(-1, keepdim=True)
+                          for _, q, index in self._groups()], dim=-1)
+
+    def group_norms(self, parts: Parts) -> torch.Tensor:
+        """The groups' stored norms [B, H, L, G] float32."""
+        return torch.stack([self._norms(parts, name).float() for name, _, _ in self._groups()], dim=-1)
 
     @property
     def bits_per_coordinate(self) -> float:
@@ -502,12 +507,12 @@ class RopeKeyCodec:
         shaped = torch.einsum("bhgd,hed->bhge", q.float().view(b, hkv, hq // hkv, d), self.shaping[1].to(q.device))
         return shaped.reshape(b, hq, d).to(q.dtype)
 
-    def score_variance(self, queries: torch.Tensor, parts: Parts) -> torch.Tensor:
-        """Var(⟨q_i, k_j⟩ | stored parts) [B, H, M, L] for post-RoPE queries [B, H, M, d]: R_p μ is exact and
-        ⟨q, k⟩ = ⟨q @ M⁻ᵀ, y⟩ + ⟨q, R_p μ⟩ with y = (k - R_p μ) @ M what the inner codec stores."""
+    def variance_weights(self, queries: torch.Tensor) -> torch.Tensor:
+        """The inner codec's weights for post-RoPE queries [B, H, M, d] carried into the stored basis: R_p μ is
+        exact and ⟨q, k⟩ = ⟨q @ M⁻ᵀ, y⟩ + ⟨q, R_p μ⟩, y = (k - R_p μ) @ M what the inner codec stores."""
         if self.shaping is not None:
             queries = torch.einsum("bhmd,hed->bhme", queries.float(), self.shaping[1].to(queries.device))
-        return self.inner.score_variance(queries, parts)
+        return self.inner.variance_weights(queries)
 
     def rope_bias(self, q: torch.Tensor, first_index: int, rows: int) -> RopeBias:
         """⟨q, R_p μ⟩ for one query token per row, q [B, Hq, d], and compressed tokens from sequence index
@@ -537,6 +542,13 @@ class RopeKeyCodec:
             shaping = stored_nbytes(self.shaping[0].shape[0], self.head_dim, **storage)
         rope = 0 if self.rope is None else self.rope.frequencies.numel() * 4
         return self.inner.extra_nbytes + mean + shaping + rope
+
+
+def score_variance(codec, queries: torch.Tensor, parts: Parts) -> torch.Tensor:
+    """Var(⟨q_i, k_j⟩ | stored parts of k_j) [B, H, M, L] for queries [B, H, M, d] (grouped per KV head) and a key
+    codec's parts [B, H, L, ...]: Σ_g weight_g(q_i) ‖k_j,g‖² (`variance_weights`, `group_norms`; mse codes decoded
+    as conditional means: `TurboQuantMSE.coordinate_variance`)."""
+    return torch.einsum("bhmg,bhlg->bhml", codec.variance_weights(queries), codec.group_norms(parts).square())
 
 
 def make_codec(

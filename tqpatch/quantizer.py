@@ -183,19 +183,14 @@ class TurboQuantMSE:
         rotated = self.rotate(query)
         return (rotated @ self.lookup(q.codes).transpose(-1, -2)) * q.norms.float().unsqueeze(-2)
 
-    def score_variance(self, query: torch.Tensor, q: QuantizedVectors) -> torch.Tensor:
-        """Var(⟨query_i, x_j⟩ | codes of x_j): how uncertain each score is once x_j is decoded.
-
-        x_j = n_j Πᵀ(c[idx_j] + ε_j), ε_j the rotated coordinates' offsets from their centroids: of zero mean
-        given the codes (Lloyd-Max centroids are conditional means), about independent, each of variance D/d
-        on average (D the codebook's unit-vector MSE), so Var ≈ n_j² ‖query_i‖² D / d. (Each code's own cell
-        variance ranks the keys no better on random data, and measured the same on SmolLM2: README.)
-        query: [..., Lq, d], q: batch shape [..., Lk] -> [..., Lq, Lk] float32. Codes decoded as conditional
-        means only (not `unbiased`)."""
+    @property
+    def coordinate_variance(self) -> float:
+        """Var of one rotated coordinate of a unit vector given its code, on average: D / d (D the codebook's
+        unit-vector MSE). Lloyd-Max centroids are conditional means, so the score error ⟨q, x - x̃⟩ has zero mean
+        given the codes and variance ≈ ‖x‖² ‖q‖² D / d (`codec.score_variance`). Not for `unbiased` decoding."""
         if self.unbiased:
-            raise ValueError("score_variance is for codes decoded as conditional means, not unbiased (c / (1 - D)) decoding")
-        weight = query.float().square().sum(-1, keepdim=True) * (self.codebook.unit_vector_mse / self.head_dim)  # [..., Lq, 1]
-        return weight * q.norms.float().square().unsqueeze(-2)
+            raise ValueError("the score variance is for codes decoded as conditional means, not unbiased (c / (1 - D)) decoding")
+        return self.codebook.unit_vector_mse / self.head_dim
 
 
 class TurboQuantProd:

@@ -464,6 +464,7 @@ def decode_attention(
     key_bias: torch.Tensor | None = None,  # [B, Hq, L] float32 added to ⟨q, k̃⟩ (centered keys' ⟨q, R_p μ⟩)
     code_query: torch.Tensor | None = None,  # [B, Hq, d] scores the compressed tokens instead of q (shaped keys' A⁻¹q)
     rope_bias: RopeBias | None = None,  # centered keys' ⟨q, R_p μ⟩ in factored form, added like key_bias
+    norm_bias: torch.Tensor | None = None,  # [B, Hq, groups] float32: Σ_g norm_bias_g ‖k_g‖² added like key_bias (score variance)
 ) -> torch.Tensor:
     """Attention of one query token over compressed + full-precision tokens: [B, Hq, d] in out_dtype (default q's)."""
     out_dtype = out_dtype or q.dtype
@@ -486,14 +487,16 @@ def decode_attention(
         if rope_bias.coefficients.shape != q.shape or width != 2 * d or rows < rope_bias.first + kn.shape[2]:
             raise ValueError(f"rope_bias must hold coefficients {tuple(q.shape)} and a table [>= {rope_bias.first + kn.shape[2]}, {2 * d}], "
                              f"got {tuple(rope_bias.coefficients.shape)} and {tuple(rope_bias.table.shape)}")
+    if norm_bias is not None and tuple(norm_bias.shape) != (b, hq, key_codec.group_norms(key_parts).shape[-1]):
+        raise ValueError(f"norm_bias must be [B, Hq, groups] = {(b, hq, key_codec.group_norms(key_parts).shape[-1])}, got {tuple(norm_bias.shape)}")
     if not (supports(key_codec) and supports(value_codec) and _use_triton(q)):
         if rope_bias is not None:
             key_bias = rope_bias.dense(kn.shape[2])
         return decode_attention_reference(
-            q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, key_bias, code_query
+            q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, key_bias, code_query, norm_bias
         ).to(out_dtype)
     args = (q, key_codec, value_codec, key_parts, value_parts, fp_keys, fp_values, scaling, valid, fp_valid, out_dtype, block_t, num_splits,
-            key_bias, code_query, rope_bias)
+            key_bias, code_query, rope_bias, norm_bias)
     try:
         return _launch_decode(*args)
     except WarpKernelError as exc:  # Gluon is experimental: a Triton whose Gluon cannot build the warp kernel
@@ -503,7 +506,7 @@ def decode_attention(
 
 
 def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp_valid, out_dtype, block_t, num_splits, key_bias=None, code_query=None,
-                   rope_bias=None):
+                   rope_bias=None, norm_bias=None):
     tk = _tk()
     b, hq, d = q.shape
     kgroups, vgroups = _groups(key_codec), _groups(value_codec)
@@ -520,7 +523,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     if q.stride(-1) != 1:
         q = q.contiguous()
     scoring = (q if code_query is None else code_query).reshape(b * hq, d)  # any float dtype: rotate_rows reads it as float32
-    warp = _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias) and _token_offsets_fit_int32(kp, vp, kgroups[0], vgroups[0], length)
+    warp = norm_bias is None and _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias) and _token_offsets_fit_int32(kp, vp, kgroups[0], vgroups[0], length)
     if warp:
         block_t = max(16, DECODE_TUNING["warp_lut_tokens"])  # the warp kernels' step; their rotated query is made below, in their channel order
     elif klay.query.shape[0] == 1:
@@ -567,6 +570,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 rt = rope_bias.table.float().contiguous()
             else:
                 rc, rt = qr, qr
+            nb = norm_bias.float().reshape(b * hq, len(kgroups)).contiguous() if norm_bias is not None else qr
             tk._tq_decode_split_kernel[(programs, splits)](
                 qr, qr.stride(0),
                 *k0["args"], *k1["args"],
@@ -579,12 +583,14 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
                 mk, mk.stride(0) if valid is not None else 0, 0,
                 kb, kb.stride(0) if key_bias is not None else 0,
                 rc, rc.stride(0), rt, rt.stride(0), rope_bias.first if rope_bias is not None else 0, bias_log2,
+                nb,
                 m, l_, acc,
                 hkv, length, per_split, scale_log2, qjl_scale,
                 G=g, GP=gp, D=d, AW=aw,
                 KG=len(kgroups), **{"K" + k + "0": v for k, v in k0["const"].items()}, **{"K" + k + "1": v for k, v in k1["const"].items()},
                 VG=len(vgroups), **{"V" + k + "0": v for k, v in v0["const"].items()}, **{"V" + k + "1": v for k, v in v1["const"].items()},
                 PROD=prod, HAS_MASK=valid is not None, HAS_BIAS=key_bias is not None, HAS_ROPE=rope_bias is not None,
+                HAS_NORM_BIAS=norm_bias is not None,
                 ROPE_PREC="ieee" if interpreting() else DECODE_TUNING["rope_precision"],
                 BLOCK_T=block_t, LUT=DECODE_TUNING["lut"], KN8=kn8, VN8=vn8, KCS=klay.centroids.shape[1], VCS=vlay.centroids.shape[1],
                 num_warps=DECODE_TUNING["num_warps"], num_stages=DECODE_TUNING["num_stages"],

@@ -30,11 +30,13 @@ def decode_attention_reference(
     fp_valid: torch.Tensor | None = None,  # [B, F] bool
     key_bias: torch.Tensor | None = None,  # [B, Hq, L] float32, added to ⟨q, k̃⟩ of the compressed tokens
     code_query: torch.Tensor | None = None,  # [B, Hq, d]: scores the compressed tokens instead of q
+    norm_bias: torch.Tensor | None = None,  # [B, Hq, groups] float32: Σ_g norm_bias_g ‖k_g‖² added to ⟨q, k̃⟩ too
 ) -> torch.Tensor:
     """Softmax attention of one query token over dequantized compressed tokens + exact fp tokens, float32: [B, Hq, d].
 
     Logit of compressed token j: (⟨q_c, k̃_j⟩ + key_bias[j]) · scaling, with q_c = code_query or q
-    (key_bias: ⟨q, R_p μ⟩ of centered keys; code_query: A⁻¹q of query-shaped keys); fp token: ⟨q, k⟩ · scaling."""
+    (key_bias: ⟨q, R_p μ⟩ of centered keys; code_query: A⁻¹q of query-shaped keys; norm_bias: the score variance's
+    σ²/2 / scaling over the groups' stored norms, `codec.score_variance`); fp token: ⟨q, k⟩ · scaling."""
     keys = [key_codec.decode(key_parts, torch.float32)]
     values = [value_codec.decode(value_parts, torch.float32)]
     b = q.shape[0]
@@ -53,6 +55,9 @@ def decode_attention_reference(
         scores = torch.cat([torch.einsum("bhd,bhld->bhl", code_query.float(), k[:, :, :n]), scores[..., n:]], dim=-1)
     if key_bias is not None:
         scores = torch.cat([scores[..., :n] + key_bias.float(), scores[..., n:]], dim=-1)
+    if norm_bias is not None:
+        norms2 = key_codec.group_norms(key_parts).square().repeat_interleave(groups, dim=1)  # [B, Hq, L, groups]
+        scores = torch.cat([scores[..., :n] + torch.einsum("bhg,bhlg->bhl", norm_bias.float(), norms2), scores[..., n:]], dim=-1)
     scores = scores * scaling
     scores = scores.masked_fill(~m[:, None, :], float("-inf"))
     return torch.einsum("bhl,bhld->bhd", torch.softmax(scores, dim=-1), v)

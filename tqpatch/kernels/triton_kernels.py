@@ -560,6 +560,7 @@ def _tq_decode_split_kernel(
     rt_ptr, srt, rope_first, rope_log2,   # position p = rope_first + j: Σ_f A_f C_p[f] + B_f S_p[f] over the D/2 frequencies,
                                           # with (C_p | S_p) = row p of the table [rows, 2D] fp32 (s·cos | s·sin, halves repeated);
                                           # rope_log2 = scale_log2 / s
+    nb_ptr,                               # HAS_NORM_BIAS: [B*Hq, KG] fp32, Σ_g nb_g n_g² added to ⟨q, k̃⟩ (the score variance)
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, AW] fp32
     Hkv, L, per_split, scale_log2, qjl_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, AW: tl.constexpr,
@@ -568,6 +569,7 @@ def _tq_decode_split_kernel(
     VG: tl.constexpr, VB0: tl.constexpr, VW0: tl.constexpr, VNB0: tl.constexpr, VPL0: tl.constexpr,
     VB1: tl.constexpr, VW1: tl.constexpr, VNB1: tl.constexpr, VPL1: tl.constexpr,
     PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, ROPE_PREC: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr, LUT: tl.constexpr, KN8: tl.constexpr, VN8: tl.constexpr,
     KCS: tl.constexpr, VCS: tl.constexpr,  # centroid table rows: max(16, 2^bits of the side's widest group)
 ):
@@ -602,6 +604,11 @@ def _tq_decode_split_kernel(
         trow = tl.arange(0, BLOCK_T)[:, None] * srt
         cos_t = tl.load(rt_ptr + trow + hcols[None, :])  # [BT, D/2] C_t of the offsets t = 0 .. BT-1
         sin_t = tl.load(rt_ptr + trow + D + hcols[None, :])
+    if HAS_NORM_BIAS:  # per query row and key group, in log2 units: s += nb_g n_g²
+        nrow = (b * Hkv * G + h * G + g) * KG
+        nb0 = tl.load(nb_ptr + nrow, mask=gmask, other=0.0) * scale_log2
+        if KG == 2:
+            nb1 = tl.load(nb_ptr + nrow + 1, mask=gmask, other=0.0) * scale_log2
     m_i = tl.full([GP], NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     a00 = tl.zeros([GP, VW0 // VPL0], dtype=tl.float32)
@@ -647,6 +654,8 @@ def _tq_decode_split_kernel(
             gam = tl.load(kr_ptr + b * skrb + h * skrh + offs * skrt, mask=tmask, other=0.0).to(tl.float32)
             s += tl.dot(q_sk, tl.trans(sgn)) * (qjl_scale * gam)[None, :]
         s = s * (kn0 * scale_log2)[None, :]
+        if HAS_NORM_BIAS:
+            s += nb0[:, None] * (kn0 * kn0)[None, :]
         if KG == 2:
             kw1 = kw1_next.to(tl.int32)
             kw1_next = _plane_bytes(kb1 + nxt * skc1t, nmask, KW1, KPL1, KNB1)
@@ -654,6 +663,8 @@ def _tq_decode_split_kernel(
             kn1_next = tl.load(kn1_ptr + b * skn1b + h * skn1h + nxt * skn1t, mask=nmask, other=0)
             s1 = _group_scores(kq10, kq11, kq12, kq13, kw1, kb1 + offs * skc1t, tmask, kcent_ptr + KCS, BLOCK_T, KW1, KNB1, KB1, KPL1, LUT)
             s += s1 * (kn1 * scale_log2)[None, :]
+            if HAS_NORM_BIAS:
+                s += nb1[:, None] * (kn1 * kn1)[None, :]
         if HAS_BIAS:
             brow = (b * Hkv * G + h * G + g) * skb
             s += tl.load(kbias_ptr + brow[:, None] + offs[None, :], mask=gmask[:, None] & tmask[None, :], other=0.0) * scale_log2
