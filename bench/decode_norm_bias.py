@@ -1,0 +1,61 @@
+"""What the score-variance bias (`score_variance`, spec -sv) costs the fused decode, against bf16 SDPA (one GPU).
+
+    python3 bench/decode_norm_bias.py --rounds 7 --out decode_norm_bias.json
+
+k4v4 codes with 8-bit norms (random bytes), Llama-3.1-8B heads (32 query / 8 KV heads, d 128), B=8 at 32k tokens and
+B=1 at 128k (`decode_ab.decode_inputs`). Per round, in turn: bf16 `scaled_dot_product_attention` (enable_gqa); the
+plain kernel call (k4v4: the warp kernel); with the RoPE bias of centered keys (the `+` presets: the split kernel);
+and with the RoPE bias plus `norm_bias` (the `+` presets with -sv). GPU time per call from CUDA-graph replays, medians.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import click
+import torch
+
+from bench.decode_ab import decode_inputs
+from cli.bench import _ms_graph
+from tqpatch import kernels
+from tqpatch.codec import TurboQuantCodec
+from tqpatch.rope import RopeBias, RopeTable
+
+
+@click.command()
+@click.option("--rounds", default=7, show_default=True)
+@click.option("--out", default=None, help="JSON file for the per-round times and medians.")
+def main(rounds: int, out: str | None) -> None:
+    hq, hkv, d = 32, 8, 128
+    codec = TurboQuantCodec(d, 4, "mse", 0, norm_bits=8)
+    codec.prepare(torch.randn(1, hkv, 64, d))  # fixes the 8-bit norms' ranges
+    table = RopeTable(5e5 ** -(torch.arange(d // 2, dtype=torch.float64) / (d // 2)), 1.0)
+    result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": []}
+    for b, length, kp, vp, q, ks, vs in decode_inputs(codec, hq, hkv):
+        qs = q[:, :, None]
+        rope = RopeBias(torch.randn(b, hq, d, device="cuda"), table.joined_range(0, max(length, kernels.ROPE_TABLE_MIN_ROWS), "cuda"), 0, 1.0)
+        norm_bias = torch.rand(b, hq, 1, device="cuda") * 1e-3
+        calls = {
+            "bf16 SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True),
+            "k4v4": lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5),
+            "k4v4 + rope bias": lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5, rope_bias=rope),
+            "k4v4 + rope bias + norm bias": lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5,
+                                                                             rope_bias=rope, norm_bias=norm_bias),
+        }
+        times = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                times[name].append(_ms_graph(call, 50))
+        med = {name: statistics.median(t) for name, t in times.items()}
+        result["shapes"].append({"B": b, "L": length, "ms": times, "median_ms": med,
+                                 "ratio_to_sdpa": {n: med[n] / med["bf16 SDPA"] for n in calls if n != "bf16 SDPA"}})
+        click.echo(f"B={b} L={length}: " + " | ".join(f"{n} {med[n]:.4f} ms" + (f" ({med[n] / med['bf16 SDPA']:.2f}x)" if n != "bf16 SDPA" else "")
+                                                        for n in calls))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
