@@ -28,9 +28,9 @@ The pieces:
 
 6. Score variance (`TurboQuantConfig.score_variance`): a score read from codes
    is the conditional mean ŝ of the true score s given them, with variance σ²
-   (`codec.score_variance`: Σ_g w_g(q) ‖k_g‖², from the stored norms); exp is convex, so E[exp s | codes] = exp(ŝ + σ²/2)
-   for a Gaussian posterior, and each compressed key's logit gets σ²/2 (times
-   scaling²) added. The store notes what it returned (`note_compressed_read`);
+   (`codec.score_variance`: Σ_g w_g(q) ‖k_g‖², from the stored norms); exp is
+   convex, so E[exp s | codes] = exp(ŝ + σ²/2) for a Gaussian posterior, and
+   each compressed key's logit gets σ²/2 (times scaling²) added. The store notes what it returned (`note_compressed_read`);
    the wrapper, installed on every device for this option, adds the bias to the
    mask (reference path), or hands the decode kernel ½·scaling·w_g(q) per query
    head and group (`norm_bias`), which it multiplies by each token's ‖k_g‖².
