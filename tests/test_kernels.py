@@ -730,7 +730,9 @@ def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padde
         tqpatch.unpatch(model)
     assert len(calls) == 4 * 23 and all(calls), "decode steps did not take the fused kernel path"
     assert all(shaped) if config.shape_sliding_keys else (any(shaped) and not all(shaped))
-    assert _rel(fused, ref) < 2e-2
+    # With the score variance the 2-bit keys' paths differ by 2.3% on an H100 (1.4% without it): the bias moves these
+    # logits by 6%, and the fused logits sit 2.3% from the reference with it, 5.9% from the one without (runs 97-98).
+    assert _rel(fused, ref) < (3e-2 if config.score_variance else 2e-2)
     assert torch.nn.functional.cosine_similarity(fused.flatten(), ref.flatten(), dim=0) > COS_FLOOR
 
 
