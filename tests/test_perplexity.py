@@ -171,8 +171,9 @@ def test_smollm2_fp_chunked_path_equals_one_forward_pass(smollm2, wikitext):
 
 
 # Measured on CPU (float32): first 1024 WikiText-2 tokens, W = 512, C = 32 (see README, Perplexity).
-# k4v4+ / k2v2+ are k4v4-s4-ck-qsd-n8 / k2v2-s4-ck-uv-qsd-dp-n8 (on SmolLM2, which has no sliding layers, -qsd is -qs:
-# k4v4+ pins as k4v4-s4-ck-qs-n8 did); k2v2-s4-ck-uv-qs-n8 is k2v2+ before the diagonal prior (-dp),
+# k4v4+ is k4v4-s4-ck-qsd-n8 (on SmolLM2, which has no sliding layers, -qsd is -qs:
+# k4v4+ pins as k4v4-s4-ck-qs-n8 did); k2v2+ is k2v2-s4-ck-uv-sv-qsd-dp-n8 since the tenth session (-sv), and
+# k2v2-s4-ck-uv-qsd-dp-n8 k2v2+ before it; k2v2-s4-ck-uv-qs-n8 is k2v2+ before the diagonal prior (-dp),
 # k2v2-s4-ck-qs-n8 k2v2+ before unbiased values and
 # k2v2-s4-ck before query shaping and 8-bit norms; k2.75v2.5-s3-ck-qs-n8 meets the quality issue's "<= 3 true bits:
 # <= +5%" on SmolLM2 (8,192 tokens); -ukv / -uk / -uv: unbiased decoding (README, Unbiased decoding); 3.5bit+ is
@@ -194,11 +195,11 @@ MARGIN = {"fp": 1e-3, "k4v4": 5e-3, "k2v2": 0.02, "k2v2-s4-ck-qs-n8": 0.02, "k2v
 def test_smollm2_perplexity_is_pinned(smollm2, wikitext):
     model, tokenizer = smollm2
     result = decode_perplexity(
-        model, tokenizer, wikitext, [tqpatch.TurboQuantConfig.from_spec(name) for name in ("k4v4", "k2v2", "k4v4+", "k2v2-s4-ck-qs-n8", "k2v2+", "k2v2-s4-ck-uv-qs-n8", "k2v2-s4-ck", "k2.75v2.5-s3-ck-qs-n8",
+        model, tokenizer, wikitext, [tqpatch.TurboQuantConfig.from_spec(name) for name in ("k4v4", "k2v2", "k4v4+", "k2v2-s4-ck-qs-n8", "k2v2-s4-ck-uv-qsd-dp-n8", "k2v2-s4-ck-uv-qs-n8", "k2v2-s4-ck", "k2.75v2.5-s3-ck-qs-n8",
                                                                                     "k2.75v2.5-s3-ck-qs-n8-e4.2", "k2v2-s3-ck-qs-n8-e3.1",
                                                                                     "k1.8v2-s3-ck-qs-n8-e3.1-fit128", "k2v2-s4-ck-ukv-qs-n8",
                                                                                     "k4v4-s4-ck-uk-qs-n8", "3.5bit+", "k3.5v3.5-s4-ck-qsd-dp-n8",
-                                                                                    "k2v2-s4-ck-uv-sv-qsd-dp-n8")],
+                                                                                    "k2v2+")],
         window=512, chunk=32, max_tokens=1024, progress=False,
     )
     got = {row.setting: row.ppl for row in result.rows}
