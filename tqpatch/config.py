@@ -132,8 +132,8 @@ class TurboQuantConfig:
         query in the stored basis): a decoded score is the conditional mean ŝ, and
         E[exp s | codes] = exp(ŝ + σ²/2), so keys with uncertain (large-norm) scores are not
         under-weighted (`tqpatch.attention`). Nothing stored changes; mse keys decoded as
-        conditional means only (not prod, not unbias_keys). On CUDA the decode step adds it
-        as a dense per-token bias (spec sv).
+        conditional means only (not prod, not unbias_keys). On CUDA the decode kernel adds it
+        per token from the group norms it reads anyway (`norm_bias`; spec sv).
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per

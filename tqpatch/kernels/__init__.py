@@ -487,9 +487,10 @@ def decode_attention(
         if rope_bias.coefficients.shape != q.shape or width != 2 * d or rows < rope_bias.first + kn.shape[2]:
             raise ValueError(f"rope_bias must hold coefficients {tuple(q.shape)} and a table [>= {rope_bias.first + kn.shape[2]}, {2 * d}], "
                              f"got {tuple(rope_bias.coefficients.shape)} and {tuple(rope_bias.table.shape)}")
-    key_groups = sum(name.endswith("norms") and name != "residual_norms" for name in key_parts)  # "norms", or "hi_norms" (+ "lo_norms")
-    if norm_bias is not None and tuple(norm_bias.shape) != (b, hq, key_groups):
-        raise ValueError(f"norm_bias must be [B, Hq, groups] = {(b, hq, key_groups)}, got {tuple(norm_bias.shape)}")
+    if norm_bias is not None:
+        key_groups = sum(name.endswith("norms") and name != "residual_norms" for name in key_parts)  # "norms", or "hi_norms" (+ "lo_norms")
+        if tuple(norm_bias.shape) != (b, hq, key_groups):
+            raise ValueError(f"norm_bias must be [B, Hq, groups] = {(b, hq, key_groups)}, got {tuple(norm_bias.shape)}")
     if not (supports(key_codec) and supports(value_codec) and _use_triton(q)):
         if rope_bias is not None:
             key_bias = rope_bias.dense(kn.shape[2])
