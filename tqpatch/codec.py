@@ -504,15 +504,18 @@ class RopeKeyCodec:
             return q
         b, hq, d = q.shape
         hkv = self.shaping[1].shape[0]
-        shaped = torch.einsum("bhgd,hed->bhge", q.float().view(b, hkv, hq // hkv, d), self.shaping[1].to(q.device))
-        return shaped.reshape(b, hq, d).to(q.dtype)
+        return self._in_stored_basis(q.view(b, hkv, hq // hkv, d)).reshape(b, hq, d).to(q.dtype)
+
+    def _in_stored_basis(self, queries: torch.Tensor) -> torch.Tensor:
+        """q @ M⁻ᵀ per KV head for queries [B, Hkv, M, d] (float32; as they are without shaping)."""
+        if self.shaping is None:
+            return queries
+        return torch.einsum("bhmd,hed->bhme", queries.float(), self.shaping[1].to(queries.device))
 
     def variance_weights(self, queries: torch.Tensor) -> torch.Tensor:
         """The inner codec's weights for post-RoPE queries [B, H, M, d] carried into the stored basis: R_p μ is
         exact and ⟨q, k⟩ = ⟨q @ M⁻ᵀ, y⟩ + ⟨q, R_p μ⟩, y = (k - R_p μ) @ M what the inner codec stores."""
-        if self.shaping is not None:
-            queries = torch.einsum("bhmd,hed->bhme", queries.float(), self.shaping[1].to(queries.device))
-        return self.inner.variance_weights(queries)
+        return self.inner.variance_weights(self._in_stored_basis(queries))
 
     def rope_bias(self, q: torch.Tensor, first_index: int, rows: int) -> RopeBias:
         """⟨q, R_p μ⟩ for one query token per row, q [B, Hq, d], and compressed tokens from sequence index
