@@ -188,14 +188,11 @@ class SplitCodec:
     def encode(self, x: torch.Tensor) -> Parts:
         if not self.calibrated:
             self.calibrate(x)
-        hi = self.outlier.quantize(self._gather(x, self.outlier_index))
-        parts = {"hi_codes": hi.codes, "hi_norms": hi.norms}
-        if self.regular is not None:
-            lo = self.regular.quantize(self._gather(x, self.regular_index))
-            parts.update(lo_codes=lo.codes, lo_norms=lo.norms)
-        if self.norm_codes is not None:
-            for group, quantizer in self.norm_codes.items():
-                parts[f"{group}_norms"] = quantizer.encode(parts[f"{group}_norms"])
+        parts = {}
+        for name, quantizer, index in self._groups():
+            q = quantizer.quantize(self._gather(x, index))
+            norms = q.norms if self.norm_codes is None else self.norm_codes[name].encode(q.norms)
+            parts.update({f"{name}_codes": q.codes, f"{name}_norms": norms})
         return parts
 
     def _norms(self, parts: Parts, group: str) -> torch.Tensor:
@@ -203,18 +200,17 @@ class SplitCodec:
         return norms if self.norm_codes is None else self.norm_codes[group].decode(norms)
 
     def decode(self, parts: Parts, dtype: torch.dtype) -> torch.Tensor:
-        hi = self.outlier.dequantize(QuantizedVectors(parts["hi_codes"], self._norms(parts, "hi"), dtype=torch.float32))
-        b, h, t, _ = hi.shape
-        out = torch.zeros(b, h, t, self.head_dim, device=hi.device, dtype=torch.float32)
-        groups = [(self.outlier_index, hi)]
-        if self.regular is not None:
-            lo = self.regular.dequantize(QuantizedVectors(parts["lo_codes"], self._norms(parts, "lo"), dtype=torch.float32))
-            groups.append((self.regular_index, lo))
-        for index, part in groups:
-            out.scatter_(-1, index.to(hi.device, torch.int64)[None, :, None, :].expand(b, h, t, -1), part)
+        out = None
+        for name, quantizer, index in self._groups():
+            part = quantizer.dequantize(QuantizedVectors(parts[f"{name}_codes"], self._norms(parts, name), dtype=torch.float32))
+            b, h, t, _ = part.shape
+            if out is None:
+                out = torch.zeros(b, h, t, self.head_dim, device=part.device, dtype=torch.float32)
+            out.scatter_(-1, index.to(part.device, torch.int64)[None, :, None, :].expand(b, h, t, -1), part)
         return out.to(dtype)
 
-    def _groups(self):
+    def _groups(self) -> list[tuple[str, TurboQuantMSE, torch.Tensor]]:
+        """(part-name prefix, quantizer, channel index [H, d_g]) of each stored group, high-bit group first."""
         return [(name, q, index) for name, q, index in (("hi", self.outlier, self.outlier_index), ("lo", self.regular, self.regular_index))
                 if q is not None]
 
