@@ -4,8 +4,10 @@
 
 k4v4 codes with 8-bit norms (random bytes), Llama-3.1-8B heads (32 query / 8 KV heads, d 128), B=8 at 32k tokens and
 B=1 at 128k (`decode_ab.decode_inputs`). Per round, in turn: bf16 `scaled_dot_product_attention` (enable_gqa); the
-plain kernel call (k4v4: the warp kernel); with the RoPE bias of centered keys (the `+` presets: the split kernel);
-and with the RoPE bias plus `norm_bias` (the `+` presets with -sv). GPU time per call from CUDA-graph replays, medians.
+plain kernel call (k4v4: the warp kernel); with the RoPE bias of centered keys (the `+` presets) and with the RoPE bias
+plus `norm_bias` (the `+` presets with -sv), each through the LUT warp kernel (the RoPE bias written out dense first:
+`DECODE_TUNING["warp_bias"]`, the default since run 101) and through the split kernel (the path before). GPU time per
+call from CUDA-graph replays, medians.
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ from tqpatch.codec import TurboQuantCodec
 from tqpatch.rope import RopeBias, RopeTable
 
 
+def _split_kernel(call):
+    """`call` with scores that carry a bias sent to the split kernel (warp_bias off while it runs or is captured)."""
+    def run():
+        kernels.DECODE_TUNING["warp_bias"] = False
+        try:
+            return call()
+        finally:
+            kernels.DECODE_TUNING["warp_bias"] = True
+    return run
+
+
 @click.command()
 @click.option("--rounds", default=7, show_default=True)
 @click.option("--out", default=None, help="JSON file for the per-round times and medians.")
@@ -36,12 +49,16 @@ def main(rounds: int, out: str | None) -> None:
         qs = q[:, :, None]
         rope = RopeBias(torch.randn(b, hq, d, device="cuda"), table.joined_range(0, max(length, kernels.ROPE_TABLE_MIN_ROWS), "cuda"), 0, 1.0)
         norm_bias = torch.rand(b, hq, 1, device="cuda") * 1e-3
+        rope_call = lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5, rope_bias=rope)  # noqa: E731
+        both_call = lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5, rope_bias=rope, norm_bias=norm_bias)  # noqa: E731
         calls = {
             "bf16 SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True),
             "k4v4": lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5),
-            "k4v4 + rope bias": lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5, rope_bias=rope),
-            "k4v4 + rope bias + norm bias": lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5,
-                                                                             rope_bias=rope, norm_bias=norm_bias),
+            "k4v4 + rope bias (warp)": rope_call,
+            "k4v4 + rope bias + norm bias (warp)": both_call,
+            "k4v4 + rope bias (split)": _split_kernel(rope_call),
+            "k4v4 + rope bias + norm bias (split)": _split_kernel(both_call),
+            "rope bias dense alone": lambda: kernels.rope_bias_dense(rope, length),
         }
         times = {name: [] for name in calls}
         for _ in range(rounds):

@@ -391,6 +391,26 @@ def _random_decode_inputs(seed: int, b: int, hkv: int, group: int, length: int, 
     return gen, kc, vc, kp, vp, q, fk
 
 
+def _bias_path(monkeypatch, warp_bias: bool) -> list:
+    """Scores with a bias go to the LUT warp kernel (warp_bias, where Gluon runs) or the split kernel; exact keys and
+    values (REL_TOL). Returns the list the warp launches are recorded in (their LUT flags)."""
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_bias", warp_bias)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", 0)
+    calls, launch = [], kernels._launch_decode_warp
+
+    def spy(*args, **kwargs):
+        calls.append(launch(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(kernels, "_launch_decode_warp", spy)
+    return calls
+
+
+def _expected_warp_calls(warp_bias: bool, launches: int) -> list:
+    return [True] * launches if warp_bias and kernels.gluon_available() else []
+
+
 WARP_CASES = [
     # d, Hkv, group, L, norm bits, masked
     (128, 8, 4, 4099, 16, False),
@@ -510,9 +530,12 @@ def test_combine_kernel_merges_more_splits_than_it_reads_per_round(block_s, prem
     assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, _rel(out, ref)
 
 
+@pytest.mark.parametrize("warp_bias", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
-    """Centered keys: the kernel adds ⟨q, R_p μ⟩ (a per-row, per-token bias) to the scores of the compressed tokens."""
+def test_decode_attention_adds_the_key_bias_like_the_reference(masked, warp_bias, monkeypatch):
+    """Centered keys: the kernel adds ⟨q, R_p μ⟩ (a per-row, per-token bias) to the scores of the compressed tokens
+    (the split kernel, or the LUT warp kernel where Gluon runs)."""
+    calls = _bias_path(monkeypatch, warp_bias)
     gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(11, b=2, hkv=2, group=4, length=301, d=128, fp_tokens=2)
     b, hq, d, length = q.shape[0], q.shape[1], q.shape[2], kp["norms"].shape[2]
     bias = (torch.randn(b, hq, length, generator=gen) * 8).to(DEVICE)
@@ -523,18 +546,21 @@ def test_decode_attention_adds_the_key_bias_like_the_reference(masked):
     for splits in (None, 3):
         out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, out_dtype=torch.float32, num_splits=splits, key_bias=bias)
         assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR
+    assert calls == _expected_warp_calls(warp_bias, 2)
     with pytest.raises(ValueError, match="key_bias must be"):
         kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, key_bias=bias[:, :, :-1])
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_decode_attention_adds_the_norm_bias_like_the_reference(split):
-    """Score variance: the kernel adds Σ_g norm_bias_g ‖k_g‖² (per query row and key group) to the compressed scores."""
+@pytest.mark.parametrize("split,warp_bias", [(False, False), (False, True), (True, True)])
+def test_decode_attention_adds_the_norm_bias_like_the_reference(split, warp_bias, monkeypatch):
+    """Score variance: the kernel adds Σ_g norm_bias_g ‖k_g‖² (per query row and key group) to the compressed scores
+    (two key groups: the split kernel; one 4-bit group: the split kernel or the LUT warp kernel)."""
+    calls = _bias_path(monkeypatch, warp_bias)
     gen = torch.Generator().manual_seed(14)
     b, hkv, group, length, d = 2, 2, 4, 301, 64
     k = torch.randn(b, hkv, length, d, generator=gen) * (0.3 + 3 * torch.rand(b, hkv, length, 1, generator=gen))  # norms vary
     v = torch.randn(b, hkv, length, d, generator=gen)
-    kc = _calibrated_split(d, (28, 6, 2), 8, k, 1) if split else TurboQuantCodec(d, 2, "mse", seed=1, norm_bits=8)
+    kc = _calibrated_split(d, (28, 6, 2), 8, k, 1) if split else TurboQuantCodec(d, 4, "mse", seed=1, norm_bits=8)
     vc = TurboQuantCodec(d, 4, "mse", seed=2)
     kp = {n: t.to(DEVICE) for n, t in kc.encode(k).items()}
     vp = {n: t.to(DEVICE) for n, t in vc.encode(v).items()}
@@ -548,16 +574,20 @@ def test_decode_attention_adds_the_norm_bias_like_the_reference(split):
     for splits in (None, 3):
         out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, out_dtype=torch.float32, num_splits=splits, norm_bias=bias)
         assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, (splits, _rel(out, ref))
+    assert calls == _expected_warp_calls(warp_bias and not split, 2)
     with pytest.raises(ValueError, match="norm_bias must be"):
         kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, norm_bias=bias[..., :1].expand(-1, -1, 3))
 
 
+@pytest.mark.parametrize("warp_bias", [False, True])
 @pytest.mark.parametrize("first,scale", [(0, 1.0), (1234, 1.3)])
-def test_decode_attention_adds_the_rope_bias_inside_the_kernel(first, scale):
-    """Centered keys' ⟨q, R_p μ⟩ in factored form (RopeBias): the kernel evaluates it per tile from the rows of the
-    tile start and of the in-tile offsets; it must equal the dense [B, Hq, L] bias, here from position `first` on."""
+def test_decode_attention_adds_the_rope_bias_inside_the_kernel(first, scale, warp_bias, monkeypatch):
+    """Centered keys' ⟨q, R_p μ⟩ in factored form (RopeBias): the split kernel evaluates it per tile from the rows of
+    the tile start and of the in-tile offsets, the warp path writes it out dense first (`rope_bias_dense`, the same
+    angle addition); it must equal the dense [B, Hq, L] bias, here from position `first` on."""
     from tqpatch.rope import RopeBias, RopeTable
 
+    calls = _bias_path(monkeypatch, warp_bias)
     gen, kc, vc, kp, vp, q, fk = _random_decode_inputs(13, b=2, hkv=2, group=4, length=301, d=128, fp_tokens=2)
     b, hq, d, length = q.shape[0], q.shape[1], q.shape[2], kp["norms"].shape[2]
     table = RopeTable(1e4 ** -(torch.arange(d // 2, dtype=torch.float64) / (d // 2)), scale)
@@ -569,9 +599,57 @@ def test_decode_attention_adds_the_rope_bias_inside_the_kernel(first, scale):
     for splits in (None, 3):
         out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, out_dtype=torch.float32, num_splits=splits, rope_bias=bias)
         assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, (splits, _rel(out, ref))
+    assert calls == _expected_warp_calls(warp_bias, 2)
     with pytest.raises(ValueError, match="rope_bias must"):
         short = RopeBias(bias.coefficients, bias.table[: first + length - 1], first, scale)
         kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, rope_bias=short)
+
+
+@pytest.mark.parametrize("d,first,length", [(128, 0, 301), (64, 777, 64 * 8 * 2 + 5)])
+def test_rope_bias_dense_kernel_matches_the_factored_bias(d, first, length):
+    """`rope_bias_dense` (the warp path's dense RoPE bias, angle addition in a Triton kernel) equals `RopeBias.dense`
+    (tf32 products on a GPU: within 3e-3 of the bias's scale; length spans several programs and a ragged tile)."""
+    from tqpatch.rope import RopeBias, RopeTable
+
+    gen = torch.Generator().manual_seed(d + first)
+    table = RopeTable(1e4 ** -(torch.arange(d // 2, dtype=torch.float64) / (d // 2)), 1.3)
+    rows = max(first + length, kernels.ROPE_TABLE_MIN_ROWS)
+    bias = RopeBias((torch.randn(2, 5, d, generator=gen) * 8).to(DEVICE), table.joined_range(0, rows, DEVICE), first, 1.3)
+    ref = bias.dense(length).reshape(10, length)
+    out = kernels.rope_bias_dense(bias, length)
+    assert out.shape == ref.shape and (out - ref).abs().max() < 3e-3 * ref.abs().max()
+    with pytest.raises(ValueError, match="rope_bias.table must be"):
+        kernels.rope_bias_dense(RopeBias(bias.coefficients, bias.table[: first + length - 1], first, 1.3), length)
+
+
+@pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
+@pytest.mark.parametrize("d,hkv,group,norm_bits", [(128, 2, 4, 8), (64, 3, 8, 16), (128, 1, 1, 8)])
+def test_lut_warp_kernel_adds_the_rope_and_norm_biases_with_its_int8_defaults(d, hkv, group, norm_bits, monkeypatch):
+    """What the `+` presets with `-sv` run: k4v4 codes, centered keys' RoPE bias and the score-variance norm bias
+    together, through the LUT warp kernel with its default int8 products (INT8_REL_TOL), masked, ragged tail."""
+    from tqpatch.rope import RopeBias, RopeTable
+
+    calls = []
+    launch = kernels._launch_decode_warp
+    monkeypatch.setattr(kernels, "_launch_decode_warp", lambda *a, **k: calls.append(launch(*a, **k)) or calls[-1])
+    gen = torch.Generator().manual_seed(d + group)
+    length = 1003
+    kc = TurboQuantCodec(d, 4, "mse", seed=3, norm_bits=norm_bits)
+    vc = TurboQuantCodec(d, 4, "mse", seed=4, norm_bits=norm_bits)
+    scale = 0.3 + 3 * torch.rand(2, hkv, length, 1, generator=gen)
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(torch.randn(2, hkv, length, d, generator=gen) * scale).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(torch.randn(2, hkv, length, d, generator=gen)).items()}
+    q = (torch.randn(2, hkv * group, d, generator=gen) / 3).to(DEVICE, torch.bfloat16)
+    fk = torch.randn(2, hkv, 4, d, generator=gen).to(DEVICE, torch.bfloat16)
+    table = RopeTable(1e4 ** -(torch.arange(d // 2, dtype=torch.float64) / (d // 2)), 1.0)
+    rope = RopeBias((torch.randn(2, hkv * group, d, generator=gen) * 2).to(DEVICE), table.joined_range(0, 4096, DEVICE), 100, 1.0)
+    nb = (torch.rand(2, hkv * group, 1, generator=gen) * 0.3).to(DEVICE)
+    valid = (torch.arange(length)[None, :] >= torch.tensor([0, 300])[:, None]).to(DEVICE)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, key_bias=rope.dense(length), norm_bias=nb)
+    assert _rel(kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid), ref) > 0.1  # the biases matter
+    out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, None, out_dtype=torch.float32, rope_bias=rope, norm_bias=nb)
+    assert _rel(out, ref) < INT8_REL_TOL and _cos(out, ref) > INT8_COS_FLOOR, _rel(out, ref)
+    assert calls == [True]
 
 
 def test_decode_attention_scores_codes_with_the_code_query_and_fp_tokens_with_q(monkeypatch):

@@ -52,7 +52,7 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
                  "warp_lut": True, "warp_maxnreg": 160, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1, "warp_lut_int8_values": 1, "warp_lut_rescale_tau": 0,
-                 "combine_block_s": 64, "premerge_splits": 32, "rotate_rows_kernel": True}
+                 "combine_block_s": 64, "premerge_splits": 32, "rotate_rows_kernel": True, "warp_bias": True}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
@@ -84,6 +84,9 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # rotate_rows_kernel: the decode queries' rotation by `_tq_rotate_rows_kernel` (one launch) instead of torch's cast and
 # GEMM (two or three launches, ~10 µs of a 130 µs k4v4 call at B=8, 32k on an H100: run 84, bench/decode_breakdown.py).
 # combine_block_s: splits the combine kernel reads per round (more: more registers, fewer rounds; run 47: 64, within 1%).
+# warp_bias: scores with a bias (centered keys' RoPE bias: every `+` preset; the score variance's norm bias) take the LUT
+# warp kernel too, the RoPE bias first written out dense [B*Hq, L] by `_tq_rope_bias_kernel` (False: the split kernel,
+# which evaluates it per tile but runs 1.6-1.7x slower than bf16 SDPA where the warp kernel runs 0.34x: run 97).
 
 __all__ = [
     "HEAD_DIMS",
@@ -128,10 +131,10 @@ def gluon_available() -> bool:
     return True
 
 
-def _warp_kernel_fits(kgroups, vgroups, d: int, g: int, prod: bool, key_bias, rope_bias) -> bool:
+def _warp_kernel_fits(kgroups, vgroups, d: int, g: int, prod: bool) -> bool:
     """Whether `_tq_decode_warp_kernel` reads these codes: one 4-bit mse group per side, d 64 or 128, at most 16 query
-    heads per KV head, no score bias (centered keys), and Gluon present."""
-    return (DECODE_TUNING["warp_kernel"] and len(kgroups) == 1 and len(vgroups) == 1 and not prod and key_bias is None and rope_bias is None
+    heads per KV head, and Gluon present (score biases: only its LUT variant, `_lut_kernel_fits`)."""
+    return (DECODE_TUNING["warp_kernel"] and len(kgroups) == 1 and len(vgroups) == 1 and not prod
             and d in (64, 128) and g <= 16 and all(gr.index is None and gr.mse.bits == 4 and gr.head_dim == d for gr in (*kgroups, *vgroups))
             and gluon_available())
 
@@ -525,7 +528,9 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     if q.stride(-1) != 1:
         q = q.contiguous()
     scoring = (q if code_query is None else code_query).reshape(b * hq, d)  # any float dtype: rotate_rows reads it as float32
-    warp = norm_bias is None and _warp_kernel_fits(kgroups, vgroups, d, g, prod, key_bias, rope_bias) and _token_offsets_fit_int32(kp, vp, kgroups[0], vgroups[0], length)
+    biased = key_bias is not None or rope_bias is not None or norm_bias is not None
+    warp = (_warp_kernel_fits(kgroups, vgroups, d, g, prod) and _token_offsets_fit_int32(kp, vp, kgroups[0], vgroups[0], length)
+            and (not biased or (DECODE_TUNING["warp_bias"] and _lut_kernel_fits(kp, vp, kgroups[0], vgroups[0], g))))
     if warp:
         block_t = max(16, DECODE_TUNING["warp_lut_tokens"])  # the warp kernels' step; their rotated query is made below, in their channel order
     elif klay.query.shape[0] == 1:
@@ -552,8 +557,13 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     with _device_ctx(q.device):
         if splits and warp:
             kc, vc = _warp_consts(kgroups[0], q.device), _warp_consts(vgroups[0], q.device)
+            if rope_bias is not None:
+                key_bias = rope_bias_dense(rope_bias, length)
+            elif key_bias is not None:
+                key_bias = key_bias.float().reshape(b * hq, length).contiguous()
+            nb = norm_bias.float().reshape(b * hq).contiguous() if norm_bias is not None else None
             lut = _launch_decode_warp(scoring, kgroups[0], vgroups[0], kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv,
-                                      length, per_split, splits, scale_log2, g, d)
+                                      length, per_split, splits, scale_log2, g, d, key_bias, nb)
             unrot, awu = vc["lut_unrotate" if lut else "warp_unrotate"], d
         elif splits:
             k0, k1 = _group_args(kp, kgroups, klay)
@@ -630,6 +640,28 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     return out
 
 
+def rope_bias_dense(rope_bias: RopeBias, length: int, block_t: int = 64, tiles_per_program: int = 8) -> torch.Tensor:
+    """`rope_bias.dense(length)` as [B*Hq, length] float32 by `_tq_rope_bias_kernel` (angle addition from the table's
+    rows of the tile starts and of the in-tile offsets, tl.dot at `rope_precision`), for the warp decode kernel."""
+    b, hq, d = rope_bias.coefficients.shape
+    rows, width = rope_bias.table.shape
+    if width != 2 * d or rows < max(rope_bias.first + length, block_t):
+        raise ValueError(f"rope_bias.table must be [>= {max(rope_bias.first + length, block_t)}, {2 * d}], got {tuple(rope_bias.table.shape)}")
+    rc = rope_bias.coefficients.float().reshape(b * hq, d).contiguous()
+    rt = rope_bias.table.float().contiguous()
+    out = torch.empty(b * hq, length, dtype=torch.float32, device=rc.device)
+    if length:
+        block_r = 16
+        grid = (triton_cdiv(b * hq, block_r), triton_cdiv(triton_cdiv(length, block_t), tiles_per_program))
+        with _device_ctx(rc.device):
+            _tk()._tq_rope_bias_kernel[grid](
+                rc, rc.stride(0), rt, rt.stride(0), rope_bias.first, 1.0 / rope_bias.scale, out, out.stride(0),
+                b * hq, length, tiles_per_program,
+                D=d, BLOCK_R=block_r, BLOCK_T=block_t, ROPE_PREC="ieee" if interpreting() else DECODE_TUNING["rope_precision"], num_warps=4,
+            )
+    return out
+
+
 def rotate_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [R, d] (any float dtype, last stride 1) @ w [d, N] float32 -> [R, N] float32, by `_tq_rotate_rows_kernel`
     (one launch; torch's cast and GEMM take two or three, ~10 µs at a decode step's few hundred rows: run 84)."""
@@ -661,21 +693,29 @@ class WarpKernelError(RuntimeError):
     """The Gluon warp kernel could not be built or launched (decode_attention falls back to the split kernel)."""
 
 
-def _launch_decode_warp(q, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d) -> bool:
+def _lut_kernel_fits(kp, vp, kgroup: CodeGroup, vgroup: CodeGroup, g: int) -> bool:
+    """Whether the warp path takes `_tq_decode_lut_kernel`: `warp_lut`, G <= 8, codes readable as 32-bit words."""
+    return DECODE_TUNING["warp_lut"] and g <= 8 and _as_words(kp[kgroup.codes]) is not None and _as_words(vp[vgroup.codes]) is not None
+
+
+def _launch_decode_warp(q, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d,
+                        key_bias=None, norm_bias=None) -> bool:
     """A Gluon warp kernel over (B*Hkv, splits) programs of one warp for the queries q [B*Hq, d] fp32: partials m, l,
-    acc (value columns in its order). The LUT kernel where it fits (`warp_lut`, G <= 8, codes readable as 32-bit
-    words; with int8 keys where `warp_lut_int8_keys` and the key table allow), else `_tq_decode_warp_kernel`;
-    returns whether the LUT kernel ran."""
+    acc (value columns in its order). The LUT kernel where it fits (`_lut_kernel_fits`; with int8 keys where
+    `warp_lut_int8_keys` and the key table allow), else `_tq_decode_warp_kernel`; returns whether the LUT kernel ran.
+    key_bias [B*Hq, L] fp32 and norm_bias [B*Hq] fp32 (added to ⟨q, k̃⟩ as in `decode_attention`): LUT kernel only."""
     kcodes, vcodes = kp[kgroup.codes], vp[vgroup.codes]
     words = _as_words(kcodes), _as_words(vcodes)
-    lut = DECODE_TUNING["warp_lut"] and g <= 8 and None not in words
+    lut = _lut_kernel_fits(kp, vp, kgroup, vgroup, g)
+    if not lut and (key_bias is not None or norm_bias is not None):
+        raise ValueError("score biases need the LUT warp kernel (_lut_kernel_fits)")
     i8 = int(DECODE_TUNING["warp_lut_int8_keys"]) if lut and "lut_table_i8" in kc else 0
     vi8 = int(bool(DECODE_TUNING["warp_lut_int8_values"]) and lut and "lut_table_i8" in vc)
     qk = rotate_rows(q, kc["warp_query_i8" if i8 else "warp_query"])  # [B*Hq, d] fp32 rotated, in the kernel's key channel order
     try:
         if lut:
             _run_lut_kernel(qk, kgroup, vgroup, kp, vp, *words, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d, i8,
-                            vi8)
+                            vi8, key_bias, norm_bias)
         else:
             _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d)
     except Exception as exc:
@@ -700,7 +740,7 @@ def _warp_common_args(qk, kgroup, vgroup, kp, vp, klay, vlay, valid) -> tuple:
 
 
 def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d,
-                    i8: int = 0, vi8: int = 0):
+                    i8: int = 0, vi8: int = 0, key_bias=None, norm_bias=None):
     from . import gluon_kernels as gk
 
     knorms, vnorms, krange, vrange, mk, smb, kn8, vn8 = _warp_common_args(qk, kgroup, vgroup, kp, vp, klay, vlay, valid)
@@ -710,9 +750,12 @@ def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, 
         qk, qk.stride(0),
         kwords, *kwords.stride()[:3], knorms, *knorms.stride()[:3], kc["lut_table_i8" if i8 else "lut_table"],
         vwords, *vwords.stride()[:3], vnorms, *vnorms.stride()[:3], vc["lut_table_i8" if vi8 else "lut_table"],
-        krange, vrange, mk, smb, 0, m, l_, acc,
+        krange, vrange, mk, smb, 0,
+        key_bias if key_bias is not None else qk, key_bias.stride(0) if key_bias is not None else 0,
+        norm_bias if norm_bias is not None else qk,
+        m, l_, acc,
         hkv, length, per_split, scale_log2, kc["lut_i8_scale"] if i8 else 1.0, vc["lut_i8_scale"] if vi8 else 1.0,
-        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, KI8=i8, VI8=vi8, TAU=DECODE_TUNING["warp_lut_rescale_tau"], BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, HAS_BIAS=key_bias is not None, HAS_NORM_BIAS=norm_bias is not None, KI8=i8, VI8=vi8, TAU=DECODE_TUNING["warp_lut_rescale_tau"], BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
         num_warps=1, **({"maxnreg": DECODE_TUNING["warp_maxnreg"]} if DECODE_TUNING["warp_maxnreg"] else {}),
     )
 

@@ -304,9 +304,12 @@ def _tq_decode_lut_kernel(
     vtab_ptr,                             # value centroid table [32, 8] int32
     krange_ptr, vrange_ptr,               # KN8/VN8: [2, Hkv] fp32 (low, step)
     mask_ptr, smb, mask_off,              # valid flags uint8 [B, *]: compressed token j -> column mask_off + j
+    kbias_ptr, skb,                       # HAS_BIAS: score bias [B*Hq, L] fp32 added to ⟨q, k̃⟩ (centered keys' ⟨q, R_p μ⟩)
+    nb_ptr,                               # HAS_NORM_BIAS: [B*Hq] fp32, nb n² added to ⟨q, k̃⟩ (the score variance)
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, D] fp32 (value columns in `value_rows` order)
     Hkv, L, per_split, scale_log2, ktab_scale, vtab_scale,  # KI8's / VI8's table scale s (u = round(s c) + 64)
     G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
+    HAS_BIAS: gl.constexpr, HAS_NORM_BIAS: gl.constexpr,
     KI8: gl.constexpr,                    # keys scored by int8 mmas (queries in `key_channels_i8` order): 0 no, 1 q8, 2 q8 + q8lo/128
     VI8: gl.constexpr,                    # values from the 7-bit table as fp16 1024 + u (`groups.value_lut_asm_i8`), corrected at the end
     TAU: gl.constexpr,                    # > 0: rescale only when a column's max grows by more than TAU (log2 units; p <= 2^TAU, so
@@ -377,8 +380,15 @@ def _tq_decode_lut_kernel(
         psum = gl.zeros([16, 8], gl.float32, layout=MMA)  # 16 equal rows
     knbase = kn_ptr + b * sknb + h * sknh
     vnbase = vn_ptr + b * svnb + h * svnh
+    qcol = gl.arange(0, 8, layout=cols)
+    if HAS_BIAS:  # rows of the dense bias, one per query column
+        brow = kbias_ptr + (b * Hkv * G + h * G + qcol) * skb
+    if HAS_NORM_BIAS:  # in log2 units: s += nb n²
+        nbc = gl.load(nb_ptr + b * Hkv * G + h * G + qcol, mask=qcol < G, other=0.0) * scale_log2
     kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, start, end)
     for t0 in range(start, end, BT):
+        if HAS_BIAS:  # issued first: its latency hides behind the key product
+            bias = gl.load(brow[None, :] + (t0 + tt)[:, None], mask=((t0 + tt) < end)[:, None] & (qcol < G)[None, :], other=0.0)
         kb = kb_next
         vb = vb_next
         kn_raw = kn_next
@@ -408,6 +418,10 @@ def _tq_decode_lut_kernel(
         # masked tokens (and the step's clamped reads past `end`) get 2 NEG added: one FFMA with the norm instead of two
         # selects per score; the running max starts at NEG, so their weights exp2(s - m) <= exp2(NEG) are 0 even before a valid token
         s = s * (kn * scale_log2)[:, None] + gl.where(valid, 0.0, 2.0 * NEG)[:, None]
+        if HAS_NORM_BIAS:
+            s = s + (kn * kn)[:, None] * nbc[None, :]
+        if HAS_BIAS:
+            s = s + bias * scale_log2
         m_new = gl.maximum(m_i, gl.max(s, axis=0))
         if TAU > 0:  # lazy rescaling: keep a stale max while no column's max grew by more than TAU (p <= 2^TAU)
             if gl.max(m_new - m_i, axis=0) > TAU:

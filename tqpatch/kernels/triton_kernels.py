@@ -538,6 +538,19 @@ def _online_softmax_step(s, valid, m_i, l_i):
 
 
 @triton.jit
+def _rope_tile_bias(ra, rb, cos_t, sin_t, prow, hcols, D: tl.constexpr, ROPE_PREC: tl.constexpr):
+    """s · ⟨q, R_p μ⟩ [rows, BT] of the tile's tokens p0 + t from the coefficient halves ra, rb [rows, D/2], the table's
+    in-tile rows cos_t, sin_t [BT, D/2] (s·cos t f, s·sin t f) and row p0 at `prow` (angle addition:
+    s·C_p0+t = (C_p0 C_t - S_p0 S_t) / s, s·S_p0+t = (S_p0 C_t + C_p0 S_t) / s; the caller divides by s)."""
+    c0 = tl.load(prow + hcols)
+    s0 = tl.load(prow + D + hcols)
+    a2 = ra * c0[None, :] + rb * s0[None, :]
+    b2 = rb * c0[None, :] - ra * s0[None, :]
+    bias = tl.dot(a2, tl.trans(cos_t), input_precision=ROPE_PREC)
+    return tl.dot(b2, tl.trans(sin_t), bias, input_precision=ROPE_PREC)
+
+
+@triton.jit
 def _tq_decode_split_kernel(
     qr_ptr, sqr,                          # rotated queries [B*Hq, QW] fp32: key group 0's Π₀q₀ in columns 0..KW0-1, group 1's
                                           # from KW0 (plane order within a group of planes), then S q for prod keys
@@ -668,16 +681,9 @@ def _tq_decode_split_kernel(
         if HAS_BIAS:
             brow = (b * Hkv * G + h * G + g) * skb
             s += tl.load(kbias_ptr + brow[:, None] + offs[None, :], mask=gmask[:, None] & tmask[None, :], other=0.0) * scale_log2
-        if HAS_ROPE:  # with C_p0+t = (C_p0 C_t - S_p0 S_t) / s, S_p0+t = (S_p0 C_t + C_p0 S_t) / s (1/s in rope_log2)
+        if HAS_ROPE:
             p0 = rope_first + tl.minimum(start + t0, L - 1)  # a tile past the last token (all masked) reads a valid row
-            prow = rt_ptr + p0.to(tl.int64) * srt
-            c0 = tl.load(prow + hcols)
-            s0 = tl.load(prow + D + hcols)
-            a2 = ra * c0[None, :] + rb * s0[None, :]
-            b2 = rb * c0[None, :] - ra * s0[None, :]
-            bias = tl.dot(a2, tl.trans(cos_t), input_precision=ROPE_PREC)
-            bias = tl.dot(b2, tl.trans(sin_t), bias, input_precision=ROPE_PREC)
-            s += bias * rope_log2
+            s += _rope_tile_bias(ra, rb, cos_t, sin_t, rt_ptr + p0.to(tl.int64) * srt, hcols, D, ROPE_PREC) * rope_log2
         valid = tmask
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * smb + mask_off + offs, mask=tmask, other=0) != 0)
@@ -704,6 +710,36 @@ def _tq_decode_split_kernel(
     _store_group(arow, gmask, a00, a01, a02, a03, VW0, VPL0)
     if VG == 2:
         _store_group(arow + VW0, gmask, a10, a11, a12, a13, VW1, VPL1)
+
+
+@triton.jit
+def _tq_rope_bias_kernel(
+    rc_ptr, src,                          # [A | B] [R, D] fp32 (`rope.RopeBias.coefficients`, rows = B*Hq)
+    rt_ptr, srt, rope_first, inv_scale,   # table [rows, 2D] fp32 (s·cos | s·sin); compressed token j at position rope_first + j
+    out_ptr, sout,                        # bias [R, L] fp32: ⟨q_r, R_p μ⟩ of compressed token j
+    R, L, tiles_per_program,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, ROPE_PREC: tl.constexpr,
+):
+    """The centered keys' position bias written out dense (`RopeBias.dense`), for the warp decode kernel, which adds
+    a dense bias but cannot afford the table's registers: grid (cdiv(R, BLOCK_R), programs along L), each program
+    `tiles_per_program` consecutive tiles of BLOCK_T tokens by the split kernel's angle addition (`_rope_tile_bias`)."""
+    HD: tl.constexpr = D // 2
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    hcols = tl.arange(0, HD)
+    crow = rows.to(tl.int64) * src
+    ra = tl.load(rc_ptr + crow[:, None] + hcols[None, :], mask=rmask[:, None], other=0.0)
+    rb = tl.load(rc_ptr + crow[:, None] + HD + hcols[None, :], mask=rmask[:, None], other=0.0)
+    t = tl.arange(0, BLOCK_T)
+    cos_t = tl.load(rt_ptr + t[:, None] * srt + hcols[None, :])
+    sin_t = tl.load(rt_ptr + t[:, None] * srt + D + hcols[None, :])
+    orow = out_ptr + rows.to(tl.int64)[:, None] * sout
+    for i in range(tiles_per_program):
+        t0 = (tl.program_id(1) * tiles_per_program + i) * BLOCK_T
+        if t0 < L:
+            p0 = (rope_first + t0).to(tl.int64)
+            bias = _rope_tile_bias(ra, rb, cos_t, sin_t, rt_ptr + p0 * srt, hcols, D, ROPE_PREC) * inv_scale
+            tl.store(orow + (t0 + t)[None, :], bias, mask=rmask[:, None] & ((t0 + t) < L)[None, :])
 
 
 @triton.jit
