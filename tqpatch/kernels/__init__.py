@@ -640,7 +640,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     return out
 
 
-def rope_bias_dense(rope_bias: RopeBias, length: int, block_t: int = 64, tiles_per_program: int = 8) -> torch.Tensor:
+def rope_bias_dense(rope_bias: RopeBias, length: int, block_t: int = 64, tiles_per_program: int = 8, block_r: int = 16, num_warps: int = 4) -> torch.Tensor:
     """`rope_bias.dense(length)` as [B*Hq, length] float32 by `_tq_rope_bias_kernel` (angle addition from the table's
     rows of the tile starts and of the in-tile offsets, tl.dot at `rope_precision`), for the warp decode kernel."""
     b, hq, d = rope_bias.coefficients.shape
@@ -651,13 +651,12 @@ def rope_bias_dense(rope_bias: RopeBias, length: int, block_t: int = 64, tiles_p
     rt = rope_bias.table.float().contiguous()
     out = torch.empty(b * hq, length, dtype=torch.float32, device=rc.device)
     if length:
-        block_r = 16
         grid = (triton_cdiv(b * hq, block_r), triton_cdiv(triton_cdiv(length, block_t), tiles_per_program))
         with _device_ctx(rc.device):
             _tk()._tq_rope_bias_kernel[grid](
                 rc, rc.stride(0), rt, rt.stride(0), rope_bias.first, 1.0 / rope_bias.scale, out, out.stride(0),
                 b * hq, length, tiles_per_program,
-                D=d, BLOCK_R=block_r, BLOCK_T=block_t, ROPE_PREC="ieee" if interpreting() else DECODE_TUNING["rope_precision"], num_warps=4,
+                D=d, BLOCK_R=block_r, BLOCK_T=block_t, ROPE_PREC="ieee" if interpreting() else DECODE_TUNING["rope_precision"], num_warps=num_warps,
             )
     return out
 
