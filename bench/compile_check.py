@@ -5,7 +5,7 @@ registers, spills, shared memory.
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
     .venv/bin/python bench/compile_check.py store-x16 [BLOCK_R,WARPS,STAGES,BITS[,D[,DTYPE[,N8[,LO[,F16X2[,CB[,TMA[,ASM_STORE]]]]]]]] ...]   e.g. 128,8,1,4,128,bf16,0,1,1,128,1,1
     .venv/bin/python bench/compile_check.py warp [D[,N8[,MASK[,G[,PAIRS]]]] ...]   e.g. 128,1,1,4,0 (the Gluon k4v4 gather kernel)
-    .venv/bin/python bench/compile_check.py lut [D[,N8[,MASK[,G[,BT[,MAXNREG[,SYM[,I8[,TAU[,VI8[,BIAS[,NORM_BIAS]]]]]]]]]]]] ...]   e.g. 128,0,0,4,32,160,1,1,3,1 (the register-table kernel; I8: int8 keys; TAU: lazy rescaling; VI8: int8 values; BIAS: a dense score bias; NORM_BIAS: the score variance's)
+    .venv/bin/python bench/compile_check.py lut [D[,N8[,MASK[,G[,BT[,MAXNREG[,SYM[,I8[,TAU[,VI8[,BIAS[,NORM_BIAS]]]]]]]]]]]] ...]   e.g. 128,0,0,4,32,160,1,1,3,1 (the register-table kernel; I8: int8 keys; TAU: lazy rescaling; VI8: int8 values; BIAS: a dense score bias, 2: loaded a step ahead; NORM_BIAS: the score variance's)
     .venv/bin/python bench/compile_check.py lut-sass [the same] ...   its main loop's SASS per token step, per opcode (cuobjdump)
 
 Uses the ptxas that ships with Triton (for the Gluon kernel: shared memory 0 B and 0 barriers is the point). Integer arguments are specialized as on the B=8, Hkv=8, L=32k
@@ -121,7 +121,7 @@ def build_lut(d: int = 128, n8: int = 0, mask: int = 0, g: int = 4, bt: int = 32
     ints = dict(sqk=d, skcb=8 * length * nw, skch=length * nw, skct=nw, sknb=8 * length, sknh=length, sknt=1, svcb=8 * length * nw,
                 svch=length * nw, svct=nw, svnb=8 * length, svnh=length, svnt=1, smb=0, mask_off=0, skb=length, Hkv=8, L=length, per_split=512)
     kwords, vwords = gk.word_layouts(d, bt)
-    const = dict(G=g, D=d, HAS_MASK=bool(mask), KN8=bool(n8), VN8=bool(n8), BT=bt, KSYM=bool(sym), VSYM=bool(sym), KI8=i8, VI8=vi8, TAU=tau, HAS_BIAS=bool(bias),
+    const = dict(G=g, D=d, HAS_MASK=bool(mask), KN8=bool(n8), VN8=bool(n8), BT=bt, KSYM=bool(sym), VSYM=bool(sym), KI8=i8, VI8=vi8, TAU=tau, HAS_BIAS=bool(bias), BIAS_AHEAD=bias == 2,
                  HAS_NORM_BIAS=bool(norm_bias), kwords=kwords, vwords=vwords)
     fp32 = ("qk_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr", "kbias_ptr", "nb_ptr")
     i32 = ("kc_ptr", "vc_ptr", "ktab_ptr", "vtab_ptr")

@@ -5,6 +5,8 @@ bf16 SDPA in the same run, at the bench shapes of `decode_ab.decode_inputs` (B=8
     python3 bench/rope_dense_sweep.py --rounds 3 --out rope_dense_sweep.json
 
 Each setting is (block_r, block_t, tiles_per_program, num_warps); its output is checked against `RopeBias.dense`.
+Also the full call with the default settings and the LUT kernel's bias tile loaded at its step or a step ahead
+(`DECODE_TUNING["warp_bias_ahead"]`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ def main(rounds: int, out: str | None) -> None:
                 finally:
                     kernels.rope_bias_dense = original
             calls[name + " decode"] = full
+        for ahead in (False, True):  # the default dense settings, the bias tile loaded at its step or a step ahead
+            def tuned(ahead=ahead):
+                kernels.DECODE_TUNING["warp_bias_ahead"] = ahead
+                try:
+                    return kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5, rope_bias=rope, norm_bias=norm_bias)
+                finally:
+                    kernels.DECODE_TUNING["warp_bias_ahead"] = False
+            calls[f"default decode, bias {'a step ahead' if ahead else 'at its step'}"] = tuned
         times = {name: [] for name in calls}
         for _ in range(rounds):
             for name, call in calls.items():
@@ -65,6 +75,9 @@ def main(rounds: int, out: str | None) -> None:
         for name in errors:
             click.echo(f"  {name}: dense {med[name + ' dense']:.4f} ms, decode {med[name + ' decode']:.4f} ms "
                        f"({med[name + ' decode'] / med['bf16 SDPA']:.2f}x SDPA), max error {errors[name]:.1e}")
+        for name in calls:
+            if name.startswith("default decode"):
+                click.echo(f"  {name}: {med[name]:.4f} ms ({med[name] / med['bf16 SDPA']:.2f}x SDPA)")
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)

@@ -623,12 +623,15 @@ def test_rope_bias_dense_kernel_matches_the_factored_bias(d, first, length):
 
 
 @pytest.mark.skipif(not kernels.gluon_available(), reason="needs Triton's Gluon (CUDA, not the interpreter)")
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("d,hkv,group,norm_bits", [(128, 2, 4, 8), (64, 3, 8, 16), (128, 1, 1, 8)])
-def test_lut_warp_kernel_adds_the_rope_and_norm_biases_with_its_int8_defaults(d, hkv, group, norm_bits, monkeypatch):
+def test_lut_warp_kernel_adds_the_rope_and_norm_biases_with_its_int8_defaults(d, hkv, group, norm_bits, ahead, monkeypatch):
     """What the `+` presets with `-sv` run: k4v4 codes, centered keys' RoPE bias and the score-variance norm bias
-    together, through the LUT warp kernel with its default int8 products (INT8_REL_TOL), masked, ragged tail."""
+    together, through the LUT warp kernel with its default int8 products (INT8_REL_TOL), masked, ragged tail; the
+    bias tile loaded at its step or a step ahead (`warp_bias_ahead`)."""
     from tqpatch.rope import RopeBias, RopeTable
 
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_bias_ahead", ahead)
     calls = []
     launch = kernels._launch_decode_warp
     monkeypatch.setattr(kernels, "_launch_decode_warp", lambda *a, **k: calls.append(launch(*a, **k)) or calls[-1])

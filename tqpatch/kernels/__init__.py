@@ -52,7 +52,8 @@ ROPE_TABLE_MIN_ROWS = 256  # a RopeBias table covers at least the in-tile offset
 DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages": 3, "lut": 0, "min_plane_width": 32, "programs_per_sm": 16,
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
                  "warp_lut": True, "warp_maxnreg": 160, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1, "warp_lut_int8_values": 1, "warp_lut_rescale_tau": 0,
-                 "combine_block_s": 64, "premerge_splits": 32, "rotate_rows_kernel": True, "warp_bias": True}
+                 "combine_block_s": 64, "premerge_splits": 32, "rotate_rows_kernel": True, "warp_bias": True,
+                 "warp_bias_ahead": False}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
@@ -86,7 +87,9 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # combine_block_s: splits the combine kernel reads per round (more: more registers, fewer rounds; run 47: 64, within 1%).
 # warp_bias: scores with a bias (centered keys' RoPE bias: every `+` preset; the score variance's norm bias) take the LUT
 # warp kernel too, the RoPE bias first written out dense [B*Hq, L] by `_tq_rope_bias_kernel` (False: the split kernel,
-# which evaluates it per tile but runs 1.6-1.7x slower than bf16 SDPA where the warp kernel runs 0.34x: run 97).
+# which evaluates it per tile but runs 1.6-1.7x slower than bf16 SDPA where the warp kernel runs 0.34x: run 97; run 101:
+# k4v4 + RoPE + norm bias 0.1946 ms on the warp path vs 0.5942 on the split kernel, bf16 SDPA 0.3523, B=8 32k, H100).
+# warp_bias_ahead: the LUT kernel loads a step's bias tile one step ahead (as the codes) instead of at the step's start.
 
 __all__ = [
     "HEAD_DIMS",
@@ -754,7 +757,8 @@ def _run_lut_kernel(qk, kgroup, vgroup, kp, vp, kwords, vwords, klay, vlay, kc, 
         norm_bias if norm_bias is not None else qk,
         m, l_, acc,
         hkv, length, per_split, scale_log2, kc["lut_i8_scale"] if i8 else 1.0, vc["lut_i8_scale"] if vi8 else 1.0,
-        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, HAS_BIAS=key_bias is not None, HAS_NORM_BIAS=norm_bias is not None, KI8=i8, VI8=vi8, TAU=DECODE_TUNING["warp_lut_rescale_tau"], BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
+        G=g, D=d, HAS_MASK=valid is not None, KN8=kn8, VN8=vn8, HAS_BIAS=key_bias is not None, HAS_NORM_BIAS=norm_bias is not None,
+        BIAS_AHEAD=DECODE_TUNING["warp_bias_ahead"], KI8=i8, VI8=vi8, TAU=DECODE_TUNING["warp_lut_rescale_tau"], BT=bt, KSYM=kc["lut_symmetric"], VSYM=vc["lut_symmetric"], kwords=klayout, vwords=vlayout,
         num_warps=1, **({"maxnreg": DECODE_TUNING["warp_maxnreg"]} if DECODE_TUNING["warp_maxnreg"] else {}),
     )
 

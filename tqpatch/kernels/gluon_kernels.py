@@ -310,6 +310,7 @@ def _tq_decode_lut_kernel(
     Hkv, L, per_split, scale_log2, ktab_scale, vtab_scale,  # KI8's / VI8's table scale s (u = round(s c) + 64)
     G: gl.constexpr, D: gl.constexpr, HAS_MASK: gl.constexpr, KN8: gl.constexpr, VN8: gl.constexpr,
     HAS_BIAS: gl.constexpr, HAS_NORM_BIAS: gl.constexpr,
+    BIAS_AHEAD: gl.constexpr,             # HAS_BIAS: load a step's bias tile one step ahead (as the codes), else at the step's start
     KI8: gl.constexpr,                    # keys scored by int8 mmas (queries in `key_channels_i8` order): 0 no, 1 q8, 2 q8 + q8lo/128
     VI8: gl.constexpr,                    # values from the 7-bit table as fp16 1024 + u (`groups.value_lut_asm_i8`), corrected at the end
     TAU: gl.constexpr,                    # > 0: rescale only when a column's max grows by more than TAU (log2 units; p <= 2^TAU, so
@@ -383,12 +384,18 @@ def _tq_decode_lut_kernel(
     qcol = gl.arange(0, 8, layout=cols)
     if HAS_BIAS:  # rows of the dense bias, one per query column
         brow = kbias_ptr + (b * Hkv * G + h * G + qcol) * skb
+        if BIAS_AHEAD:
+            bias_next = gl.load(brow[None, :] + (start + tt)[:, None], mask=((start + tt) < end)[:, None] & (qcol < G)[None, :], other=0.0)
     if HAS_NORM_BIAS:  # in log2 units: s += nb n²
         nbc = gl.load(nb_ptr + b * Hkv * G + h * G + qcol, mask=qcol < G, other=0.0) * scale_log2
     kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, start, end)
     for t0 in range(start, end, BT):
-        if HAS_BIAS:  # issued first: its latency hides behind the key product
-            bias = gl.load(brow[None, :] + (t0 + tt)[:, None], mask=((t0 + tt) < end)[:, None] & (qcol < G)[None, :], other=0.0)
+        if HAS_BIAS:
+            if BIAS_AHEAD:
+                bias = bias_next
+                bias_next = gl.load(brow[None, :] + (t0 + BT + tt)[:, None], mask=((t0 + BT + tt) < end)[:, None] & (qcol < G)[None, :], other=0.0)
+            else:  # issued first: its latency hides behind the key product
+                bias = gl.load(brow[None, :] + (t0 + tt)[:, None], mask=((t0 + tt) < end)[:, None] & (qcol < G)[None, :], other=0.0)
         kb = kb_next
         vb = vb_next
         kn_raw = kn_next
