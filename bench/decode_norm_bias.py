@@ -28,11 +28,12 @@ from tqpatch.rope import RopeBias, RopeTable
 def _split_kernel(call):
     """`call` with scores that carry a bias sent to the split kernel (warp_bias off while it runs or is captured)."""
     def run():
+        before = kernels.DECODE_TUNING["warp_bias"]
         kernels.DECODE_TUNING["warp_bias"] = False
         try:
             return call()
         finally:
-            kernels.DECODE_TUNING["warp_bias"] = True
+            kernels.DECODE_TUNING["warp_bias"] = before
     return run
 
 

@@ -59,11 +59,12 @@ def main(rounds: int, out: str | None) -> None:
             calls[name + " decode"] = full
         for ahead in (False, True):  # the default dense settings, the bias tile loaded at its step or a step ahead
             def tuned(ahead=ahead):
+                before = kernels.DECODE_TUNING["warp_bias_ahead"]
                 kernels.DECODE_TUNING["warp_bias_ahead"] = ahead
                 try:
                     return kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5, rope_bias=rope, norm_bias=norm_bias)
                 finally:
-                    kernels.DECODE_TUNING["warp_bias_ahead"] = False
+                    kernels.DECODE_TUNING["warp_bias_ahead"] = before
             calls[f"default decode, bias {'a step ahead' if ahead else 'at its step'}"] = tuned
         times = {name: [] for name in calls}
         for _ in range(rounds):

@@ -53,7 +53,7 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
                  "rope_precision": "tf32", "warp_kernel": True, "warp_programs_per_sm": 128, "warp_min_split_tokens": 512, "warp_key_pairs": True,
                  "warp_lut": True, "warp_maxnreg": 160, "warp_lut_tokens": 32, "warp_lut_int8_keys": 1, "warp_lut_int8_values": 1, "warp_lut_rescale_tau": 0,
                  "combine_block_s": 64, "premerge_splits": 32, "rotate_rows_kernel": True, "warp_bias": True,
-                 "warp_bias_ahead": False}
+                 "warp_bias_ahead": True}
 # warp_kernel: 4-bit single-group codes (k4v4) take `gluon_kernels._tq_decode_warp_kernel` (one warp per program, no
 # shared memory; bench/RESULTS.md) where Gluon is importable; warp_programs_per_sm sets its flash-decoding split count,
 # warp_min_split_tokens the shortest split (at B=1 and long contexts the combine kernel would otherwise merge ~500 splits),
@@ -89,7 +89,8 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # warp kernel too, the RoPE bias first written out dense [B*Hq, L] by `_tq_rope_bias_kernel` (False: the split kernel,
 # which evaluates it per tile but runs 1.6-1.7x slower than bf16 SDPA where the warp kernel runs 0.34x: run 97; run 101:
 # k4v4 + RoPE + norm bias 0.1946 ms on the warp path vs 0.5942 on the split kernel, bf16 SDPA 0.3523, B=8 32k, H100).
-# warp_bias_ahead: the LUT kernel loads a step's bias tile one step ahead (as the codes) instead of at the step's start.
+# warp_bias_ahead: the LUT kernel loads a step's bias tile one step ahead (as the codes) instead of at the step's start
+# (run 102: 0.1946 -> 0.1875 ms at B=8 32k, 0.1261 -> 0.1233 at B=1 128k; same registers).
 
 __all__ = [
     "HEAD_DIMS",
@@ -643,9 +644,11 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     return out
 
 
-def rope_bias_dense(rope_bias: RopeBias, length: int, block_t: int = 64, tiles_per_program: int = 8, block_r: int = 16, num_warps: int = 4) -> torch.Tensor:
+def rope_bias_dense(rope_bias: RopeBias, length: int, block_t: int = 64, tiles_per_program: int = 4, block_r: int = 64, num_warps: int = 4) -> torch.Tensor:
     """`rope_bias.dense(length)` as [B*Hq, length] float32 by `_tq_rope_bias_kernel` (angle addition from the table's
-    rows of the tile starts and of the in-tile offsets, tl.dot at `rope_precision`), for the warp decode kernel."""
+    rows of the tile starts and of the in-tile offsets, tl.dot at `rope_precision`), for the warp decode kernel. Launch
+    settings from run 102's sweep (bench/rope_dense_sweep.py, H100): 64 rows x 4 tiles of 64 tokens per program,
+    0.0237 ms at B=8, Hq=32, 32k (0.0409 with 16 x 8 x 64)."""
     b, hq, d = rope_bias.coefficients.shape
     rows, width = rope_bias.table.shape
     if width != 2 * d or rows < max(rope_bias.first + length, block_t):
