@@ -89,7 +89,7 @@ DECODE_TUNING = {"block_t": 32, "split_block_t": 32, "num_warps": 4, "num_stages
 # warp kernel too, the RoPE bias first written out dense [B*Hq, L] by `_tq_rope_bias_kernel` (False: the split kernel,
 # which evaluates it per tile but runs 1.6-1.7x slower than bf16 SDPA where the warp kernel runs 0.34x: run 97; run 101:
 # k4v4 + RoPE + norm bias 0.1946 ms on the warp path vs 0.5942 on the split kernel, bf16 SDPA 0.3523, B=8 32k, H100).
-# The dense bias is a transient B·Hq·L·4 bytes per call (33.5 MB at B=8, Hq=32, 32k; an eighth of that layer's k4v4 keys).
+# The dense bias is a transient B·Hq·L·4 bytes per call (33.5 MB at B=8, Hq=32, 32k: a quarter of that layer's k4v4 key codes).
 # warp_bias_ahead: the LUT kernel loads a step's bias tile one step ahead (as the codes) instead of at the step's start
 # (run 102: 0.1946 -> 0.1875 ms at B=8 32k, 0.1261 -> 0.1233 at B=1 128k; same registers).
 
