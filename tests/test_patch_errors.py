@@ -54,7 +54,7 @@ def test_two_and_three_bit_value_presets_decode_values_unbiased():
         assert config.unbias_values and not config.unbias_keys and config.name.endswith("-qsd-dp-n8") and "-s4-ck-uv-" in config.name
     assert not any(TurboQuantConfig.preset(name).unbias_values for name in ("k4v4+", "2.5bit+"))
     assert TurboQuantConfig.from_spec("k2v2+") == TurboQuantConfig.from_spec("k2v2-s4-ck-uv-sv-qsd-dp-n8")
-    assert [name for name in ("k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+") if TurboQuantConfig.preset(name).score_variance] == ["k4v4+", "k3v2+", "k2v2+", "3.5bit+"]
+    assert [name for name in ("k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+") if TurboQuantConfig.preset(name).score_variance] == ["k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+"]
     assert TurboQuantConfig.preset("3.5bit+").name == "k4v3-s4-ck-uv-sv-qsd-dp-n8"
 
 
