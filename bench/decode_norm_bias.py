@@ -37,19 +37,26 @@ def _split_kernel(call):
     return run
 
 
+def biased_decode_inputs(hq: int = 32, hkv: int = 8, d: int = 128):
+    """The k4v4 codec (8-bit norms) and, per bench shape of `decode_ab.decode_inputs`, (B, L, key parts, value parts,
+    q [B, Hq, d], K and V for SDPA, a random RoPE bias from position 0, a random norm bias [B, Hq, 1]): yields
+    (codec, that tuple)."""
+    codec = TurboQuantCodec(d, 4, "mse", 0, norm_bits=8)
+    codec.prepare(torch.randn(1, hkv, 64, d))  # fixes the 8-bit norms' ranges
+    table = RopeTable(5e5 ** -(torch.arange(d // 2, dtype=torch.float64) / (d // 2)), 1.0)
+    for b, length, kp, vp, q, ks, vs in decode_inputs(codec, hq, hkv):
+        rope = RopeBias(torch.randn(b, hq, d, device="cuda"), table.joined_range(0, max(length, kernels.ROPE_TABLE_MIN_ROWS), "cuda"), 0, 1.0)
+        yield codec, (b, length, kp, vp, q, ks, vs, rope, torch.rand(b, hq, 1, device="cuda") * 1e-3)
+
+
 @click.command()
 @click.option("--rounds", default=7, show_default=True)
 @click.option("--out", default=None, help="JSON file for the per-round times and medians.")
 def main(rounds: int, out: str | None) -> None:
-    hq, hkv, d = 32, 8, 128
-    codec = TurboQuantCodec(d, 4, "mse", 0, norm_bits=8)
-    codec.prepare(torch.randn(1, hkv, 64, d))  # fixes the 8-bit norms' ranges
-    table = RopeTable(5e5 ** -(torch.arange(d // 2, dtype=torch.float64) / (d // 2)), 1.0)
+    d = 128
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": []}
-    for b, length, kp, vp, q, ks, vs in decode_inputs(codec, hq, hkv):
+    for codec, (b, length, kp, vp, q, ks, vs, rope, norm_bias) in biased_decode_inputs(d=d):
         qs = q[:, :, None]
-        rope = RopeBias(torch.randn(b, hq, d, device="cuda"), table.joined_range(0, max(length, kernels.ROPE_TABLE_MIN_ROWS), "cuda"), 0, 1.0)
-        norm_bias = torch.rand(b, hq, 1, device="cuda") * 1e-3
         rope_call = lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5, rope_bias=rope)  # noqa: E731
         both_call = lambda: kernels.decode_attention(q, codec, codec, kp, vp, None, None, d**-0.5, rope_bias=rope, norm_bias=norm_bias)  # noqa: E731
         calls = {

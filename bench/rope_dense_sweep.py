@@ -18,11 +18,9 @@ import statistics
 import click
 import torch
 
-from bench.decode_ab import decode_inputs
+from bench.decode_norm_bias import biased_decode_inputs
 from cli.bench import _ms_graph
 from tqpatch import kernels
-from tqpatch.codec import TurboQuantCodec
-from tqpatch.rope import RopeBias, RopeTable
 
 SETTINGS = [(16, 64, 8, 4), (32, 64, 8, 8), (64, 64, 8, 8), (64, 64, 4, 4), (32, 128, 4, 8), (64, 32, 8, 4), (16, 32, 16, 4), (64, 64, 16, 8)]
 
@@ -31,15 +29,10 @@ SETTINGS = [(16, 64, 8, 4), (32, 64, 8, 8), (64, 64, 8, 8), (64, 64, 4, 4), (32,
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--out", default=None, help="JSON file for the per-round times and medians.")
 def main(rounds: int, out: str | None) -> None:
-    hq, hkv, d = 32, 8, 128
-    codec = TurboQuantCodec(d, 4, "mse", 0, norm_bits=8)
-    codec.prepare(torch.randn(1, hkv, 64, d))
-    table = RopeTable(5e5 ** -(torch.arange(d // 2, dtype=torch.float64) / (d // 2)), 1.0)
+    hq, d = 32, 128
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": []}
     original = kernels.rope_bias_dense
-    for b, length, kp, vp, q, ks, vs in decode_inputs(codec, hq, hkv):
-        rope = RopeBias(torch.randn(b, hq, d, device="cuda"), table.joined_range(0, max(length, kernels.ROPE_TABLE_MIN_ROWS), "cuda"), 0, 1.0)
-        norm_bias = torch.rand(b, hq, 1, device="cuda") * 1e-3
+    for codec, (b, length, kp, vp, q, ks, vs, rope, norm_bias) in biased_decode_inputs(hq=hq, d=d):
         ref = rope.dense(length).reshape(b * hq, length)
         qs = q[:, :, None]
         calls = {"bf16 SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)}
