@@ -391,12 +391,8 @@ def _random_decode_inputs(seed: int, b: int, hkv: int, group: int, length: int, 
     return gen, kc, vc, kp, vp, q, fk
 
 
-def _bias_path(monkeypatch, warp_bias: bool) -> list:
-    """Scores with a bias go to the LUT warp kernel (warp_bias, where Gluon runs) or the split kernel; exact keys and
-    values (REL_TOL). Returns the list the warp launches are recorded in (their LUT flags)."""
-    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_bias", warp_bias)
-    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)
-    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", 0)
+def _warp_launches(monkeypatch) -> list:
+    """Records every warp-kernel launch from now on: the list gets, per launch, whether the LUT kernel ran."""
     calls, launch = [], kernels._launch_decode_warp
 
     def spy(*args, **kwargs):
@@ -405,6 +401,15 @@ def _bias_path(monkeypatch, warp_bias: bool) -> list:
 
     monkeypatch.setattr(kernels, "_launch_decode_warp", spy)
     return calls
+
+
+def _bias_path(monkeypatch, warp_bias: bool) -> list:
+    """Scores with a bias go to the LUT warp kernel (warp_bias, where Gluon runs) or the split kernel; exact keys and
+    values (REL_TOL). Returns the list the warp launches are recorded in (`_warp_launches`)."""
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_bias", warp_bias)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_keys", 0)
+    monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut_int8_values", 0)
+    return _warp_launches(monkeypatch)
 
 
 def _expected_warp_calls(warp_bias: bool, launches: int) -> list:
@@ -450,14 +455,7 @@ def test_warp_decode_kernel_matches_the_reference_and_the_split_kernel(d, hkv, g
     rel_tol, cos_floor = (INT8_REL_TOL, INT8_COS_FLOOR) if int8 else (REL_TOL, COS_FLOOR)
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_key_pairs", variant == "pairs")
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_lut", variant.startswith("lut"))
-    calls = []
-    launch = kernels._launch_decode_warp
-
-    def spy(*args, **kwargs):  # records which kernel ran, per launch
-        calls.append(launch(*args, **kwargs))
-        return calls[-1]
-
-    monkeypatch.setattr(kernels, "_launch_decode_warp", spy)
+    calls = _warp_launches(monkeypatch)
     gen = torch.Generator().manual_seed(d + hkv + length)
     kc = TurboQuantCodec(d, 4, "mse", seed=5, norm_bits=norm_bits)
     vc = TurboQuantCodec(d, 4, "mse", seed=6, norm_bits=norm_bits)
@@ -632,9 +630,7 @@ def test_lut_warp_kernel_adds_the_rope_and_norm_biases_with_its_int8_defaults(d,
     from tqpatch.rope import RopeBias, RopeTable
 
     monkeypatch.setitem(kernels.DECODE_TUNING, "warp_bias_ahead", ahead)
-    calls = []
-    launch = kernels._launch_decode_warp
-    monkeypatch.setattr(kernels, "_launch_decode_warp", lambda *a, **k: calls.append(launch(*a, **k)) or calls[-1])
+    calls = _warp_launches(monkeypatch)
     gen = torch.Generator().manual_seed(d + group)
     length = 1003
     kc = TurboQuantCodec(d, 4, "mse", seed=3, norm_bits=norm_bits)

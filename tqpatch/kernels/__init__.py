@@ -535,7 +535,7 @@ def _launch_decode(q, key_codec, value_codec, kp, vp, fk, fv, scaling, valid, fp
     scoring = (q if code_query is None else code_query).reshape(b * hq, d)  # any float dtype: rotate_rows reads it as float32
     biased = key_bias is not None or rope_bias is not None or norm_bias is not None
     warp = (_warp_kernel_fits(kgroups, vgroups, d, g, prod) and _token_offsets_fit_int32(kp, vp, kgroups[0], vgroups[0], length)
-            and (not biased or (DECODE_TUNING["warp_bias"] and _lut_kernel_fits(kp, vp, kgroups[0], vgroups[0], g))))
+            and (not biased or (DECODE_TUNING["warp_bias"] and _lut_kernel_fits(_code_words(kp, vp, kgroups[0], vgroups[0]), g))))
     if warp:
         block_t = max(16, DECODE_TUNING["warp_lut_tokens"])  # the warp kernels' step; their rotated query is made below, in their channel order
     elif klay.query.shape[0] == 1:
@@ -699,9 +699,14 @@ class WarpKernelError(RuntimeError):
     """The Gluon warp kernel could not be built or launched (decode_attention falls back to the split kernel)."""
 
 
-def _lut_kernel_fits(kp, vp, kgroup: CodeGroup, vgroup: CodeGroup, g: int) -> bool:
+def _code_words(kp, vp, kgroup: CodeGroup, vgroup: CodeGroup) -> tuple:
+    """The key and value code bytes as int32 words (`_as_words`; None where they do not align)."""
+    return _as_words(kp[kgroup.codes]), _as_words(vp[vgroup.codes])
+
+
+def _lut_kernel_fits(words: tuple, g: int) -> bool:
     """Whether the warp path takes `_tq_decode_lut_kernel`: `warp_lut`, G <= 8, codes readable as 32-bit words."""
-    return DECODE_TUNING["warp_lut"] and g <= 8 and _as_words(kp[kgroup.codes]) is not None and _as_words(vp[vgroup.codes]) is not None
+    return DECODE_TUNING["warp_lut"] and g <= 8 and None not in words
 
 
 def _launch_decode_warp(q, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l_, acc, hkv, length, per_split, splits, scale_log2, g, d,
@@ -710,9 +715,8 @@ def _launch_decode_warp(q, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m,
     acc (value columns in its order). The LUT kernel where it fits (`_lut_kernel_fits`; with int8 keys where
     `warp_lut_int8_keys` and the key table allow), else `_tq_decode_warp_kernel`; returns whether the LUT kernel ran.
     key_bias [B*Hq, L] fp32 and norm_bias [B*Hq] fp32 (added to ⟨q, k̃⟩ as in `decode_attention`): LUT kernel only."""
-    kcodes, vcodes = kp[kgroup.codes], vp[vgroup.codes]
-    words = _as_words(kcodes), _as_words(vcodes)
-    lut = _lut_kernel_fits(kp, vp, kgroup, vgroup, g)
+    words = _code_words(kp, vp, kgroup, vgroup)
+    lut = _lut_kernel_fits(words, g)
     if not lut and (key_bias is not None or norm_bias is not None):
         raise ValueError("score biases need the LUT warp kernel (_lut_kernel_fits)")
     i8 = int(DECODE_TUNING["warp_lut_int8_keys"]) if lut and "lut_table_i8" in kc else 0

@@ -106,6 +106,13 @@ def _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnba
 
 
 @gluon.jit
+def _bias_tile(brow, qcol, tt, t, end, G: gl.constexpr):
+    """The dense score bias of tokens t .. t + BT - 1 (tt: offsets in the score tile's token layout) for the query
+    columns qcol whose rows start at brow [8]: [BT, 8] fp32, 0 at or past `end` and in padding columns."""
+    return gl.load(brow[None, :] + (t + tt)[:, None], mask=((t + tt) < end)[:, None] & (qcol < G)[None, :], other=0.0)
+
+
+@gluon.jit
 def _tq_decode_warp_kernel(
     qk_ptr, sqk,                          # rotated queries in key-kernel channel order [B*Hq, D] fp32
     kc_ptr, skcb, skch, skct,             # key codes [B, Hkv, *, D/2] uint8 (4-bit, natural order)
@@ -385,7 +392,7 @@ def _tq_decode_lut_kernel(
     if HAS_BIAS:  # rows of the dense bias, one per query column
         brow = kbias_ptr + (b * Hkv * G + h * G + qcol) * skb
         if BIAS_AHEAD:
-            bias_next = gl.load(brow[None, :] + (start + tt)[:, None], mask=((start + tt) < end)[:, None] & (qcol < G)[None, :], other=0.0)
+            bias_next = _bias_tile(brow, qcol, tt, start, end, G)
     if HAS_NORM_BIAS:  # in log2 units: s += nb n²
         nbc = gl.load(nb_ptr + b * Hkv * G + h * G + qcol, mask=qcol < G, other=0.0) * scale_log2
     kb_next, vb_next, kn_next, vn_next = _step_loads(kbase, skct, kt, kcol, vbase, svct, vt, vcol, knbase, sknt, vnbase, svnt, tt, start, end)
@@ -393,9 +400,9 @@ def _tq_decode_lut_kernel(
         if HAS_BIAS:
             if BIAS_AHEAD:
                 bias = bias_next
-                bias_next = gl.load(brow[None, :] + (t0 + BT + tt)[:, None], mask=((t0 + BT + tt) < end)[:, None] & (qcol < G)[None, :], other=0.0)
+                bias_next = _bias_tile(brow, qcol, tt, t0 + BT, end, G)
             else:  # issued first: its latency hides behind the key product
-                bias = gl.load(brow[None, :] + (t0 + tt)[:, None], mask=((t0 + tt) < end)[:, None] & (qcol < G)[None, :], other=0.0)
+                bias = _bias_tile(brow, qcol, tt, t0, end, G)
         kb = kb_next
         vb = vb_next
         kn_raw = kn_next
