@@ -28,10 +28,15 @@ def main() -> None:
 @click.option("--bits", default=",".join(map(str, SHIPPED_BITS)), callback=_int_list, help="Comma-separated bit widths (1..8).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output folder [default: the shipped codebooks/ folder].")
 @click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="Lloyd-Max stopping tolerance (largest centroid move, units of 1/√d).")
-def build_codebooks(dims: tuple[int, ...], bits: tuple[int, ...], out_dir: Path | None, tolerance: float) -> None:
+@click.option("--trellis", is_flag=True, help="Fit the trellis codebooks (tqpatch/trellis.py) for --bits instead (one per width, any d; --dims is ignored).")
+@click.option("--iterations", type=int, default=40, help="With --trellis: Viterbi + centroid rounds per codebook.")
+def build_codebooks(dims: tuple[int, ...], bits: tuple[int, ...], out_dir: Path | None, tolerance: float, trellis: bool, iterations: int) -> None:
     """Solve the Lloyd-Max codebooks for each (d, bits) and write them as .safetensors."""
     from tqdm import tqdm
 
+    if trellis:
+        _build_trellis(bits, out_dir, iterations)
+        return
     for b in bits:
         if b not in SHIPPED_BITS:
             raise click.BadParameter(f"bits must be in 1..8, got {b}", param_hint="--bits")
@@ -43,6 +48,24 @@ def build_codebooks(dims: tuple[int, ...], bits: tuple[int, ...], out_dir: Path 
     for d, b in tqdm(pairs, desc="codebooks", unit="book"):
         save_codebook(build_codebook(d, b, tolerance), folder)
     click.echo(f"wrote {len(pairs)} codebooks to {folder}")
+
+
+def _build_trellis(bits: tuple[int, ...], out_dir: Path | None, iterations: int) -> None:
+    from tqdm import tqdm
+
+    from tqpatch.codebook import get_codebook
+    from tqpatch.trellis import TRELLIS_BITS, TRELLIS_STATE_BITS, fit_trellis, save_trellis
+
+    bits = tuple(b for b in bits if b in TRELLIS_BITS) if bits == SHIPPED_BITS else bits
+    for b in bits:
+        if b not in TRELLIS_BITS:
+            raise click.BadParameter(f"trellis codes take bits in {list(TRELLIS_BITS)}, got {b}", param_hint="--bits")
+    for b in bits:
+        with tqdm(total=iterations, desc=f"trellis {b} bits", unit="round") as bar:
+            book = fit_trellis(b, TRELLIS_STATE_BITS[b], iterations, progress=lambda i, mse: (bar.set_postfix(mse=f"{mse:.5f}"), bar.update()))
+        path = save_trellis(book, out_dir)
+        lloyd = get_codebook(64, b).unit_vector_mse
+        click.echo(f"{path.name}: MSE {book.mse:.5f} per N(0,1) coordinate; Lloyd-Max at d 64 {lloyd:.5f} ({lloyd / book.mse:.2f}x)")
 
 
 @main.group("eval")

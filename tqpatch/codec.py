@@ -23,18 +23,26 @@ from .config import eigen_split_groups, split_bits
 from .norms import LogNormQuantizer, check_norm_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rope import RopeBias, RopeTable, rotate_half
+from .trellis import TRELLIS_BITS
 from .shaping import SHAPE_PRIORS, QueryMoments, diagonal_transform, eigen_ordered, rope_average, shaping_transform, stored_nbytes, stored_transform
 
 Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
 
 
-def make_quantizer(head_dim: int, bits: int, method: str, seed: int, unbiased: bool = False) -> TurboQuantMSE | TurboQuantProd:
+def make_quantizer(head_dim: int, bits: int, method: str, seed: int, unbiased: bool = False,
+                   trellis: bool = False) -> TurboQuantMSE | TurboQuantProd:
     if method == "prod":
-        if unbiased:
-            raise ValueError("unbiased decoding is for mse codes; TurboQuant_prod's inner products are unbiased already")
+        if unbiased or trellis:
+            raise ValueError("unbiased decoding and trellis codes are for mse codes, not TurboQuant_prod")
         return TurboQuantProd(head_dim, bits, seed)
-    return TurboQuantMSE(head_dim, bits, seed, unbiased=unbiased)
+    return mse_quantizer(head_dim, bits, seed, unbiased, trellis)
+
+
+def mse_quantizer(head_dim: int, bits: int, seed: int, unbiased: bool = False, trellis: bool = False) -> TurboQuantMSE:
+    """TurboQuant_mse; `trellis` gives trellis codes to groups of 1–6 bits (`tqpatch.trellis`; 7–8-bit groups keep
+    Lloyd-Max codes: their error is negligible already, and a trellis is not worth its cost there)."""
+    return TurboQuantMSE(head_dim, bits, seed, unbiased=unbiased, trellis=trellis and bits in TRELLIS_BITS)
 
 
 class TurboQuantCodec:
@@ -43,13 +51,14 @@ class TurboQuantCodec:
     norm_bits=8 stores the norms as 8-bit log codes (`tqpatch.norms`) instead of float16
     (prod keys' residual norms stay float16); unbiased=True decodes c / (1 − D) (`TurboQuantMSE.decode_gain`)."""
 
-    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, norm_bits: int = 16, unbiased: bool = False):
+    def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, norm_bits: int = 16, unbiased: bool = False,
+                 trellis: bool = False):
         check_norm_bits(norm_bits)
         self.head_dim = head_dim
         self.bits = bits
         self.method = method
         self.norm_bits = norm_bits
-        self.quantizer = make_quantizer(head_dim, bits, method, seed, unbiased)
+        self.quantizer = make_quantizer(head_dim, bits, method, seed, unbiased, trellis)
         self.norm_codes = LogNormQuantizer() if norm_bits == 8 else None
 
     def encode(self, x: torch.Tensor) -> Parts:  # x: [B, H, T, d]
@@ -103,9 +112,9 @@ class RotationSearchCodec(TurboQuantCodec):
     """
 
     def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, candidates: int = 8, norm_bits: int = 16,
-                 unbiased: bool = False):
-        super().__init__(head_dim, bits, method, seed, norm_bits, unbiased)
-        self.candidates = [self.quantizer] + [make_quantizer(head_dim, bits, method, seed + i, unbiased) for i in range(1, candidates)]
+                 unbiased: bool = False, trellis: bool = False):
+        super().__init__(head_dim, bits, method, seed, norm_bits, unbiased, trellis)
+        self.candidates = [self.quantizer] + [make_quantizer(head_dim, bits, method, seed + i, unbiased, trellis) for i in range(1, candidates)]
         self.chosen: int | None = None
 
     def prepare(self, x: torch.Tensor) -> None:
@@ -138,7 +147,7 @@ class SplitCodec:
     """
 
     def __init__(self, head_dim: int, bits: float, seed: int = 0, step: int = 1, norm_bits: int = 16,
-                 groups: tuple[int, int, int] | None = None, unbiased: bool = False):
+                 groups: tuple[int, int, int] | None = None, unbiased: bool = False, trellis: bool = False):
         check_norm_bits(norm_bits)
         self.head_dim = head_dim
         self.norm_bits = norm_bits
@@ -148,8 +157,8 @@ class SplitCodec:
         if not 0 < self.num_outliers < head_dim:
             raise ValueError(f"{bits} bits at head_dim {head_dim} needs no channel split; use TurboQuantCodec")
         self.bits = self.bits_per_coordinate
-        self.outlier = TurboQuantMSE(self.num_outliers, self.outlier_bits, seed, unbiased=unbiased)
-        self.regular = TurboQuantMSE(head_dim - self.num_outliers, self.regular_bits, seed, unbiased=unbiased) if self.regular_bits else None
+        self.outlier = mse_quantizer(self.num_outliers, self.outlier_bits, seed, unbiased, trellis)
+        self.regular = mse_quantizer(head_dim - self.num_outliers, self.regular_bits, seed, unbiased, trellis) if self.regular_bits else None
         self.outlier_index: torch.Tensor | None = None
         self.regular_index: torch.Tensor | None = None
         # one norm per stored channel group and vector: 8-bit log codes (norm_bits=8) or float16
@@ -166,7 +175,7 @@ class SplitCodec:
         for name in ("outlier", "regular"):
             group = getattr(self, name)
             if group is not None:
-                setattr(other, name, TurboQuantMSE(group.head_dim, group.bits, seed, unbiased=group.unbiased))
+                setattr(other, name, TurboQuantMSE(group.head_dim, group.bits, seed, unbiased=group.unbiased, trellis=group.trellis is not None))
         return other
 
     def calibrate(self, x: torch.Tensor) -> None:  # x: [B, H, T, d]
@@ -566,6 +575,7 @@ def make_codec(
     diagonal: bool = False,
     prior: str = "isotropic",
     split_rotations: int = 1,
+    trellis: bool = False,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
@@ -574,21 +584,23 @@ def make_codec(
     (`rope`), or of values in their PCA basis (`EigenValueCodec`). `unbiased`: every group decodes c / (1 − D)
     (`TurboQuantMSE.decode_gain`). `diagonal`: the shaping map is diagonal (with `shape`; sliding-window layers).
     `prior`: what the shaping fit shrinks towards (`shaping.SHAPE_PRIORS`). `split_rotations`: a key eigen split's
-    rotation, best of this many seeds by score error (`RopeKeyCodec._choose_rotation`)."""
+    rotation, best of this many seeds by score error (`RopeKeyCodec._choose_rotation`). `trellis`: trellis codes for
+    every group of 1–6 bits (`mse_quantizer`)."""
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if split is not None:
-        codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split), unbiased=unbiased)
+        codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split), unbiased=unbiased,
+                           trellis=trellis)
         if not rope:  # values: the PCA basis (EigenValueCodec), centered first where asked
             return CenteredCodec(EigenValueCodec(codec)) if center else EigenValueCodec(codec)
         if not shape:
             raise ValueError("an eigen split of keys (key_split) needs query-shaped keys")
         return RopeKeyCodec(codec, center=center, shape=True, eigen=True, prior=prior, rotation_candidates=split_rotations)
     if outliers == 0 and rotation_candidates > 1:
-        codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits, unbiased)
+        codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits, unbiased, trellis)
     elif outliers == 0:
-        codec = TurboQuantCodec(head_dim, high, method, seed, norm_bits, unbiased)
+        codec = TurboQuantCodec(head_dim, high, method, seed, norm_bits, unbiased, trellis)
     else:
-        codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits, unbiased=unbiased)
+        codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits, unbiased=unbiased, trellis=trellis)
     if rope and (center or shape):
         return RopeKeyCodec(codec, center=center, shape=shape, diagonal=diagonal, prior=prior)
     return CenteredCodec(codec) if center else codec

@@ -9,7 +9,7 @@ from .norms import check_norm_bits
 from .shaping import SHAPE_PRIORS
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, qs, qsd, dp, n8, e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, tk, tv, tkv, qs, qsd, dp, n8, e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -134,6 +134,12 @@ class TurboQuantConfig:
         under-weighted (`tqpatch.attention`). Nothing stored changes; mse keys decoded as
         conditional means only (not prod, not unbias_keys). On CUDA the decode kernel adds it
         per token from the group norms it reads anyway (`norm_bias`; spec sv).
+    trellis_keys, trellis_values: store trellis codes instead of Lloyd-Max codes in every
+        code group of 1–6 bits (`tqpatch.trellis`): the same bits per coordinate, packed the
+        same way, but each coordinate decodes from a window of the codes before it and the
+        encoder picks a vector's codes together (Viterbi), for 1.2–1.6× less error at equal
+        bits. Nothing else is stored. Encoding costs ~2^10 operations per coordinate on the
+        CPU; the fused GPU kernels do not read them (reference path). Spec tk, tv, tkv.
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per
@@ -168,6 +174,8 @@ class TurboQuantConfig:
     unbias_keys: bool = False
     unbias_values: bool = False
     score_variance: bool = False
+    trellis_keys: bool = False
+    trellis_values: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -200,7 +208,7 @@ class TurboQuantConfig:
             if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
                 raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
         for name in ("prefill_exact", "center_keys", "center_values", "shape_keys", "shape_sliding_keys", "unbias_keys", "unbias_values",
-                     "refit_values", "score_variance"):
+                     "refit_values", "score_variance", "trellis_keys", "trellis_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_norm_bits(self.norm_bits)
@@ -212,6 +220,8 @@ class TurboQuantConfig:
             raise ValueError("shape_sliding_keys extends shape_keys to sliding-window layers: set shape_keys=True too")
         if self.unbias_keys and self.key_method != "mse":
             raise ValueError("unbias_keys is for key_method='mse' (TurboQuant_prod's inner products are unbiased already)")
+        if self.trellis_keys and self.key_method != "mse":
+            raise ValueError("trellis_keys is for key_method='mse' (TurboQuant_prod's codes are not trellis codes)")
         if self.score_variance and (self.key_method != "mse" or self.unbias_keys):
             raise ValueError("score_variance is for mse keys decoded as conditional means: not with key_method='prod' or unbias_keys")
         if self.key_split is not None:
@@ -269,6 +279,8 @@ class TurboQuantConfig:
             label += "-u" + ("k" if self.unbias_keys else "") + ("v" if self.unbias_values else "")
         if self.score_variance:
             label += "-sv"
+        if self.trellis_keys or self.trellis_values:
+            label += "-t" + ("k" if self.trellis_keys else "") + ("v" if self.trellis_values else "")
         if self.shape_keys:
             label += "-qsd" if self.shape_sliding_keys else "-qs"
         if self.shape_prior == "diagonal":
@@ -297,7 +309,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | sv (score variance in the logits) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | er{N} (its rotation: best of N seeds by score error) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | sv (score variance in the logits) | tk/tv/tkv (trellis codes) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | er{N} (its rotation: best of N seeds by score error) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -322,6 +334,7 @@ class TurboQuantConfig:
             r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
             r"L(\d+(?:\.\d+)*)(?:b(\d+))?": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))} | ({"protected_bits": int(m[2])} if m[2] else {}),
             r"sv": lambda m: {"score_variance": True},
+            r"t(kv|k|v)": lambda m: {"trellis_keys": "k" in m[1], "trellis_values": "v" in m[1]},
             r"qs": lambda m: {"shape_keys": True},
             r"qsd": lambda m: {"shape_keys": True, "shape_sliding_keys": True},
             r"dp": lambda m: {"shape_prior": "diagonal"},

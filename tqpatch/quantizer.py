@@ -23,6 +23,8 @@ import torch
 from .codebook import get_codebook
 from .packing import byte_table, check_bits, pack_codes, packed_nbytes, unpack_codes
 from .rotation import haar_rotation, qjl_matrix
+from .trellis import decode_packed, get_trellis, viterbi_encode
+from .trellis import unit_vector_mse as trellis_unit_vector_mse
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -96,13 +98,15 @@ class TurboQuantMSE:
     >>> x_hat = q.dequantize(packed)      # [..., 128], x's dtype
     """
 
-    def __init__(self, head_dim: int, bits: int, seed: int = 0, norm_dtype: torch.dtype = torch.float16, unbiased: bool = False):
+    def __init__(self, head_dim: int, bits: int, seed: int = 0, norm_dtype: torch.dtype = torch.float16, unbiased: bool = False,
+                 trellis: bool = False):
         _check_shape_args(head_dim, bits)
         self.head_dim = head_dim
         self.bits = bits
         self.seed = seed
         self.norm_dtype = norm_dtype
         self.unbiased = unbiased
+        self.trellis = get_trellis(bits) if trellis else None  # trellis codes (`tqpatch.trellis`): same bits, decoded by windows
         self.codebook = get_codebook(head_dim, bits)
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._tables: dict[torch.device, torch.Tensor] = {}
@@ -115,7 +119,12 @@ class TurboQuantMSE:
         towards 0 on average, and a sum of many (an attention output Σ p_t ṽ_t, or the scores' scale) shrinks
         by 1 − D where the independent errors average out. Decoding ũ / (1 − D) removes that bias and costs
         (1 − D)⁻² more noise per vector (`TurboQuantConfig.unbias_values`, `unbias_keys`). Codes are unchanged."""
-        return 1.0 / (1.0 - self.codebook.unit_vector_mse) if self.unbiased else 1.0
+        return 1.0 / (1.0 - self.unit_vector_mse) if self.unbiased else 1.0
+
+    @property
+    def unit_vector_mse(self) -> float:
+        """D = E‖u − ũ‖² of a unit vector: the Lloyd-Max codebook's, or the trellis code's at this d."""
+        return self.codebook.unit_vector_mse if self.trellis is None else trellis_unit_vector_mse(self.head_dim, self.bits)
 
     # -- per-device constants -------------------------------------------------
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,11 +155,17 @@ class TurboQuantMSE:
 
     def encode_unit(self, u: torch.Tensor) -> torch.Tensor:
         """Indices of the nearest centroids of Π u: [..., d] float32 -> [..., d] int64."""
+        if self.trellis is not None:  # the Viterbi search over the whole vector, at unit coordinate variance
+            y = self.rotate(u) * math.sqrt(self.head_dim)
+            return viterbi_encode(y.reshape(-1, self.head_dim), self.trellis).view(y.shape)
         _, _, boundaries = self._constants(u.device)
         return torch.bucketize(self.rotate(u), boundaries)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Rotated unit-scale reconstruction ỹ = c[idx]: packed [..., nbytes] uint8 -> [..., d] float32."""
+        if self.trellis is not None:
+            gain = self.decode_gain / math.sqrt(self.head_dim)
+            return decode_packed(codes, self.trellis, self.head_dim) * gain
         if 8 % self.bits:
             return self.centroids(codes.device)[unpack_codes(codes, self.bits, self.head_dim)]
         if codes.device not in self._tables:  # bits 1, 2, 4, 8: one gather per byte
@@ -190,7 +205,7 @@ class TurboQuantMSE:
         given the codes and variance ≈ ‖x‖² ‖q‖² D / d (`codec.score_variance`). Not for `unbiased` decoding."""
         if self.unbiased:
             raise ValueError("the score variance is for codes decoded as conditional means, not unbiased (c / (1 - D)) decoding")
-        return self.codebook.unit_vector_mse / self.head_dim
+        return self.unit_vector_mse / self.head_dim
 
 
 class TurboQuantProd:

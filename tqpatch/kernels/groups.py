@@ -77,7 +77,7 @@ class CodeGroup:
 def code_groups(codec) -> list[CodeGroup] | None:
     """The kernels' view of `codec`, or None where they cannot read it: TurboQuantCodec (mse 1..4 bits, or prod
     keys with such an mse part), or a SplitCodec once calibrated whose groups have mse 1..4 bits (any widths:
-    the kernel pads them)."""
+    the kernel pads them); not trellis codes (`tqpatch.trellis`)."""
     if isinstance(codec, TurboQuantCodec):
         groups = [CodeGroup(codec.quantizer, codec.norm_codes, None)]
     elif isinstance(codec, SplitCodec) and codec.calibrated:
@@ -87,7 +87,8 @@ def code_groups(codec) -> list[CodeGroup] | None:
             groups.append(CodeGroup(codec.regular, norm.get("lo"), codec.regular_index, "lo_codes", "lo_norms"))
     else:
         return None
-    return groups if all(g.mse is not None and g.mse.bits in KERNEL_BITS for g in groups) else None
+    readable = all(g.mse is not None and g.mse.bits in KERNEL_BITS and g.mse.trellis is None for g in groups)
+    return groups if readable else None
 
 
 def planes(width: int, bits: int, min_width: int = 16) -> int:
