@@ -80,7 +80,8 @@ def eval_group() -> None:
 @click.option("--seed", type=int, default=0, help="Seed for the vectors and the quantizers.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), help="Folder for the JSON and PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
-def eval_distortion(head_dim: int, bits: tuple[int, ...], num_vectors: int, seed: int, out_dir: Path, as_json: bool) -> None:
+@click.option("--trellis", is_flag=True, help="Also TurboQuant_mse with trellis codes (1-6 bits; tqpatch/trellis.py).")
+def eval_distortion(head_dim: int, bits: tuple[int, ...], num_vectors: int, seed: int, out_dir: Path, as_json: bool, trellis: bool) -> None:
     """MSE and inner-product error of TurboQuant_mse/prod vs. the paper's bounds."""
     from tqpatch.eval.distortion import measure_distortion, write_distortion
 
@@ -89,7 +90,7 @@ def eval_distortion(head_dim: int, bits: tuple[int, ...], num_vectors: int, seed
             raise click.BadParameter(f"bits must be in 1..8, got {b}", param_hint="--bits")
     if head_dim < 3:
         raise click.BadParameter(f"head dimension must be >= 3, got {head_dim}", param_hint="--head-dim")
-    result = measure_distortion(head_dim, bits, num_vectors, seed)
+    result = measure_distortion(head_dim, bits, num_vectors, seed, trellis)
     paths = write_distortion(result, out_dir)
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.table())
     click.echo(f"wrote {paths['json']} and {paths['png']}", err=as_json)
