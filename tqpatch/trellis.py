@@ -1,4 +1,4 @@
-"""Trellis-coded quantization (TCQ) of rotated unit vectors: TurboQuant_mse's bits, about 1.4–1.6× less error.
+"""Trellis-coded quantization (TCQ) of rotated unit vectors: TurboQuant_mse's bits, 1.3–1.7× less error.
 
 TurboQuant_mse stores one b-bit code per rotated coordinate and decodes it alone: ŷ_t = c[code_t]. A scalar
 code cannot beat the Lloyd-Max error (at 4 bits 2.4× the rate-distortion bound 4^-b of a Gaussian source).
@@ -16,7 +16,7 @@ so decoded coordinates are conditional means again, which `coordinate_variance` 
 This is trellis-coded quantization with a "bit-shift" trellis (Marcellin & Fischer 1990; QTIP, Tseng et al.
 2024); TurboQuant's rotation makes every coordinate ≈ N(0, 1/d), the memoryless Gaussian source it is best at.
 
-Measured unit-vector MSE at d = 64 (codebooks/trellis_b{b}.safetensors record theirs): see `TRELLIS_STATE_BITS`.
+Each shipped table (codebooks/trellis_b{b}.safetensors) records its MSE; the gains are at `TRELLIS_STATE_BITS`.
 Decoding is a gather; there is no GPU kernel for trellis codes (the reference path reads them).
 """
 
@@ -32,9 +32,10 @@ import torch
 from .codebook import codebook_dir
 from .packing import unpack_codes
 
-# state bits per code width: 2^(S + b) = 1,024 branch costs per coordinate — the Viterbi's
-# work — and the gain over Lloyd-Max they buy on N(0, 1) sequences of 64: 1.22× (1 bit), 1.43×, 1.52×, 1.51×,
-# 1.38×, 1.22× (6 bits). Above 6 bits the trellis is not worth its cost.
+# State bits per code width: 2^(S + b) = 1,024 branch costs per coordinate (the Viterbi's work) everywhere. The
+# shipped tables' unit-vector MSE against Lloyd-Max's at d = 64: 1.22× lower (1 bit), 1.44×, 1.57×, 1.59×, 1.49×,
+# 1.28× (6 bits); at d = 128 1.27–1.71× (README, Trellis codes). At 7–8 bits this budget leaves S ≤ 3 and the
+# trellis loses to Lloyd-Max (0.91× and 0.52× in a first fit), so those widths keep scalar codes.
 TRELLIS_STATE_BITS = {1: 9, 2: 8, 3: 7, 4: 6, 5: 5, 6: 4}
 TRELLIS_BITS = tuple(TRELLIS_STATE_BITS)
 BUILD_COMMAND = "tqpatch build-codebooks --trellis --bits {b}"
@@ -48,10 +49,6 @@ class TrellisCodebook:
     state_bits: int
     lut: torch.Tensor
     mse: float
-
-    @property
-    def window_bits(self) -> int:
-        return self.state_bits + self.bits
 
 
 def windows(codes: torch.Tensor, bits: int, state_bits: int) -> torch.Tensor:
