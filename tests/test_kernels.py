@@ -813,9 +813,9 @@ def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padde
     assert torch.nn.functional.cosine_similarity(fused.flatten(), ref.flatten(), dim=0) > COS_FLOOR
 
 
-@pytest.mark.parametrize("spec", ["k4v3-ev4.2", "k4v4-cv"])
+@pytest.mark.parametrize("spec", ["k4v3-ev4.2", "k4v4-cv", "k4v4-s4-ck-sv-tkv-qsd-n8"])
 def test_codecs_without_kernels_run_on_the_device_through_the_reference_path(spec):
-    """Codecs the kernels cannot read (an eigen split of the values; centered values): patched CUDA decoding uses the
+    """Codecs the kernels cannot read (an eigen split of the values; centered values; trellis codes): patched CUDA decoding uses the
     PyTorch path and matches the same model on the CPU (teacher-forced: both read the same 8 tokens, so a near-tie
     cannot send the two greedy sequences apart). The prompt is 96 tokens so that the value eigenbasis is fitted on
     2 × 95 vectors > d = 64: with 30 tokens its covariance was rank-deficient, the null-space eigenvectors were set by
