@@ -23,8 +23,8 @@ from .config import eigen_split_groups, split_bits
 from .norms import LogNormQuantizer, check_norm_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rope import RopeBias, RopeTable, rotate_half
-from .trellis import TRELLIS_BITS
 from .shaping import SHAPE_PRIORS, QueryMoments, diagonal_transform, eigen_ordered, rope_average, shaping_transform, stored_nbytes, stored_transform
+from .trellis import TRELLIS_BITS
 
 Parts = dict[str, torch.Tensor]
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
@@ -175,7 +175,7 @@ class SplitCodec:
         for name in ("outlier", "regular"):
             group = getattr(self, name)
             if group is not None:
-                setattr(other, name, TurboQuantMSE(group.head_dim, group.bits, seed, unbiased=group.unbiased, trellis=group.trellis is not None))
+                setattr(other, name, mse_quantizer(group.head_dim, group.bits, seed, group.unbiased, group.trellis is not None))
         return other
 
     def calibrate(self, x: torch.Tensor) -> None:  # x: [B, H, T, d]
