@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,14 @@ class TrellisCodebook:
     state_bits: int
     lut: torch.Tensor
     mse: float
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lut, lut², −2·lut) on `device`, made once per device (encode and decode run per chunk and layer)."""
+        if device not in self._tables:
+            lut = self.lut.to(device=device, dtype=torch.float32)
+            self._tables[device] = (lut, lut.square(), -2.0 * lut)
+        return self._tables[device]
 
 
 def windows(codes: torch.Tensor, bits: int, state_bits: int) -> torch.Tensor:
@@ -73,8 +81,7 @@ def viterbi_encode(y: torch.Tensor, book: TrellisCodebook, batch: int = 1024) ->
         return torch.cat([viterbi_encode(part, book, batch) for part in y.split(batch)])
     n, t_len = y.shape
     bits, state_bits = book.bits, book.state_bits
-    lut = book.lut.to(y.device)
-    lut_sq, lut_m2 = lut.square(), -2.0 * lut
+    _, lut_sq, lut_m2 = book.tables(y.device)
     y = y.float()
     cost = torch.full((n, 1 << state_bits), math.inf, device=y.device)
     cost[:, 0] = 0.0
@@ -98,7 +105,7 @@ def viterbi_encode(y: torch.Tensor, book: TrellisCodebook, batch: int = 1024) ->
 
 def decode(codes: torch.Tensor, book: TrellisCodebook) -> torch.Tensor:
     """lut[w_t]: codes [..., T] -> [..., T] float32 at unit variance."""
-    return book.lut.to(codes.device)[windows(codes, book.bits, book.state_bits)]
+    return book.tables(codes.device)[0][windows(codes, book.bits, book.state_bits)]
 
 
 def decode_packed(packed: torch.Tensor, book: TrellisCodebook, length: int) -> torch.Tensor:
