@@ -91,3 +91,37 @@ def test_quality_presets_use_8_bit_norms():
     assert tqpatch.TurboQuantConfig.preset("k4v4+").name == "k4v4-s4-ck-sv-qsd-n8"
     assert all(tqpatch.TurboQuantConfig.preset(name).norm_bits == 8 for name in ("k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+"))
     assert tqpatch.TurboQuantConfig.preset("k4v4").norm_bits == 16  # the paper-exact presets keep float16 norms
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0, 2.5])
+def test_a_smaller_margin_gives_a_finer_step_and_clamps_beyond_it(margin):
+    torch.manual_seed(2)
+    norms = torch.exp2(torch.rand(1, 2, 400) * 2)  # 2 octaves per head
+    quantizer = LogNormQuantizer(margin)
+    codes = quantizer.encode(norms)
+    assert torch.allclose(quantizer.step, torch.full((2,), (2 + 2 * margin) / 254), rtol=0.02)
+    rel = quantizer.decode(codes) / norms - 1
+    assert float(rel.abs().max()) < 2 ** ((2 + 2 * margin) / 508) - 1 + 1e-4  # half a step
+    wide = LogNormQuantizer()  # the default margin: a coarser step on the same norms
+    assert float((wide.decode(wide.encode(norms)) / norms - 1).pow(2).mean()) > float(rel.pow(2).mean())
+    beyond = torch.tensor([[[2.0 ** (2 + margin + 1)], [2.0 ** (-margin - 1)]]])  # [1, 2, 1]: head 0 above its range, head 1 below
+    decoded = quantizer.decode(quantizer.encode(beyond))
+    assert decoded[0, 0, 0] == pytest.approx(2.0 ** (float(quantizer.low[0]) + 254 * float(quantizer.step[0])), rel=1e-4)  # top end
+    assert decoded[0, 1, 0] == pytest.approx(2.0 ** float(quantizer.low[1]), rel=1e-4)  # bottom end
+
+
+def test_norm_margin_in_configs_codecs_and_specs():
+    config = tqpatch.TurboQuantConfig.from_spec("k4v4-s4-ck-qs-n8m1")
+    assert config.norm_margin == 1.0 and config.name == "k4v4-s4-ck-qs-n8m1"
+    assert tqpatch.TurboQuantConfig.from_spec(config.name) == config
+    assert tqpatch.TurboQuantConfig.from_spec("k4v4-n8").norm_margin == MARGIN
+    for bits in (4, 2.5):
+        codec = make_codec(64, bits, "mse", 0, norm_bits=8, norm_margin=1.5)
+        quantizers = codec.norm_codes.values() if isinstance(codec.norm_codes, dict) else [codec.norm_codes]
+        assert all(q.margin == 1.5 for q in quantizers)
+    with pytest.raises(ValueError, match="set norm_bits=8 too"):
+        tqpatch.TurboQuantConfig(norm_margin=1.0)
+    with pytest.raises(ValueError, match=r"norm_margin must be a number of octaves in 0..16"):
+        tqpatch.TurboQuantConfig(norm_bits=8, norm_margin=-1)
+    with pytest.raises(ValueError, match="norm_margin must be"):
+        LogNormQuantizer(margin=True)

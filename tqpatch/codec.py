@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from .config import eigen_split_groups, split_bits
-from .norms import LogNormQuantizer, check_norm_bits
+from .norms import MARGIN, LogNormQuantizer, check_norm_bits
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rope import RopeBias, RopeTable, rotate_half
 from .shaping import SHAPE_PRIORS, QueryMoments, diagonal_transform, eigen_ordered, rope_average, shaping_transform, stored_nbytes, stored_transform
@@ -48,18 +48,18 @@ def mse_quantizer(head_dim: int, bits: int, seed: int, unbiased: bool = False, t
 class TurboQuantCodec:
     """Whole-vector TurboQuant: parts codes [B,H,T,nb] (+ norms, + QJL signs/residual norms for prod).
 
-    norm_bits=8 stores the norms as 8-bit log codes (`tqpatch.norms`) instead of float16
-    (prod keys' residual norms stay float16); unbiased=True decodes c / (1 − D) (`TurboQuantMSE.decode_gain`)."""
+    norm_bits=8 stores the norms as 8-bit log codes (`tqpatch.norms`, their range widened by `norm_margin` octaves)
+    instead of float16 (prod keys' residual norms stay float16); unbiased=True decodes c / (1 − D) (`TurboQuantMSE.decode_gain`)."""
 
     def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, norm_bits: int = 16, unbiased: bool = False,
-                 trellis: bool = False):
+                 trellis: bool = False, norm_margin: float = MARGIN):
         check_norm_bits(norm_bits)
         self.head_dim = head_dim
         self.bits = bits
         self.method = method
         self.norm_bits = norm_bits
         self.quantizer = make_quantizer(head_dim, bits, method, seed, unbiased, trellis)
-        self.norm_codes = LogNormQuantizer() if norm_bits == 8 else None
+        self.norm_codes = LogNormQuantizer(norm_margin) if norm_bits == 8 else None
 
     def encode(self, x: torch.Tensor) -> Parts:  # x: [B, H, T, d]
         q = self.quantizer.quantize(x)
@@ -112,8 +112,8 @@ class RotationSearchCodec(TurboQuantCodec):
     """
 
     def __init__(self, head_dim: int, bits: int, method: str = "mse", seed: int = 0, candidates: int = 8, norm_bits: int = 16,
-                 unbiased: bool = False, trellis: bool = False):
-        super().__init__(head_dim, bits, method, seed, norm_bits, unbiased, trellis)
+                 unbiased: bool = False, trellis: bool = False, norm_margin: float = MARGIN):
+        super().__init__(head_dim, bits, method, seed, norm_bits, unbiased, trellis, norm_margin)
         self.candidates = [self.quantizer] + [make_quantizer(head_dim, bits, method, seed + i, unbiased, trellis) for i in range(1, candidates)]
         self.chosen: int | None = None
 
@@ -147,7 +147,7 @@ class SplitCodec:
     """
 
     def __init__(self, head_dim: int, bits: float, seed: int = 0, step: int = 1, norm_bits: int = 16,
-                 groups: tuple[int, int, int] | None = None, unbiased: bool = False, trellis: bool = False):
+                 groups: tuple[int, int, int] | None = None, unbiased: bool = False, trellis: bool = False, norm_margin: float = MARGIN):
         check_norm_bits(norm_bits)
         self.head_dim = head_dim
         self.norm_bits = norm_bits
@@ -163,7 +163,7 @@ class SplitCodec:
         self.regular_index: torch.Tensor | None = None
         # one norm per stored channel group and vector: 8-bit log codes (norm_bits=8) or float16
         groups_stored = ("hi", "lo") if self.regular is not None else ("hi",)
-        self.norm_codes = {group: LogNormQuantizer() for group in groups_stored} if norm_bits == 8 else None
+        self.norm_codes = {group: LogNormQuantizer(norm_margin) for group in groups_stored} if norm_bits == 8 else None
 
     @property
     def calibrated(self) -> bool:
@@ -576,10 +576,12 @@ def make_codec(
     prior: str = "isotropic",
     split_rotations: int = 1,
     trellis: bool = False,
+    norm_margin: float = MARGIN,
 ):
     """The codec for `bits` (fractional bits -> SplitCodec, which is mse-only), optionally choosing its
     rotation among `rotation_candidates` seeds, optionally mean-centered (RoPE-aware when `rope`: keys),
-    optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`).
+    optionally query-shaped (`shape`, keys only: RopeKeyCodec), with float16 or 8-bit norms (`norm_bits`; their range
+    widened by `norm_margin` octaves).
     `split` = (high, low) bits: an eigen split at `bits` on average (`eigen_split_groups`): of query-shaped keys
     (`rope`), or of values in their PCA basis (`EigenValueCodec`). `unbiased`: every group decodes c / (1 − D)
     (`TurboQuantMSE.decode_gain`). `diagonal`: the shaping map is diagonal (with `shape`; sliding-window layers).
@@ -589,18 +591,18 @@ def make_codec(
     outliers, high, _ = split_bits(bits, head_dim, outlier_step)
     if split is not None:
         codec = SplitCodec(head_dim, bits, seed, norm_bits=norm_bits, groups=eigen_split_groups(bits, head_dim, *split), unbiased=unbiased,
-                           trellis=trellis)
+                           trellis=trellis, norm_margin=norm_margin)
         if not rope:  # values: the PCA basis (EigenValueCodec), centered first where asked
             return CenteredCodec(EigenValueCodec(codec)) if center else EigenValueCodec(codec)
         if not shape:
             raise ValueError("an eigen split of keys (key_split) needs query-shaped keys")
         return RopeKeyCodec(codec, center=center, shape=True, eigen=True, prior=prior, rotation_candidates=split_rotations)
     if outliers == 0 and rotation_candidates > 1:
-        codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits, unbiased, trellis)
+        codec = RotationSearchCodec(head_dim, high, method, seed, rotation_candidates, norm_bits, unbiased, trellis, norm_margin)
     elif outliers == 0:
-        codec = TurboQuantCodec(head_dim, high, method, seed, norm_bits, unbiased, trellis)
+        codec = TurboQuantCodec(head_dim, high, method, seed, norm_bits, unbiased, trellis, norm_margin)
     else:
-        codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits, unbiased=unbiased, trellis=trellis)
+        codec = SplitCodec(head_dim, bits, seed, outlier_step, norm_bits, unbiased=unbiased, trellis=trellis, norm_margin=norm_margin)
     if rope and (center or shape):
         return RopeKeyCodec(codec, center=center, shape=shape, diagonal=diagonal, prior=prior)
     return CenteredCodec(codec) if center else codec

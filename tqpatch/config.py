@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from .norms import check_norm_bits
+from .norms import MARGIN, check_norm_bits, check_norm_margin
 from .shaping import SHAPE_PRIORS
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, tk, tv, tkv, qs, qsd, dp, n8, e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, tk, tv, tkv, qs, qsd, dp, n8[m<octaves>], e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -145,6 +145,9 @@ class TurboQuantConfig:
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per
         coordinate less at head_dim 64) for ~1% relative norm error; the fused
         CUDA kernels read and write both.
+    norm_margin: octaves by which 8-bit norms widen their calibration range on
+        both sides (4: RMS error 0.8%, 1: 0.33% and a few norms in 10^4 clamped;
+        tqpatch.norms). Spec n8m<octaves>, e.g. n8m1.
     seed: seeds the rotation Π and the QJL matrix S (shared by all layers).
     """
 
@@ -166,6 +169,7 @@ class TurboQuantConfig:
     outlier_step: int = 1
     rotation_candidates: int = 1
     norm_bits: int = 16
+    norm_margin: float = MARGIN
     key_split: tuple[int, int] | None = None
     key_split_rotations: int = 1
     value_split: tuple[int, int] | None = None
@@ -212,6 +216,9 @@ class TurboQuantConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_norm_bits(self.norm_bits)
+        check_norm_margin(self.norm_margin)
+        if self.norm_margin != MARGIN and self.norm_bits != 8:
+            raise ValueError(f"norm_margin sets the range of 8-bit norms: set norm_bits=8 too (spec n8m{self.norm_margin:g})")
         if self.shape_prior not in SHAPE_PRIORS:
             raise ValueError(f"shape_prior must be one of {', '.join(map(repr, SHAPE_PRIORS))}, got {self.shape_prior!r}")
         if self.shape_prior != "isotropic" and not self.shape_keys:
@@ -286,7 +293,7 @@ class TurboQuantConfig:
         if self.shape_prior == "diagonal":
             label += "-dp"
         if self.norm_bits != 16:
-            label += f"-n{self.norm_bits}"
+            label += f"-n{self.norm_bits}" + ("" if self.norm_margin == MARGIN else f"m{self.norm_margin:g}")
         if self.key_split is not None:
             label += "-e{}.{}".format(*self.key_split)
         if self.key_split_rotations != 1:
@@ -309,7 +316,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | sv (score variance in the logits) | tk/tv/tkv (trellis codes) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8 (8-bit norms) | e{high}.{low} (eigen split of keys) | er{N} (its rotation: best of N seeds by score error) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
+        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | sv (score variance in the logits) | tk/tv/tkv (trellis codes) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8[m{octaves}] (8-bit norms[, their range margin]) | e{high}.{low} (eigen split of keys) | er{N} (its rotation: best of N seeds by score error) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -338,7 +345,7 @@ class TurboQuantConfig:
             r"qs": lambda m: {"shape_keys": True},
             r"qsd": lambda m: {"shape_keys": True, "shape_sliding_keys": True},
             r"dp": lambda m: {"shape_prior": "diagonal"},
-            r"n(\d+)": lambda m: {"norm_bits": int(m[1])},
+            r"n(\d+)(?:m(\d+(?:\.\d+)?))?": lambda m: {"norm_bits": int(m[1])} | ({"norm_margin": float(m[2])} if m[2] else {}),
             r"e(\d+)\.(\d+)": lambda m: {"key_split": (int(m[1]), int(m[2]))},
             r"er(\d+)": lambda m: {"key_split_rotations": int(m[1])},
             r"ev(\d+)\.(\d+)": lambda m: {"value_split": (int(m[1]), int(m[2]))},

@@ -9,11 +9,17 @@ at most, so 8 bits on a log scale keep them to within a fraction of a percent:
     code = 1 + round((log2 n - lo_h) / step_h), clamped to 1..255;  code 0 <=> n = 0
     n̂    = 2^(lo_h + (code - 1) · step_h)
 
-lo_h and step_h [H] cover the first chunk's range per head widened by MARGIN
+lo_h and step_h [H] cover the first chunk's range per head widened by `margin`
 octaves on both sides (later tokens may be larger or smaller). With a 2-octave
-spread that is 10 octaves in 254 steps: |n̂/n - 1| ≤ 1.4%, RMS 0.8%, which
-adds ~0.7% to a 4-bit code's squared error (TurboQuant_mse's 0.0095 relative)
-and less at fewer bits. Norms outside the range are clamped to its ends.
+spread and the default margin of 4 that is 10 octaves in 254 steps:
+|n̂/n - 1| ≤ 1.4%, RMS 0.8%, which adds ~0.7% to a 4-bit code's squared error
+(TurboQuant_mse's 0.0095 relative) and less at fewer bits. Norms outside the
+range are clamped to its ends.
+
+That error is small against the codes' but not against a key's score: a norm
+off by ε scales the whole score ⟨q, k⟩ by 1 + ε, and the scores that matter are
+the large ones. A margin of 1 octave (4 octaves in 254 steps, RMS 0.33%) clamps
+a few norms in ten thousand and reads better (README, "8-bit norms").
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from __future__ import annotations
 import torch
 
 NORM_BITS = (16, 8)  # float16 (TurboQuant's) or these log codes
-MARGIN = 4.0  # octaves added below the smallest and above the largest norm of the first chunk
+MARGIN = 4.0  # default octaves added below the smallest and above the largest norm of the first chunk
+MAX_MARGIN = 16.0
 FALLBACK = (-16.0, 16.0)  # log2 range of a head whose first chunk had no nonzero norm
 
 
@@ -30,7 +37,9 @@ class LogNormQuantizer:
 
     LEVELS = 255  # codes 1..255; 0 is an exact zero norm
 
-    def __init__(self) -> None:
+    def __init__(self, margin: float = MARGIN) -> None:
+        check_norm_margin(margin)
+        self.margin = float(margin)  # octaves added on both sides of the calibration range
         self.low: torch.Tensor | None = None  # [H] float32, log2 of the norm that code 1 stands for
         self.step: torch.Tensor | None = None  # [H] float32, octaves per code
         self._ranges: dict[torch.device, torch.Tensor] = {}
@@ -46,8 +55,8 @@ class LogNormQuantizer:
         low = torch.where(finite, logs, torch.inf).amin(-1)
         high = torch.where(finite, logs, -torch.inf).amax(-1)
         empty = ~finite.any(-1)
-        low = torch.where(empty, torch.full_like(low, FALLBACK[0]), low - MARGIN)
-        high = torch.where(empty, torch.full_like(high, FALLBACK[1]), high + MARGIN)
+        low = torch.where(empty, torch.full_like(low, FALLBACK[0]), low - self.margin)
+        high = torch.where(empty, torch.full_like(high, FALLBACK[1]), high + self.margin)
         self.low = low
         self.step = (high - low).clamp_min(1e-3) / (self.LEVELS - 1)
         self._ranges = {}
@@ -83,3 +92,8 @@ class LogNormQuantizer:
 def check_norm_bits(norm_bits) -> None:
     if isinstance(norm_bits, bool) or norm_bits not in NORM_BITS:
         raise ValueError(f"norm_bits must be one of {NORM_BITS} (float16 norms or 8-bit log codes), got {norm_bits!r}")
+
+
+def check_norm_margin(margin) -> None:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= MAX_MARGIN:
+        raise ValueError(f"norm_margin must be a number of octaves in 0..{MAX_MARGIN:g}, got {margin!r}")

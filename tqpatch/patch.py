@@ -85,13 +85,13 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
         return make_codec(
             head_dim, key_bits, cfg.key_method, cfg.seed, cfg.center_keys, cfg.outlier_step, cfg.rotation_candidates,
             rope=True, shape=shape, norm_bits=cfg.norm_bits, split=split, unbiased=cfg.unbias_keys, diagonal=diagonal,
-            prior=cfg.shape_prior, split_rotations=cfg.key_split_rotations, trellis=cfg.trellis_keys,
+            prior=cfg.shape_prior, split_rotations=cfg.key_split_rotations, trellis=cfg.trellis_keys, norm_margin=cfg.norm_margin,
         )
 
     def make_value_codec():
         return make_codec(
             head_dim, value_bits, "mse", cfg.seed, cfg.center_values, cfg.outlier_step, cfg.rotation_candidates, norm_bits=cfg.norm_bits,
-            split=value_split, unbiased=cfg.unbias_values, trellis=cfg.trellis_values,
+            split=value_split, unbiased=cfg.unbias_values, trellis=cfg.trellis_values, norm_margin=cfg.norm_margin,
         )
 
     return TurboQuantLayer(
