@@ -7,6 +7,7 @@ registers, spills, shared memory.
     .venv/bin/python bench/compile_check.py warp [D[,N8[,MASK[,G[,PAIRS]]]] ...]   e.g. 128,1,1,4,0 (the Gluon k4v4 gather kernel)
     .venv/bin/python bench/compile_check.py lut [D[,N8[,MASK[,G[,BT[,MAXNREG[,SYM[,I8[,TAU[,VI8[,BIAS[,NORM_BIAS]]]]]]]]]]]] ...]   e.g. 128,0,0,4,32,160,1,1,3,1 (the register-table kernel; I8: int8 keys; TAU: lazy rescaling; VI8: int8 values; BIAS: a dense score bias, 2: loaded a step ahead; NORM_BIAS: the score variance's)
     .venv/bin/python bench/compile_check.py lut-sass [the same] ...   its main loop's SASS per token step, per opcode (cuobjdump)
+    .venv/bin/python bench/compile_check.py viterbi [BITS[,T[,WARPS]]] ...   e.g. 4,128,4 (the trellis encoder, `kernels/viterbi.py`)
 
 Uses the ptxas that ships with Triton (for the Gluon kernel: shared memory 0 B and 0 barriers is the point). Integer arguments are specialized as on the B=8, Hkv=8, L=32k
 bench shape (pointers and multiples of 16 marked divisible by 16, ones folded), so the pipelining
@@ -66,6 +67,17 @@ def _store_ints(d: int, bits: int, model_layout: bool) -> dict:
     t, nb = 32768, d * bits // 8
     x = dict(sxb=8 * t * d, sxh=d, sxt=8 * d) if model_layout else dict(sxb=8 * t * d, sxh=t * d, sxt=d)
     return dict(**x, H=8, T=t, R=64 * t, scb=8 * t * nb, sch=t * nb, sct=nb, snb=8 * t, snh=t, snt=1)
+
+
+def compile_viterbi(bits: int, t: int = 128, warps: int = 4) -> str:
+    """The trellis encoder as launched on N = 16,384 vectors of t coordinates."""
+    from tqpatch.kernels import viterbi
+    from tqpatch.trellis import TRELLIS_STATE_BITS
+
+    const = dict(T=t, BITS=bits, SBITS=TRELLIS_STATE_BITS[bits], V=viterbi.VECTORS)
+    ptr_types = {"y_ptr": "*fp32", "lut_sq_ptr": "*fp32", "lut_m2_ptr": "*fp32", "choice_ptr": "*i8", "codes_ptr": "*u8"}
+    k = _compile(viterbi._viterbi_kernel, const, dict(N=16384), ptr_types.get, lambda n: "i32", warps)
+    return f"viterbi bits={bits} T={t} warps={warps}: shared {k.metadata.shared} B; {_ptxas_report(k)}"
 
 
 def compile_store(precision: str, block_r: int, warps: int, bits: int, d: int = 128, stages: int = 1) -> str:
@@ -192,7 +204,10 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["lut-sass"]:
+    if sys.argv[1:2] == ["viterbi"]:
+        for spec in sys.argv[2:] or ["1,128", "2,128", "4,128", "6,64"]:
+            print(compile_viterbi(*map(int, spec.split(","))), flush=True)
+    elif sys.argv[1:2] == ["lut-sass"]:
         for spec in sys.argv[2:] or ["128,0,0,4,32,160,1,1,0,1"]:
             n, ops = sass_loop_counts(build_lut(*map(int, spec.split(","))))
             print(f"lut {spec}: {n} SASS instructions per loop step; " + ", ".join(f"{op} {c}" for op, c in ops.items()), flush=True)

@@ -1,5 +1,7 @@
 """Trellis codes' encode cost (the Viterbi search, `tqpatch.trellis.viterbi_encode`) against Lloyd-Max's (a bucketize),
 on the device at hand: one decode step's vectors and one 2,048-token prefill, Llama-3.1-8B KV heads (8 × d 128).
+Rows: a whole `quantize` with Lloyd-Max codes and with trellis codes (on CUDA the Triton encoder,
+`tqpatch.kernels.viterbi`), and the PyTorch Viterbi alone (`viterbi_encode_reference`, what CUDA ran before it).
 
     python3 bench/trellis_encode.py --out trellis_encode.json
 """
@@ -13,6 +15,7 @@ import time
 import torch
 
 from tqpatch import TurboQuantMSE
+from tqpatch.trellis import get_trellis, viterbi_encode_reference
 
 
 def _time(fn, device: torch.device, rounds: int) -> float:
@@ -39,12 +42,15 @@ def main() -> None:
     rows = []
     for label, tokens, batch in (("decode step, B=8", 1, 8), ("prefill 2048 tokens, B=1", 2048, 1)):
         x = torch.randn(batch, 8, tokens, 128, device=device)
-        for bits in (2, 4):
-            for trellis in (False, True):
-                q = TurboQuantMSE(128, bits, trellis=trellis)
-                ms = _time(lambda: q.quantize(x), device, args.rounds)
-                rows.append(dict(shape=label, vectors=batch * 8 * tokens, bits=bits, trellis=trellis, ms=round(ms, 3)))
-                print(f"{label:<26} {bits} bits {'trellis' if trellis else 'Lloyd-Max':<9} {ms:9.3f} ms", flush=True)
+        y = torch.randn(batch * 8 * tokens, 128, device=device)  # rotated coordinates at unit variance
+        for bits in (1, 2, 3, 4):
+            lloyd_max, trellis, book = TurboQuantMSE(128, bits), TurboQuantMSE(128, bits, trellis=True), get_trellis(bits)
+            runs = {"Lloyd-Max quantize": lambda: lloyd_max.quantize(x), "trellis quantize": lambda: trellis.quantize(x),
+                    "PyTorch Viterbi alone": lambda: viterbi_encode_reference(y, book)}
+            for what, fn in runs.items():
+                ms = _time(fn, device, args.rounds)
+                rows.append(dict(shape=label, vectors=batch * 8 * tokens, bits=bits, what=what, ms=round(ms, 3)))
+                print(f"{label:<26} {bits} bits {what:<22} {ms:9.3f} ms", flush=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if args.out:
         with open(args.out, "w") as f:

@@ -843,5 +843,28 @@ def test_codecs_without_kernels_run_on_the_device_through_the_reference_path(spe
     assert _rel(outputs[0], outputs[1]) < 2e-2
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6])
+def test_viterbi_kernel_finds_the_reference_codes(bits):
+    """The Triton trellis encoder against the PyTorch one (`trellis.viterbi_encode_reference`) on random vectors: the
+    same squared error (both are exact searches), the same codes but for float near-ties; on CUDA `viterbi_encode`
+    takes the kernel. Rows not a multiple of the program's vectors, and b = 6 > S = 4 (the code spans the leaving bits)."""
+    from tqpatch.kernels.viterbi import viterbi_encode_triton
+    from tqpatch.trellis import decode, get_trellis, viterbi_encode, viterbi_encode_reference
+
+    book = get_trellis(bits)
+    gen = torch.Generator().manual_seed(bits)
+    n, t = (5, 24) if FAST else (301, 128)
+    y = torch.randn(n, t, generator=gen).to(DEVICE)
+    _, lut_sq, lut_m2 = book.tables(y.device)
+    got = viterbi_encode_triton(y, lut_sq, lut_m2, book.bits, book.state_bits)
+    ref = viterbi_encode_reference(y, book)
+    assert got.dtype == torch.int64 and got.shape == (n, t) and int(got.max()) < 1 << bits
+    error_got, error_ref = ((y - decode(c, book)).square().sum(-1) for c in (got, ref))
+    assert torch.allclose(error_got, error_ref, rtol=1e-5, atol=1e-5)
+    assert float((got == ref).all(-1).float().mean()) >= 0.9
+    if DEVICE == "cuda":
+        assert torch.equal(viterbi_encode(y, book), got)
+
+
 if os.environ.get("TQPATCH_KERNEL_TEST_VERBOSE"):  # pragma: no cover
     print("kernel tests on", DEVICE)

@@ -11,7 +11,7 @@ import tqpatch
 from tqpatch import TurboQuantMSE
 from tqpatch.codec import make_codec
 from tqpatch.kernels.groups import code_groups
-from tqpatch.trellis import TRELLIS_BITS, TrellisCodebook, decode, fit_trellis, get_trellis, viterbi_encode, windows
+from tqpatch.trellis import TRELLIS_BITS, TrellisCodebook, decode, fit_trellis, get_trellis, viterbi_encode_reference, windows
 from tiny_models import patched_in_chunks, prompt, tiny_model
 
 
@@ -36,7 +36,7 @@ def test_viterbi_finds_the_cheapest_code_sequence(bits, state_bits):
     y = torch.randn(6, 5, generator=g)
     every = torch.tensor(list(itertools.product(range(1 << bits), repeat=5)))  # [2^(5b), 5]
     best = (y[:, None, :] - decode(every, book)[None]).square().sum(-1).min(dim=1).values
-    found = (y - decode(viterbi_encode(y, book, batch=4), book)).square().sum(-1)  # batch 4: also the split path
+    found = (y - decode(viterbi_encode_reference(y, book, batch=4), book)).square().sum(-1)  # batch 4: also the split path
     torch.testing.assert_close(found, best, rtol=1e-5, atol=1e-6)
 
 

@@ -69,8 +69,23 @@ def windows(codes: torch.Tensor, bits: int, state_bits: int) -> torch.Tensor:
     return out & window_mask
 
 
-def viterbi_encode(y: torch.Tensor, book: TrellisCodebook, batch: int = 1024) -> torch.Tensor:
-    """The codes [N, T] int64 whose trellis decode minimises Σ_t (y_t − lut[w_t])², for y [N, T] at unit variance.
+def viterbi_encode(y: torch.Tensor, book: TrellisCodebook) -> torch.Tensor:
+    """The codes [N, T] int64 whose trellis decode minimises Σ_t (y_t − lut[w_t])², for y [N, T] at unit variance:
+    on CUDA with Triton the kernel (`tqpatch.kernels.viterbi`, ~100× faster than PyTorch there: bench/RESULTS.md),
+    else `viterbi_encode_reference`."""
+    if y.is_cuda and y.shape[0] > 0:
+        from .kernels import triton_available
+
+        if triton_available():
+            from .kernels.viterbi import viterbi_encode_triton
+
+            _, lut_sq, lut_m2 = book.tables(y.device)
+            return viterbi_encode_triton(y.float().contiguous(), lut_sq, lut_m2, book.bits, book.state_bits)
+    return viterbi_encode_reference(y, book)
+
+
+def viterbi_encode_reference(y: torch.Tensor, book: TrellisCodebook, batch: int = 1024) -> torch.Tensor:
+    """`viterbi_encode` in PyTorch (any device; the oracle of the kernel's tests), `batch` vectors at a time.
 
     Forward: cost'[s'] = min over the 2^b predecessors s of cost[s] + (y_t − lut[w])² (the y_t² common to all
     is left out), with the window w = s·2^b + code = a·2^S + s' (a: the top b bits that leave the state):
@@ -78,7 +93,7 @@ def viterbi_encode(y: torch.Tensor, book: TrellisCodebook, batch: int = 1024) ->
     Backward: from the cheapest final state, recompute the 2^b candidates of the state chosen at each step from
     the stored costs (a min without indices, and [N, 2^b] work per step back, is cheaper than an argmin)."""
     if y.shape[0] > batch:
-        return torch.cat([viterbi_encode(part, book, batch) for part in y.split(batch)])
+        return torch.cat([viterbi_encode_reference(part, book, batch) for part in y.split(batch)])
     n, t_len = y.shape
     bits, state_bits = book.bits, book.state_bits
     _, lut_sq, lut_m2 = book.tables(y.device)

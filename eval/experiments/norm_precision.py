@@ -1,12 +1,11 @@
-"""MARGIN=1 python norm_precision.py eval ppl ...: 8-bit norms (`-n8`) with another range margin, and what they cost.
+"""python norm_precision.py eval ppl ... --settings k4v4-n8m1: how precise 8-bit norms (`-n8[m<octaves>]`) are in use.
 
-Sets `tqpatch.norms.MARGIN` (octaves added below and above the calibration chunk's norm range, 4 by default) and
-records, for every `LogNormQuantizer.encode` call, the relative error of the decoded norms and how many were
-clamped to the range's ends. Prints the RMS relative error and the clamp rate at exit (to stderr).
+Records, for every `LogNormQuantizer.encode` call of the run (all settings together: run one setting per call), the
+relative error of the decoded norms and how many were clamped to the range's ends, and prints the RMS and largest
+relative error and the clamp rate at exit (to stderr).
 """
 import atexit
 import importlib
-import os
 import sys
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 norms = importlib.import_module("tqpatch.norms")
-norms.MARGIN = float(os.environ.get("MARGIN", norms.MARGIN))
 totals = {"count": 0, "clamped": 0, "sq_rel_error": 0.0, "max_rel_error": 0.0}
 original_encode = norms.LogNormQuantizer.encode
 
@@ -32,7 +30,7 @@ def encode(self, values: torch.Tensor) -> torch.Tensor:
 
 def report() -> None:
     n = max(totals["count"], 1)
-    print(f"norm codes, margin {norms.MARGIN} octaves: {totals['count']} norms encoded, RMS relative error "
+    print(f"norm codes: {totals['count']} norms encoded, RMS relative error "
           f"{(totals['sq_rel_error'] / n) ** 0.5:.4%}, max {totals['max_rel_error']:.2%}, clamped {totals['clamped'] / n:.4%}",
           file=sys.stderr)
 
