@@ -1,7 +1,7 @@
 """Compile the decode split kernel or the store kernel for sm_90 (H100/H200) without a GPU; print ptxas
 registers, spills, shared memory.
 
-    .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT[,GROUPS[,ROPE[,NORM_BIAS]]]]]]] ...]   e.g. 32,4,3,4 32,4,3,4,128,1,0,2 32,4,3,4,128,1,0,1,1
+    .venv/bin/python bench/compile_check.py [BLOCK_T,WARPS,STAGES,BITS[,D[,N8[,LUT[,GROUPS[,ROPE[,NORM_BIAS[,TRELLIS]]]]]]]] ...]   e.g. 32,4,3,4 32,4,3,4,128,1,0,2 32,4,3,4,128,1,0,1,1
     .venv/bin/python bench/compile_check.py store [PRECISION,BLOCK_R,WARPS,BITS[,D[,STAGES]] ...]   e.g. fp16x3,64,8,4,128,2
     .venv/bin/python bench/compile_check.py store-x16 [BLOCK_R,WARPS,STAGES,BITS[,D[,DTYPE[,N8[,LO[,F16X2[,CB[,TMA[,ASM_STORE]]]]]]]] ...]   e.g. 128,8,1,4,128,bf16,0,1,1,128,1,1
     .venv/bin/python bench/compile_check.py warp [D[,N8[,MASK[,G[,PAIRS]]]] ...]   e.g. 128,1,1,4,0 (the Gluon k4v4 gather kernel)
@@ -171,10 +171,12 @@ def sass_loop_counts(k) -> tuple[int, dict[str, int]]:
 
 
 def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128, n8: int = 0, lut: int = 0, groups: int = 1, rope: int = 0,
-                  norm_bias: int = 0) -> str:
+                  norm_bias: int = 0, trellis: int = 0) -> str:
     """The decode split kernel at the B=8, Hkv=8, L=32k bench shape: keys and values of `bits` bits, as one code
     group per vector or (groups=2) two equal halves (a split codec's layout); rope=1 adds the RoPE-position bias (2: in tf32);
-    norm_bias=1 the score variance's per-group norm bias."""
+    norm_bias=1 the score variance's per-group norm bias; trellis=1 trellis codes (read by window, natural order)."""
+    from tqpatch.trellis import TRELLIS_STATE_BITS
+
     fn = tk._tq_decode_split_kernel
     length = 32768
     width = d // groups
@@ -186,13 +188,15 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
                             f"s{side}n{i}b": 8 * length, f"s{side}n{i}h": length, f"s{side}n{i}t": 1})
     ints = dict(sqr=d, skgb=8 * length * d // 8, skgh=length * d // 8, skgt=d // 8, skrb=8 * length, skrh=length, skrt=1,
                 smb=0, mask_off=0, skb=0, src=d, srt=2 * d, Hkv=8, L=length, per_split=1024, **strides)
-    pl = planes(width, bits)
+    sb = TRELLIS_STATE_BITS[bits] if trellis else 0
+    pl = 1 if trellis else planes(width, bits)
+    slots = max(16, 1 << (bits + sb))
     const = dict(G=4, GP=16, D=d, AW=d, PROD=False, HAS_MASK=False, HAS_BIAS=False, HAS_ROPE=bool(rope), ROPE_PREC="tf32x3" if rope != 2 else "tf32",
                  HAS_NORM_BIAS=bool(norm_bias), BLOCK_T=block_t, LUT=lut,
-                 KN8=bool(n8), VN8=bool(n8), KG=groups, VG=groups, KCS=max(16, 1 << bits), VCS=max(16, 1 << bits))
+                 KN8=bool(n8), VN8=bool(n8), KG=groups, VG=groups, KCS=slots, VCS=slots)
     for side in ("K", "V"):
         for i in range(2):
-            const.update({f"{side}B{i}": bits, f"{side}W{i}": width, f"{side}NB{i}": nb, f"{side}PL{i}": pl})
+            const.update({f"{side}B{i}": bits, f"{side}W{i}": width, f"{side}NB{i}": nb, f"{side}PL{i}": pl, f"{side}SB{i}": sb})
     fp16 = ("kr_ptr", "kcent_ptr", "vcent_ptr") + (() if n8 else ("kn0_ptr", "kn1_ptr", "vn0_ptr", "vn1_ptr"))
     fp32 = ("qr_ptr", "m_ptr", "l_ptr", "acc_ptr", "krange_ptr", "vrange_ptr", "kbias_ptr", "rc_ptr", "rt_ptr", "nb_ptr")
     ptr_type = lambda n: "*fp32" if n in fp32 else "*fp16" if n in fp16 else "*u8"  # noqa: E731
@@ -200,7 +204,7 @@ def compile_split(block_t: int, warps: int, stages: int, bits: int, d: int = 128
     k = _compile(fn, const, ints, ptr_type, int_type, warps, stages)
     report = _ptxas_report(k)
     return (f"block_t={block_t} warps={warps} stages={stages} bits={bits} groups={groups} planes={pl}{' 8-bit norms' if n8 else ''} "
-            f"lut={lut}{' rope bias' if rope else ''}{' norm bias' if norm_bias else ''}: shared {k.metadata.shared} B; {report}")
+            f"lut={lut}{' rope bias' if rope else ''}{' norm bias' if norm_bias else ''}{' trellis' if trellis else ''}: shared {k.metadata.shared} B; {report}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 from tqpatch import kernels
 from tqpatch.codec import SplitCodec, TurboQuantCodec
+from tqpatch.kernels.groups import code_groups
 from tqpatch.packing import unpack_codes
 
 if kernels.interpreting() and kernels.triton_available():
@@ -298,6 +299,47 @@ def test_decode_attention_reads_unbiased_codecs(kbits, vbits, unbias_keys, monke
     assert all(torch.equal(t.to(DEVICE), vp[n]) for n, t in vplain.encode(v).items())
     plain = kernels.decode_attention_reference(q, kplain, vplain, kp, vp, fk, fk, 128**-0.5)
     assert _rel(plain, ref) > 10 * _rel(out, ref)  # the gain is there to be read: the plain decode differs
+
+
+TRELLIS_CASES = [  # d, key codec, value codec: bits, or (channels, high bits, low bits) of a split; trellis codes in every group
+    (64, 4, 4), (128, 2, 3), (64, 1, 6), (128, 5, 4), (64, (28, 6, 2), 3), (128, (64, 4, 3), (32, 2, 1)),
+]
+if FAST:
+    TRELLIS_CASES = TRELLIS_CASES[:1] + TRELLIS_CASES[4:5]
+
+
+@pytest.mark.parametrize("d,kbits,vbits", TRELLIS_CASES)
+def test_decode_attention_reads_trellis_codes(d, kbits, vbits):
+    """Trellis codes (`tqpatch.trellis`): the split kernel reads each coordinate by its window of the code stream in
+    the group's 2^(S+b)-entry table, as the reference decodes them; the store kernel declines them (Viterbi)."""
+    gen = torch.Generator().manual_seed(d + (kbits if isinstance(kbits, int) else kbits[1]))
+    b, hkv, group, length = 2, 2, 4, 301
+    k = torch.randn(b, hkv, length, d, generator=gen) * (1 + 3 * torch.rand(d, generator=gen)) + 0.5
+    v = torch.randn(b, hkv, length, d, generator=gen)
+
+    def make(bits, x, seed):
+        if isinstance(bits, int):
+            return TurboQuantCodec(d, bits, "mse", seed=seed, norm_bits=8, trellis=True)
+        codec = SplitCodec(d, 0.0, seed=seed, norm_bits=8, groups=bits, trellis=True)
+        codec.encode(x[:, :, :8])  # calibrates the channel groups and the norm ranges
+        return codec
+
+    kc, vc = make(kbits, k, 1), make(vbits, v, 2)
+    assert kernels.supports(kc) and kernels.supports(vc)
+    assert kernels._store_groups(kc, k.to(DEVICE)) is None  # encoded by the Viterbi search, not the store kernel
+    kp = {n: t.to(DEVICE) for n, t in kc.encode(k).items()}
+    vp = {n: t.to(DEVICE) for n, t in vc.encode(v).items()}
+    q = (torch.randn(b, hkv * group, d, generator=gen) / 2).to(DEVICE, torch.bfloat16)
+    fk = torch.randn(b, hkv, 3, d, generator=gen).to(DEVICE, torch.bfloat16)
+    valid = (torch.arange(length)[None, :] >= torch.tensor([0, 37])[:, None]).to(DEVICE)
+    ref = kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid)
+    for splits in (None, 3):
+        out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, out_dtype=torch.float32, num_splits=splits)
+        assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, (splits, _rel(out, ref))
+    for codec in (kc, vc):  # the same codes read as Lloyd-Max codes decode to something else: the windows matter
+        for g in code_groups(codec):
+            g.mse.trellis = None
+    assert _rel(kernels.decode_attention_reference(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid), ref) > 10 * REL_TOL
 
 
 @pytest.mark.parametrize("lut", [0, 1, 2])
@@ -730,7 +772,8 @@ def _fused_calls():
 
 @pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k2v2+", "k3v2+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40",
                                     "3.5bit+", "2.5bit", "2.5bit+", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40", "k8v8",
-                                    "k4v3-s4-ck-uv-qs-n8-e6.2-fit40"])
+                                    "k4v3-s4-ck-uv-qs-n8-e6.2-fit40", "k4v4-s4-ck-sv-tkv-qsd-n8", "k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8",
+                                    "k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit40"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
     import tqpatch
@@ -813,9 +856,9 @@ def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padde
     assert torch.nn.functional.cosine_similarity(fused.flatten(), ref.flatten(), dim=0) > COS_FLOOR
 
 
-@pytest.mark.parametrize("spec", ["k4v3-ev4.2", "k4v4-cv", "k4v4-s4-ck-sv-tkv-qsd-n8"])
+@pytest.mark.parametrize("spec", ["k4v3-ev4.2", "k4v4-cv"])
 def test_codecs_without_kernels_run_on_the_device_through_the_reference_path(spec):
-    """Codecs the kernels cannot read (an eigen split of the values; centered values; trellis codes): patched CUDA decoding uses the
+    """Codecs the kernels cannot read (an eigen split of the values; centered values): patched CUDA decoding uses the
     PyTorch path and matches the same model on the CPU (teacher-forced: both read the same 8 tokens, so a near-tie
     cannot send the two greedy sequences apart). The prompt is 96 tokens so that the value eigenbasis is fitted on
     2 × 95 vectors > d = 64: with 30 tokens its covariance was rank-deficient, the null-space eigenvectors were set by
@@ -860,7 +903,9 @@ def test_viterbi_kernel_finds_the_reference_codes(bits):
     ref = viterbi_encode_reference(y, book)
     assert got.dtype == torch.int64 and got.shape == (n, t) and int(got.max()) < 1 << bits
     error_got, error_ref = ((y - decode(c, book)).square().sum(-1) for c in (got, ref))
-    assert torch.allclose(error_got, error_ref, rtol=1e-5, atol=1e-5)
+    # Both searches are exact up to float32 rounding of path costs of size ~Σ y² = t (~1e-5 relative): paths that
+    # close may swap (at 6 bits, where the errors are smallest, an H100 showed it: run 105).
+    assert float((error_got - error_ref).abs().max()) < 1e-5 * t
     assert float((got == ref).all(-1).float().mean()) >= 0.9
     if DEVICE == "cuda":
         assert torch.equal(viterbi_encode(y, book), got)

@@ -89,13 +89,13 @@ def test_spec_options_and_their_errors():
     assert TRELLIS_BITS == (1, 2, 3, 4, 5, 6)
 
 
-def test_codecs_give_trellis_codes_to_groups_of_up_to_six_bits_and_the_kernels_decline_them():
+def test_codecs_give_trellis_codes_to_groups_of_up_to_six_bits_and_the_kernels_read_them_by_window():
     split = make_codec(64, 3.75, "mse", 0, rope=True, shape=True, norm_bits=8, split=(6, 2), trellis=True).inner
     assert split.outlier.trellis.bits == 6 and split.regular.trellis.bits == 2
     assert make_codec(64, 8, "mse", 0, trellis=True).quantizer.trellis is None  # 8 bits: Lloyd-Max
     whole = make_codec(64, 4, "mse", 0, trellis=True)
-    assert whole.quantizer.trellis.bits == 4 and code_groups(whole) is None
-    assert code_groups(make_codec(64, 4, "mse", 0)) is not None
+    assert whole.quantizer.trellis.bits == 4 and code_groups(whole)[0].state_bits == 6  # the split decode kernel's SB
+    assert code_groups(make_codec(64, 4, "mse", 0))[0].state_bits == 0
     same_split = split.with_seed(5)
     assert same_split.outlier.trellis is not None and same_split.outlier.seed == 5
 

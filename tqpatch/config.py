@@ -139,7 +139,8 @@ class TurboQuantConfig:
         same way, but each coordinate decodes from a window of the codes before it and the
         encoder picks a vector's codes together (Viterbi), for 1.2–1.6× less error at equal
         bits. Nothing else is stored. Encoding costs ~2^10 operations per coordinate on the
-        CPU; the fused GPU kernels do not read them (reference path). Spec tk, tv, tkv.
+        CPU (a Triton kernel on CUDA); on CUDA the split decode kernel reads them (not the
+        faster warp kernels of k4v4 / k4v4+). Spec tk, tv, tkv.
     norm_bits: 16 stores each vector's norm in float16 (TurboQuant's choice);
         8 stores it as an 8-bit log code with a per-head range fixed from the
         first chunk (tqpatch.norms): half the norm bits (0.125 bits per

@@ -17,7 +17,8 @@ This is trellis-coded quantization with a "bit-shift" trellis (Marcellin & Fisch
 2024); TurboQuant's rotation makes every coordinate ≈ N(0, 1/d), the memoryless Gaussian source it is best at.
 
 Each shipped table (codebooks/trellis_b{b}.safetensors) records its MSE; the gains are at `TRELLIS_STATE_BITS`.
-Decoding is a gather; there is no GPU kernel for trellis codes (the reference path reads them).
+Decoding is a gather. On CUDA the encoder is a Triton kernel (`kernels/viterbi.py`) and the split decode kernel
+reads trellis codes by window (`kernels.triton_kernels._unpack_windows`); the warp kernels and the store kernel do not.
 """
 
 from __future__ import annotations

@@ -140,7 +140,8 @@ def _warp_kernel_fits(kgroups, vgroups, d: int, g: int, prod: bool) -> bool:
     """Whether `_tq_decode_warp_kernel` reads these codes: one 4-bit mse group per side, d 64 or 128, at most 16 query
     heads per KV head, and Gluon present (score biases: only its LUT variant, `_lut_kernel_fits`)."""
     return (DECODE_TUNING["warp_kernel"] and len(kgroups) == 1 and len(vgroups) == 1 and not prod
-            and d in (64, 128) and g <= 16 and all(gr.index is None and gr.mse.bits == 4 and gr.head_dim == d for gr in (*kgroups, *vgroups))
+            and d in (64, 128) and g <= 16
+            and all(gr.index is None and gr.mse.bits == 4 and gr.head_dim == d and not gr.state_bits for gr in (*kgroups, *vgroups))
             and gluon_available())
 
 
@@ -216,7 +217,7 @@ def _store_groups(codec, x: torch.Tensor) -> list[CodeGroup] | None:
     if hasattr(codec, "prepare"):  # TurboQuantCodec: norm ranges (and a rotation search's choice) fixed before the constants are read
         codec.prepare(x)
     groups = code_groups(codec)
-    if groups is None or not all(g.head_dim in HEAD_DIMS for g in groups):
+    if groups is None or not all(g.head_dim in HEAD_DIMS and not g.state_bits for g in groups):  # trellis codes: Viterbi (trellis.py)
         return None
     return groups
 
@@ -791,7 +792,8 @@ def _run_warp_kernel(qk, kgroup, vgroup, kp, vp, klay, vlay, kc, vc, valid, m, l
 
 def _group_args(parts: Parts, groups: list[CodeGroup], lay) -> tuple[dict, dict]:
     """The decode kernel's arguments for groups 0 and 1 (group 0's again where there is no group 1): codes and
-    norms with their [B, H, T] strides, and the constants bits B, padded width W, code bytes NB, planes PL."""
+    norms with their [B, H, T] strides, and the constants bits B, padded width W, code bytes NB, planes PL, trellis
+    state bits SB (0: Lloyd-Max codes)."""
     out = []
     for i in (0, 1):
         j = min(i, len(groups) - 1)
@@ -799,7 +801,7 @@ def _group_args(parts: Parts, groups: list[CodeGroup], lay) -> tuple[dict, dict]
         codes, norms = parts[group.codes], parts[group.norms]
         out.append({
             "args": (codes, *codes.stride()[:3], norms, *norms.stride()[:3]),
-            "const": {"B": group.mse.bits, "W": lay.widths[j], "NB": group.code_bytes, "PL": lay.planes[j]},
+            "const": {"B": group.mse.bits, "W": lay.widths[j], "NB": group.code_bytes, "PL": lay.planes[j], "SB": group.state_bits},
         })
     return out[0], out[1]
 

@@ -23,6 +23,7 @@ from x gathered to x_g (`CodeGroup` quacks like that codec).
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -58,6 +59,11 @@ class CodeGroup:
         return q.mse if isinstance(q, TurboQuantProd) else q
 
     @property
+    def state_bits(self) -> int:
+        """S of the group's trellis codes (`tqpatch.trellis`), or 0 for Lloyd-Max codes."""
+        return 0 if self.mse.trellis is None else self.mse.trellis.state_bits
+
+    @property
     def code_bytes(self) -> int:
         return self.mse.code_nbytes  # ceil(w b / 8): the stream's last byte may hold padding bits
 
@@ -75,9 +81,10 @@ class CodeGroup:
 
 
 def code_groups(codec) -> list[CodeGroup] | None:
-    """The kernels' view of `codec`, or None where they cannot read it: TurboQuantCodec (mse 1..4 bits, or prod
-    keys with such an mse part), or a SplitCodec once calibrated whose groups have mse 1..4 bits (any widths:
-    the kernel pads them); not trellis codes (`tqpatch.trellis`)."""
+    """The kernels' view of `codec`, or None where they cannot read it: TurboQuantCodec (mse 1..8 bits, or prod
+    keys with such an mse part), or a SplitCodec once calibrated whose groups have mse 1..8 bits (any widths:
+    the kernel pads them). Groups of trellis codes (`tqpatch.trellis`) are read by the split decode kernel only
+    (`state_bits` > 0: not the store kernel, not the warp kernels)."""
     if isinstance(codec, TurboQuantCodec):
         groups = [CodeGroup(codec.quantizer, codec.norm_codes, None)]
     elif isinstance(codec, SplitCodec) and codec.calibrated:
@@ -87,7 +94,7 @@ def code_groups(codec) -> list[CodeGroup] | None:
             groups.append(CodeGroup(codec.regular, norm.get("lo"), codec.regular_index, "lo_codes", "lo_norms"))
     else:
         return None
-    readable = all(g.mse is not None and g.mse.bits in KERNEL_BITS and g.mse.trellis is None for g in groups)
+    readable = all(g.mse is not None and g.mse.bits in KERNEL_BITS for g in groups)
     return groups if readable else None
 
 
@@ -116,8 +123,9 @@ def kernel_columns(width: int, padded: int, planes: int) -> torch.Tensor:
 class GroupLayout:
     """Where each group sits in the decode kernel, on one device: padded widths W_g, planes P_g, the query matrix
     Q [H or 1, d, QW] (+ S for prod keys: columns W_0 .. W_0 + d), the value matrix U [H or 1, AW, d] (AW = Σ W_g,
-    padded to a power of two), the centroids [groups, max(16, 2^max bits)] fp16 and the 8-bit norms' (low, step)
-    [groups, 2, H] fp32 (None for float16 norms)."""
+    padded to a power of two), the centroids [groups, max(16, 2^max bits)] fp16 (a trellis group's table of
+    2^(S+b) windows, as its quantizer decodes them: lut · gain / √w; the row as long as the longest) and the 8-bit
+    norms' (low, step) [groups, 2, H] fp32 (None for float16 norms)."""
 
     widths: list[int]
     planes: list[int]
@@ -145,7 +153,7 @@ def layout(codec, groups: list[CodeGroup], head_dim: int, device: torch.device, 
 
 def _make_layout(groups: list[CodeGroup], d: int, device: torch.device, min_plane_width: int) -> GroupLayout:
     widths = [padded_width(g.head_dim) for g in groups]
-    plane_counts = [planes(w, g.mse.bits, min_plane_width) for w, g in zip(widths, groups)]
+    plane_counts = [1 if g.state_bits else planes(w, g.mse.bits, min_plane_width) for w, g in zip(widths, groups)]
     total = sum(widths)
     heads = 1 if all(g.index is None for g in groups) else groups[0].index.shape[0]
     aw = padded_width(total)
@@ -164,14 +172,23 @@ def _make_layout(groups: list[CodeGroup], d: int, device: torch.device, min_plan
         query[:, :, total:] = groups[0].quantizer.qjl("cpu").float().T  # S q
     unrotate = torch.zeros(heads, aw, d, dtype=torch.float32)
     unrotate[:, :total] = query[:, :, :total].transpose(1, 2)
-    centroids = torch.zeros(len(groups), max(CENTROID_SLOTS, 1 << max(g.mse.bits for g in groups)), dtype=torch.float16)
-    for i, g in enumerate(groups):
-        table = g.mse.centroids("cpu")
+    tables = [_decode_table(g) for g in groups]
+    centroids = torch.zeros(len(groups), max(CENTROID_SLOTS, *(t.numel() for t in tables)), dtype=torch.float16)
+    for i, table in enumerate(tables):
         centroids[i, : table.numel()] = table.half()
     ranges = None
     if groups[0].norm_codes is not None:
         ranges = torch.stack([g.norm_codes.ranges("cpu") for g in groups]).to(device).contiguous()
     return GroupLayout(widths, plane_counts, query.to(device).contiguous(), unrotate.to(device).contiguous(), centroids.to(device), ranges)
+
+
+def _decode_table(group: CodeGroup) -> torch.Tensor:
+    """What a group's codes decode to on the CPU: its centroids [2^b], or for trellis codes the value of each window
+    [2^(S+b)] (`TurboQuantMSE.lookup`: lut[w] · gain / √w)."""
+    mse = group.mse
+    if mse.trellis is None:
+        return mse.centroids("cpu")
+    return mse.trellis.tables(torch.device("cpu"))[0] * (mse.decode_gain / math.sqrt(mse.head_dim))
 
 
 # -- the Gluon warp decode kernel's channel orders (gluon_kernels.py; pure torch, so CPU tests can check them) --

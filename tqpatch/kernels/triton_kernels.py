@@ -401,6 +401,28 @@ def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexp
 
 
 @triton.jit
+def _unpack_windows(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SB: tl.constexpr, NBY: tl.constexpr):
+    """Trellis windows [BT, D] int32 (`tqpatch.trellis.windows`) of rows of a packed b-bit stream of NBY bytes:
+    w_j = Σ_k code_{j−k} << (k·b) over the K = ⌈S/b⌉ codes before j, masked to S + b bits (codes before the
+    stream and past its bytes read 0). Code j−k sits at stream bits b(j−k) .. (LSB first), so the K + 1 codes
+    come from the ≤ 3 bytes that hold stream bits b(j−K) .. b(j+1) − 1, loaded as one word."""
+    K: tl.constexpr = (SB + BITS - 1) // BITS
+    first_bit = tl.arange(0, D) * BITS - K * BITS + 64  # + 64 keeps the byte arithmetic non-negative
+    byte = first_bit // 8 - 8  # [D]: the word's first byte, negative before the stream
+    shift = first_bit % 8
+    word = tl.zeros([BT, D], dtype=tl.int32)
+    for i in tl.static_range(3):
+        idx = byte + i
+        ok = (idx >= 0) & (idx < NBY)
+        word = word | (tl.load(row_ptr[:, None] + idx[None, :], mask=tmask[:, None] & ok[None, :], other=0).to(tl.int32) << (8 * i))
+    word = word >> shift[None, :]
+    window = tl.zeros([BT, D], dtype=tl.int32)
+    for k in tl.static_range(K + 1):  # code j − k is word bits (K − k)·b ..
+        window = window | (((word >> ((K - k) * BITS)) & ((1 << BITS) - 1)) << (k * BITS))
+    return window & ((1 << (SB + BITS)) - 1)
+
+
+@triton.jit
 def _lookup(tab_ptr, idx, BITS: tl.constexpr, LUT: tl.constexpr):
     """centroids[idx] in fp16 from the fp16 table: a gather load (LUT=0), a select chain over the 2^BITS values
     (LUT=1), or over the 2^(BITS-1) magnitudes of the symmetric codebook, c[H + k] = -c[H - 1 - k], then the sign
@@ -471,10 +493,15 @@ def _plane_bytes(rows, mask, W: tl.constexpr, PL: tl.constexpr, NBY: tl.constexp
 
 @triton.jit
 def _group_scores(q0, q1, q2, q3, w, rows, tmask, cent_ptr,
-                  BT: tl.constexpr, W: tl.constexpr, NBY: tl.constexpr, BITS: tl.constexpr, PL: tl.constexpr, LUT: tl.constexpr):
+                  BT: tl.constexpr, W: tl.constexpr, NBY: tl.constexpr, BITS: tl.constexpr, PL: tl.constexpr, LUT: tl.constexpr,
+                  SB: tl.constexpr):
     """⟨Π q, c⟩ [GP, BT] of one code group over a tile: PL planes of the byte tile w [BT, W/PL] (int32), or
-    (PL = 1) the codes unpacked from the rows at `rows` in natural order."""
-    if PL == 1:
+    (PL = 1) the codes unpacked from the rows at `rows` in natural order (SB > 0: trellis codes of S = SB state
+    bits, looked up by window in the group's 2^(S+b)-entry table)."""
+    if SB > 0:
+        val = tl.load(cent_ptr + _unpack_windows(rows, tmask, BT, W, BITS, SB, NBY))  # [BT, W]
+        s = tl.dot(q0, tl.trans(val))
+    elif PL == 1:
         val = _lookup(cent_ptr, _unpack(rows, tmask, BT, W, BITS, NBY), BITS, LUT)  # [BT, W] rotated unit vectors
         s = tl.dot(q0, tl.trans(val))
     else:
@@ -488,9 +515,12 @@ def _group_scores(q0, q1, q2, q3, w, rows, tmask, cent_ptr,
 
 @triton.jit
 def _group_values(pv, alpha, a0, a1, a2, a3, w, rows, tmask, cent_ptr,
-                  BT: tl.constexpr, W: tl.constexpr, NBY: tl.constexpr, BITS: tl.constexpr, PL: tl.constexpr, LUT: tl.constexpr):
+                  BT: tl.constexpr, W: tl.constexpr, NBY: tl.constexpr, BITS: tl.constexpr, PL: tl.constexpr, LUT: tl.constexpr,
+                  SB: tl.constexpr):
     """Accumulators ← alpha · accumulators + pv [GP, BT] @ centroids of one code group (per plane, as `_group_scores`)."""
-    if PL == 1:
+    if SB > 0:
+        a0 = tl.dot(pv, tl.load(cent_ptr + _unpack_windows(rows, tmask, BT, W, BITS, SB, NBY)), a0 * alpha[:, None])
+    elif PL == 1:
         a0 = tl.dot(pv, _lookup(cent_ptr, _unpack(rows, tmask, BT, W, BITS, NBY), BITS, LUT), a0 * alpha[:, None])
     else:
         a0 = tl.dot(pv, _plane(cent_ptr, w, 0, BITS, LUT), a0 * alpha[:, None])
@@ -577,14 +607,14 @@ def _tq_decode_split_kernel(
     m_ptr, l_ptr, acc_ptr,                # partials [B*Hkv, S, G], [B*Hkv, S, G], [B*Hkv, S, G, AW] fp32
     Hkv, L, per_split, scale_log2, qjl_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, AW: tl.constexpr,
-    KG: tl.constexpr, KB0: tl.constexpr, KW0: tl.constexpr, KNB0: tl.constexpr, KPL0: tl.constexpr,
-    KB1: tl.constexpr, KW1: tl.constexpr, KNB1: tl.constexpr, KPL1: tl.constexpr,
-    VG: tl.constexpr, VB0: tl.constexpr, VW0: tl.constexpr, VNB0: tl.constexpr, VPL0: tl.constexpr,
-    VB1: tl.constexpr, VW1: tl.constexpr, VNB1: tl.constexpr, VPL1: tl.constexpr,
+    KG: tl.constexpr, KB0: tl.constexpr, KW0: tl.constexpr, KNB0: tl.constexpr, KPL0: tl.constexpr, KSB0: tl.constexpr,
+    KB1: tl.constexpr, KW1: tl.constexpr, KNB1: tl.constexpr, KPL1: tl.constexpr, KSB1: tl.constexpr,
+    VG: tl.constexpr, VB0: tl.constexpr, VW0: tl.constexpr, VNB0: tl.constexpr, VPL0: tl.constexpr, VSB0: tl.constexpr,
+    VB1: tl.constexpr, VW1: tl.constexpr, VNB1: tl.constexpr, VPL1: tl.constexpr, VSB1: tl.constexpr,
     PROD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr, ROPE_PREC: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr, LUT: tl.constexpr, KN8: tl.constexpr, VN8: tl.constexpr,
-    KCS: tl.constexpr, VCS: tl.constexpr,  # centroid table rows: max(16, 2^bits of the side's widest group)
+    KCS: tl.constexpr, VCS: tl.constexpr,  # centroid table rows: max(16, 2^bits of the side's widest group, 2^(S+b) of a trellis group)
 ):
     # Code groups: a vector is stored as one group (TurboQuantCodec) or two (SplitCodec: channel groups with their own
     # bits, rotation and norm). Group g of the keys scores n_g ⟨Π_g q_g, c⟩ (the launcher gathers and rotates
@@ -593,7 +623,8 @@ def _tq_decode_split_kernel(
     # Per group: bits B, W = padded width (a power of two: the launcher pads queries with zeros, so padding codes
     # score 0), NBY = real code bytes per token, PL = codes per byte read as planes (2 or 4): the byte tile
     # [BT, W/PL] is read once and code j of every byte (channels PL*k + j) is one plane [BT, W/PL] that feeds
-    # tl.dot directly (queries and value sums in plane order); PL = 1: codes unpacked to natural order.
+    # tl.dot directly (queries and value sums in plane order); PL = 1: codes unpacked to natural order. SB > 0: trellis
+    # codes with S = SB state bits (PL = 1), each coordinate looked up by its window in a 2^(S+b)-entry table.
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -661,7 +692,7 @@ def _tq_decode_split_kernel(
         kw0_next = _plane_bytes(kb0 + nxt * skc0t, nmask, KW0, KPL0, KNB0)
         kn0 = _norms(kn0_next, krange_ptr, h, Hkv, KN8)
         kn0_next = tl.load(kn0_ptr + b * skn0b + h * skn0h + nxt * skn0t, mask=nmask, other=0)
-        s = _group_scores(kq00, kq01, kq02, kq03, kw0, kb0 + offs * skc0t, tmask, kcent_ptr, BLOCK_T, KW0, KNB0, KB0, KPL0, LUT)
+        s = _group_scores(kq00, kq01, kq02, kq03, kw0, kb0 + offs * skc0t, tmask, kcent_ptr, BLOCK_T, KW0, KNB0, KB0, KPL0, LUT, KSB0)
         if PROD:
             sgn = _unpack(kg_ptr + b * skgb + h * skgh + offs * skgt, tmask, BLOCK_T, D, 1, D // 8).to(tl.float16) * 2.0 - 1.0
             gam = tl.load(kr_ptr + b * skrb + h * skrh + offs * skrt, mask=tmask, other=0.0).to(tl.float32)
@@ -674,7 +705,7 @@ def _tq_decode_split_kernel(
             kw1_next = _plane_bytes(kb1 + nxt * skc1t, nmask, KW1, KPL1, KNB1)
             kn1 = _norms(kn1_next, krange_ptr + 2 * Hkv, h, Hkv, KN8)
             kn1_next = tl.load(kn1_ptr + b * skn1b + h * skn1h + nxt * skn1t, mask=nmask, other=0)
-            s1 = _group_scores(kq10, kq11, kq12, kq13, kw1, kb1 + offs * skc1t, tmask, kcent_ptr + KCS, BLOCK_T, KW1, KNB1, KB1, KPL1, LUT)
+            s1 = _group_scores(kq10, kq11, kq12, kq13, kw1, kb1 + offs * skc1t, tmask, kcent_ptr + KCS, BLOCK_T, KW1, KNB1, KB1, KPL1, LUT, KSB1)
             s += s1 * (kn1 * scale_log2)[None, :]
             if HAS_NORM_BIAS:
                 s += nb1[:, None] * (kn1 * kn1)[None, :]
@@ -694,14 +725,14 @@ def _tq_decode_split_kernel(
         vn0 = _norms(vn0_next, vrange_ptr, h, Hkv, VN8)
         vn0_next = tl.load(vn0_ptr + b * svn0b + h * svn0h + nxt * svn0t, mask=nmask, other=0)
         a00, a01, a02, a03 = _group_values((p * vn0[None, :]).to(tl.float16), alpha, a00, a01, a02, a03, vw0, vb0 + offs * svc0t,
-                                           tmask, vcent_ptr, BLOCK_T, VW0, VNB0, VB0, VPL0, LUT)
+                                           tmask, vcent_ptr, BLOCK_T, VW0, VNB0, VB0, VPL0, LUT, VSB0)
         if VG == 2:
             vw1 = vw1_next.to(tl.int32)
             vw1_next = _plane_bytes(vb1 + nxt * svc1t, nmask, VW1, VPL1, VNB1)
             vn1 = _norms(vn1_next, vrange_ptr + 2 * Hkv, h, Hkv, VN8)
             vn1_next = tl.load(vn1_ptr + b * svn1b + h * svn1h + nxt * svn1t, mask=nmask, other=0)
             a10, a11, a12, a13 = _group_values((p * vn1[None, :]).to(tl.float16), alpha, a10, a11, a12, a13, vw1, vb1 + offs * svc1t,
-                                               tmask, vcent_ptr + VCS, BLOCK_T, VW1, VNB1, VB1, VPL1, LUT)
+                                               tmask, vcent_ptr + VCS, BLOCK_T, VW1, VNB1, VB1, VPL1, LUT, VSB1)
         m_i = m_new
     out = pid_bh * n_split + pid_s
     tl.store(m_ptr + out * G + g, m_i, mask=gmask)

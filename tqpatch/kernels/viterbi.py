@@ -38,7 +38,7 @@ def _viterbi_kernel(y_ptr, lut_sq_ptr, lut_m2_ptr, choice_ptr, codes_ptr, N, T: 
     scratch = choice_ptr + rows[:, None].to(tl.int64) * (T * NS) + states[None, :]  # [V, NS], step 0
     for t in range(T):
         y = tl.load(y_ptr + rows.to(tl.int64) * T + t, mask=rmask, other=0.0)  # [V]
-        tot = cost[:, :, None] + lut_sq + y[:, None, None] * lut_m2  # [V, NS, C]
+        tot = (lut_sq + y[:, None, None] * lut_m2) + cost[:, :, None]  # [V, NS, C], summed in the reference's order
         tot = tl.reshape(tot, (V, C, NS))  # the same windows as (leaving bits a, next state s')
         cost = tl.min(tot, axis=1)
         tl.store(scratch + t * NS, tl.argmin(tot, axis=1).to(tl.int8), mask=rmask[:, None])
