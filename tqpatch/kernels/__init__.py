@@ -20,6 +20,9 @@ codes of bfloat16/float16 x at widths 32..128 take its x16 variant. Decode on
 Gluon warp kernel (`gluon_kernels.py`) where Triton ships Gluon: the
 register-table kernel at <= 8 query heads per KV head, the gather one above.
 Everything else (more bits, prod in a split) uses the reference path.
+Trellis codes (`tqpatch.trellis`) are decoded by the split kernel, each
+coordinate by its window of the code stream, and encoded by the Triton Viterbi
+search in `viterbi.py` (called from `trellis.viterbi_encode`), not the store kernel.
 """
 
 from __future__ import annotations
