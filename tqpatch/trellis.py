@@ -72,7 +72,7 @@ def windows(codes: torch.Tensor, bits: int, state_bits: int) -> torch.Tensor:
 
 def viterbi_encode(y: torch.Tensor, book: TrellisCodebook) -> torch.Tensor:
     """The codes [N, T] int64 whose trellis decode minimises Σ_t (y_t − lut[w_t])², for y [N, T] at unit variance:
-    on CUDA with Triton the kernel (`tqpatch.kernels.viterbi`, ~100× faster than PyTorch there: bench/RESULTS.md),
+    on CUDA with Triton the kernel (`tqpatch.kernels.viterbi`, 35–210× faster than PyTorch there: bench/RESULTS.md, run 105),
     else `viterbi_encode_reference`."""
     if y.is_cuda and y.shape[0] > 0:
         from .kernels import triton_available

@@ -35,20 +35,22 @@ def _viterbi_kernel(y_ptr, lut_sq_ptr, lut_m2_ptr, choice_ptr, codes_ptr, N, T: 
     lut_sq = tl.load(lut_sq_ptr + windows)[None]  # [1, NS, C]
     lut_m2 = tl.load(lut_m2_ptr + windows)[None]
     cost = tl.where(states[None, :] == 0, 0.0, float("inf")) + tl.zeros((V, NS), tl.float32)  # the stream starts in state 0
-    scratch = choice_ptr + rows[:, None].to(tl.int64) * (T * NS) + states[None, :]  # [V, NS], step 0
+    y_rows = y_ptr + rows.to(tl.int64) * T  # [V] row pointers of y, the codes and the choices
+    code_rows = codes_ptr + rows.to(tl.int64) * T
+    choice_rows = choice_ptr + rows.to(tl.int64) * (T * NS)
     for t in range(T):
-        y = tl.load(y_ptr + rows.to(tl.int64) * T + t, mask=rmask, other=0.0)  # [V]
+        y = tl.load(y_rows + t, mask=rmask, other=0.0)  # [V]
         tot = (lut_sq + y[:, None, None] * lut_m2) + cost[:, :, None]  # [V, NS, C], summed in the reference's order
         tot = tl.reshape(tot, (V, C, NS))  # the same windows as (leaving bits a, next state s')
         cost = tl.min(tot, axis=1)
-        tl.store(scratch + t * NS, tl.argmin(tot, axis=1).to(tl.int8), mask=rmask[:, None])
+        tl.store(choice_rows[:, None] + t * NS + states[None, :], tl.argmin(tot, axis=1).to(tl.int8), mask=rmask[:, None])
     state = tl.argmin(cost, axis=1).to(tl.int32)  # [V] the cheapest final state
     tl.debug_barrier()  # the choices written above are read back by other threads of this program
     for i in range(T):
         t = T - 1 - i
-        leaving = tl.load(choice_ptr + rows.to(tl.int64) * (T * NS) + t * NS + state, mask=rmask, other=0).to(tl.int32)
+        leaving = tl.load(choice_rows + t * NS + state, mask=rmask, other=0).to(tl.int32)
         window = leaving * NS + state
-        tl.store(codes_ptr + rows.to(tl.int64) * T + t, (window & (C - 1)).to(tl.uint8), mask=rmask)
+        tl.store(code_rows + t, (window & (C - 1)).to(tl.uint8), mask=rmask)
         state = window >> BITS
 
 
