@@ -326,8 +326,7 @@ def test_decode_attention_reads_trellis_codes(d, kbits, vbits):
 
     kc, vc = make(kbits, k, 1), make(vbits, v, 2)
     assert kernels._store_groups(kc, k.to(DEVICE)) is None  # encoded by the Viterbi search, not the store kernel
-    q, fk, valid, vp, ref = _kernel_matches_reference_with_splits(kc, vc, k, v, gen, group)
-    kp = {n: t.to(DEVICE) for n, t in kc.encode(k).items()}
+    q, fk, valid, kp, vp, ref = _kernel_matches_reference_with_splits(kc, vc, k, v, gen, group)
     for codec in (kc, vc):  # the same codes read as Lloyd-Max codes decode to something else: the windows matter
         for g in code_groups(codec):
             g.mse.trellis = None
@@ -376,7 +375,7 @@ def _calibrated_split(d: int, groups: tuple[int, int, int], norm_bits: int, x: t
 def _kernel_matches_reference_with_splits(kc, vc, k: torch.Tensor, v: torch.Tensor, gen: torch.Generator, group: int):
     """Encode k, v [B, Hkv, T, d] with the codecs, decode `group` bf16 queries per KV head (3 full-precision tokens;
     row 1's first 37 compressed tokens masked) with the kernel, whole and in 3 splits of the sequence, and check both
-    against the reference. Returns (q, fk, valid, value parts, reference output)."""
+    against the reference. Returns (q, fk, valid, key parts, value parts, reference output)."""
     b, hkv, length, d = k.shape
     assert kernels.supports(kc) and kernels.supports(vc)
     kp = {n: t.to(DEVICE) for n, t in kc.encode(k).items()}
@@ -388,7 +387,7 @@ def _kernel_matches_reference_with_splits(kc, vc, k: torch.Tensor, v: torch.Tens
     for splits in (None, 3):
         out = kernels.decode_attention(q, kc, vc, kp, vp, fk, fk, d**-0.5, valid, out_dtype=torch.float32, num_splits=splits)
         assert _rel(out, ref) < REL_TOL and _cos(out, ref) > COS_FLOOR, (splits, _rel(out, ref))
-    return q, fk, valid, vp, ref
+    return q, fk, valid, kp, vp, ref
 
 
 @pytest.mark.parametrize("d,kgroups,vgroups,norm_bits", SPLIT_CASES)
@@ -399,7 +398,7 @@ def test_decode_attention_reads_split_codes(d, kgroups, vgroups, norm_bits):
     k = torch.randn(b, hkv, length, d, generator=gen) * (1 + 3 * torch.rand(d, generator=gen)) + 0.5  # uneven channels
     v = torch.randn(b, hkv, length, d, generator=gen)
     kc, vc = _calibrated_split(d, kgroups, norm_bits, k, 1), _calibrated_split(d, vgroups, norm_bits, v, 2)
-    q, fk, valid, vp, ref = _kernel_matches_reference_with_splits(kc, vc, k, v, gen, group)
+    q, fk, valid, _, vp, ref = _kernel_matches_reference_with_splits(kc, vc, k, v, gen, group)
     whole = TurboQuantCodec(d, kgroups[1], "mse", seed=1)  # the same keys under one group score differently
     assert _rel(kernels.decode_attention_reference(q, whole, vc, {n: t.to(DEVICE) for n, t in whole.encode(k).items()}, vp, fk, fk, d**-0.5, valid), ref) > 1e-3
 
