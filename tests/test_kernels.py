@@ -26,7 +26,7 @@ else:
     DEVICE = None
 
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA + Triton (or TRITON_INTERPRET=1 with Triton installed)")
-FAST = DEVICE == "cpu"  # the interpreter is slow: fewer, smaller cases
+FAST = DEVICE == "cpu" and not os.environ.get("TQ_ALL_CASES")  # the interpreter is slow: fewer, smaller cases (TQ_ALL_CASES=1: all)
 
 # Tolerances: scores and value sums use tf32/fp16 tensor-core operands (~1e-3 relative).
 REL_TOL = 1e-2

@@ -404,21 +404,36 @@ def _unpack(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexp
 def _unpack_windows(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SB: tl.constexpr, NBY: tl.constexpr):
     """Trellis windows [BT, D] int32 (`tqpatch.trellis.windows`) of rows of a packed b-bit stream of NBY bytes:
     w_j = Σ_k code_{j−k} << (k·b) over the K = ⌈S/b⌉ codes before j, masked to S + b bits (codes before the
-    stream and past its bytes read 0). Code j−k sits at stream bits b(j−k) .. (LSB first), so the K + 1 codes
-    come from the ≤ 3 bytes that hold stream bits b(j−K) .. b(j+1) − 1, loaded as one word."""
+    stream and past its bytes read 0).
+
+    As in `_unpack`, bytes are loaded as tiles, not per code: the stream is cut into units of U codes in UB
+    bytes (U = 8/b in one byte for b | 8, else 8 codes in b bytes), and each unit's word is its UB bytes with
+    the PRE = ⌈K·b/8⌉ bytes before it below them, PRE + UB tile loads of [BT, D/U] in all. Code j = U·u + i and
+    the K codes before it are then word bits 8·PRE + b(i − K) .. of unit u, broadcast to its U codes."""
     K: tl.constexpr = (SB + BITS - 1) // BITS
-    first_bit = tl.arange(0, D) * BITS - K * BITS + 64  # + 64 keeps the byte arithmetic non-negative
-    byte = first_bit // 8 - 8  # [D]: the word's first byte, negative before the stream
-    shift = first_bit % 8
-    word = tl.zeros([BT, D], dtype=tl.int32)
-    for i in tl.static_range(3):
-        idx = byte + i
+    if (8 % BITS) == 0:
+        U: tl.constexpr = 8 // BITS
+        UB: tl.constexpr = 1
+    else:
+        U: tl.constexpr = 8
+        UB: tl.constexpr = BITS
+    PRE: tl.constexpr = (K * BITS + 7) // 8
+    NU: tl.constexpr = D // U
+    first = tl.arange(0, NU) * UB - PRE  # [NU]: each unit word's first byte (negative before the stream)
+    if 8 * (PRE + UB) > 31:
+        word = tl.zeros([BT, NU], dtype=tl.int64)
+    else:
+        word = tl.zeros([BT, NU], dtype=tl.int32)
+    for i in tl.static_range(PRE + UB):
+        idx = first + i
         ok = (idx >= 0) & (idx < NBY)
-        word = word | (tl.load(row_ptr[:, None] + idx[None, :], mask=tmask[:, None] & ok[None, :], other=0).to(tl.int32) << (8 * i))
-    word = word >> shift[None, :]
+        word = word | (tl.load(row_ptr[:, None] + idx[None, :], mask=tmask[:, None] & ok[None, :], other=0).to(word.dtype) << (8 * i))
+    word = tl.reshape(tl.broadcast_to(word[:, :, None], (BT, NU, U)), (BT, D))
+    shift = 8 * PRE + ((tl.arange(0, D) % U) - K) * BITS  # ≥ 0: PRE bytes hold the K codes before a unit's first
+    codes = (word >> shift[None, :]).to(tl.int32)  # code j − K in the low bits, code j at bits K·b ..
     window = tl.zeros([BT, D], dtype=tl.int32)
-    for k in tl.static_range(K + 1):  # code j − k is word bits (K − k)·b ..
-        window = window | (((word >> ((K - k) * BITS)) & ((1 << BITS) - 1)) << (k * BITS))
+    for k in tl.static_range(K + 1):  # code j − k is bits (K − k)·b ..
+        window = window | (((codes >> ((K - k) * BITS)) & ((1 << BITS) - 1)) << (k * BITS))
     return window & ((1 << (SB + BITS)) - 1)
 
 
