@@ -11,8 +11,8 @@ format (`cli.bench._random_parts`); GPU time per call of `kernels.decode_attenti
     python3 bench/decode_bits.py --trellis --out decode_trellis.json
 
 instead times trellis codes (`tqpatch.trellis`, read by window in the split kernel) against the same codecs' Lloyd-Max
-codes: k2v2, k3v3, k4v4 (Lloyd-Max k4v4 on the warp kernel and, with it switched off, on the split kernel) and the
-e6.2 split.
+codes: k2v2, k3v3, k4v4 (Lloyd-Max k4v4 on the warp kernel and, with it switched off, on the split kernel), the
+e6.2 split, and the codes of 3.5bit+ (4-bit keys, 3-bit values) and 2.5bit+ (64 channels at 3 bits + 64 at 2).
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def main(rounds: int, out: str | None, trellis: bool) -> None:
             codecs[f"k{bits}v{bits} trellis"] = (whole(bits, True),) * 2
         codecs["keys e6.2 (56 at 6 b + 72 at 2 b), values 4 b"] = (_split(d, (56, 6, 2)), whole(4))
         codecs["keys e6.2, values 4 b, trellis"] = (_split(d, (56, 6, 2), True), whole(4, True))
+        codecs["k4v3 (3.5bit+ codes)"] = (whole(4), whole(3))
+        codecs["k4v3 trellis (3.5bit+ now)"] = (whole(4, True), whole(3, True))
+        codecs["k2.5v2.5 (64 at 3 b + 64 at 2 b)"] = (_split(d, (64, 3, 2)), _split(d, (64, 3, 2)))
+        codecs["k2.5v2.5 trellis (2.5bit+ now)"] = (_split(d, (64, 3, 2), True), _split(d, (64, 3, 2), True))
     else:
         codecs = {f"k{bits}v{bits}": (whole(bits),) * 2 for bits in (2, 3, 4, 5, 6, 8)}
         codecs["keys 56 at 6 b + 72 at 2 b (e6.2), values 4 b"] = (_split(d, (56, 6, 2)), whole(4))

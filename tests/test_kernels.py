@@ -772,7 +772,7 @@ def _fused_calls():
 
 @pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k2v2+", "k3v2+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40",
                                     "3.5bit+", "2.5bit", "2.5bit+", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40", "k8v8",
-                                    "k4v3-s4-ck-uv-qs-n8-e6.2-fit40", "k4v4-s4-ck-sv-tkv-qsd-n8", "k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8",
+                                    "k4v3-s4-ck-uv-qs-n8-e6.2-fit40", "k4v4-s4-ck-sv-tkv-qsd-n8", "k2v2-s4-ck-uv-sv-qsd-dp-n8",
                                     "k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit40"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
@@ -823,7 +823,7 @@ def _teacher_forced_logits(model, ids, mask, tokens, cache=None):
 
 
 @pytest.mark.parametrize("spec", ["k4v4-s4-ck-qsd-n8", "k4v4-s4-ck-qsd-dp-n8", "k2v2-s4-ck-uv-qsd-dp-n8", "k3.5v3.5-s4-ck-qs-dp-n8",
-                                  "k2v2-s4-ck-uv-sv-qsd-dp-n8"])
+                                  "k2v2-s4-ck-uv-sv-qsd-dp-n8", "k2v2+"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padded):
     """Gemma-3 shapes (head_dim 256, 1 KV head, sliding layers over 16 tokens), 40-token prompts and 24 decode steps,

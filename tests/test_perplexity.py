@@ -180,21 +180,23 @@ def test_smollm2_fp_chunked_path_equals_one_forward_pass(smollm2, wikitext):
 # k4v3-s4-ck-uv-sv-qsd-dp-n8 since the eleventh session (k4v3-s4-ck-uv-qsd-dp-n8 since the eighth, k3.5v3.5-s4-ck-qsd-dp-n8
 # before that); -sv adds the score variance to the compressed logits (README, Score variance in the logits); -tkv stores
 # trellis codes (README, Trellis codes): k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit128 meets the 3.5-bit goal over ten seeds at 8,192 tokens;
-# k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8 is k2v2+ with trellis codes.
+# since the fourteenth session k2v2+ is k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8 and 3.5bit+ k4v3-s4-ck-uv-sv-tkv-qsd-dp-n8 (trellis codes;
+# on this short text 3.5bit+ reads worse with them, 27.184 vs 27.038, where 8,192 tokens at three seeds give +0.46% vs +1.19%).
 PINNED = {"fp": 26.987, "k4v4": 27.085, "k2v2": 36.638, "k2v2-s4-ck-qs-n8": 33.480, "k2v2-s4-ck": 32.908,
           "k2.75v2.5-s3-ck-qs-n8": 28.431, "k2.75v2.5-s3-ck-qs-n8-e4.2": 28.190, "k2v2-s3-ck-qs-n8-e3.1": 31.509,
           "k1.8v2-s3-ck-qs-n8-e3.1-fit128": 31.410, "k2v2-s4-ck-ukv-qs-n8": 28.836, "k4v4-s4-ck-uk-qs-n8": 27.060,
           "k2v2-s4-ck-uv-qs-n8": 31.908, "k4v4-s4-ck-qsd-n8": 27.161, "k2v2-s4-ck-uv-qsd-dp-n8": 31.679,
           "k4v3-s4-ck-uv-qsd-dp-n8": 27.081, "k2v2-s4-ck-uv-sv-qsd-dp-n8": 30.659,
           "k4v4-s4-ck-sv-qsd-n8": 27.169, "k4v3-s4-ck-uv-sv-qsd-dp-n8": 27.038,
-          "k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit128": 27.198, "k4v4-s4-ck-sv-tkv-qsd-n8": 27.195, "k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8": 28.534}
+          "k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit128": 27.198, "k4v4-s4-ck-sv-tkv-qsd-n8": 27.195, "k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8": 28.534,
+          "k4v3-s4-ck-uv-sv-tkv-qsd-dp-n8": 27.184}
 MARGIN = {"fp": 1e-3, "k4v4": 5e-3, "k2v2": 0.02, "k2v2-s4-ck-qs-n8": 0.02, "k2v2-s4-ck": 0.02,
           "k2.75v2.5-s3-ck-qs-n8": 0.01, "k2.75v2.5-s3-ck-qs-n8-e4.2": 0.01, "k2v2-s3-ck-qs-n8-e3.1": 0.02,
           "k1.8v2-s3-ck-qs-n8-e3.1-fit128": 0.02, "k2v2-s4-ck-ukv-qs-n8": 0.02, "k4v4-s4-ck-uk-qs-n8": 5e-3,
           "k2v2-s4-ck-uv-qs-n8": 0.02, "k4v4-s4-ck-qsd-n8": 5e-3, "k2v2-s4-ck-uv-qsd-dp-n8": 0.02,
           "k4v3-s4-ck-uv-qsd-dp-n8": 5e-3, "k2v2-s4-ck-uv-sv-qsd-dp-n8": 0.02, "k4v4-s4-ck-sv-qsd-n8": 5e-3,
           "k4v3-s4-ck-uv-sv-qsd-dp-n8": 5e-3, "k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit128": 5e-3, "k4v4-s4-ck-sv-tkv-qsd-n8": 5e-3,
-          "k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8": 0.02}  # relative
+          "k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8": 0.02, "k4v3-s4-ck-uv-sv-tkv-qsd-dp-n8": 5e-3}  # relative
 
 
 @pytest.mark.slow
@@ -204,9 +206,9 @@ def test_smollm2_perplexity_is_pinned(smollm2, wikitext):
         model, tokenizer, wikitext, [tqpatch.TurboQuantConfig.from_spec(name) for name in ("k4v4", "k2v2", "k4v4-s4-ck-qsd-n8", "k2v2-s4-ck-qs-n8", "k2v2-s4-ck-uv-qsd-dp-n8", "k2v2-s4-ck-uv-qs-n8", "k2v2-s4-ck", "k2.75v2.5-s3-ck-qs-n8",
                                                                                     "k2.75v2.5-s3-ck-qs-n8-e4.2", "k2v2-s3-ck-qs-n8-e3.1",
                                                                                     "k1.8v2-s3-ck-qs-n8-e3.1-fit128", "k2v2-s4-ck-ukv-qs-n8",
-                                                                                    "k4v4-s4-ck-uk-qs-n8", "k4v3-s4-ck-uv-qsd-dp-n8", "3.5bit+", "k3.5v3.5-s4-ck-qsd-dp-n8",
-                                                                                    "k2v2+", "k4v4+", "k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit128",
-                                                                                    "k4v4-s4-ck-sv-tkv-qsd-n8", "k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8")],
+                                                                                    "k4v4-s4-ck-uk-qs-n8", "k4v3-s4-ck-uv-qsd-dp-n8", "k4v3-s4-ck-uv-sv-qsd-dp-n8", "k3.5v3.5-s4-ck-qsd-dp-n8",
+                                                                                    "k2v2-s4-ck-uv-sv-qsd-dp-n8", "k4v4+", "3.5bit+", "k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit128",
+                                                                                    "k4v4-s4-ck-sv-tkv-qsd-n8", "k2v2+")],
         window=512, chunk=32, max_tokens=1024, progress=False,
     )
     got = {row.setting: row.ppl for row in result.rows}

@@ -368,6 +368,7 @@ class TurboQuantConfig:
 
 _QUALITY = {"sink_tokens": 4, "center_keys": True, "shape_keys": True, "shape_sliding_keys": True, "norm_bits": 8}  # spec "-s4-ck-qsd-n8"
 _DIAGONAL_PRIOR = {"shape_prior": "diagonal"}  # spec "-dp": k3v2+, k2v2+, 3.5bit+
+_TRELLIS = {"trellis_keys": True, "trellis_values": True}  # spec "-tkv": the presets below 4 bits
 
 PRESETS: dict[str, TurboQuantConfig] = {
     "k8v8": TurboQuantConfig(key_bits=8, value_bits=8),
@@ -376,27 +377,18 @@ PRESETS: dict[str, TurboQuantConfig] = {
     "k2v2": TurboQuantConfig(key_bits=2, value_bits=2),
     "3.5bit": TurboQuantConfig(key_bits=3.5, value_bits=3.5),
     "2.5bit": TurboQuantConfig(key_bits=2.5, value_bits=2.5),
-    # The quality presets: TurboQuant plus the levers that helped together on SmolLM2 and Gemma-3
-    # (README, quality presets): the first 4 tokens exact (attention sinks), keys centered before RoPE,
-    # query-shaped keys (a diagonal map on sliding-window layers, "-qsd"), and 8-bit norms that pay for them.
-    # Fused on CUDA too. Where values have 2 bits they are also decoded unbiased (centroids / (1 - D), spec "-uv"):
-    # better on both models at every seed measured (README, Unbiased decoding), nothing stored changes. k3v2+, k2v2+ and
-    # 3.5bit+ fit the shaping shrunk towards the moments' diagonal ("-dp"): on Gemma-3 k2v2+ +17.7% -> +12.7% (three
-    # seeds), on SmolLM2 within its seed spread; not k4v4+ and 2.5bit+, where it cost SmolLM2 0.2-0.6 points at every
-    # seed measured (README, Shaping Gemma-3's sliding layers). 3.5bit+ spends its 3.5 bits as 4-bit keys and 3-bit
-    # values, decoded unbiased, instead of the paper's 3.5 / 3.5 outlier split: retrieval needs the keys' bits (at 8k
-    # it keeps 14 of FP's 16 right needles where k3.5v3.5-s4-ck-qsd-dp-n8 kept 8), and it reads better at fewer bits
-    # (SmolLM2 +1.20% vs +1.57% at 3.75 vs 3.88 bits, Gemma-3 +1.16% vs +1.30% at 3.70 vs 3.74; README, Needle in a haystack).
-    # k4v4+, k3v2+ and k2v2+ add the score variance to their compressed logits ("-sv", tenth session): better at every
-    # seed measured on SmolLM2 (k4v4+ +0.86% -> +0.76%, k3v2+ +4.9% -> +4.3%, k2v2+ +15.1% -> +12.3%, three seeds) and on
-    # Gemma-3 (seed 0: k4v4+ +0.79% -> +0.71%, k2v2+ +12.8% -> +11.0%) (README, Score variance in the logits). 2.5bit+
-    # adds it since the eleventh session: SmolLM2 +6.19% -> +5.25% (every seed of three), Gemma-3 +6.12% -> +6.10% (three
-    # seeds). So does 3.5bit+: neutral in perplexity (SmolLM2
-    # +1.20% -> +1.19%, three seeds; Gemma-3 +1.36% -> +1.38%, seed 0), but at 8k its needle recall equals FP's (16 of
-    # 28 right, one lost and one gained against FP's answers; 14 kept and none gained without it; README, Needle in a haystack).
+    # The quality presets: TurboQuant plus the levers measured to help on SmolLM2 and Gemma-3 (README, Quality presets
+    # and the sections after it): the first 4 tokens exact (attention sinks), keys centered before RoPE, query-shaped
+    # keys (a diagonal map on sliding-window layers, "-qsd"), 8-bit norms that pay for them, and the score variance in
+    # the compressed logits ("-sv"). k3v2+, k2v2+ and 3.5bit+ decode their values unbiased ("-uv") and fit the shaping
+    # with the diagonal prior ("-dp"); 3.5bit+ spends its bits as 4-bit keys and 3-bit values (better needle recall at
+    # 8k than the 3.5 / 3.5 split). Below 4 bits they store trellis codes ("-tkv", fourteenth session): the same bytes,
+    # 27-61% less perplexity loss on both models, at 1.8-2.1x the decode-attention time of Lloyd-Max codes on the split
+    # kernel (bench/RESULTS.md, run 107). k4v4+ keeps Lloyd-Max codes, which the warp kernel reads (0.35x bf16 SDPA;
+    # trellis codes 2.3x): it is the fast preset, and "k4v4-s4-ck-sv-tkv-qsd-n8" is its quality variant.
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, score_variance=True, **_QUALITY),
-    "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR),
-    "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR),
-    "3.5bit+": TurboQuantConfig(key_bits=4, value_bits=3, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR),
-    "2.5bit+": TurboQuantConfig(key_bits=2.5, value_bits=2.5, score_variance=True, **_QUALITY),
+    "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
+    "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
+    "3.5bit+": TurboQuantConfig(key_bits=4, value_bits=3, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
+    "2.5bit+": TurboQuantConfig(key_bits=2.5, value_bits=2.5, score_variance=True, **_QUALITY, **_TRELLIS),
 }
