@@ -409,7 +409,9 @@ def _unpack_windows(row_ptr, tmask, BT: tl.constexpr, D: tl.constexpr, BITS: tl.
     As in `_unpack`, bytes are loaded as tiles, not per code: the stream is cut into units of U codes in UB
     bytes (U = 8/b in one byte for b | 8, else 8 codes in b bytes), and each unit's word is its UB bytes with
     the PRE = ⌈K·b/8⌉ bytes before it below them, PRE + UB tile loads of [BT, D/U] in all. Code j = U·u + i and
-    the K codes before it are then word bits 8·PRE + b(i − K) .. of unit u, broadcast to its U codes."""
+    the K codes before it are then word bits 8·PRE + b(i − K) .. of unit u, broadcast to its U codes. With S = 0
+    (K = PRE = 0) this computes `_unpack`'s codes; the two stay separate until a GPU run shows that the Lloyd-Max
+    paths keep their speed through the shared code."""
     K: tl.constexpr = (SB + BITS - 1) // BITS
     if (8 % BITS) == 0:
         U: tl.constexpr = 8 // BITS
