@@ -54,8 +54,8 @@ def main(rounds: int, out: str | None, trellis: bool) -> None:
         codecs["keys e6.2, values 4 b, trellis"] = (_split(d, (56, 6, 2), True), whole(4, True))
         codecs["k4v3 (3.5bit+ codes)"] = (whole(4), whole(3))
         codecs["k4v3 trellis (3.5bit+ now)"] = (whole(4, True), whole(3, True))
-        codecs["k2.5v2.5 (64 at 3 b + 64 at 2 b)"] = (_split(d, (64, 3, 2)), _split(d, (64, 3, 2)))
-        codecs["k2.5v2.5 trellis (2.5bit+ now)"] = (_split(d, (64, 3, 2), True), _split(d, (64, 3, 2), True))
+        codecs["k2.5v2.5 (64 at 3 b + 64 at 2 b)"] = (_split(d, (64, 3, 2)),) * 2
+        codecs["k2.5v2.5 trellis (2.5bit+ now)"] = (_split(d, (64, 3, 2), True),) * 2
     else:
         codecs = {f"k{bits}v{bits}": (whole(bits),) * 2 for bits in (2, 3, 4, 5, 6, 8)}
         codecs["keys 56 at 6 b + 72 at 2 b (e6.2), values 4 b"] = (_split(d, (56, 6, 2)), whole(4))
