@@ -65,6 +65,24 @@ def test_bytes_per_token_per_layer_match_formula(config):
         assert layer.baseline_bytes == tokens * fp_per_token
 
 
+def test_layer_bits_overrides_store_those_layers_at_their_bits():
+    """-B<i>k<K>v<V>: the named layers store exactly the formula's bytes at their own bits, the rest at the setting's."""
+    model = tiny_model("qwen3")
+    config = tqpatch.TurboQuantConfig.from_spec("k4v4-B0k5v4-B1k2.5v3")
+    tqpatch.patch(model, config)
+    cache = DynamicCache(config=model.config)
+    tokens, heads, head_dim = 64, model.config.num_key_value_heads, model.config.head_dim
+    with torch.no_grad():
+        model(prompt(length=tokens), past_key_values=cache)
+    stats = tqpatch.cache_stats(cache)
+    expected_bits = {0: (5, 4), 1: (2.5, 3)}
+    for layer in stats.layers:
+        key_bits, value_bits = expected_bits.get(layer.layer, (4, 4))
+        per_token = heads * (formula_bytes_per_vector(head_dim, key_bits, "mse") + formula_bytes_per_vector(head_dim, value_bits, "mse"))
+        assert layer.bytes == pytest.approx(tokens * per_token, rel=0.02), layer.layer
+    assert stats.layers[0].bytes != stats.layers[2].bytes != stats.layers[1].bytes
+
+
 def _tensor_bytes_reachable(obj, seen=None) -> int:
     """Bytes of every distinct tensor storage reachable from obj through attributes, dicts, lists and tuples.
 

@@ -28,6 +28,10 @@ def test_unknown_preset_names_the_valid_ones():
         (dict(residual_length=-1), "residual_length must be a non-negative integer"),
         (dict(protected_bits=0), "protected_bits must be None"),
         (dict(protected_layers=(-1,)), "protected_layers"),
+        (dict(layer_bits_overrides=((0, 9, 4),)), r"key_bits of layer 0 must be a number of bits in \[1, 8\]"),
+        (dict(layer_bits_overrides=((0, 4),)), r"\(layer, key_bits, value_bits\) triples"),
+        (dict(layer_bits_overrides=((2, 5, 4), (2, 3, 4))), r"lists layer\(s\) \[2\] more than once"),
+        (dict(layer_bits_overrides=((2, 5, 4),), protected_layers=(2,)), r"both protected and given other bits"),
         (dict(outlier_step=5), "outlier_step must be 1, 2, 3 or 4"),
         (dict(rotation_candidates=0), "rotation_candidates must be an integer in 1..64"),
         (dict(key_bits=7.5, outlier_step=2), "needs more than 8 bits"),
@@ -158,7 +162,8 @@ def test_boolean_fields_are_checked(name):
 
 
 @pytest.mark.parametrize("spec", ["k4v4", "k2v2-rc8", "k2.5v2-o2-s4-r128", "k3v2-prod-ckv-p2.2b8-q", "k4v4-L0.29-seed3", "k3.5v3.5",
-                                  "k4v4-L18b6", "k4v4-p0.0b6-L1.18", "k2v2-s4-ck-uv-qs-n8", "k2v2-ukv", "k3v2-uk-seed1"])
+                                  "k4v4-L18b6", "k4v4-p0.0b6-L1.18", "k2v2-s4-ck-uv-qs-n8", "k2v2-ukv", "k3v2-uk-seed1",
+                                  "k4v4-s4-B0.5k5v4-B9k3.5v4", "k4v4-L1-B7k3v3"])
 def test_setting_specs_round_trip_through_name(spec):
     config = TurboQuantConfig.from_spec(spec)
     assert TurboQuantConfig.from_spec(config.name) == config
@@ -172,6 +177,17 @@ def test_spec_fields():
     assert config.unbias_values and not config.unbias_keys
     config = TurboQuantConfig.from_spec("k4v4-L1.18b6")  # protected layers at 6 bits, the others at 4
     assert (config.protected_layers, config.protected_bits, config.layer_bits(18, 30), config.layer_bits(17, 30)) == ((1, 18), 6, (6, 6), (4, 4))
+    config = TurboQuantConfig.from_spec("k4v4-B9k3v4-B0.5k5v4.5")  # these layers at other bits, in any order
+    assert config.layer_bits_overrides == ((0, 5, 4.5), (5, 5, 4.5), (9, 3, 4))
+    assert [config.layer_bits(i, 30) for i in (0, 5, 9, 10)] == [(5, 4.5), (5, 4.5), (3, 4), (4, 4)]
+    assert config.name == "k4v4-B0.5k5v4.5-B9k3v4"
+
+
+def test_layers_a_setting_names_must_exist():
+    with pytest.raises(tqpatch.TQPatchError, match=r"names layer\(s\) \[7\] but this model's attention layers are 0..2"):
+        tqpatch.patch(tiny_model("llama"), "k4v4-B7k5v4")
+    with pytest.raises(tqpatch.TQPatchError, match=r"names layer\(s\) \[9\]"):
+        tqpatch.patch(tiny_model("llama"), "k4v4-L2.9")
 
 
 @pytest.mark.parametrize("spec,match", [("k4v4-zz", "unknown option 'zz'"), ("fast", "unknown setting 'fast'"), ("k9v4", r"key_bits must be")])

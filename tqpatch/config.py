@@ -9,7 +9,7 @@ from .norms import MARGIN, check_norm_bits, check_norm_margin
 from .shaping import SHAPE_PRIORS
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, tk, tv, tkv, qs, qsd, dp, n8[m<octaves>], e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, tk, tv, tkv, qs, qsd, dp, n8[m<octaves>], e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], B<i>.<j>k<K>v<V>, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -67,6 +67,11 @@ class TurboQuantConfig:
     sink_tokens: the first tokens of the sequence kept in full precision.
     protect_first, protect_last, protected_layers: layers (by index) given
         `protected_bits` instead; protected_bits=None keeps them uncompressed.
+    layer_bits_overrides: ((layer, key_bits, value_bits), ...): layers stored at other
+        bits than key_bits / value_bits, every other lever kept (an eigen split only
+        where a layer keeps key_bits), to move bits to the layers where the loss is at
+        the same average (README, Bits per layer). Spec B<i>.<j>k<K>v<V>, repeatable:
+        "k4v4-B0.5k5v4-B9k3v4". A layer may not also be protected.
     prefill_exact: True: the tokens of the current forward call attend to each
         other exactly and only tokens cached by earlier calls are read
         compressed (the seed document's behaviour). False: every token is
@@ -161,6 +166,7 @@ class TurboQuantConfig:
     protect_last: int = 0
     protected_layers: tuple[int, ...] = field(default_factory=tuple)
     protected_bits: int | None = None
+    layer_bits_overrides: tuple[tuple[int, float, float], ...] = field(default_factory=tuple)
     prefill_exact: bool = True
     center_keys: bool = False
     center_values: bool = False
@@ -199,6 +205,7 @@ class TurboQuantConfig:
         object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.protected_layers):
             raise ValueError(f"protected_layers must be non-negative layer indices, got {self.protected_layers!r}")
+        self._check_layer_bits_overrides()
         for name in ("rotation_candidates", "key_split_rotations"):
             count = getattr(self, name)
             if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 64:
@@ -245,6 +252,22 @@ class TurboQuantConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
+    def _check_layer_bits_overrides(self) -> None:
+        overrides = tuple(tuple(entry) for entry in self.layer_bits_overrides)
+        layers = [entry[0] for entry in overrides if len(entry) == 3]
+        if len(layers) != len(overrides) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise ValueError(f"layer_bits_overrides must be (layer, key_bits, value_bits) triples with non-negative layer indices, got {self.layer_bits_overrides!r}")
+        object.__setattr__(self, "layer_bits_overrides", tuple(sorted(overrides)))  # one order, so equal settings compare equal
+        for layer, key_bits, value_bits in overrides:
+            _check_bits(f"key_bits of layer {layer}", key_bits)
+            _check_bits(f"value_bits of layer {layer}", value_bits)
+        repeated = sorted({i for i in layers if layers.count(i) > 1})
+        if repeated:
+            raise ValueError(f"layer_bits_overrides lists layer(s) {repeated} more than once")
+        protected = sorted(set(layers) & set(self.protected_layers))
+        if protected:
+            raise ValueError(f"layer(s) {protected} are both protected and given other bits: choose one")
+
     # -- presets -------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "TurboQuantConfig":
@@ -264,6 +287,9 @@ class TurboQuantConfig:
         """(key_bits, value_bits) for a layer, or None if it stays uncompressed."""
         if self.is_protected(layer_idx, num_layers):
             return None if self.protected_bits is None else (self.protected_bits, self.protected_bits)
+        for layer, key_bits, value_bits in self.layer_bits_overrides:
+            if layer == layer_idx:
+                return key_bits, value_bits
         return self.key_bits, self.value_bits
 
     @property
@@ -308,6 +334,11 @@ class TurboQuantConfig:
         if self.protected_layers:  # protected_bits rides on -p when that is printed, else on -L
             bits_on_l = self.protected_bits is not None and not (self.protect_first or self.protect_last)
             label += "-L" + ".".join(map(str, self.protected_layers)) + (f"b{self.protected_bits}" if bits_on_l else "")
+        groups: dict[tuple[float, float], list[int]] = {}
+        for layer, key_bits, value_bits in self.layer_bits_overrides:
+            groups.setdefault((key_bits, value_bits), []).append(layer)
+        for (key_bits, value_bits), layers in groups.items():
+            label += "-B" + ".".join(map(str, layers)) + f"k{fmt(key_bits)}v{fmt(value_bits)}"
         if not self.prefill_exact:
             label += "-q"
         if self.seed:
@@ -318,7 +349,7 @@ class TurboQuantConfig:
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
         prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | sv (score variance in the logits) | tk/tv/tkv (trellis codes) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8[m{octaves}] (8-bit norms[, their range margin]) | e{high}.{low} (eigen split of keys) | er{N} (its rotation: best of N seeds by score error) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
-        p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | q (prefill read compressed) | seed{n}.
+        p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | B{i}.{j}...k{K}v{V} (these layers at other bits; repeatable) | q (prefill read compressed) | seed{n}.
         """
         import re
 
@@ -355,7 +386,13 @@ class TurboQuantConfig:
             r"q": lambda m: {"prefill_exact": False},
             r"seed(\d+)": lambda m: {"seed": int(m[1])},
         }
+        overrides: list[tuple[int, float, float]] = []
         for option in options:
+            found = re.fullmatch(r"B(\d+(?:\.\d+)*)k(\d+(?:\.\d+)?)v(\d+(?:\.\d+)?)", option)
+            if found:
+                overrides += [(int(i), as_number(found[2]), as_number(found[3])) for i in found[1].split(".")]
+                fields["layer_bits_overrides"] = tuple(overrides)
+                continue
             for pattern, read in patterns.items():
                 found = re.fullmatch(pattern, option)
                 if found and found[0]:

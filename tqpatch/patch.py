@@ -218,6 +218,9 @@ def patch(model: torch.nn.Module, config: TurboQuantConfig | str | None = None) 
         raise TypeError(f"config must be a TurboQuantConfig or a preset name, got {type(config).__name__}")
     modules = find_attention_modules(model)
     num_layers = max(module.layer_idx for _, module in modules) + 1
+    named = set(config.protected_layers) | {layer for layer, _, _ in config.layer_bits_overrides}
+    if named and max(named) >= num_layers:
+        raise TQPatchError(f"the setting names layer(s) {sorted(i for i in named if i >= num_layers)} but this model's attention layers are 0..{num_layers - 1}")
     state = PatchState(config=config)
     for _, module in modules:
         hook = TurboQuantHook(config, module.layer_idx, num_layers, state)
