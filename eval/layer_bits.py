@@ -1,0 +1,164 @@
+"""Bits per layer: measure how much each layer's keys and values cost, then spend a bit budget where it buys the most.
+
+Scan: one setting per (layer, side) that compresses only that side of that layer at `scan_bits`, every other layer
+exact (`-L...`, the other side at 8 bits), so each ΔPPL is that side's own loss s_l (in %).
+
+Allocation: the loss of a layer-side at b bits is modelled as s_l · D(b) / D(scan_bits), D the code's unit-vector
+MSE (losses of small independent errors add; a bit cuts D ~3.7×); its cost is b bits on each of n_l cached
+coordinates, n_l the tokens the layer holds (a sliding-window layer holds its window). The bits minimising
+Σ s_l D(b_l) / D(scan_bits) subject to Σ n_l b_l ≤ budget · Σ n_l come from a knapsack by dynamic programming over
+the sides (token counts rounded up to 1/64 of the largest, so the table stays small).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIDES = ("k", "v")
+
+
+def scan_settings(base: str, num_layers: int, side: str, scan_bits: int = 2) -> list[str]:
+    """Specs that compress only `side` ("k" or "v") of one layer at `scan_bits` (the other side at 8), one per layer.
+
+    base: the options after 'k<K>v<V>', e.g. "s4-ck-sv-tkv-qsd-n8" (no layer options)."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    head = f"k{scan_bits}v8" if side == "k" else f"k8v{scan_bits}"
+    specs = []
+    for layer in range(num_layers):
+        exact = ".".join(str(i) for i in range(num_layers) if i != layer)
+        specs.append("-".join(filter(None, [head, base, f"L{exact}" if exact else ""])))
+    return specs
+
+
+@dataclass
+class Allocation:
+    bits: dict[tuple[int, str], int]  # (layer, side) -> bits
+    average_bits: float  # token-weighted over every cached coordinate (codes only)
+    predicted_loss: float  # Σ s D(b) / D(scan_bits), in % PPL
+    uniform_loss: float  # the same at the uniform (key_bits, value_bits)
+
+    def spec_suffix(self, key_bits: int, value_bits: int) -> str:
+        """'-B<i>.<j>k<K>v<V>...' for the layers whose bits differ from (key_bits, value_bits)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for layer in sorted({layer for layer, _ in self.bits}):
+            pair = (self.bits[(layer, "k")], self.bits[(layer, "v")])
+            if pair != (key_bits, value_bits):
+                groups.setdefault(pair, []).append(layer)
+        return "".join(f"-B{'.'.join(map(str, layers))}k{k}v{v}" for (k, v), layers in sorted(groups.items()))
+
+
+def allocate_bits(
+    key_loss: list[float],
+    value_loss: list[float],
+    tokens: list[int],
+    distortion: dict[int, float],
+    key_bits: int,
+    value_bits: int,
+    scan_bits: int = 2,
+    min_bits: int = 3,
+    max_bits: int = 6,
+    floor: float = 0.05,
+) -> Allocation:
+    """Per-layer key and value bits at the token-weighted average of (key_bits, value_bits).
+
+    key_loss, value_loss: ΔPPL % of each layer's side at scan_bits (from the scan), clipped below at `floor` (a
+    scan's noise makes small losses negative); tokens: tokens each layer holds; distortion: bits -> D(bits)."""
+    if not len(key_loss) == len(value_loss) == len(tokens):
+        raise ValueError(f"one loss per layer and side and one token count per layer: got {len(key_loss)}, {len(value_loss)}, {len(tokens)}")
+    missing = [b for b in range(min_bits, max_bits + 1) if b not in distortion] + [b for b in (scan_bits,) if b not in distortion]
+    if missing:
+        raise ValueError(f"distortion has no entry for {sorted(set(missing))} bits")
+    sides = [((layer, side), max(loss, floor), tokens[layer]) for side, losses in zip(SIDES, (key_loss, value_loss)) for layer, loss in enumerate(losses)]
+    total = sum(n for _, _, n in sides)
+    budget = sum(n * (key_bits if name[1] == "k" else value_bits) for name, _, n in sides)
+    choices = np.arange(min_bits, max_bits + 1)
+    grain = max(1, max(tokens) // 64)  # token counts in units of `grain` (rounded up), so the table stays small
+    units = [-(-n // grain) for _, _, n in sides]
+    capacity = sum(u * (key_bits if name[1] == "k" else value_bits) for (name, _, _), u in zip(sides, units))  # the uniform bits' cost
+    # best[c]: the least loss of the sides so far within c units of token-bits; pick[i][c]: side i's bits there
+    best = np.zeros(capacity + 1)
+    picks = []
+    for (name, s, _), u in zip(sides, units):
+        options = np.full((len(choices), capacity + 1), np.inf)
+        for j, b in enumerate(choices):
+            cost = u * int(b)
+            if cost <= capacity:
+                options[j, cost:] = best[: capacity + 1 - cost] + s * distortion[int(b)] / distortion[scan_bits]
+        picks.append(options.argmin(axis=0))
+        best = options.min(axis=0)
+    if not np.isfinite(best[capacity]):
+        raise ValueError(f"no allocation within {min_bits}..{max_bits} bits fits the budget of k{key_bits}v{value_bits}")
+    bits, c = {}, capacity
+    for (name, _, _), u, pick in reversed(list(zip(sides, units, picks))):
+        b = int(choices[pick[c]])
+        bits[name] = b
+        c -= u * b
+
+    def loss_of(bits: dict) -> float:
+        return sum(s * distortion[bits[name]] / distortion[scan_bits] for name, s, _ in sides)
+
+    def spent(bits: dict) -> int:
+        return sum(n * bits[name] for name, _, n in sides)
+
+    uniform = {name: key_bits if name[1] == "k" else value_bits for name, _, _ in sides}
+    return Allocation(bits, spent(bits) / total, loss_of(bits), loss_of(uniform))
+
+
+def tokens_per_layer(model_config, window: int) -> list[int]:
+    """Tokens each decoder layer holds at the end of a window: the window, or a sliding layer's window − 1."""
+    config = getattr(model_config, "text_config", model_config)
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    sliding = getattr(config, "sliding_window", None)
+    return [min(window, sliding - 1) if kind == "sliding_attention" and sliding else window for kind in types]
+
+
+def scan_losses(path: str) -> list[float]:
+    """ΔPPL % of each setting of a `tqpatch eval ppl --json` scan, in order (the baseline row first)."""
+    import json
+
+    rows = json.load(open(path))["rows"]
+    return [100 * (row["ppl"] / rows[0]["ppl"] - 1) for row in rows[1:]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from tqpatch import trellis
+    from tqpatch.models import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m eval.layer_bits", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    scan = sub.add_parser("scan", help="print the scan's settings for one side (feed them to tqpatch eval ppl --settings)")
+    scan.add_argument("--layers", type=int, required=True)
+    scan.add_argument("--side", choices=SIDES, required=True)
+    scan.add_argument("--base", default="s4-ck-sv-tkv-qsd-n8")
+    scan.add_argument("--scan-bits", type=int, default=2)
+    alloc = sub.add_parser("allocate", help="per-layer bits from the two scans' JSON; prints the -B options")
+    alloc.add_argument("--keys", required=True)
+    alloc.add_argument("--values", required=True)
+    alloc.add_argument("--model", default="smollm2")
+    alloc.add_argument("--window", type=int, default=2048)
+    alloc.add_argument("--key-bits", type=int, required=True)
+    alloc.add_argument("--value-bits", type=int, required=True)
+    alloc.add_argument("--scan-bits", type=int, default=2)
+    alloc.add_argument("--min-bits", type=int, default=3)
+    alloc.add_argument("--max-bits", type=int, default=6)
+    alloc.add_argument("--floor", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    if args.command == "scan":
+        print(",".join(scan_settings(args.base, args.layers, args.side, args.scan_bits)))
+        return
+    model, _ = load_model(args.model)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    distortion = {b: trellis.unit_vector_mse(head_dim, b) for b in range(1, 7)}
+    result = allocate_bits(scan_losses(args.keys), scan_losses(args.values), tokens_per_layer(model.config, args.window), distortion,
+                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, args.floor)
+    print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}%; allocated: {result.average_bits:.3f} bits, predicted {result.predicted_loss:.3f}%")
+    print(result.spec_suffix(args.key_bits, args.value_bits))
+
+
+if __name__ == "__main__":
+    main()

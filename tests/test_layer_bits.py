@@ -1,0 +1,53 @@
+"""eval.layer_bits: the per-layer sensitivity scan's settings and the bit allocation that reads it."""
+
+import pytest
+
+from eval.layer_bits import allocate_bits, scan_settings, tokens_per_layer
+from tqpatch.config import TurboQuantConfig
+
+DISTORTION = {1: 0.283, 2: 0.076, 3: 0.0204, 4: 0.00543, 5: 0.00151, 6: 0.00044}  # trellis codes, d 128
+
+
+def test_scan_compresses_one_side_of_one_layer():
+    specs = scan_settings("s4-ck-n8", num_layers=3, side="v")
+    assert specs == ["k8v2-s4-ck-n8-L1.2", "k8v2-s4-ck-n8-L0.2", "k8v2-s4-ck-n8-L0.1"]
+    config = TurboQuantConfig.from_spec(specs[1])
+    assert [config.layer_bits(i, 3) for i in range(3)] == [None, (8, 2), None]
+    with pytest.raises(ValueError, match="side must be one of"):
+        scan_settings("", 3, "q")
+
+
+def test_allocation_moves_bits_to_the_costly_sides_within_the_budget():
+    key_loss, value_loss, tokens = [8.0, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2], [100, 100, 100, 100]
+    result = allocate_bits(key_loss, value_loss, tokens, DISTORTION, key_bits=4, value_bits=4)
+    assert result.average_bits <= 4 and result.predicted_loss < result.uniform_loss
+    assert result.bits[(0, "k")] > 4 and min(result.bits.values()) >= 3
+    assert result.spec_suffix(4, 4).startswith("-B") and "k" in result.spec_suffix(4, 4)
+    even = allocate_bits([1.0] * 4, [1.0] * 4, tokens, DISTORTION, key_bits=4, value_bits=4)
+    assert set(even.bits.values()) == {4} and even.spec_suffix(4, 4) == ""  # equal losses: nothing to move
+
+
+def test_allocation_is_near_the_brute_force_optimum_and_prices_bits_by_tokens():
+    """Two layers holding 400 and 100 tokens (a full and a sliding one): a bit on the short layer costs a quarter."""
+    import itertools
+
+    key_loss, value_loss, tokens = [1.0, 1.0], [0.3, 0.1], [400, 100]
+    result = allocate_bits(key_loss, value_loss, tokens, DISTORTION, key_bits=4, value_bits=4, floor=0.0)
+    losses = {(0, "k"): 1.0, (1, "k"): 1.0, (0, "v"): 0.3, (1, "v"): 0.1}
+    sizes = {(0, "k"): 400, (1, "k"): 100, (0, "v"): 400, (1, "v"): 100}
+    best = min(
+        sum(losses[name] * DISTORTION[b] for name, b in zip(losses, combo)) / DISTORTION[2]
+        for combo in itertools.product(range(3, 7), repeat=4)
+        if sum(sizes[name] * b for name, b in zip(losses, combo)) <= 8 * 500
+    )
+    assert sum(sizes[name] * b for name, b in result.bits.items()) <= 8 * 500
+    assert result.predicted_loss <= 1.05 * best
+    assert result.bits[(1, "k")] > result.bits[(0, "k")]  # equal losses, the cheaper layer gets more bits
+
+
+def test_tokens_per_layer_reads_sliding_windows():
+    class Config:
+        num_hidden_layers, layer_types, sliding_window = 3, ["sliding_attention", "full_attention", "sliding_attention"], 512
+
+    assert tokens_per_layer(Config(), 2048) == [511, 2048, 511]
+    assert tokens_per_layer(Config(), 256) == [256, 256, 256]
