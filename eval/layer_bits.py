@@ -61,11 +61,15 @@ def allocate_bits(
     min_bits: int = 3,
     max_bits: int = 6,
     floor: float = 0.05,
+    move: str = "kv",
 ) -> Allocation:
     """Per-layer key and value bits at the token-weighted average of (key_bits, value_bits).
 
     key_loss, value_loss: ΔPPL % of each layer's side at scan_bits (from the scan), clipped below at `floor` (a
-    scan's noise makes small losses negative); tokens: tokens each layer holds; distortion: bits -> D(bits)."""
+    scan's noise makes small losses negative); tokens: tokens each layer holds; distortion: bits -> D(bits);
+    move: the sides whose bits may change ("kv", "k" or "v"); the other side keeps its uniform bits."""
+    if not move or set(move) - set(SIDES):
+        raise ValueError(f"move must name the sides to reallocate, 'kv', 'k' or 'v', got {move!r}")
     if not len(key_loss) == len(value_loss) == len(tokens):
         raise ValueError(f"one loss per layer and side and one token count per layer: got {len(key_loss)}, {len(value_loss)}, {len(tokens)}")
     missing = [b for b in range(min_bits, max_bits + 1) if b not in distortion] + [b for b in (scan_bits,) if b not in distortion]
@@ -74,7 +78,7 @@ def allocate_bits(
     sides = [((layer, side), max(loss, floor), tokens[layer]) for side, losses in zip(SIDES, (key_loss, value_loss)) for layer, loss in enumerate(losses)]
     total = sum(n for _, _, n in sides)
     budget = sum(n * (key_bits if name[1] == "k" else value_bits) for name, _, n in sides)
-    choices = np.arange(min_bits, max_bits + 1)
+    uniform = {name: key_bits if name[1] == "k" else value_bits for name, _, _ in sides}
     grain = max(1, max(tokens) // 64)  # token counts in units of `grain` (rounded up), so the table stays small
     units = [-(-n // grain) for _, _, n in sides]
     capacity = sum(u * (key_bits if name[1] == "k" else value_bits) for (name, _, _), u in zip(sides, units))  # the uniform bits' cost
@@ -82,17 +86,18 @@ def allocate_bits(
     best = np.zeros(capacity + 1)
     picks = []
     for (name, s, _), u in zip(sides, units):
+        choices = np.arange(min_bits, max_bits + 1) if name[1] in move else np.array([uniform[name]])
         options = np.full((len(choices), capacity + 1), np.inf)
         for j, b in enumerate(choices):
             cost = u * int(b)
             if cost <= capacity:
                 options[j, cost:] = best[: capacity + 1 - cost] + s * distortion[int(b)] / distortion[scan_bits]
-        picks.append(options.argmin(axis=0))
+        picks.append((choices, options.argmin(axis=0)))
         best = options.min(axis=0)
     if not np.isfinite(best[capacity]):
         raise ValueError(f"no allocation within {min_bits}..{max_bits} bits fits the budget of k{key_bits}v{value_bits}")
     bits, c = {}, capacity
-    for (name, _, _), u, pick in reversed(list(zip(sides, units, picks))):
+    for (name, _, _), u, (choices, pick) in reversed(list(zip(sides, units, picks))):
         b = int(choices[pick[c]])
         bits[name] = b
         c -= u * b
@@ -103,7 +108,6 @@ def allocate_bits(
     def spent(bits: dict) -> int:
         return sum(n * bits[name] for name, _, n in sides)
 
-    uniform = {name: key_bits if name[1] == "k" else value_bits for name, _, _ in sides}
     return Allocation(bits, spent(bits) / total, loss_of(bits), loss_of(uniform))
 
 
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     alloc.add_argument("--min-bits", type=int, default=3)
     alloc.add_argument("--max-bits", type=int, default=6)
     alloc.add_argument("--floor", type=float, default=0.05)
+    alloc.add_argument("--move", choices=("kv", "k", "v"), default="kv", help="which sides' bits may change")
     args = parser.parse_args(argv)
     if args.command == "scan":
         print(",".join(scan_settings(args.base, args.layers, args.side, args.scan_bits)))
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     distortion = {b: trellis.unit_vector_mse(head_dim, b) for b in range(1, 7)}
     result = allocate_bits(scan_losses(args.keys), scan_losses(args.values), tokens_per_layer(model.config, args.window), distortion,
-                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, args.floor)
+                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, args.floor, args.move)
     print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}%; allocated: {result.average_bits:.3f} bits, predicted {result.predicted_loss:.3f}%")
     print(result.spec_suffix(args.key_bits, args.value_bits))
 

@@ -51,3 +51,10 @@ def test_tokens_per_layer_reads_sliding_windows():
 
     assert tokens_per_layer(Config(), 2048) == [511, 2048, 511]
     assert tokens_per_layer(Config(), 256) == [256, 256, 256]
+
+
+def test_allocation_can_keep_one_side_fixed():
+    result = allocate_bits([8.0, 0.2, 0.2, 0.2], [9.0, 0.01, 0.01, 0.01], [100] * 4, DISTORTION, key_bits=4, value_bits=3, move="k")
+    assert [result.bits[(i, "v")] for i in range(4)] == [3] * 4 and result.bits[(0, "k")] > 4
+    with pytest.raises(ValueError, match="move must name the sides"):
+        allocate_bits([1.0], [1.0], [1], DISTORTION, 4, 4, move="q")
