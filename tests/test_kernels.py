@@ -852,7 +852,12 @@ def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padde
     assert all(shaped) if config.shape_sliding_keys else (any(shaped) and not all(shaped))
     # With the score variance the 2-bit keys' paths differ by 2.3% on an H100 (1.4% without it): the bias moves these
     # logits by 6%, and the fused logits sit 2.3% from the reference with it, 5.9% from the one without (runs 97-98).
-    assert _rel(fused, ref) < (3e-2 if config.score_variance else 2e-2)
+    # Trellis codes (k2v2+ since the fourteenth session) read 3.3% padded (run 108): the two paths' K/V differ a little
+    # after the first step, and a Viterbi search turns a small input change into many changed codes (a 1e-3 relative
+    # change moves 1.4% of 2-bit trellis coordinates, 3x the reconstruction change of Lloyd-Max codes, which move 0.07%;
+    # d 256, CPU). The kernel reads identical trellis codes at REL_TOL (test_decode_attention_reads_trellis_codes).
+    tolerance = 4e-2 if config.trellis_keys else 3e-2 if config.score_variance else 2e-2
+    assert _rel(fused, ref) < tolerance
     assert torch.nn.functional.cosine_similarity(fused.flatten(), ref.flatten(), dim=0) > COS_FLOOR
 
 
