@@ -858,7 +858,8 @@ def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padde
     # d 256, CPU). The kernel reads identical trellis codes at REL_TOL (test_decode_attention_reads_trellis_codes).
     tolerance = 4e-2 if config.trellis_keys else 3e-2 if config.score_variance else 2e-2
     assert _rel(fused, ref) < tolerance
-    assert torch.nn.functional.cosine_similarity(fused.flatten(), ref.flatten(), dim=0) > COS_FLOOR
+    cos_floor = 1 - tolerance**2 / 2 if config.trellis_keys else COS_FLOOR  # cos ≈ 1 − rel²/2: 0.9994 at run 108's 3.3%
+    assert torch.nn.functional.cosine_similarity(fused.flatten(), ref.flatten(), dim=0) > cos_floor
 
 
 @pytest.mark.parametrize("spec", ["k4v3-ev4.2", "k4v4-cv"])
