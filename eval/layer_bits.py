@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     from tqpatch import trellis
     from tqpatch.models import load_model
 
-    parser = argparse.ArgumentParser(prog="python -m eval.layer_bits", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tqpatch.eval.layer_bits", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     scan = sub.add_parser("scan", help="print the scan's settings for one side (feed them to tqpatch eval ppl --settings)")
     scan.add_argument("--layers", type=int, required=True)

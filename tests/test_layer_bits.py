@@ -2,7 +2,7 @@
 
 import pytest
 
-from eval.layer_bits import allocate_bits, scan_settings, tokens_per_layer
+from tqpatch.eval.layer_bits import allocate_bits, scan_settings, tokens_per_layer
 from tqpatch.config import TurboQuantConfig
 
 DISTORTION = {1: 0.283, 2: 0.076, 3: 0.0204, 4: 0.00543, 5: 0.00151, 6: 0.00044}  # trellis codes, d 128
