@@ -29,6 +29,7 @@ def test_unknown_preset_names_the_valid_ones():
         (dict(protected_bits=0), "protected_bits must be None"),
         (dict(protected_layers=(-1,)), "protected_layers"),
         (dict(layer_bits_overrides=((0, 9, 4),)), r"key_bits of layer 0 must be a number of bits in \[1, 8\]"),
+        (dict(layer_bits_overrides=((0, "5", 4), (1, 4, 4))), r"key_bits of layer 0 must be a number of bits"),
         (dict(layer_bits_overrides=((0, 4),)), r"\(layer, key_bits, value_bits\) triples"),
         (dict(layer_bits_overrides=((2, 5, 4), (2, 3, 4))), r"lists layer\(s\) \[2\] more than once"),
         (dict(layer_bits_overrides=((2, 5, 4),), protected_layers=(2,)), r"both protected and given other bits"),
@@ -188,6 +189,8 @@ def test_layers_a_setting_names_must_exist():
         tqpatch.patch(tiny_model("llama"), "k4v4-B7k5v4")
     with pytest.raises(tqpatch.TQPatchError, match=r"names layer\(s\) \[9\]"):
         tqpatch.patch(tiny_model("llama"), "k4v4-L2.9")
+    with pytest.raises(tqpatch.TQPatchError, match=r"layer\(s\) \[2\] are protected \(protect_first / protect_last\)"):
+        tqpatch.patch(tiny_model("llama"), "k4v4-p0.1-B2k5v4")
 
 
 @pytest.mark.parametrize("spec,match", [("k4v4-zz", "unknown option 'zz'"), ("fast", "unknown setting 'fast'"), ("k9v4", r"key_bits must be")])

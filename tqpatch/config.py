@@ -257,10 +257,10 @@ class TurboQuantConfig:
         layers = [entry[0] for entry in overrides if len(entry) == 3]
         if len(layers) != len(overrides) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
             raise ValueError(f"layer_bits_overrides must be (layer, key_bits, value_bits) triples with non-negative layer indices, got {self.layer_bits_overrides!r}")
-        object.__setattr__(self, "layer_bits_overrides", tuple(sorted(overrides)))  # one order, so equal settings compare equal
         for layer, key_bits, value_bits in overrides:
             _check_bits(f"key_bits of layer {layer}", key_bits)
             _check_bits(f"value_bits of layer {layer}", value_bits)
+        object.__setattr__(self, "layer_bits_overrides", tuple(sorted(overrides)))  # one order, so equal settings compare equal
         repeated = sorted({i for i in layers if layers.count(i) > 1})
         if repeated:
             raise ValueError(f"layer_bits_overrides lists layer(s) {repeated} more than once")

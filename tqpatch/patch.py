@@ -221,6 +221,9 @@ def patch(model: torch.nn.Module, config: TurboQuantConfig | str | None = None) 
     named = set(config.protected_layers) | {layer for layer, _, _ in config.layer_bits_overrides}
     if named and max(named) >= num_layers:
         raise TQPatchError(f"the setting names layer(s) {sorted(i for i in named if i >= num_layers)} but this model's attention layers are 0..{num_layers - 1}")
+    protected = sorted(layer for layer, _, _ in config.layer_bits_overrides if config.is_protected(layer, num_layers))
+    if protected:
+        raise TQPatchError(f"layer(s) {protected} are protected (protect_first / protect_last) and given other bits: choose one")
     state = PatchState(config=config)
     for _, module in modules:
         hook = TurboQuantHook(config, module.layer_idx, num_layers, state)
