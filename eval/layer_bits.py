@@ -42,14 +42,11 @@ class Allocation:
     predicted_loss: float  # Σ s D(b) / D(scan_bits), in % PPL
     uniform_loss: float  # the same at the uniform (key_bits, value_bits)
 
-    def spec_suffix(self, key_bits: int, value_bits: int) -> str:
-        """'-B<i>.<j>k<K>v<V>...' for the layers whose bits differ from (key_bits, value_bits)."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for layer in sorted({layer for layer, _ in self.bits}):
-            pair = (self.bits[(layer, "k")], self.bits[(layer, "v")])
-            if pair != (key_bits, value_bits):
-                groups.setdefault(pair, []).append(layer)
-        return "".join(f"-B{'.'.join(map(str, layers))}k{k}v{v}" for (k, v), layers in sorted(groups.items()))
+    def overrides(self, key_bits: int, value_bits: int) -> tuple[tuple[int, int, int], ...]:
+        """`TurboQuantConfig.layer_bits_overrides` for the layers whose bits differ from (key_bits, value_bits)."""
+        layers = sorted({layer for layer, _ in self.bits})
+        pairs = {layer: (self.bits[(layer, "k")], self.bits[(layer, "v")]) for layer in layers}
+        return tuple((layer, *pair) for layer, pair in pairs.items() if pair != (key_bits, value_bits))
 
 
 def allocate_bits(
@@ -74,9 +71,9 @@ def allocate_bits(
         raise ValueError(f"move must name the sides to reallocate, 'kv', 'k' or 'v', got {move!r}")
     if not len(key_loss) == len(value_loss) == len(tokens):
         raise ValueError(f"one loss per layer and side and one token count per layer: got {len(key_loss)}, {len(value_loss)}, {len(tokens)}")
-    missing = [b for b in range(min_bits, max_bits + 1) if b not in distortion] + [b for b in (scan_bits,) if b not in distortion]
+    missing = sorted({*range(min_bits, max_bits + 1), scan_bits} - set(distortion))
     if missing:
-        raise ValueError(f"distortion has no entry for {sorted(set(missing))} bits")
+        raise ValueError(f"distortion has no entry for {missing} bits")
     sides = [((layer, side), max(loss, floor), tokens[layer]) for side, losses in zip(SIDES, (key_loss, value_loss)) for layer, loss in enumerate(losses)]
     total = sum(n for _, _, n in sides)
     uniform = {name: key_bits if name[1] == "k" else value_bits for name, _, _ in sides}
@@ -123,8 +120,9 @@ def tokens_per_layer(model_config, window: int) -> list[int]:
 def scan_losses(path: str) -> list[float]:
     """ΔPPL % of each setting of a `tqpatch eval ppl --json` scan, in order (the baseline row first)."""
     import json
+    from pathlib import Path
 
-    rows = json.load(open(path))["rows"]
+    rows = json.loads(Path(path).read_text())["rows"]
     return [100 * (row["ppl"] / rows[0]["ppl"] - 1) for row in rows[1:]]
 
 
@@ -132,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from tqpatch import trellis
+    from tqpatch.config import TurboQuantConfig
     from tqpatch.models import load_model
 
     parser = argparse.ArgumentParser(prog="python -m tqpatch.eval.layer_bits", description=__doc__.splitlines()[0])
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     scan.add_argument("--side", choices=SIDES, required=True)
     scan.add_argument("--base", default="s4-ck-sv-tkv-qsd-n8")
     scan.add_argument("--scan-bits", type=int, default=2)
-    alloc = sub.add_parser("allocate", help="per-layer bits from the two scans' JSON; prints the -B options")
+    alloc = sub.add_parser("allocate", help="per-layer bits from the two scans' JSON; prints the setting (add the base's options)")
     alloc.add_argument("--keys", required=True)
     alloc.add_argument("--values", required=True)
     alloc.add_argument("--model", default="smollm2")
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     result = allocate_bits(scan_losses(args.keys), scan_losses(args.values), tokens_per_layer(model.config, args.window), distortion,
                            args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, args.floor, args.move)
     print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}%; allocated: {result.average_bits:.3f} bits, predicted {result.predicted_loss:.3f}%")
-    print(result.spec_suffix(args.key_bits, args.value_bits))
+    print(TurboQuantConfig(key_bits=args.key_bits, value_bits=args.value_bits, layer_bits_overrides=result.overrides(args.key_bits, args.value_bits)).name)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ def test_allocation_moves_bits_to_the_costly_sides_within_the_budget():
     result = allocate_bits(key_loss, value_loss, tokens, DISTORTION, key_bits=4, value_bits=4)
     assert result.average_bits <= 4 and result.predicted_loss < result.uniform_loss
     assert result.bits[(0, "k")] > 4 and min(result.bits.values()) >= 3
-    assert result.spec_suffix(4, 4).startswith("-B") and "k" in result.spec_suffix(4, 4)
+    overrides = result.overrides(4, 4)
+    assert overrides[0][:2] == (0, result.bits[(0, "k")]) and all(bits != (4, 4) for _, *bits in overrides)
+    assert TurboQuantConfig(layer_bits_overrides=overrides).layer_bits(0, 4) == (result.bits[(0, "k")], result.bits[(0, "v")])
     even = allocate_bits([1.0] * 4, [1.0] * 4, tokens, DISTORTION, key_bits=4, value_bits=4)
-    assert set(even.bits.values()) == {4} and even.spec_suffix(4, 4) == ""  # equal losses: nothing to move
+    assert set(even.bits.values()) == {4} and even.overrides(4, 4) == ()  # equal losses: nothing to move
 
 
 def test_allocation_is_near_the_brute_force_optimum_and_prices_bits_by_tokens():
