@@ -160,3 +160,31 @@ def test_sink_tokens_do_not_pin_the_prefill_tensors():
         assert t.shape[2] == 4
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
         assert t.untyped_storage().data_ptr() not in (keys.untyped_storage().data_ptr(), values.untyped_storage().data_ptr())
+
+
+@pytest.mark.parametrize("sliding_sinks", [False, True])
+def test_sliding_layer_keeps_its_sinks_exact_only_while_its_window_shows_them(sliding_sinks):
+    """With sliding_sinks a sliding-window layer returns the first tokens exact until they leave its window, then
+    drops them first (nothing is held for them after); without it they are compressed like the rest."""
+    torch.manual_seed(0)
+    window, sinks = 12, 3
+    layer = TurboQuantLayer(TurboQuantCodec(16, 2), TurboQuantCodec(16, 2), sink_tokens=sinks, sliding_sinks=sliding_sinks,
+                            prefill_exact=False, sliding_window=window)
+    keys = torch.randn(1, 2, 30, 16)
+    for t in range(30):
+        out, _ = layer.update(keys[:, :, t : t + 1], keys[:, :, t : t + 1])
+        first = t + 1 - out.shape[2]  # the sequence index of the first token returned
+        assert first == max(t + 1 - window, 0)  # the window - 1 tokens held, and the new one
+        visible_sinks = min(max(sinks - first, 0), out.shape[2])
+        exact = torch.equal(out[:, :, :visible_sinks], keys[:, :, first : first + visible_sinks])
+        assert exact == (sliding_sinks or visible_sinks == 0), t
+        held_sinks = min(max(sinks - max(t + 2 - window, 0), 0), t + 1)  # after the trim: the window - 1 newest
+        assert layer.num_sink == (held_sinks if sliding_sinks else 0)
+    assert layer.memory()["full_precision_tokens"] == 0 and layer.stored_length == window - 1
+
+
+def test_sliding_sinks_need_sink_tokens():
+    with pytest.raises(ValueError, match="sink_tokens"):
+        tqpatch.TurboQuantConfig(sliding_sinks=True)
+    assert tqpatch.TurboQuantConfig.from_spec("k4v4-s4-ss").sliding_sinks
+    assert tqpatch.TurboQuantConfig.from_spec("k4v4-s4-ss").name == "k4v4-s4-ss"

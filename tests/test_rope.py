@@ -90,9 +90,9 @@ def test_store_keeps_sequence_indices_through_sinks_sliding_trims_and_crops():
     _, cos, sin = model_cos_sin(start=0, tokens=3)
     table = RopeTable.fit(cos, sin)
     keys, _ = rope_keys(table, tokens=60, seed=4)
-    for sliding, sinks in ((None, 2), (9, 0)):
+    for sliding, sinks in ((None, 2), (9, 0), (9, 2), (19, 2)):
         layer = TurboQuantLayer(make_codec(16, 2, "mse", 0, center=True, rope=True), TurboQuantCodec(16, 2), sink_tokens=sinks,
-                                prefill_exact=False, sliding_window=sliding)
+                                sliding_sinks=True, prefill_exact=False, sliding_window=sliding)
         layer.observe_rope(cos, sin)
         seen = {}  # sequence index -> the key as first returned
         for start in range(0, 60, 5):

@@ -9,7 +9,7 @@ from .norms import MARGIN, check_norm_bits, check_norm_margin
 from .shaping import SHAPE_PRIORS
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, tk, tv, tkv, qs, qsd, dp, n8[m<octaves>], e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], B<i>.<j>k<K>v<V>, q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, ss, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, tk, tv, tkv, qs, qsd, dp, n8[m<octaves>], e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], B<i>.<j>k<K>v<V>, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -65,6 +65,9 @@ class TurboQuantConfig:
         always use "mse".
     residual_length: the most recent tokens kept in full precision (0 = none).
     sink_tokens: the first tokens of the sequence kept in full precision.
+    sliding_sinks: sliding-window layers keep the sink tokens exact too, while the
+        window still shows them (dropped first when it moves on); without it they
+        store them compressed like any other token (spec "ss", with s<N>).
     protect_first, protect_last, protected_layers: layers (by index) given
         `protected_bits` instead; protected_bits=None keeps them uncompressed.
     layer_bits_overrides: ((layer, key_bits, value_bits), ...): layers stored at other
@@ -162,6 +165,7 @@ class TurboQuantConfig:
     key_method: str = "mse"
     residual_length: int = 0
     sink_tokens: int = 0
+    sliding_sinks: bool = False
     protect_first: int = 0
     protect_last: int = 0
     protected_layers: tuple[int, ...] = field(default_factory=tuple)
@@ -200,6 +204,8 @@ class TurboQuantConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.sliding_sinks and not self.sink_tokens:
+            raise ValueError("sliding_sinks keeps the sink tokens exact in sliding-window layers too: set sink_tokens > 0 (spec s<N>-ss)")
         if self.refit_values and not self.refit_tokens:
             raise ValueError("refit_values needs refit_tokens > 0 (how many tokens to refit on; spec fitkv<N>)")
         object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
@@ -220,7 +226,7 @@ class TurboQuantConfig:
             if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
                 raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
         for name in ("prefill_exact", "center_keys", "center_values", "shape_keys", "shape_sliding_keys", "unbias_keys", "unbias_values",
-                     "refit_values", "score_variance", "trellis_keys", "trellis_values"):
+                     "refit_values", "sliding_sinks", "score_variance", "trellis_keys", "trellis_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_norm_bits(self.norm_bits)
@@ -302,7 +308,7 @@ class TurboQuantConfig:
         if self.residual_length:
             label += f"-r{self.residual_length}"
         if self.sink_tokens:
-            label += f"-s{self.sink_tokens}"
+            label += f"-s{self.sink_tokens}" + ("-ss" if self.sliding_sinks else "")
         if self.outlier_step != 1:
             label += f"-o{self.outlier_step}"
         if self.rotation_candidates != 1:
@@ -348,7 +354,7 @@ class TurboQuantConfig:
     @classmethod
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
-        prod | r{residual} | s{sinks} | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | sv (score variance in the logits) | tk/tv/tkv (trellis codes) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8[m{octaves}] (8-bit norms[, their range margin]) | e{high}.{low} (eigen split of keys) | er{N} (its rotation: best of N seeds by score error) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
+        prod | r{residual} | s{sinks} | ss (sinks in sliding-window layers too) | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | sv (score variance in the logits) | tk/tv/tkv (trellis codes) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8[m{octaves}] (8-bit norms[, their range margin]) | e{high}.{low} (eigen split of keys) | er{N} (its rotation: best of N seeds by score error) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
         p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | B{i}.{j}...k{K}v{V} (these layers at other bits; repeatable) | q (prefill read compressed) | seed{n}.
         """
         import re
@@ -373,6 +379,7 @@ class TurboQuantConfig:
             r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
             r"L(\d+(?:\.\d+)*)(?:b(\d+))?": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))} | ({"protected_bits": int(m[2])} if m[2] else {}),
             r"sv": lambda m: {"score_variance": True},
+            r"ss": lambda m: {"sliding_sinks": True},
             r"t(kv|k|v)": lambda m: {"trellis_keys": "k" in m[1], "trellis_values": "v" in m[1]},
             r"qs": lambda m: {"shape_keys": True},
             r"qsd": lambda m: {"shape_keys": True, "shape_sliding_keys": True},

@@ -102,6 +102,7 @@ def make_layer(cfg: TurboQuantConfig, head_dim: int, key_bits: float, value_bits
         value_codec=make_value_codec(),
         residual_length=cfg.residual_length,
         sink_tokens=cfg.sink_tokens,
+        sliding_sinks=cfg.sliding_sinks,
         prefill_exact=cfg.prefill_exact,
         sliding_window=sliding_window,
         score_variance=cfg.score_variance,

@@ -5,7 +5,8 @@ the layer's sequence are kept in up to three places, oldest first:
 
     [ sink tokens (full precision) | compressed tokens (codes) | window (full precision) ]
 
-- the first `sink_tokens` tokens of the sequence stay exact;
+- the first `sink_tokens` tokens of the sequence stay exact (in a sliding-window
+  layer only with `sliding_sinks`, and only while its window shows them);
 - the last `residual_length` tokens stay exact in the window; tokens that
   leave the window are quantized once, appended to the compressed buffers and
   never re-quantized;
@@ -136,6 +137,7 @@ class TurboQuantLayer(CacheLayerMixin):
         value_codec: Codec,
         residual_length: int = 0,
         sink_tokens: int = 0,
+        sliding_sinks: bool = False,
         prefill_exact: bool = True,
         sliding_window: int | None = None,
         refit_tokens: int = 0,
@@ -149,8 +151,10 @@ class TurboQuantLayer(CacheLayerMixin):
         self.residual_length = residual_length
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
-        # Sinks only make sense where the first tokens stay visible.
-        self.sink_tokens = 0 if self.is_sliding else sink_tokens
+        # A sliding-window layer sees its sinks only until its window moves past them (its first `sliding_window`
+        # queries); they are kept exact there only when asked for (`sliding_sinks`), and trimmed first.
+        self.sink_tokens = sink_tokens if (sliding_sinks or not self.is_sliding) else 0
+        self.sinks_taken = 0  # the sequence's first tokens that went to the sinks (trimmed ones included)
         self.prefill_exact = prefill_exact
         self.compressed_keys = TokenBuffer()
         self.compressed_values = TokenBuffer()
@@ -243,8 +247,9 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append new tokens [B, H, T, d]: fill the sinks, then the window; quantize what leaves the window."""
-        if self.num_sink < self.sink_tokens:
-            take = min(self.sink_tokens - self.num_sink, keys.shape[-2])
+        if self.sinks_taken < self.sink_tokens:
+            take = min(self.sink_tokens - self.sinks_taken, keys.shape[-2])
+            self.sinks_taken += take
             # A copy: a view would pin the caller's whole K/V tensor (a prefill's, uncompressed) in memory.
             self.sink_keys = _cat(self.sink_keys, keys[..., :take, :]).clone()
             self.sink_values = _cat(self.sink_values, values[..., :take, :]).clone()
@@ -290,10 +295,18 @@ class TurboQuantLayer(CacheLayerMixin):
         self.refit_pending = False
 
     def _trim_front(self, count: int) -> None:
-        """Forget the `count` oldest stored tokens (sliding-window layers)."""
+        """Forget the `count` oldest stored tokens (sliding-window layers): sinks first, then compressed ones."""
         if count <= 0:
             return
-        self.compressed_start += count  # sliding layers hold no sinks: the dropped tokens precede the compressed ones
+        from_sink = min(count, self.num_sink)
+        if from_sink:
+            kept = self.num_sink - from_sink
+            self.sink_keys = self.sink_keys[..., from_sink:, :].clone() if kept else None
+            self.sink_values = self.sink_values[..., from_sink:, :].clone() if kept else None
+            count -= from_sink
+        if count <= 0:
+            return
+        self.compressed_start += count  # the sequence index of the next compressed token
         from_compressed = min(count, self.num_compressed)
         if from_compressed:
             self.compressed_keys.keep(from_compressed, self.num_compressed)
@@ -385,6 +398,7 @@ class TurboQuantLayer(CacheLayerMixin):
             self.sink_keys = self.sink_keys[..., : self.num_sink - from_sink, :]
             self.sink_values = self.sink_values[..., : self.num_sink - from_sink, :]
             self.compressed_start -= from_sink
+            self.sinks_taken -= from_sink
         self.cumulative_length -= remove
 
     def _map_batch(self, fn) -> None:
@@ -413,6 +427,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.sink_keys = self.sink_values = self.window_keys = self.window_values = self._exact_keys = self._exact_values = None
         self.cumulative_length = 0
         self.compressed_start = 0
+        self.sinks_taken = 0
         self.is_initialized = False
 
     def offload(self):
