@@ -85,6 +85,45 @@ def test_bits_are_pooled_over_windows_of_unequal_length(tiny):
     assert row.compression_ratio == pytest.approx(32 * 130 / (96 * 3 + 34 * 32))
 
 
+def chunked_log_probs(model, ids: torch.Tensor, chunk: int, config=None) -> torch.Tensor:
+    """Next-token log-probabilities [L - 1, V] of ids fed in chunks through a fresh cache (patched with config)."""
+    if config is not None:
+        tqpatch.patch(model, config)
+    try:
+        cache, out = DynamicCache(config=model.config), []
+        with torch.no_grad():
+            for start in range(0, len(ids), chunk):
+                out.append(model(input_ids=ids[None, start : start + chunk], past_key_values=cache, use_cache=True).logits[0].float())
+    finally:
+        if config is not None:
+            tqpatch.unpatch(model)
+    return torch.log_softmax(torch.cat(out)[:-1], dim=-1)
+
+
+def test_kl_to_the_baseline_is_the_mean_divergence_of_the_next_token_distributions(tiny):
+    settings = [tqpatch.TurboQuantConfig.preset("k2v2"), tqpatch.TurboQuantConfig.preset("k4v4")]
+    result = decode_perplexity(tiny, ByteTokenizer(), TEXT, settings, window=128, chunk=32, max_tokens=256, progress=False, kl=True)
+    fp, k2, k4 = result.rows
+    ids = torch.tensor(list(TEXT.encode())[:256])
+    want, exact = [], []  # the reference kept in float16 as the evaluator keeps it, and in float32
+    for config in settings:
+        sums = [0.0, 0.0]
+        for window in (ids[:128], ids[128:]):
+            ref, logq = chunked_log_probs(tiny, window, 32), chunked_log_probs(tiny, window, 32, config)
+            ref16 = torch.log_softmax(ref.half().float(), dim=-1)
+            sums[0] += (ref16.exp() * (ref16 - logq)).sum().item()
+            sums[1] += (ref.exp() * (ref - logq)).sum().item()
+        want.append(sums[0] / 254)
+        exact.append(sums[1] / 254)
+    assert fp.kl == 0.0
+    assert k2.kl == pytest.approx(want[0], rel=1e-4) and k4.kl == pytest.approx(want[1], rel=1e-4)
+    assert k2.kl == pytest.approx(exact[0], abs=2e-6) and k4.kl == pytest.approx(exact[1], abs=2e-6)  # float16 rounding: ~ε²/2
+    assert k2.kl > k4.kl > 0
+    assert "KL (nats)" in result.table()
+    plain = decode_perplexity(tiny, ByteTokenizer(), TEXT, settings[:1], window=128, chunk=32, max_tokens=256, progress=False)
+    assert plain.rows[1].kl is None and plain.rows[1].ppl == k2.ppl and "KL" not in plain.table()
+
+
 def test_the_model_is_left_unpatched(tiny):
     decode_perplexity(tiny, ByteTokenizer(), TEXT, [tqpatch.TurboQuantConfig.preset("k4v4")], window=64, chunk=32, max_tokens=64, progress=False)
     assert not tqpatch.is_patched(tiny)
