@@ -823,7 +823,7 @@ def _teacher_forced_logits(model, ids, mask, tokens, cache=None):
 
 
 @pytest.mark.parametrize("spec", ["k4v4-s4-ck-qsd-n8", "k4v4-s4-ck-qsd-dp-n8", "k2v2-s4-ck-uv-qsd-dp-n8", "k3.5v3.5-s4-ck-qs-dp-n8",
-                                  "k2v2-s4-ck-uv-sv-qsd-dp-n8", "k2v2+"])
+                                  "k2v2-s4-ck-uv-sv-qsd-dp-n8", "k2v2+", "k4v4-s4-ss-ck-sv-qsd-n8"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padded):
     """Gemma-3 shapes (head_dim 256, 1 KV head, sliding layers over 16 tokens), 40-token prompts and 24 decode steps,

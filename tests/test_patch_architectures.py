@@ -93,6 +93,28 @@ def test_gemma3_sliding_matches_unpatched_at_8_bits_past_the_window():
     assert torch.equal(greedy(model, ids, new_tokens=40), reference)
 
 
+def test_gemma3_sliding_sinks_stay_exact_in_the_window_and_mask_right_past_it():
+    """sliding_sinks: the sliding layers return the first tokens exact while their window (8) shows them and drop them
+    first after; past the window 8-bit codes give the unpatched model's tokens, as without the option."""
+    model = tiny_model("gemma3")
+    ids = prompt(length=5)
+    reference = greedy(model, ids, new_tokens=40)
+    tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec("k8v8-s2-ss-q"))
+    try:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        sliding = [layer for layer, kind in zip(cache.layers, model.config.layer_types) if kind == "sliding_attention"]
+        assert all(layer.num_sink == 2 and layer.num_compressed == 3 for layer in sliding)
+        assert torch.equal(greedy(model, ids, new_tokens=40), reference)
+        with torch.no_grad():
+            for t in range(10):
+                model(prompt(length=1, seed=t), past_key_values=cache)
+        assert all(layer.num_sink == 0 and layer.stored_length == model.config.sliding_window - 1 for layer in sliding)
+    finally:
+        tqpatch.unpatch(model)
+
+
 def test_rotation_search_runs_inside_a_patched_model():
     model = tiny_model("llama")
     tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec("k2v2-rc4"))
