@@ -115,6 +115,21 @@ def test_gemma3_sliding_sinks_stay_exact_in_the_window_and_mask_right_past_it():
         tqpatch.unpatch(model)
 
 
+def test_sliding_sinks_change_nothing_without_sliding_layers():
+    model = tiny_model("llama")
+    ids = prompt(length=20)
+    outputs = []
+    for spec in ("k3v2-s4-ck-q", "k3v2-s4-ss-ck-q"):
+        tqpatch.patch(model, spec)
+        try:
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                outputs.append(torch.cat([model(ids[:, s : s + 5], past_key_values=cache).logits for s in range(0, 20, 5)], dim=1))
+        finally:
+            tqpatch.unpatch(model)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_rotation_search_runs_inside_a_patched_model():
     model = tiny_model("llama")
     tqpatch.patch(model, tqpatch.TurboQuantConfig.from_spec("k2v2-rc4"))

@@ -121,7 +121,7 @@ def main():
             first = sum(s["first"] for s in sel) / len(sel)
             print(f"\n{'sliding' if sliding else 'full'} layers ({len(sel)}), {side}: the first {SINKS} tokens hold {first:.3f} of all the weight;"
                   " of the rest, the share held by each chunk's top f / the window's top n tokens by each signal")
-            print(f"    f = " + " / ".join(f"{f:.3f}" for f in FRACS) + "  |  n = " + " / ".join(map(str, COUNTS)))
+            print("    f = " + " / ".join(f"{f:.3f}" for f in FRACS) + "  |  n = " + " / ".join(map(str, COUNTS)))
             for name in PREDICTORS:
                 mean = [sum(s[name][j] for s in sel) / len(sel) for j in range(len(FRACS) + len(COUNTS))]
                 print(f"  {name:8s} " + " / ".join(f"{m:.3f}" for m in mean))
