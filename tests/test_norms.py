@@ -88,7 +88,7 @@ def test_patched_model_stores_one_byte_norms_and_generates_like_float16_norms():
 
 
 def test_quality_presets_use_8_bit_norms():
-    assert tqpatch.TurboQuantConfig.preset("k4v4+").name == "k4v4-s4-ck-sv-qsd-n8"
+    assert tqpatch.TurboQuantConfig.preset("k4v4+").name == "k4v4-s4-ss-ck-sv-qsd-n8"
     assert all(tqpatch.TurboQuantConfig.preset(name).norm_bits == 8 for name in ("k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+"))
     assert tqpatch.TurboQuantConfig.preset("k4v4").norm_bits == 16  # the paper-exact presets keep float16 norms
 

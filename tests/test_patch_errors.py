@@ -56,11 +56,11 @@ def test_two_and_three_bit_value_presets_decode_values_unbiased():
     a haystack: better on SmolLM2 and Gemma-3); the other quality presets do not."""
     for name in ("k3v2+", "k2v2+", "3.5bit+"):
         config = TurboQuantConfig.preset(name)
-        assert config.unbias_values and not config.unbias_keys and config.name.endswith("-qsd-dp-n8") and "-s4-ck-uv-" in config.name
+        assert config.unbias_values and not config.unbias_keys and config.name.endswith("-qsd-dp-n8") and "-s4-ss-ck-uv-" in config.name
     assert not any(TurboQuantConfig.preset(name).unbias_values for name in ("k4v4+", "2.5bit+"))
-    assert TurboQuantConfig.from_spec("k2v2+") == TurboQuantConfig.from_spec("k2v2-s4-ck-uv-sv-tkv-qsd-dp-n8")
+    assert TurboQuantConfig.from_spec("k2v2+") == TurboQuantConfig.from_spec("k2v2-s4-ss-ck-uv-sv-tkv-qsd-dp-n8")
     assert [name for name in ("k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+") if TurboQuantConfig.preset(name).score_variance] == ["k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+"]
-    assert TurboQuantConfig.preset("3.5bit+").name == "k4v3-s4-ck-uv-sv-tkv-qsd-dp-n8"
+    assert TurboQuantConfig.preset("3.5bit+").name == "k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8"
 
 
 def test_presets_below_four_bits_store_trellis_codes_and_k4v4_plus_stays_on_the_warp_kernel():
@@ -70,7 +70,7 @@ def test_presets_below_four_bits_store_trellis_codes_and_k4v4_plus_stays_on_the_
         config = TurboQuantConfig.preset(name)
         assert config.trellis_keys and config.trellis_values and "-tkv-" in config.name
     plain = TurboQuantConfig.preset("k4v4+")
-    assert not plain.trellis_keys and not plain.trellis_values and plain.name == "k4v4-s4-ck-sv-qsd-n8"
+    assert not plain.trellis_keys and not plain.trellis_values and plain.name == "k4v4-s4-ss-ck-sv-qsd-n8"
     assert not any(TurboQuantConfig.preset(name).trellis_keys for name in ("k4v4", "k3v2", "k2v2", "3.5bit", "2.5bit", "k8v8"))
 
 
