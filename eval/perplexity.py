@@ -413,9 +413,9 @@ def decode_perplexity(
     baseline is added). on_row(result) is called after each setting, with the
     rows so far (for incremental output). kl: also report each setting's mean KL(baseline ‖ setting) per predicted
     token, from the baseline's next-token distributions kept in float16 (tokens × vocabulary × 2 bytes of memory:
-    1 GiB per 2,048-token window of Gemma-3's 262k vocabulary). At 4 bits ΔPPL is dominated by a zero-mean first-order
-    term that changes with every rotation seed; the KL is its second-order mean (over seeds, E[ΔNLL] ≈ E[KL]),
-    measured with far less noise.
+    1 GiB per 2,048-token window of Gemma-3's 262k vocabulary). At 4 bits ΔPPL is dominated by a first-order term
+    that changes sign and size with every rotation seed; the KL (≈ the second-order term) moves far less between seeds,
+    so it ranks settings of one code reliably (README, KL to FP). It is not an estimate of ΔPPL.
     """
     check_protocol(window, chunk)
     if is_patched(model):
