@@ -10,7 +10,7 @@ from tqpatch.cli.main import main
 
 ROW_FIELDS = {
     "setting", "key_bits", "value_bits", "key_method", "residual_length", "ppl", "delta_ppl", "nll_sum", "predicted_tokens",
-    "compressed_tokens_read", "compressed_key_fraction", "bits_per_element", "compression_ratio", "cache_bytes", "seconds",
+    "compressed_tokens_read", "compressed_key_fraction", "bits_per_element", "compression_ratio", "cache_bytes", "seconds", "kl",
 }
 RESULT_FIELDS = {"model", "text_source", "window", "chunk", "tokens", "windows", "bos_per_window", "dtype", "device", "processes", "rows"}
 
@@ -50,6 +50,17 @@ def test_ppl_json_grid_and_out_file(tiny_model_dir, text_file, tmp_path):
     assert rows["k2v2"]["compressed_tokens_read"] == 2 * 96 and rows["k2v2-r16"]["compressed_tokens_read"] == 2 * 48
     assert rows["fp"]["compressed_tokens_read"] == 0 and rows["k2v2"]["ppl"] != rows["fp"]["ppl"]
 
+
+
+def test_ppl_kl_reports_the_divergence_from_the_baseline(tiny_model_dir, text_file):
+    args = ("eval", "ppl", "--model", tiny_model_dir, "--text-file", text_file, "--settings", "k4v4,k2v2", "--window", 64, "--chunk", 16,
+            "--max-tokens", 128, "--no-progress")
+    result = invoke(*args, "--kl", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["setting"]: row for row in json.loads(result.stdout)["rows"]}
+    assert rows["fp"]["kl"] == 0.0 and 0 < rows["k4v4"]["kl"] < rows["k2v2"]["kl"]
+    assert all(row["kl"] is None for row in json.loads(invoke(*args, "--json").stdout)["rows"])
+    assert "KL (nats)" in invoke(*args, "--kl").stdout
 
 def test_ppl_table(tiny_model_dir, text_file):
     result = invoke("eval", "ppl", "--model", tiny_model_dir, "--text-file", text_file, "--settings", "k3v2", "--window", 32, "--chunk", 8, "--max-tokens", 64)
