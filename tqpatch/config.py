@@ -430,8 +430,8 @@ PRESETS: dict[str, TurboQuantConfig] = {
     # 8k than the 3.5 / 3.5 split). Below 4 bits they store trellis codes ("-tkv", fourteenth session): the same bytes,
     # 27-61% less perplexity loss on both models, at 1.8-2.1x the decode-attention time of Lloyd-Max codes on the split
     # kernel (bench/RESULTS.md, run 107). k4v4+ keeps Lloyd-Max codes, which the warp kernel reads (0.48x bf16 SDPA,
-    # run 103; 4-bit trellis codes take 2.3x on the split kernel): it is the fast preset, and "k4v4-s4-ss-ck-sv-tkv-qsd-n8"
-    # is its quality variant.
+    # run 103; 4-bit trellis codes take 2.3x on the split kernel): it is the fast preset. Its trellis variant,
+    # "k4v4-s4-ss-ck-sv-tkv-qsd-n8", read less on Gemma-3 before "-ss"; with it the preset reads less (+0.41% vs +0.57%).
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, score_variance=True, **_QUALITY),
     "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
     "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
