@@ -154,7 +154,6 @@ class TurboQuantLayer(CacheLayerMixin):
         # A sliding-window layer sees its sinks only until its window moves past them (its first `sliding_window`
         # queries); they are kept exact there only when asked for (`sliding_sinks`), and trimmed first.
         self.sink_tokens = sink_tokens if (sliding_sinks or not self.is_sliding) else 0
-        self.sinks_taken = 0  # the sequence's first tokens that went to the sinks (trimmed ones included)
         self.prefill_exact = prefill_exact
         self.compressed_keys = TokenBuffer()
         self.compressed_values = TokenBuffer()
@@ -247,9 +246,9 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append new tokens [B, H, T, d]: fill the sinks, then the window; quantize what leaves the window."""
-        if self.sinks_taken < self.sink_tokens:
-            take = min(self.sink_tokens - self.sinks_taken, keys.shape[-2])
-            self.sinks_taken += take
+        first = self.cumulative_length - keys.shape[-2]  # the sequence index of the first new token (update counted them)
+        if first < self.sink_tokens:  # by index, not by num_sink: a sliding layer's trimmed sinks stay taken
+            take = min(self.sink_tokens - first, keys.shape[-2])
             # A copy: a view would pin the caller's whole K/V tensor (a prefill's, uncompressed) in memory.
             self.sink_keys = _cat(self.sink_keys, keys[..., :take, :]).clone()
             self.sink_values = _cat(self.sink_values, values[..., :take, :]).clone()
@@ -398,7 +397,6 @@ class TurboQuantLayer(CacheLayerMixin):
             self.sink_keys = self.sink_keys[..., : self.num_sink - from_sink, :]
             self.sink_values = self.sink_values[..., : self.num_sink - from_sink, :]
             self.compressed_start -= from_sink
-            self.sinks_taken -= from_sink
         self.cumulative_length -= remove
 
     def _map_batch(self, fn) -> None:
@@ -427,7 +425,6 @@ class TurboQuantLayer(CacheLayerMixin):
         self.sink_keys = self.sink_values = self.window_keys = self.window_values = self._exact_keys = self._exact_values = None
         self.cumulative_length = 0
         self.compressed_start = 0
-        self.sinks_taken = 0
         self.is_initialized = False
 
     def offload(self):
