@@ -57,26 +57,37 @@ def global_top_share(weight: torch.Tensor, signal: torch.Tensor, count: int) -> 
     return float(weight.gather(1, idx).sum() / weight[:, SINKS:].sum())
 
 
+def attention_weights(query, key, scaling, **kwargs):
+    """(scores, lse, probs, visible, compressed) of one layer's FP attention: query [1, Hq, T, d], key [1, Hkv, T, d]
+    after RoPE → scores/probs [Hq, T, T] (the model's softcap and sliding window applied), lse [Hq, T, 1], visible [T, T]
+    (causal and in the window), compressed [T, T] (visible and in an older chunk of CHUNK tokens: read from the codes)."""
+    q, k = query[0].float(), key[0].float()
+    group = q.shape[0] // k.shape[0]
+    T = q.shape[1]
+    scores = q @ k.repeat_interleave(group, 0).transpose(-1, -2) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = torch.ones(T, T, dtype=torch.bool).tril()
+    if kwargs.get("sliding_window"):
+        visible &= ~torch.ones(T, T, dtype=torch.bool).tril(-kwargs["sliding_window"])
+    lse = scores.masked_fill(~visible, -math.inf).logsumexp(-1, keepdim=True)
+    probs = (scores - lse).exp() * visible
+    t_idx = torch.arange(T)
+    compressed = (t_idx[None, :] < (t_idx[:, None] // CHUNK) * CHUNK) & visible
+    return scores, lse, probs, visible, compressed
+
+
 def analyse(module, query, key, value, attention_mask, scaling, **kwargs):
     """query [1, Hq, T, d], key/value [1, Hkv, T, d] after RoPE; records the weights' concentration per layer."""
     q, k, v = query[0].float(), key[0].float(), value[0].float()
     Hq, T, _ = q.shape
     group = Hq // k.shape[0]
     k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-    scores = q @ k.transpose(-1, -2) * scaling
-    softcap = kwargs.get("softcap")
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scores, lse, probs, causal, compressed = attention_weights(query, key, scaling, **kwargs)
     window = kwargs.get("sliding_window")
-    if window:
-        causal &= ~torch.ones(T, T, dtype=torch.bool).tril(-window)
-    lse = scores.masked_fill(~causal, -math.inf).logsumexp(-1, keepdim=True)  # [Hq, T, 1]
-    probs = (scores - lse).exp() * causal
     out = probs @ v  # [Hq, T, d]
     t_idx = torch.arange(T)
-    compressed = t_idx[None, :] < (t_idx[:, None] // CHUNK) * CHUNK  # [t, i]: key i is in an older chunk
-    compressed &= causal
     a2 = probs.square() * compressed
     v_sq = v.square().sum(-1)  # [Hq, T]
     wv = (a2 * v_sq[:, None, :]).sum(1)

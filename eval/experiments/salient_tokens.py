@@ -9,7 +9,6 @@ corrected for the exact copies (each costs 16 − b bits per coordinate for the 
 Usage: N=8 MODE=oracle python salient_tokens.py eval ppl --model gemma3-270m ...
 """
 import importlib
-import math
 import os
 import sys
 from pathlib import Path
@@ -17,31 +16,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # attention_concentration beside this file
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from attention_concentration import SINKS, attention_weights
 
 PPL = importlib.import_module("tqpatch.eval.perplexity")
 STORE = importlib.import_module("tqpatch.store")
 N = int(os.environ.get("N", "8"))
 MODE = os.environ.get("MODE", "oracle")
-CHUNK, SINKS = 32, 4
 state = {"model": None, "chosen": {}, "current": None, "cache": None, "weights": {}, "bos_pair": {}}
 
 
 def _weights(module, query, key, value, attention_mask, scaling, **kwargs):
     """FP pass: W [Hkv, T] per layer, Σ over a KV head's query heads of Σ_t a_ti² on compressed reads."""
-    q, k = query[0].float(), key[0].float()
-    Hq, T, _ = q.shape
-    group = Hq // k.shape[0]
-    scores = q @ k.repeat_interleave(group, 0).transpose(-1, -2) * scaling
-    if kwargs.get("softcap"):
-        scores = kwargs["softcap"] * torch.tanh(scores / kwargs["softcap"])
-    visible = torch.ones(T, T, dtype=torch.bool).tril()
-    if kwargs.get("sliding_window"):
-        visible &= ~torch.ones(T, T, dtype=torch.bool).tril(-kwargs["sliding_window"])
-    probs = scores.masked_fill(~visible, -math.inf).softmax(-1)
-    t = torch.arange(T)
-    older = t[None, :] < (t[:, None] // CHUNK) * CHUNK
-    state["weights"][module.layer_idx] = (probs.square() * older).sum(1).view(-1, group, T).sum(1)
+    _, _, probs, _, compressed = attention_weights(query, key, scaling, **kwargs)
+    Hq, T = probs.shape[:2]
+    state["weights"][module.layer_idx] = (probs.square() * compressed).sum(1).view(-1, Hq // key.shape[1], T).sum(1)
     kk = key[0].float()
     half = kk.shape[-1] // 2
     pair = (kk[..., :half].square() + kk[..., half:].square()).sqrt()  # [Hkv, T, d/2]: RoPE-invariant
