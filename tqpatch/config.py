@@ -431,7 +431,8 @@ PRESETS: dict[str, TurboQuantConfig] = {
     # 27-61% less perplexity loss on both models, at 1.8-2.1x the decode-attention time of Lloyd-Max codes on the split
     # kernel (bench/RESULTS.md, run 107). k4v4+ keeps Lloyd-Max codes, which the warp kernel reads (0.48x bf16 SDPA,
     # run 103; 4-bit trellis codes take 2.3x on the split kernel): it is the fast preset. Its trellis variant,
-    # "k4v4-s4-ss-ck-sv-tkv-qsd-n8", read less on Gemma-3 before "-ss"; with it the preset reads less (+0.41% vs +0.57%).
+    # "k4v4-s4-ss-ck-sv-tkv-qsd-n8", read less on Gemma-3 before "-ss"; with it the two are alike (+0.41% vs +0.57% at
+    # seeds 0-2; the preset +0.53% over five).
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, score_variance=True, **_QUALITY),
     "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
     "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
