@@ -1,7 +1,9 @@
 """Bits per layer: measure how much each layer's keys and values cost, then spend a bit budget where it buys the most.
 
 Scan: one setting per (layer, side) that compresses only that side of that layer at `scan_bits`, every other layer
-exact (`-L...`, the other side at 8 bits), so each ΔPPL is that side's own loss s_l (in %).
+exact (`-L...`, the other side at 8 bits), so each row's loss is that side's own s_l: its ΔPPL in % (`--metric ppl`),
+or its mean KL to FP per token in millinats (`--metric kl`, from `tqpatch eval ppl --kl`; KL has no first-order term
+and so far less noise than ΔPPL at 4 bits, see README "KL to FP").
 
 Allocation: the loss of a layer-side at b bits is modelled as s_l · D(b) / D(scan_bits), D the code's unit-vector
 MSE (losses of small independent errors add; a bit cuts D ~3.7×); its cost is b bits on each of n_l cached
@@ -9,7 +11,8 @@ coordinates, n_l the tokens the layer holds (a sliding-window layer holds its wi
 Σ s_l D(b_l) / D(scan_bits) subject to Σ n_l b_l ≤ budget · Σ n_l come from a knapsack by dynamic programming over
 the sides (token counts rounded up to 1/64 of the largest, so the table stays small).
 
-Measured on Gemma-3 (README, "Bits per layer"): the allocations did not beat uniform bits on the seed means.
+Measured on Gemma-3 (README, "Bits per layer"): the allocations from a ΔPPL scan at 2 bits did not beat uniform bits
+on the seed means.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def scan_settings(base: str, num_layers: int, side: str, scan_bits: int = 2) -> 
 class Allocation:
     bits: dict[tuple[int, str], int]  # (layer, side) -> bits
     average_bits: float  # token-weighted over every cached coordinate (codes only)
-    predicted_loss: float  # Σ s D(b) / D(scan_bits), in % PPL
+    predicted_loss: float  # Σ s D(b) / D(scan_bits), in the scan's units
     uniform_loss: float  # the same at the uniform (key_bits, value_bits)
 
     def overrides(self, key_bits: int, value_bits: int) -> tuple[tuple[int, int, int], ...]:
@@ -64,8 +67,8 @@ def allocate_bits(
 ) -> Allocation:
     """Per-layer key and value bits at the token-weighted average of (key_bits, value_bits).
 
-    key_loss, value_loss: ΔPPL % of each layer's side at scan_bits (from the scan), clipped below at `floor` (a
-    scan's noise makes small losses negative); tokens: tokens each layer holds; distortion: bits -> D(bits);
+    key_loss, value_loss: each layer's side's loss at scan_bits (from the scan: ΔPPL % or KL), clipped below at `floor`
+    (a ΔPPL scan's noise makes small losses negative); tokens: tokens each layer holds; distortion: bits -> D(bits);
     move: the sides whose bits may change ("kv", "k" or "v"); the other side keeps its uniform bits."""
     if not move or set(move) - set(SIDES):
         raise ValueError(f"move must name the sides to reallocate, 'kv', 'k' or 'v', got {move!r}")
@@ -117,19 +120,43 @@ def tokens_per_layer(model_config, window: int) -> list[int]:
     return [min(window, sliding - 1) if kind == "sliding_attention" and sliding else window for kind in types]
 
 
-def scan_losses(path: str) -> list[float]:
-    """ΔPPL % of each setting of a `tqpatch eval ppl --json` scan, in order (the baseline row first)."""
+METRICS = ("ppl", "kl")
+CODES = ("lloyd-max", "trellis")
+
+
+def scan_losses(path: str, metric: str = "ppl") -> list[float]:
+    """Each scan setting's loss, in order (the baseline row first in the file): ΔPPL in % ("ppl") or the mean KL to
+    the baseline per token in millinats ("kl"; the scan must have run with `--kl`)."""
     import json
     from pathlib import Path
 
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     rows = json.loads(Path(path).read_text())["rows"]
+    if metric == "kl":
+        missing = [row["setting"] for row in rows[1:] if row.get("kl") is None]
+        if missing:
+            raise ValueError(f"{path} has no KL for {missing[:3]}...: run the scan with `tqpatch eval ppl --kl`")
+        return [1000 * row["kl"] for row in rows[1:]]
     return [100 * (row["ppl"] / rows[0]["ppl"] - 1) for row in rows[1:]]
+
+
+def code_distortion(head_dim: int, codes: str, bits: range) -> dict[int, float]:
+    """bits -> D(bits), the unit-vector MSE of the code the allocation is for: Lloyd-Max codebooks or trellis codes."""
+    if codes not in CODES:
+        raise ValueError(f"codes must be one of {CODES}, got {codes!r}")
+    if codes == "trellis":
+        from tqpatch import trellis
+
+        return {b: trellis.unit_vector_mse(head_dim, b) for b in bits}
+    from tqpatch.codebook import get_codebook
+
+    return {b: get_codebook(head_dim, b).unit_vector_mse for b in bits}
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from tqpatch import trellis
     from tqpatch.config import TurboQuantConfig
     from tqpatch.models import load_model
 
@@ -150,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     alloc.add_argument("--scan-bits", type=int, default=2)
     alloc.add_argument("--min-bits", type=int, default=3)
     alloc.add_argument("--max-bits", type=int, default=6)
-    alloc.add_argument("--floor", type=float, default=0.05)
+    alloc.add_argument("--metric", choices=METRICS, default="ppl", help="the scans' loss: ΔPPL %% or KL (millinats)")
+    alloc.add_argument("--codes", choices=CODES, default="trellis", help="the code whose D(bits) models the loss")
+    alloc.add_argument("--floor", type=float, default=None, help="least loss per side (default 0.05 for ppl, 0 for kl)")
     alloc.add_argument("--move", choices=("kv", "k", "v"), default="kv", help="which sides' bits may change")
     args = parser.parse_args(argv)
     if args.command == "scan":
@@ -158,10 +187,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     model, _ = load_model(args.model)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    distortion = {b: trellis.unit_vector_mse(head_dim, b) for b in range(1, 7)}
-    result = allocate_bits(scan_losses(args.keys), scan_losses(args.values), tokens_per_layer(model.config, args.window), distortion,
-                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, args.floor, args.move)
-    print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}%; allocated: {result.average_bits:.3f} bits, predicted {result.predicted_loss:.3f}%")
+    distortion = code_distortion(head_dim, args.codes, range(min(args.min_bits, args.scan_bits), max(args.max_bits, args.scan_bits) + 1))
+    floor = args.floor if args.floor is not None else (0.05 if args.metric == "ppl" else 0.0)
+    result = allocate_bits(scan_losses(args.keys, args.metric), scan_losses(args.values, args.metric),
+                           tokens_per_layer(model.config, args.window), distortion,
+                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, floor, args.move)
+    unit = "%" if args.metric == "ppl" else " millinats"
+    print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}{unit}; "
+          f"allocated: {result.average_bits:.3f} bits, predicted {result.predicted_loss:.3f}{unit}")
     print(TurboQuantConfig(key_bits=args.key_bits, value_bits=args.value_bits, layer_bits_overrides=result.overrides(args.key_bits, args.value_bits)).name)
 
 

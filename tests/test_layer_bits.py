@@ -2,7 +2,7 @@
 
 import pytest
 
-from tqpatch.eval.layer_bits import allocate_bits, scan_settings, tokens_per_layer
+from tqpatch.eval.layer_bits import allocate_bits, code_distortion, scan_losses, scan_settings, tokens_per_layer
 from tqpatch.config import TurboQuantConfig
 
 DISTORTION = {1: 0.283, 2: 0.076, 3: 0.0204, 4: 0.00543, 5: 0.00151, 6: 0.00044}  # trellis codes, d 128
@@ -60,3 +60,26 @@ def test_allocation_can_keep_one_side_fixed():
     assert [result.bits[(i, "v")] for i in range(4)] == [3] * 4 and result.bits[(0, "k")] > 4
     with pytest.raises(ValueError, match="move must name the sides"):
         allocate_bits([1.0], [1.0], [1], DISTORTION, 4, 4, move="q")
+
+
+def test_scan_losses_read_ppl_or_kl_rows(tmp_path):
+    import json
+
+    rows = [dict(setting="fp", ppl=20.0, kl=0.0), dict(setting="a", ppl=20.2, kl=0.0005), dict(setting="b", ppl=19.9, kl=0.002)]
+    path = tmp_path / "scan.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert scan_losses(str(path)) == pytest.approx([1.0, -0.5])
+    assert scan_losses(str(path), "kl") == pytest.approx([0.5, 2.0])  # millinats
+    path.write_text(json.dumps({"rows": [dict(setting="fp", ppl=20.0, kl=None), dict(setting="a", ppl=20.2, kl=None)]}))
+    with pytest.raises(ValueError, match="--kl"):
+        scan_losses(str(path), "kl")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        scan_losses(str(path), "mse")
+
+
+def test_code_distortion_falls_about_fourfold_per_bit():
+    lloyd = code_distortion(64, "lloyd-max", range(2, 5))
+    assert lloyd[2] > 3 * lloyd[3] > 9 * lloyd[4] > 0
+    assert lloyd[4] == pytest.approx(0.0093, rel=0.1)  # the paper's 4-bit MSE
+    with pytest.raises(ValueError, match="codes must be one of"):
+        code_distortion(64, "uniform", range(2, 5))
