@@ -750,22 +750,25 @@ def _tiny_gemma3(head_dim=256):
 
 @contextlib.contextmanager
 def _fused_calls():
-    """Spy on the fused decode path: yields (calls, shaped), one entry per decode call and layer: whether the fused
-    kernels took it, and whether that layer's keys were query-shaped."""
+    """Spy on the fused decode path: yields (calls, shaped, sliding_sinks), one entry per decode call and layer:
+    whether the fused kernels took it, whether that layer's keys were query-shaped, and how many exact sink tokens it
+    read if it is a sliding-window layer (None for full-attention layers)."""
     from tqpatch import attention
 
-    calls, shaped = [], []
+    calls, shaped, sliding_sinks = [], [], []
     original = attention._fused_attention
 
     def spy(*args, **kw):
         out = original(*args, **kw)
+        snap = args[2]
         calls.append(out is not None)
-        shaped.append(getattr(args[2].layer.key_codec, "shaping", None) is not None)
+        shaped.append(getattr(snap.layer.key_codec, "shaping", None) is not None)
+        sliding_sinks.append(snap.num_sink if snap.layer.is_sliding else None)
         return out
 
     attention._fused_attention = spy
     try:
-        yield calls, shaped
+        yield calls, shaped, sliding_sinks
     finally:
         attention._fused_attention = original
 
@@ -789,7 +792,7 @@ def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded
         if padded:
             mask[1, :9] = 0
         kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
-        with _fused_calls() as (calls, shaped):
+        with _fused_calls() as (calls, shaped, _):
             fused = model.generate(ids, **kwargs)
         with attention.fused_decode(False):
             ref = model.generate(ids, **kwargs)
@@ -829,20 +832,41 @@ def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padde
     """Gemma-3 shapes (head_dim 256, 1 KV head, sliding layers over 16 tokens), 40-token prompts and 24 decode steps,
     teacher-forced: with -qsd every layer's keys are shaped (a diagonal A on the sliding layers), every decode step
     takes the fused kernels, and their logits match the PyTorch path's."""
+    _check_gemma3_fused_decode(spec, padded, prompt=40)
+
+
+@pytest.mark.parametrize("spec", ["k4v4+", "k2v2+"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gemma3_sliding_layers_decode_fused_while_they_hold_exact_sinks(spec, padded):
+    """`-ss` (both presets): a 12-token prompt is shorter than the 16-token window, so the sliding layers hold their
+    4 sink tokens exact through the first decode steps (exact sinks + codes in one fused step), then trim them first
+    when the window moves on; the fused logits match the PyTorch path's throughout."""
+    from tqpatch import TurboQuantConfig
+
+    assert TurboQuantConfig.from_spec(spec).sliding_sinks
+    sliding_sinks = _check_gemma3_fused_decode(spec, padded, prompt=12, pad=3)
+    held = [n for n in sliding_sinks if n is not None]
+    assert 4 in held and 0 in held, held  # fused steps with the sinks exact in a sliding layer, and after their trim
+
+
+def _check_gemma3_fused_decode(spec, padded, prompt, pad=9):
+    """The tiny Gemma-3 patched with `spec`, a `prompt`-token prompt (2 rows; row 1 left-padded by `pad` tokens
+    if `padded`) and 24 teacher-forced decode steps: every step takes the fused kernels, and the logits match the
+    PyTorch path's. Returns the exact sinks each fused call read in a sliding layer (None for full layers)."""
     import tqpatch
     from tqpatch import attention
 
     model = _tiny_gemma3()
     config = tqpatch.TurboQuantConfig.from_spec(spec)
     gen = torch.Generator().manual_seed(5)
-    ids, tokens = torch.randint(0, 256, (2, 40), generator=gen).to(DEVICE), torch.randint(0, 256, (2, 24), generator=gen).to(DEVICE)
+    ids, tokens = torch.randint(0, 256, (2, prompt), generator=gen).to(DEVICE), torch.randint(0, 256, (2, 24), generator=gen).to(DEVICE)
     mask = torch.ones_like(ids)
     if padded:
-        mask[1, :9] = 0
+        mask[1, :pad] = 0
     tqpatch.patch(model, config)
     try:
         with torch.no_grad():
-            with _fused_calls() as (calls, shaped):
+            with _fused_calls() as (calls, shaped, sliding_sinks):
                 fused = _teacher_forced_logits(model, ids, mask, tokens)
             with attention.fused_decode(False):
                 ref = _teacher_forced_logits(model, ids, mask, tokens)
@@ -860,6 +884,7 @@ def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padde
     assert _rel(fused, ref) < tolerance
     cos_floor = 1 - tolerance**2 / 2 if config.trellis_keys else COS_FLOOR  # cos ≈ 1 − rel²/2: 0.9994 at run 108's 3.3%
     assert torch.nn.functional.cosine_similarity(fused.flatten(), ref.flatten(), dim=0) > cos_floor
+    return sliding_sinks
 
 
 @pytest.mark.parametrize("spec", ["k4v3-ev4.2", "k4v4-cv"])
