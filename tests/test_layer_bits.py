@@ -83,3 +83,34 @@ def test_code_distortion_falls_about_fourfold_per_bit():
     assert lloyd[4] == pytest.approx(0.0093, rel=0.1)  # the paper's 4-bit MSE
     with pytest.raises(ValueError, match="codes must be one of"):
         code_distortion(64, "uniform", range(2, 5))
+
+
+GEMMA3_KL_SETTINGS = {  # the README's Gemma-3 settings (Bits per layer from a KL scan), from the shipped scan
+    ("lloyd-max", 4, 4): "k4v4-B0k3v4-B1.3.4.14.15.16k4v3-B2k5v3-B5.7.8.9.10.11.13k5v4-B12k5v5-B17k3v3",
+    ("trellis", 4, 4): "k4v4-B0k3v4-B1.3.4.14.15.16k4v3-B2k5v3-B5.7.8.9.10.11.13k5v4-B12k5v5-B17k3v3",
+    ("trellis", 4, 3): "k4v3-B0.1.3.4k3v3-B2k5v2-B7k4v4-B8.10.12k5v4-B9.11k5v3-B17k3v2",
+}
+
+
+@pytest.mark.parametrize("codes, key_bits, value_bits", list(GEMMA3_KL_SETTINGS))
+def test_gemma3_kl_scan_gives_the_readme_settings(codes, key_bits, value_bits):
+    """The shipped Gemma-3 KL scan (docs/data/layer_scan_4bit_*_kl_gemma3.json: each layer-side alone at 4 bits,
+    held-out text) allocated as `python -m tqpatch.eval.layer_bits allocate --metric kl --scan-bits 4` does: the same
+    settings the README measured, at the uniform setting's bits, with a lower predicted KL."""
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "docs" / "data"
+
+    class Gemma3:  # Gemma-3-270M's layer pattern: every sixth layer full attention, the rest slide over 512 tokens
+        num_hidden_layers, sliding_window = 18, 512
+        layer_types = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(18)]
+
+    keys = scan_losses(str(data / "layer_scan_4bit_keys_kl_gemma3.json"), "kl")
+    values = scan_losses(str(data / "layer_scan_4bit_values_kl_gemma3.json"), "kl")
+    assert len(keys) == len(values) == 18 and sum(keys) > 4 * sum(values) > 0  # keys hold most of the KL
+    min_bits = 3 if (key_bits, value_bits) == (4, 4) else 2
+    result = allocate_bits(keys, values, tokens_per_layer(Gemma3(), 2048), code_distortion(256, codes, range(2, 7)),
+                           key_bits, value_bits, scan_bits=4, min_bits=min_bits, max_bits=6, floor=0.0)
+    assert result.average_bits <= (key_bits + value_bits) / 2 and result.predicted_loss < 0.85 * result.uniform_loss
+    assert TurboQuantConfig(key_bits=key_bits, value_bits=value_bits, layer_bits_overrides=result.overrides(key_bits, value_bits)).name == \
+        GEMMA3_KL_SETTINGS[(codes, key_bits, value_bits)]
