@@ -18,6 +18,7 @@ on the seed means.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -128,7 +129,6 @@ def scan_losses(path: str, metric: str = "ppl") -> list[float]:
     """Each scan setting's loss, in order (the baseline row first in the file): ΔPPL in % ("ppl") or the mean KL to
     the baseline per token in millinats ("kl"; the scan must have run with `--kl`)."""
     import json
-    from pathlib import Path
 
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -152,6 +152,40 @@ def code_distortion(head_dim: int, codes: str, bits: range) -> dict[int, float]:
     from tqpatch.codebook import get_codebook
 
     return {b: get_codebook(head_dim, b).unit_vector_mse for b in bits}
+
+
+def plot_scan(key_loss: list[float], value_loss: list[float], settings: list[str], path: str, title: str, unit: str,
+              full_layers: tuple[int, ...] = ()) -> Path:
+    """Bars of each layer's key and value loss from a scan, and under them the key/value bits each of `settings`
+    gives each layer (one row of numbers per setting); `full_layers` are marked on the axis."""
+    from eval.plotting import pyplot, save_figure
+    from tqpatch.config import TurboQuantConfig
+
+    plt = pyplot()
+    layers = np.arange(len(key_loss))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    ax.bar(layers - 0.2, key_loss, 0.4, label="keys")
+    ax.bar(layers + 0.2, value_loss, 0.4, label="values")
+    ax.set_xticks(layers, [f"{i}\nfull" if i in full_layers else str(i) for i in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"this side alone ({unit})")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left")
+    top, step = max(max(key_loss), max(value_loss)), 0.1 * max(max(key_loss), max(value_loss))
+    ax.set_ylim(-step * (1 + 1.2 * len(settings)), 1.1 * top)
+    ax.set_xlim(-3.2, len(layers) - 0.5)
+    ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= 1.1 * top])
+    for row, spec in enumerate(settings):
+        config = TurboQuantConfig.from_spec(spec)
+        y = -step * (0.8 + 1.2 * row)
+        ax.text(-3.0, y, f"k{config.key_bits:g}v{config.value_bits:g} bits:", fontsize=7, va="center")
+        for layer in layers:
+            bits = config.layer_bits(int(layer), len(layers))
+            if bits is not None:
+                ax.text(layer, y, f"{bits[0]:g}/{bits[1]:g}", fontsize=7, ha="center", va="center")
+    ax.axhline(0, color="black", linewidth=0.5)
+    fig.tight_layout()
+    return save_figure(fig, Path(path), dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,7 +215,21 @@ def main(argv: list[str] | None = None) -> None:
     alloc.add_argument("--codes", choices=CODES, default="trellis", help="the code whose D(bits) models the loss")
     alloc.add_argument("--floor", type=float, default=None, help="least loss per side (default 0.05 for ppl, 0 for kl)")
     alloc.add_argument("--move", choices=("kv", "k", "v"), default="kv", help="which sides' bits may change")
+    plot = sub.add_parser("plot", help="bars of the two scans' losses per layer, with the bits of the given settings under them")
+    plot.add_argument("--keys", required=True)
+    plot.add_argument("--values", required=True)
+    plot.add_argument("--metric", choices=METRICS, default="kl")
+    plot.add_argument("--settings", default="", help="comma-separated specs whose per-layer key/value bits to print")
+    plot.add_argument("--title", default="")
+    plot.add_argument("--full-layers", default="", help="comma-separated full-attention layers to mark, e.g. 5,11,17")
+    plot.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        unit = "ΔPPL %" if args.metric == "ppl" else "KL, millinats per token"
+        settings = [spec for spec in args.settings.split(",") if spec]
+        full = tuple(int(i) for i in args.full_layers.split(",") if i)
+        print(plot_scan(scan_losses(args.keys, args.metric), scan_losses(args.values, args.metric), settings, args.out, args.title, unit, full))
+        return
     if args.command == "scan":
         print(",".join(scan_settings(args.base, args.layers, args.side, args.scan_bits)))
         return
