@@ -826,12 +826,14 @@ def _teacher_forced_logits(model, ids, mask, tokens, cache=None):
 
 
 @pytest.mark.parametrize("spec", ["k4v4-s4-ck-qsd-n8", "k4v4-s4-ck-qsd-dp-n8", "k2v2-s4-ck-uv-qsd-dp-n8", "k3.5v3.5-s4-ck-qs-dp-n8",
-                                  "k2v2-s4-ck-uv-sv-qsd-dp-n8", "k2v2+", "k4v4-s4-ss-ck-sv-qsd-n8"])
+                                  "k2v2-s4-ck-uv-sv-qsd-dp-n8", "k2v2+", "k4v4-s4-ss-ck-sv-qsd-n8",
+                                  "k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8-B0k5v2-B2k5v3-B3k3v4"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_gemma3_sliding_layers_decode_fused_with_shaped_keys(spec, padded):
     """Gemma-3 shapes (head_dim 256, 1 KV head, sliding layers over 16 tokens), 40-token prompts and 24 decode steps,
     teacher-forced: with -qsd every layer's keys are shaped (a diagonal A on the sliding layers), every decode step
-    takes the fused kernels, and their logits match the PyTorch path's."""
+    takes the fused kernels, and their logits match the PyTorch path's. The last spec is 3.5bit+ with bits per layer
+    (README "Bits per layer from a KL scan"): trellis codes of 2-5 bits in sliding and full layers."""
     _check_gemma3_fused_decode(spec, padded, prompt=40)
 
 
