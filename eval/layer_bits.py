@@ -12,7 +12,7 @@ coordinates, n_l the tokens the layer holds (a sliding-window layer holds its wi
 the sides (token counts rounded up to 1/64 of the largest, so the table stays small).
 
 Measured on Gemma-3 (README, "Bits per layer"): the allocations from a ΔPPL scan at 2 bits did not beat uniform bits
-on the seed means.
+on the seed means; those from a KL scan at 4 bits cut the KL by 12-27% and beat them ("Bits per layer from a KL scan").
 """
 
 from __future__ import annotations
