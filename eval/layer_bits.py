@@ -171,7 +171,8 @@ def plot_scan(key_loss: list[float], value_loss: list[float], settings: list[str
     ax.set_ylabel(f"this side alone ({unit})")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left")
-    top, step = max(max(key_loss), max(value_loss)), 0.1 * max(max(key_loss), max(value_loss))
+    top = max(max(key_loss), max(value_loss))
+    step = 0.1 * top  # one row of bits under the bars
     ax.set_ylim(-step * (1 + 1.2 * len(settings)), 1.1 * top)
     ax.set_xlim(-3.2, len(layers) - 0.5)
     ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= 1.1 * top])
