@@ -51,7 +51,6 @@ def test_ppl_json_grid_and_out_file(tiny_model_dir, text_file, tmp_path):
     assert rows["fp"]["compressed_tokens_read"] == 0 and rows["k2v2"]["ppl"] != rows["fp"]["ppl"]
 
 
-
 def test_ppl_kl_reports_the_divergence_from_the_baseline(tiny_model_dir, text_file):
     args = ("eval", "ppl", "--model", tiny_model_dir, "--text-file", text_file, "--settings", "k4v4,k2v2", "--window", 64, "--chunk", 16,
             "--max-tokens", 128, "--no-progress")
@@ -61,6 +60,7 @@ def test_ppl_kl_reports_the_divergence_from_the_baseline(tiny_model_dir, text_fi
     assert rows["fp"]["kl"] == 0.0 and 0 < rows["k4v4"]["kl"] < rows["k2v2"]["kl"]
     assert all(row["kl"] is None for row in json.loads(invoke(*args, "--json").stdout)["rows"])
     assert "KL (nats)" in invoke(*args, "--kl").stdout
+
 
 def test_ppl_table(tiny_model_dir, text_file):
     result = invoke("eval", "ppl", "--model", tiny_model_dir, "--text-file", text_file, "--settings", "k3v2", "--window", 32, "--chunk", 8, "--max-tokens", 64)
