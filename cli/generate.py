@@ -181,6 +181,9 @@ def generate(prompt, model_spec, device, dtype, device_map, settings, max_new_to
     presets = parse_presets(settings)
     configs = [(name, make_config(name, residual_length=residual_length, key_method=key_method)) for name in presets]
     model, tokenizer = load_or_fail(model_spec, device, dtype, device_map)
+    from tqpatch.layer_profiles import resolve
+
+    configs = [(name, resolve(config, model.config)) for name, config in configs]  # "-Bt": shown as the bits it takes here
     input_ids = prompt_ids(tokenizer, prompt, chat_template)
     baseline_name = str(next(model.parameters()).dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
     rows: list[GenerationRow] = []

@@ -192,7 +192,10 @@ def plot_scan(key_loss: list[float], value_loss: list[float], settings: list[str
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    from dataclasses import replace
+
     from tqpatch.config import TurboQuantConfig
+    from tqpatch.layer_profiles import base_key, write_profile
     from tqpatch.models import load_model
 
     parser = argparse.ArgumentParser(prog="python -m tqpatch.eval.layer_bits", description=__doc__.splitlines()[0])
@@ -216,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     alloc.add_argument("--codes", choices=CODES, default="trellis", help="the code whose D(bits) models the loss")
     alloc.add_argument("--floor", type=float, default=None, help="least loss per side (default 0.05 for ppl, 0 for kl)")
     alloc.add_argument("--move", choices=("kv", "k", "v"), default="kv", help="which sides' bits may change")
+    alloc.add_argument("--write-profile", metavar="JSON", help="also add the allocation to this model's profile file (e.g. "
+                       "codebooks/layer_bits/<model>.json), which settings with -Bt read")
     plot = sub.add_parser("plot", help="bars of the two scans' losses per layer, with the bits of the given settings under them")
     plot.add_argument("--keys", required=True)
     plot.add_argument("--values", required=True)
@@ -244,7 +249,17 @@ def main(argv: list[str] | None = None) -> None:
     unit = "%" if args.metric == "ppl" else " millinats"
     print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}{unit}; "
           f"allocated: {result.average_bits:.3f} bits, predicted {result.predicted_loss:.3f}{unit}")
-    print(TurboQuantConfig(key_bits=args.key_bits, value_bits=args.value_bits, layer_bits_overrides=result.overrides(args.key_bits, args.value_bits)).name)
+    allocated = TurboQuantConfig(key_bits=args.key_bits, value_bits=args.value_bits, layer_bits_overrides=result.overrides(args.key_bits, args.value_bits))
+    print(allocated.name)
+    if args.write_profile:
+        base = base_key(replace(allocated, trellis_keys=args.codes == "trellis", trellis_values=args.codes == "trellis"))
+        options = allocated.name.split("-", 1)[1] if "-" in allocated.name else ""
+        if not options:
+            print(f"the allocation keeps uniform bits: nothing written to {args.write_profile}")
+            return
+        write_profile(args.write_profile, args.model, model.config, base, options,
+                      source=f"eval/layer_bits.py allocate --metric {args.metric} --scan-bits {args.scan_bits} --codes {args.codes} --min-bits {args.min_bits} --max-bits {args.max_bits} on {args.keys}, {args.values}")
+        print(f"{args.write_profile}: {base} = {options}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from tqpatch.config import TurboQuantConfig
+from tqpatch.layer_profiles import resolve
 from tqpatch.patch import TQPatchError, is_patched, patch, unpatch
 from tqpatch.eval.plotting import pyplot, save_figure
 
@@ -162,6 +163,7 @@ def needle_in_haystack(
     haystack_ids = tokenizer(haystack[: max(lengths) * 10], add_special_tokens=False).input_ids
     if len(haystack_ids) < max(lengths):
         raise ValueError(f"the haystack text has {len(haystack_ids)} tokens, fewer than the longest context {max(lengths)}")
+    settings = [resolve(s, model.config) for s in settings]  # "-Bt": as the bits per layer it takes on this model
     names = [BASELINE] + [s.name for s in settings]
     recall = {n: [[0] * len(lengths) for _ in depths] for n in names}
     answers = {n: [[[] for _ in lengths] for _ in depths] for n in names}

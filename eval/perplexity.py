@@ -38,6 +38,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from tqpatch.config import TurboQuantConfig
+from tqpatch.layer_profiles import resolve
 from tqpatch.patch import TQPatchError, is_patched, patch, unpatch
 from tqpatch.stats import cache_stats
 from tqpatch.store import TurboQuantLayer
@@ -420,7 +421,8 @@ def decode_perplexity(
     check_protocol(window, chunk)
     if is_patched(model):
         raise TQPatchError("decode_perplexity patches the model for each setting itself; pass an unpatched model")
-    settings = [None] + [s for s in settings if s is not None]
+    # "-Bt" settings are measured and reported as the bits per layer they take on this model
+    settings = [None] + [resolve(s, model.config) if isinstance(s, TurboQuantConfig) else s for s in settings if s is not None]
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     ids = tokenize(tokenizer, text, max_tokens)
     windows = make_windows(ids, window, bos)

@@ -9,7 +9,7 @@
 
 from .codebook import Codebook, get_codebook
 from .config import PRESETS, TurboQuantConfig
-from .patch import TQPatchError, is_patched, patch, unpatch
+from .patch import TQPatchError, is_patched, patch, patched_config, unpatch
 from .quantizer import QuantizedVectors, TurboQuantMSE, TurboQuantProd
 from .rotation import haar_rotation, qjl_matrix
 from .stats import CacheStats, LayerStats, cache_stats
@@ -33,6 +33,7 @@ __all__ = [
     "haar_rotation",
     "is_patched",
     "patch",
+    "patched_config",
     "qjl_matrix",
     "unpatch",
 ]

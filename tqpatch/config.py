@@ -9,7 +9,7 @@ from .norms import MARGIN, check_norm_bits, check_norm_margin
 from .shaping import SHAPE_PRIORS
 
 KEY_METHODS = ("mse", "prod")
-SPEC_OPTIONS = "prod, r<N>, s<N>, ss, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, tk, tv, tkv, qs, qsd, dp, n8[m<octaves>], e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], B<i>.<j>k<K>v<V>, q, seed<N>"
+SPEC_OPTIONS = "prod, r<N>, s<N>, ss, o<N>, rc<N>, ck, cv, ckv, uk, uv, ukv, sv, tk, tv, tkv, qs, qsd, dp, n8[m<octaves>], e<high>.<low>, er<N>, ev<high>.<low>, fit<N>, fitkv<N>, p<first>.<last>[b<bits>], L<i>.<j>[b<bits>], B<i>.<j>k<K>v<V>, Bt, q, seed<N>"
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -75,6 +75,9 @@ class TurboQuantConfig:
         where a layer keeps key_bits), to move bits to the layers where the loss is at
         the same average (README, Bits per layer). Spec B<i>.<j>k<K>v<V>, repeatable:
         "k4v4-B0.5k5v4-B9k3v4". A layer may not also be protected.
+    tuned_layer_bits: take layer_bits_overrides from the model's shipped profile
+        (`layer_profiles`: bits per layer from a KL scan of that model) when patch()
+        sees the model; uniform bits, with a warning, where none matches (spec "Bt").
     prefill_exact: True: the tokens of the current forward call attend to each
         other exactly and only tokens cached by earlier calls are read
         compressed (the seed document's behaviour). False: every token is
@@ -171,6 +174,7 @@ class TurboQuantConfig:
     protected_layers: tuple[int, ...] = field(default_factory=tuple)
     protected_bits: int | None = None
     layer_bits_overrides: tuple[tuple[int, float, float], ...] = field(default_factory=tuple)
+    tuned_layer_bits: bool = False
     prefill_exact: bool = True
     center_keys: bool = False
     center_values: bool = False
@@ -226,7 +230,7 @@ class TurboQuantConfig:
             if isinstance(self.protected_bits, bool) or self.protected_bits not in range(MIN_BITS, MAX_BITS + 1):
                 raise ValueError(f"protected_bits must be None (uncompressed) or an integer in 1..8, got {self.protected_bits!r}")
         for name in ("prefill_exact", "center_keys", "center_values", "shape_keys", "shape_sliding_keys", "unbias_keys", "unbias_values",
-                     "refit_values", "sliding_sinks", "score_variance", "trellis_keys", "trellis_values"):
+                     "refit_values", "sliding_sinks", "score_variance", "trellis_keys", "trellis_values", "tuned_layer_bits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_norm_bits(self.norm_bits)
@@ -273,6 +277,8 @@ class TurboQuantConfig:
         protected = sorted(set(layers) & set(self.protected_layers))
         if protected:
             raise ValueError(f"layer(s) {protected} are both protected and given other bits: choose one")
+        if overrides and self.tuned_layer_bits:
+            raise ValueError("tuned_layer_bits takes the bits per layer from the model's profile: give it or layer_bits_overrides (-B<i>k<K>v<V>), not both")
 
     # -- presets -------------------------------------------------------------
     @classmethod
@@ -345,6 +351,8 @@ class TurboQuantConfig:
             groups.setdefault((key_bits, value_bits), []).append(layer)
         for (key_bits, value_bits), layers in groups.items():
             label += "-B" + ".".join(map(str, layers)) + f"k{fmt(key_bits)}v{fmt(value_bits)}"
+        if self.tuned_layer_bits:
+            label += "-Bt"
         if not self.prefill_exact:
             label += "-q"
         if self.seed:
@@ -355,7 +363,7 @@ class TurboQuantConfig:
     def from_spec(cls, spec: str) -> "TurboQuantConfig":
         """A preset name, or a label as `name` writes it: 'k{K}v{V}' then '-'-separated options:
         prod | r{residual} | s{sinks} | ss (sinks in sliding-window layers too) | o{outlier_step} | rc{rotation_candidates} | ck/cv/ckv (centering) | uk/uv/ukv (unbiased decoding) | sv (score variance in the logits) | tk/tv/tkv (trellis codes) | qs (query-shaped keys) | qsd (and diagonal shaping on sliding-window layers) | dp (shaping shrunk towards the diagonal) | n8[m{octaves}] (8-bit norms[, their range margin]) | e{high}.{low} (eigen split of keys) | er{N} (its rotation: best of N seeds by score error) | ev{high}.{low} (of values) | fit{N} (refit keys on N tokens) | fitkv{N} (keys and values) |
-        p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | B{i}.{j}...k{K}v{V} (these layers at other bits; repeatable) | q (prefill read compressed) | seed{n}.
+        p{first}.{last}[b{bits}] (protected layers) | L{i}.{j}... | B{i}.{j}...k{K}v{V} (these layers at other bits; repeatable) | Bt (the model's tuned bits per layer) | q (prefill read compressed) | seed{n}.
         """
         import re
 
@@ -379,6 +387,7 @@ class TurboQuantConfig:
             r"p(\d+)\.(\d+)(?:b(\d+))?": lambda m: {"protect_first": int(m[1]), "protect_last": int(m[2]), "protected_bits": int(m[3]) if m[3] else None},
             r"L(\d+(?:\.\d+)*)(?:b(\d+))?": lambda m: {"protected_layers": tuple(int(i) for i in m[1].split("."))} | ({"protected_bits": int(m[2])} if m[2] else {}),
             r"sv": lambda m: {"score_variance": True},
+            r"Bt": lambda m: {"tuned_layer_bits": True},
             r"ss": lambda m: {"sliding_sinks": True},
             r"t(kv|k|v)": lambda m: {"trellis_keys": "k" in m[1], "trellis_values": "v" in m[1]},
             r"qs": lambda m: {"shape_keys": True},

@@ -21,7 +21,7 @@ import torch
 from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
 
-from . import attention
+from . import attention, layer_profiles
 from .codec import make_codec
 from .config import TurboQuantConfig
 from .store import TurboQuantLayer
@@ -218,6 +218,7 @@ def patch(model: torch.nn.Module, config: TurboQuantConfig | str | None = None) 
     elif not isinstance(config, TurboQuantConfig):
         raise TypeError(f"config must be a TurboQuantConfig or a preset name, got {type(config).__name__}")
     modules = find_attention_modules(model)
+    config = layer_profiles.resolve(config, getattr(model, "config", None))  # "-Bt": the model's shipped bits per layer
     num_layers = max(module.layer_idx for _, module in modules) + 1
     named = set(config.protected_layers) | {layer for layer, _, _ in config.layer_bits_overrides}
     if named and max(named) >= num_layers:
