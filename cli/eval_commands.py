@@ -50,7 +50,7 @@ def _config_grid(settings: str, key_methods: str, residual_lengths: str) -> list
 
 @click.command("ppl")
 @model_options
-@click.option("--settings", default="k4v4,k3v2,k2v2", help="Comma-separated settings: presets (k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit, k4v4+, k3v2+, k2v2+, 3.5bit+, 2.5bit+) or specs like k4.5v3.5-o2-s4 (TurboQuantConfig.from_spec; a spec's own -r/-prod win over --residual-length/--key-method); the uncompressed baseline is always measured first.")
+@click.option("--settings", default="k4v4,k3v2,k2v2", help="Comma-separated settings: presets (k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit, k4v4+, 4bit+, k3v2+, k2v2+, 3.5bit+, 2.5bit+) or specs like k4.5v3.5-o2-s4 (TurboQuantConfig.from_spec; a spec's own -r/-prod win over --residual-length/--key-method); the uncompressed baseline is always measured first.")
 @click.option("--key-method", "key_methods", default="mse", help="Comma-separated key methods (mse, prod); every preset runs with each.")
 @click.option("--residual-length", "residual_lengths", default="0", help="Comma-separated full-precision windows; every preset runs with each.")
 @click.option("--window", type=click.IntRange(min=2), default=2048, help="Tokens per window W (a fresh cache per window).")

@@ -162,7 +162,7 @@ def format_rows(prompt: str, rows: list[GenerationRow], width: int = 100) -> str
 @click.command("generate")
 @click.option("--prompt", default=DEFAULT_PROMPT, help="The user prompt.")
 @model_options
-@click.option("--settings", default=DEFAULT_SETTINGS, help="Comma-separated settings to compare with the uncompressed model: presets (k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit, k4v4+, k3v2+, k2v2+, 3.5bit+, 2.5bit+) or specs like k4.5v3.5-o2-s4 (see TurboQuantConfig.from_spec).")
+@click.option("--settings", default=DEFAULT_SETTINGS, help="Comma-separated settings to compare with the uncompressed model: presets (k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit, k4v4+, 4bit+, k3v2+, k2v2+, 3.5bit+, 2.5bit+) or specs like k4.5v3.5-o2-s4 (see TurboQuantConfig.from_spec).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, help="Tokens to generate per setting.")
 @click.option("--residual-length", type=click.IntRange(min=0), default=0, help="Most recent tokens kept in full precision.")
 @click.option("--key-method", type=click.Choice(["mse", "prod"]), default="mse", help="TurboQuant variant for keys (values always mse).")

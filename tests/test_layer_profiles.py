@@ -38,7 +38,36 @@ def test_the_gemma3_profile_gives_the_settings_the_readme_measured():
     assert four.name == "k4v4-s4-ss-ck-sv-tkv-qsd-n8-B0k3v4-B1.3.4.14.15.16k4v3-B2k5v3-B5.7.8.9.10.11.13k5v4-B12k5v5-B17k3v3-seed3"
     three = layer_profiles.resolve(TurboQuantConfig.from_spec("k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8-Bt"), GEMMA3_270M)
     assert three.name == "k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8-B0.1.3.4k3v3-B2k5v2-B7k4v4-B8.10.12k5v4-B9.11k5v3-B17k3v2"
-    assert getattr(layer_profiles.find_profile(SMOLLM2_135M), "model", None) != "gemma3-270m"  # another model's shape
+    assert layer_profiles.find_profile(SMOLLM2_135M).model == "smollm2"  # and not Gemma-3's
+
+
+def test_smollm2_presets_take_the_bits_its_scan_chose():
+    """4bit+ and 3.5bit+ on SmolLM2-135M: the settings measured in README "Bits per layer shipped per model"."""
+    four = layer_profiles.resolve(TurboQuantConfig.preset("4bit+"), SMOLLM2_135M)
+    assert four.name == "k4v4-s4-ss-ck-sv-tkv-qsd-n8-B0.11.13.16.25.27.29k3v3-B2k4v5-B3.5.7.8.9.10.17.24k5v4-B6.12.22.26k4v3-B18.20.23k6v5"
+    three = layer_profiles.resolve(TurboQuantConfig.preset("3.5bit+"), SMOLLM2_135M)
+    assert three.name == ("k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8-B0k2v3-B1k4v4-B2k3v4-B8.17.20.23.24k5v4-B10k5v3-B11k3v2-B12.13.16.19.29k3v3"
+                          "-B18k6v4-B25.27k2v2")
+
+
+@pytest.mark.parametrize("profile", layer_profiles.shipped_profiles(), ids=lambda p: p.model)
+def test_shipped_profiles_are_what_their_kl_scans_allocate(profile):
+    """Each shipped profile is `layer_bits allocate --metric kl --scan-bits 4 --codes trellis` on the model's shipped
+    scan (docs/data/layer_scan_4bit_{keys,values}_kl_<model>.json), --min-bits 3 at k4v4 and 2 at k4v3."""
+    from pathlib import Path
+
+    from tqpatch.eval.layer_bits import allocate_bits, code_distortion, scan_losses
+
+    data = Path(__file__).resolve().parents[1] / "docs" / "data"
+    short = {"gemma3-270m": "gemma3", "smollm2": "smollm2"}[profile.model]
+    model_config = {"gemma3_text": GEMMA3_270M, "llama": SMOLLM2_135M}[profile.match["model_type"]]
+    keys, values = (scan_losses(str(data / f"layer_scan_4bit_{side}_kl_{short}.json"), "kl") for side in ("keys", "values"))
+    for base, options in profile.settings.items():
+        uniform = TurboQuantConfig.from_spec(base)
+        kb, vb = int(uniform.key_bits), int(uniform.value_bits)
+        result = allocate_bits(keys, values, tokens_per_layer(model_config, 2048), code_distortion(model_config.head_dim, "trellis", range(2, 7)),
+                               kb, vb, scan_bits=4, min_bits=3 if vb == 4 else 2, max_bits=6, floor=0.0)
+        assert TurboQuantConfig(key_bits=kb, value_bits=vb, layer_bits_overrides=result.overrides(kb, vb)).name == f"k{kb}v{vb}-{options}"
 
 
 @pytest.mark.parametrize("profile", layer_profiles.shipped_profiles(), ids=lambda p: p.model)

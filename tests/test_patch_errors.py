@@ -6,12 +6,12 @@ import transformers as tf
 from transformers import DynamicCache, StaticCache
 
 import tqpatch
-from tqpatch.config import TurboQuantConfig
+from tqpatch.config import PRESETS, TurboQuantConfig
 from tiny_models import prompt, tiny_model
 
 
 def test_unknown_preset_names_the_valid_ones():
-    with pytest.raises(ValueError, match="valid presets: k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit, k4v4\\+, k3v2\\+, k2v2\\+, 3.5bit\\+, 2.5bit\\+"):
+    with pytest.raises(ValueError, match="valid presets: k8v8, k4v4, k3v2, k2v2, 3.5bit, 2.5bit, k4v4\\+, 4bit\\+, k3v2\\+, k2v2\\+, 3.5bit\\+, 2.5bit\\+"):
         TurboQuantConfig.preset("k5v5")
     with pytest.raises(ValueError, match="use a preset \\(k8v8, .*\\) or a spec"):
         tqpatch.patch(tiny_model("llama"), "fast")
@@ -56,17 +56,24 @@ def test_two_and_three_bit_value_presets_decode_values_unbiased():
     a haystack: better on SmolLM2 and Gemma-3); the other quality presets do not."""
     for name in ("k3v2+", "k2v2+", "3.5bit+"):
         config = TurboQuantConfig.preset(name)
-        assert config.unbias_values and not config.unbias_keys and config.name.endswith("-qsd-dp-n8") and "-s4-ss-ck-uv-" in config.name
+        assert config.unbias_values and not config.unbias_keys and "-qsd-dp-n8" in config.name and "-s4-ss-ck-uv-" in config.name
     assert not any(TurboQuantConfig.preset(name).unbias_values for name in ("k4v4+", "2.5bit+"))
     assert TurboQuantConfig.from_spec("k2v2+") == TurboQuantConfig.from_spec("k2v2-s4-ss-ck-uv-sv-tkv-qsd-dp-n8")
     assert [name for name in ("k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+") if TurboQuantConfig.preset(name).score_variance] == ["k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+"]
-    assert TurboQuantConfig.preset("3.5bit+").name == "k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8"
+    assert TurboQuantConfig.preset("3.5bit+").name == "k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8-Bt"
+
+
+def test_4bit_plus_and_3_5bit_plus_take_the_models_bits_per_layer():
+    """4bit+ (k4v4+ with trellis codes) and 3.5bit+ take the bits per layer shipped for the model (-Bt; README, Bits per
+    layer shipped per model); the fast k4v4+ and the presets below 3.5 bits keep uniform bits."""
+    assert TurboQuantConfig.preset("4bit+").name == "k4v4-s4-ss-ck-sv-tkv-qsd-n8-Bt"
+    assert [name for name in PRESETS if PRESETS[name].tuned_layer_bits] == ["4bit+", "3.5bit+"]
 
 
 def test_presets_below_four_bits_store_trellis_codes_and_k4v4_plus_stays_on_the_warp_kernel():
     """k3v2+, k2v2+, 3.5bit+ and 2.5bit+ store trellis codes in keys and values (-tkv: 27-61% less perplexity loss
     on both models, README, Trellis codes); k4v4+ keeps the Lloyd-Max codes that the warp kernel reads."""
-    for name in ("k3v2+", "k2v2+", "3.5bit+", "2.5bit+"):
+    for name in ("4bit+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+"):
         config = TurboQuantConfig.preset(name)
         assert config.trellis_keys and config.trellis_values and "-tkv-" in config.name
     plain = TurboQuantConfig.preset("k4v4+")
@@ -77,10 +84,10 @@ def test_presets_below_four_bits_store_trellis_codes_and_k4v4_plus_stays_on_the_
 def test_quality_presets_shape_sliding_layers_and_shrink_towards_the_diagonal():
     """Every `+` preset shapes sliding-window layers too (-qsd); k3v2+, k2v2+ and 3.5bit+ fit with the diagonal prior
     (-dp) (README, Shaping Gemma-3's sliding layers)."""
-    for name in ("k4v4+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+"):
+    for name in ("k4v4+", "4bit+", "k3v2+", "k2v2+", "3.5bit+", "2.5bit+"):
         config = TurboQuantConfig.preset(name)
         assert config.shape_keys and config.shape_sliding_keys
-        assert config.shape_prior == ("isotropic" if name in ("k4v4+", "2.5bit+") else "diagonal")
+        assert config.shape_prior == ("isotropic" if name in ("k4v4+", "4bit+", "2.5bit+") else "diagonal")
         assert TurboQuantConfig.from_spec(config.name) == config
 
 

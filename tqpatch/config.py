@@ -442,9 +442,15 @@ PRESETS: dict[str, TurboQuantConfig] = {
     # run 103; 4-bit trellis codes take 2.3x on the split kernel): it is the fast preset. Its trellis variant,
     # "k4v4-s4-ss-ck-sv-tkv-qsd-n8", read less on Gemma-3 before "-ss"; with it the two are alike (+0.41% vs +0.57% at
     # seeds 0-2; the preset +0.53% over five).
+    # 4bit+ and 3.5bit+ (eighteenth session) also take the model's bits per layer where tqpatch ships them ("-Bt",
+    # `layer_profiles`: SmolLM2-135M and Gemma-3-270M; other models store uniform bits, with a warning): from a KL scan
+    # of each model, the same average bits, 25-27% (4bit+) and 12-25% (3.5bit+) less KL to FP and less perplexity loss
+    # on the five-seed means of both models (README, "Bits per layer shipped per model"). 4bit+ is the quality 4-bit
+    # preset (trellis codes, read by the split kernel); k4v4+ stays the fast one.
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, score_variance=True, **_QUALITY),
+    "4bit+": TurboQuantConfig(key_bits=4, value_bits=4, score_variance=True, tuned_layer_bits=True, **_QUALITY, **_TRELLIS),
     "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
     "k2v2+": TurboQuantConfig(key_bits=2, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
-    "3.5bit+": TurboQuantConfig(key_bits=4, value_bits=3, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
+    "3.5bit+": TurboQuantConfig(key_bits=4, value_bits=3, unbias_values=True, score_variance=True, tuned_layer_bits=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
     "2.5bit+": TurboQuantConfig(key_bits=2.5, value_bits=2.5, score_variance=True, **_QUALITY, **_TRELLIS),
 }
