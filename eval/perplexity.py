@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import transformers
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from tqpatch.config import TurboQuantConfig
@@ -146,6 +147,9 @@ class PerplexityResult:
     device: str
     processes: int
     rows: list[PerplexityRow] = field(default_factory=list)
+    # ΔPPL at 3-4 bits moves by ~0.1 points with the torch / transformers versions alone (README, "Bits per layer
+    # shipped per model"): compare rows measured with the same versions
+    versions: dict = field(default_factory=lambda: {"torch": torch.__version__, "transformers": transformers.__version__})
 
     def to_json(self) -> dict:
         return asdict(self)
