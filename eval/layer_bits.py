@@ -65,12 +65,14 @@ def allocate_bits(
     max_bits: int = 6,
     floor: float = 0.05,
     move: str = "kv",
+    min_key_bits: int | None = None,
 ) -> Allocation:
     """Per-layer key and value bits at the token-weighted average of (key_bits, value_bits).
 
     key_loss, value_loss: each layer's side's loss at scan_bits (from the scan: ΔPPL % or KL), clipped below at `floor`
     (a ΔPPL scan's noise makes small losses negative); tokens: tokens each layer holds; distortion: bits -> D(bits);
-    move: the sides whose bits may change ("kv", "k" or "v"); the other side keeps its uniform bits."""
+    move: the sides whose bits may change ("kv", "k" or "v"); the other side keeps its uniform bits; min_key_bits: the
+    keys' least bits, if not min_bits (e.g. key_bits: no layer's keys lose bits, which needle recall needs on SmolLM2)."""
     if not move or set(move) - set(SIDES):
         raise ValueError(f"move must name the sides to reallocate, 'kv', 'k' or 'v', got {move!r}")
     if not len(key_loss) == len(value_loss) == len(tokens):
@@ -88,7 +90,8 @@ def allocate_bits(
     best = np.zeros(capacity + 1)
     picks = []
     for (name, s, _), u in zip(sides, units):
-        choices = np.arange(min_bits, max_bits + 1) if name[1] in move else np.array([uniform[name]])
+        least = min_bits if name[1] == "v" or min_key_bits is None else min_key_bits
+        choices = np.arange(least, max_bits + 1) if name[1] in move else np.array([uniform[name]])
         options = np.full((len(choices), capacity + 1), np.inf)
         for j, b in enumerate(choices):
             cost = u * int(b)
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     alloc.add_argument("--scan-bits", type=int, default=2)
     alloc.add_argument("--min-bits", type=int, default=3)
     alloc.add_argument("--max-bits", type=int, default=6)
+    alloc.add_argument("--min-key-bits", type=int, default=None, help="the keys' least bits (default --min-bits)")
     alloc.add_argument("--metric", choices=METRICS, default="ppl", help="the scans' loss: ΔPPL %% or KL (millinats)")
     alloc.add_argument("--codes", choices=CODES, default="trellis", help="the code whose D(bits) models the loss")
     alloc.add_argument("--floor", type=float, default=None, help="least loss per side (default 0.05 for ppl, 0 for kl)")
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     floor = args.floor if args.floor is not None else (0.05 if args.metric == "ppl" else 0.0)
     result = allocate_bits(scan_losses(args.keys, args.metric), scan_losses(args.values, args.metric),
                            tokens_per_layer(model.config, args.window), distortion,
-                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, floor, args.move)
+                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, floor, args.move, args.min_key_bits)
     unit = "%" if args.metric == "ppl" else " millinats"
     print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}{unit}; "
           f"allocated: {result.average_bits:.3f} bits, predicted {result.predicted_loss:.3f}{unit}")

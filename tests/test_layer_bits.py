@@ -62,6 +62,15 @@ def test_allocation_can_keep_one_side_fixed():
         allocate_bits([1.0], [1.0], [1], DISTORTION, 4, 4, move="q")
 
 
+def test_allocation_can_keep_every_layers_keys_at_their_bits_or_more():
+    """min_key_bits=key_bits: quiet layers' keys keep their 4 bits (the values pay for the loud layer's keys)."""
+    losses = [8.0, 0.01, 0.01, 0.01], [0.5, 0.5, 0.5, 0.5]
+    free = allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2)
+    kept = allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2, min_key_bits=4)
+    assert min(free.bits[(i, "k")] for i in range(4)) < 4 and min(kept.bits[(i, "k")] for i in range(4)) == 4
+    assert kept.bits[(0, "k")] > 4 and kept.average_bits <= 3.5 and free.predicted_loss <= kept.predicted_loss < kept.uniform_loss
+
+
 def test_scan_losses_read_ppl_or_kl_rows(tmp_path):
     import json
 

@@ -42,12 +42,13 @@ def test_the_gemma3_profile_gives_the_settings_the_readme_measured():
 
 
 def test_smollm2_presets_take_the_bits_its_scan_chose():
-    """4bit+ and 3.5bit+ on SmolLM2-135M: the settings measured in README "Bits per layer shipped per model"."""
+    """4bit+ on SmolLM2-135M: the setting measured in README "Bits per layer shipped per model". 3.5bit+ keeps uniform
+    bits there on purpose (its allocation lost an 8k needle), silently: the profile lists it as ""."""
     four = layer_profiles.resolve(TurboQuantConfig.preset("4bit+"), SMOLLM2_135M)
     assert four.name == "k4v4-s4-ss-ck-sv-tkv-qsd-n8-B0.11.13.16.25.27.29k3v3-B2k4v5-B3.5.7.8.9.10.17.24k5v4-B6.12.22.26k4v3-B18.20.23k6v5"
-    three = layer_profiles.resolve(TurboQuantConfig.preset("3.5bit+"), SMOLLM2_135M)
-    assert three.name == ("k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8-B0k2v3-B1k4v4-B2k3v4-B8.17.20.23.24k5v4-B10k5v3-B11k3v2-B12.13.16.19.29k3v3"
-                          "-B18k6v4-B25.27k2v2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert layer_profiles.resolve(TurboQuantConfig.preset("3.5bit+"), SMOLLM2_135M).name == "k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8"
 
 
 @pytest.mark.parametrize("profile", layer_profiles.shipped_profiles(), ids=lambda p: p.model)
@@ -62,7 +63,7 @@ def test_shipped_profiles_are_what_their_kl_scans_allocate(profile):
     short = {"gemma3-270m": "gemma3", "smollm2": "smollm2"}[profile.model]
     model_config = {"gemma3_text": GEMMA3_270M, "llama": SMOLLM2_135M}[profile.match["model_type"]]
     keys, values = (scan_losses(str(data / f"layer_scan_4bit_{side}_kl_{short}.json"), "kl") for side in ("keys", "values"))
-    for base, options in profile.settings.items():
+    for base, options in ((b, o) for b, o in profile.settings.items() if o):  # "": uniform bits on purpose
         uniform = TurboQuantConfig.from_spec(base)
         kb, vb = int(uniform.key_bits), int(uniform.value_bits)
         result = allocate_bits(keys, values, tokens_per_layer(model_config, 2048), code_distortion(model_config.head_dim, "trellis", range(2, 7)),
@@ -77,9 +78,8 @@ def test_shipped_profiles_keep_the_uniform_bits_on_their_models_layers(profile):
     model_config = {"gemma3_text": GEMMA3_270M, "llama": SMOLLM2_135M}[profile.match["model_type"]]
     assert profile.matches(model_config) and layer_profiles.fingerprint(model_config) == profile.match
     tokens = tokens_per_layer(model_config, 2048)
-    for base, options in profile.settings.items():
-        uniform = TurboQuantConfig.from_spec(base)
-        config = TurboQuantConfig.from_spec(f"{base}-{options}")
+    for base, options in ((b, o) for b, o in profile.settings.items() if o):  # "": uniform bits on purpose
+        uniform, config = TurboQuantConfig.from_spec(base), TurboQuantConfig.from_spec(f"{base}-{options}")
         assert config.layer_bits_overrides and max(layer for layer, _, _ in config.layer_bits_overrides) < len(tokens)
         spent = sum(n * sum(config.layer_bits(i, len(tokens))) for i, n in enumerate(tokens))
         assert spent <= sum(n * (uniform.key_bits + uniform.value_bits) for n in tokens), base

@@ -8,7 +8,7 @@ codebooks/layer_bits/:
 
     {"model": "gemma3-270m",
      "match": {"model_type": "gemma3_text", "num_hidden_layers": 18, ...},     # the model's config fields
-     "settings": {"k4v4-tkv": "B0k3v4-B1.3.4k4v3-...", "k4v3-tkv": "..."},     # base -> the -B options
+     "settings": {"k4v4-tkv": "B0k3v4-B1.3.4k4v3-...", "k4v3-tkv": ""},      # base -> the -B options ("": uniform)
      "source": "where the scan and the measurements are"}
 
 A profile applies to a model whose config has every field in "match" (its shape: a fine-tune of the same base
@@ -87,7 +87,8 @@ def write_profile(path: str | Path, model: str, model_config, base: str, options
     data = json.loads(path.read_text()) if path.exists() else {"model": model, "match": fingerprint(model_config), "settings": {}}
     if data["match"] != fingerprint(model_config):
         raise ValueError(f"{path} is the profile of {data['model']} ({data['match']}), not of this model ({fingerprint(model_config)})")
-    TurboQuantConfig.from_spec(f"{base.split('-')[0]}-{options}")  # refuse options that do not parse
+    if options:
+        TurboQuantConfig.from_spec(f"{base.split('-')[0]}-{options}")  # refuse options that do not parse
     data["settings"][base] = options
     if source:
         data["source"] = source
@@ -125,6 +126,8 @@ def resolve(config: TurboQuantConfig, model_config, profiles: tuple[LayerProfile
     if options is None:
         warnings.warn(f"{config.name}: the {profile.model} profile has no bits per layer for {base_key(config)} "
                       f"(it has {', '.join(profile.settings)}); storing uniform bits", stacklevel=3)
+        return uniform
+    if not options:  # the profile keeps uniform bits for this base on purpose (its "source" says why)
         return uniform
     overrides = TurboQuantConfig.from_spec(f"k{config.key_bits:g}v{config.value_bits:g}-{options}").layer_bits_overrides
     return replace(uniform, layer_bits_overrides=overrides)
