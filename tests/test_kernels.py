@@ -776,7 +776,8 @@ def _fused_calls():
 @pytest.mark.parametrize("preset", ["k4v4", "k2v2", "k4v4+", "k2v2+", "k3v2+", "k4v4-ck", "k2v2-s4-ck-qs", "k4v4-s4-ck-qs-n8-fit40",
                                     "3.5bit+", "2.5bit", "2.5bit+", "k2.75v2.5-s3-ck-qs-n8-e4.2", "k1.8v2-s3-ck-qs-n8-e3.1-fit40", "k8v8",
                                     "k4v3-s4-ck-uv-qs-n8-e6.2-fit40", "k4v4-s4-ck-sv-tkv-qsd-n8", "k2v2-s4-ck-uv-sv-qsd-dp-n8",
-                                    "k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit40", "k4v4-s4-ck-sv-qsd-n8-B0k5v3"])
+                                    "k4v3-s4-ck-uv-sv-tkv-qs-n8-e6.2-fit40", "k4v4-s4-ck-sv-qsd-n8-B0k5v3",
+                                    "k4v4-s4-ss-ck-sv-tkv-qsd-n8-B0k6v5-B1k3v3"])  # 4bit+ as SmolLM2's profile sets it: trellis codes of 3-6 bits
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_generation_uses_fused_path_and_matches_reference(preset, padded):
     import tqpatch
