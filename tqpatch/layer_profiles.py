@@ -114,13 +114,14 @@ def resolve(config: TurboQuantConfig, model_config, profiles: tuple[LayerProfile
     if not config.tuned_layer_bits:
         return config
     uniform = replace(config, tuned_layer_bits=False)
+    profiles = shipped_profiles() if profiles is None else profiles
     profile = find_profile(model_config, profiles)
-    known = ", ".join(f"{p.model} ({', '.join(p.settings)})" for p in (shipped_profiles() if profiles is None else profiles)) or "none"
     if profile is None:
         shape = text_config(model_config)
+        known = ", ".join(f"{p.model} ({', '.join(p.settings)})" for p in profiles) or "none"
         warnings.warn(f"{config.name}: no bits-per-layer profile matches this model ({getattr(shape, 'model_type', '?')}, "
                       f"{getattr(shape, 'num_hidden_layers', '?')} layers); storing uniform bits. Profiles: {known}. "
-                      "README, 'Bits per layer from a KL scan', makes one", stacklevel=3)
+                      "README, 'Bits per layer shipped per model', says how to make one", stacklevel=3)
         return uniform
     options = profile.settings.get(base_key(config))
     if options is None:
