@@ -12,7 +12,7 @@ ROW_FIELDS = {
     "setting", "key_bits", "value_bits", "key_method", "residual_length", "ppl", "delta_ppl", "nll_sum", "predicted_tokens",
     "compressed_tokens_read", "compressed_key_fraction", "bits_per_element", "compression_ratio", "cache_bytes", "seconds", "kl",
 }
-RESULT_FIELDS = {"model", "text_source", "window", "chunk", "tokens", "windows", "bos_per_window", "dtype", "device", "processes", "rows"}
+RESULT_FIELDS = {"model", "text_source", "window", "chunk", "tokens", "windows", "bos_per_window", "dtype", "device", "processes", "rows", "versions"}
 
 
 @pytest.fixture(scope="module")
