@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from tqpatch.config import TurboQuantConfig
-from tqpatch.layer_profiles import resolve
+from tqpatch.layer_profiles import resolve, text_config
 from tqpatch.patch import TQPatchError, is_patched, patch, unpatch
 from tqpatch.eval.plotting import pyplot, save_figure
 
@@ -158,7 +158,7 @@ def needle_in_haystack(
         raise ValueError(f"trials must be >= 1, got {trials}")
     if is_patched(model):
         raise TQPatchError("needle_in_haystack patches the model for each setting itself; pass an unpatched model")
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     check_grid(lengths, depths, getattr(config, "max_position_embeddings", None))
     haystack_ids = tokenizer(haystack[: max(lengths) * 10], add_special_tokens=False).input_ids
     if len(haystack_ids) < max(lengths):

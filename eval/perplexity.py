@@ -39,7 +39,7 @@ import transformers
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from tqpatch.config import TurboQuantConfig
-from tqpatch.layer_profiles import resolve
+from tqpatch.layer_profiles import resolve, text_config
 from tqpatch.patch import TQPatchError, is_patched, patch, unpatch
 from tqpatch.stats import cache_stats
 from tqpatch.store import TurboQuantLayer
@@ -294,8 +294,7 @@ def window_nll(model, ids: torch.Tensor, chunk: int, cache, on_chunk=None, recor
     device = next(model.parameters()).device
     ids = ids.to(device)
     kwarg = cache_kwarg(model)
-    text_config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    num_layers = getattr(text_config, "num_hidden_layers", 1)
+    num_layers = getattr(text_config(model.config), "num_hidden_layers", 1)
     nll = kl_sum = 0.0
     compressed_read = compressed_pairs = attended_pairs = 0.0
     for start in range(0, len(ids), chunk):

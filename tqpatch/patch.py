@@ -182,7 +182,7 @@ def query_module(attention_module: torch.nn.Module) -> torch.nn.Module | None:
 def find_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Self-attention modules: classes named *Attention with an integer `layer_idx`, not cross-attention."""
     config = getattr(model, "config", None)
-    text_config = config.get_text_config(decoder=True) if config is not None and hasattr(config, "get_text_config") else config
+    text_config = layer_profiles.text_config(config)
     if text_config is not None and getattr(text_config, "kv_lora_rank", None):
         raise TQPatchError(f"multi-head latent attention (MLA, model type {text_config.model_type!r}) is not supported; supported: {SUPPORTED}")
     found, cross = [], 0
