@@ -77,7 +77,8 @@ def allocate_bits(
         raise ValueError(f"move must name the sides to reallocate, 'kv', 'k' or 'v', got {move!r}")
     if not len(key_loss) == len(value_loss) == len(tokens):
         raise ValueError(f"one loss per layer and side and one token count per layer: got {len(key_loss)}, {len(value_loss)}, {len(tokens)}")
-    missing = sorted({*range(min_bits, max_bits + 1), scan_bits} - set(distortion))
+    least_key_bits = min_bits if min_key_bits is None else min_key_bits
+    missing = sorted({*range(min(min_bits, least_key_bits), max_bits + 1), scan_bits} - set(distortion))
     if missing:
         raise ValueError(f"distortion has no entry for {missing} bits")
     sides = [((layer, side), max(loss, floor), tokens[layer]) for side, losses in zip(SIDES, (key_loss, value_loss)) for layer, loss in enumerate(losses)]
@@ -90,7 +91,7 @@ def allocate_bits(
     best = np.zeros(capacity + 1)
     picks = []
     for (name, s, _), u in zip(sides, units):
-        least = min_bits if name[1] == "v" or min_key_bits is None else min_key_bits
+        least = least_key_bits if name[1] == "k" else min_bits
         choices = np.arange(least, max_bits + 1) if name[1] in move else np.array([uniform[name]])
         options = np.full((len(choices), capacity + 1), np.inf)
         for j, b in enumerate(choices):
@@ -118,7 +119,9 @@ def allocate_bits(
 
 def tokens_per_layer(model_config, window: int) -> list[int]:
     """Tokens each decoder layer holds at the end of a window: the window, or a sliding layer's window − 1."""
-    config = getattr(model_config, "text_config", model_config)
+    from tqpatch.layer_profiles import text_config
+
+    config = text_config(model_config)
     types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     sliding = getattr(config, "sliding_window", None)
     return [min(window, sliding - 1) if kind == "sliding_attention" and sliding else window for kind in types]
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     model, _ = load_model(args.model)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    distortion = code_distortion(head_dim, args.codes, range(min(args.min_bits, args.scan_bits), max(args.max_bits, args.scan_bits) + 1))
+    distortion = code_distortion(head_dim, args.codes, range(min(args.min_bits, args.min_key_bits or args.min_bits, args.scan_bits), max(args.max_bits, args.scan_bits) + 1))
     floor = args.floor if args.floor is not None else (0.05 if args.metric == "ppl" else 0.0)
     result = allocate_bits(scan_losses(args.keys, args.metric), scan_losses(args.values, args.metric),
                            tokens_per_layer(model.config, args.window), distortion,
