@@ -59,6 +59,7 @@ def _config_grid(settings: str, key_methods: str, residual_lengths: str) -> list
 @click.option("--text-file", type=click.Path(path_type=Path), default=None, help="Text to evaluate [default: ../shared/data/wikitext-2-raw-test.txt beside the repo].")
 @click.option("--dataset", type=click.Choice(["wikitext"]), default=None, help="Use the hub copy via `datasets` (wikitext-2-raw-v1, test split) instead of a file [default: off].")
 @click.option("--skip-chars", type=click.IntRange(min=0), default=0, help="Start this many characters into the text (held-out text, e.g. 200000).")
+@click.option("--copy", is_flag=True, help="Each window is a passage of W/2 text tokens read twice, so its second half is a long-range copy (what a needle lookup needs); --max-tokens counts each text token once.")
 @click.option("--compare", type=click.Choice(COMPARE), default=None, help="Also run transformers' QuantizedCache (quanto backend) through the same protocol, once per --residual-length [default: off].")
 @click.option("--hf-bits", default="4,2", help="With --compare: QuantizedCache bit widths (2, 4).")
 @click.option("--hf-key-axis", default="token,channel", help="With --compare: key quantization axes (token = per-token groups, channel = KIVI-style per-channel).")
@@ -67,7 +68,7 @@ def _config_grid(settings: str, key_methods: str, residual_lengths: str) -> list
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON result here, updated after each setting [default: no file].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--progress/--no-progress", default=True, help="Show a tqdm progress bar (stderr).")
-def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_lengths, window, chunk, max_tokens, text_file, dataset, skip_chars, compare, hf_bits, hf_key_axis, hf_group_size, kl, out_file, as_json, progress):
+def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_lengths, window, chunk, max_tokens, text_file, dataset, skip_chars, copy, compare, hf_bits, hf_key_axis, hf_group_size, kl, out_file, as_json, progress):
     """Decode-faithful perplexity: windows of W tokens fed in chunks of C through the cache under test.
 
     Reports per setting: PPL and ΔPPL against the baseline of the same run,
@@ -116,7 +117,7 @@ def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_l
     try:
         result = decode_perplexity(
             model, tokenizer, text, configs, window=window, chunk=chunk, max_tokens=max_tokens,
-            model_name=model_spec or "smollm2", text_source=source, progress=progress, on_row=save, kl=kl,
+            model_name=model_spec or "smollm2", text_source=source, progress=progress, on_row=save, kl=kl, copy=copy,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

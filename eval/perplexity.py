@@ -23,6 +23,11 @@ Reported per setting:
   window (everything stored, full-precision window included; `cache_stats`),
   pooled over windows (Σ bits / Σ coordinates); compression_ratio likewise.
 
+With copy=True (CLI `--copy`) each window is a passage of ⌊W/2⌋ text tokens followed by the same passage again, so
+its second half can be predicted by looking W/2 tokens back: a long-range copy, the skill a needle-in-a-haystack
+lookup needs, which next-token prediction on plain text rarely exercises (README, "Bits per layer for long-range
+copies").
+
 Under `accelerate launch`, windows are sharded over processes
 (`shard_windows`) and the per-window sums are gathered on every process.
 """
@@ -140,12 +145,13 @@ class PerplexityResult:
     text_source: str
     window: int
     chunk: int
-    tokens: int  # text tokens evaluated
+    tokens: int  # text tokens evaluated (with copy, each counted once though read twice)
     windows: int
     bos_per_window: bool
     dtype: str
     device: str
     processes: int
+    copy: bool = False  # each window a passage then the same passage again (long-range copies)
     rows: list[PerplexityRow] = field(default_factory=list)
     # ΔPPL at 3-4 bits moves by ~0.1 points with the torch / transformers versions alone (README, "Bits per layer
     # shipped per model"): compare rows measured with the same versions
@@ -157,7 +163,7 @@ class PerplexityResult:
     def table(self) -> str:
         head = (
             f"{self.model} on {self.text_source}: {self.tokens} tokens, {self.windows} windows of {self.window}, "
-            f"chunks of {self.chunk}, {self.dtype} on {self.device}"
+            f"chunks of {self.chunk}, {self.dtype} on {self.device}" + (", each window a passage read twice" if self.copy else "")
         )
         with_kl = any(r.kl is not None for r in self.rows)
         lines = [
@@ -192,12 +198,18 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
 
 
-def make_windows(ids: torch.Tensor, window: int, bos_id: int | None = None) -> list[torch.Tensor]:
-    """Consecutive windows [≤W] of `ids`; with bos_id each window is BOS + W−1 text tokens. A last window shorter than 2 is dropped."""
+def make_windows(ids: torch.Tensor, window: int, bos_id: int | None = None, copy: bool = False) -> list[torch.Tensor]:
+    """Consecutive windows [≤W] of `ids`; with bos_id each window is BOS + W−1 text tokens. A last window shorter than 2 is dropped.
+
+    copy: each window is a passage p of ⌊(W − BOS)/2⌋ consecutive tokens of `ids` followed by p again ([BOS] p p)."""
     step = window - (bos_id is not None)
+    if copy:
+        step //= 2
     out = []
     for start in range(0, len(ids), step):
         piece = ids[start : start + step]
+        if copy:
+            piece = torch.cat([piece, piece])
         if bos_id is not None:
             piece = torch.cat([torch.tensor([bos_id]), piece])
         if len(piece) >= 2:
@@ -409,6 +421,7 @@ def decode_perplexity(
     progress: bool = True,
     on_row=None,
     kl: bool = False,
+    copy: bool = False,
 ) -> PerplexityResult:
     """Decode-faithful PPL of `model` on `text` for the baseline (always measured first, same run) and each setting.
 
@@ -419,7 +432,8 @@ def decode_perplexity(
     token, from the baseline's next-token distributions kept in float16 (tokens × vocabulary × 2 bytes of memory:
     1 GiB per 2,048-token window of Gemma-3's 262k vocabulary). At 4 bits ΔPPL is dominated by a first-order term
     that changes sign and size with every rotation seed; the KL (≈ the second-order term) moves far less between seeds,
-    so it ranks settings of one code reliably (README, KL to FP). It is not an estimate of ΔPPL.
+    so it ranks settings of one code reliably (README, KL to FP). It is not an estimate of ΔPPL. copy: each window is a
+    passage of W/2 tokens read twice (`make_windows`), max_tokens then counting each text token once.
     """
     check_protocol(window, chunk)
     if is_patched(model):
@@ -428,7 +442,7 @@ def decode_perplexity(
     settings = [None] + [resolve(s, model.config) if isinstance(s, TurboQuantConfig) else s for s in settings if s is not None]
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     ids = tokenize(tokenizer, text, max_tokens)
-    windows = make_windows(ids, window, bos)
+    windows = make_windows(ids, window, bos, copy)
     if not windows:
         raise ValueError(f"the text has {len(ids)} tokens: too few for one window")
     rank, world, gather = _process_group()
@@ -445,6 +459,7 @@ def decode_perplexity(
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         device=str(next(model.parameters()).device),
         processes=world,
+        copy=copy,
     )
     bar = None
     if progress and rank == 0:

@@ -150,6 +150,11 @@ def test_windows_and_bos():
     assert [w.tolist() for w in make_windows(torch.arange(5), 4, bos_id=99)] == [[99, 0, 1, 2], [99, 3, 4]]
 
 
+def test_copy_windows_read_each_passage_twice():
+    assert [w.tolist() for w in make_windows(torch.arange(5), 4, copy=True)] == [[0, 1, 0, 1], [2, 3, 2, 3], [4, 4]]
+    assert [w.tolist() for w in make_windows(torch.arange(4), 5, bos_id=99, copy=True)] == [[99, 0, 1, 0, 1], [99, 2, 3, 2, 3]]
+
+
 @pytest.mark.parametrize("num_windows, world", [(1, 1), (4, 1), (4, 2), (5, 2), (7, 3), (2, 4)])
 def test_shards_partition_the_windows(num_windows, world):
     shards = [shard_windows(num_windows, rank, world) for rank in range(world)]
