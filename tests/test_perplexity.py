@@ -155,6 +155,16 @@ def test_copy_windows_read_each_passage_twice():
     assert [w.tolist() for w in make_windows(torch.arange(4), 5, bos_id=99, copy=True)] == [[99, 0, 1, 0, 1], [99, 2, 3, 2, 3]]
 
 
+def test_copy_evaluation_reads_each_passage_twice(tiny):
+    # --max-tokens 128 with copy: two windows of 128, each 64 text bytes then the same 64 bytes
+    result = decode_perplexity(tiny, ByteTokenizer(), TEXT, [], window=128, chunk=32, max_tokens=128, progress=False, copy=True)
+    ids = torch.tensor(list(TEXT.encode())[:128])
+    want = sum(plain_nll(tiny, torch.cat([p, p])) for p in (ids[:64], ids[64:])) / 254
+    assert (result.tokens, result.windows, result.copy) == (128, 2, True)
+    assert math.log(result.rows[0].ppl) == pytest.approx(want, rel=1e-3)
+    assert "passage read twice" in result.table()
+
+
 @pytest.mark.parametrize("num_windows, world", [(1, 1), (4, 1), (4, 2), (5, 2), (7, 3), (2, 4)])
 def test_shards_partition_the_windows(num_windows, world):
     shards = [shard_windows(num_windows, rank, world) for rank in range(world)]
