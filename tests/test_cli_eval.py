@@ -12,7 +12,7 @@ ROW_FIELDS = {
     "setting", "key_bits", "value_bits", "key_method", "residual_length", "ppl", "delta_ppl", "nll_sum", "predicted_tokens",
     "compressed_tokens_read", "compressed_key_fraction", "bits_per_element", "compression_ratio", "cache_bytes", "seconds", "kl",
 }
-RESULT_FIELDS = {"model", "text_source", "window", "chunk", "tokens", "windows", "bos_per_window", "dtype", "device", "processes", "rows", "versions"}
+RESULT_FIELDS = {"model", "text_source", "window", "chunk", "tokens", "windows", "bos_per_window", "dtype", "device", "processes", "copy", "rows", "versions"}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,16 @@ def invoke(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
+def test_ppl_copy_windows(tiny_model_dir, text_file):
+    # 64 text tokens, each window 32 of them read twice: 2 windows of 64
+    result = invoke("eval", "ppl", "--model", tiny_model_dir, "--text-file", text_file, "--settings", "k4v4", "--window", 64,
+                    "--chunk", 16, "--max-tokens", 64, "--copy", "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["tokens"], data["windows"], data["copy"]) == (64, 2, True)
+    assert [r["setting"] for r in data["rows"]] == ["fp", "k4v4"] and data["rows"][1]["compressed_tokens_read"] > 0
+
+
 def test_ppl_json_grid_and_out_file(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "ppl.json"
     result = invoke(
@@ -40,7 +50,7 @@ def test_ppl_json_grid_and_out_file(tiny_model_dir, text_file, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) == RESULT_FIELDS and json.loads(out.read_text()) == data
-    assert (data["window"], data["chunk"], data["tokens"], data["windows"]) == (64, 16, 128, 2)
+    assert (data["window"], data["chunk"], data["tokens"], data["windows"], data["copy"]) == (64, 16, 128, 2, False)
     names = [r["setting"] for r in data["rows"]]
     assert names == ["fp", "k4v4", "k2v2", "k4v4-prod", "k2v2-prod", "k4v4-r16", "k2v2-r16", "k4v4-prod-r16", "k2v2-prod-r16"]
     for row in data["rows"]:
