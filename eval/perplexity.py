@@ -23,9 +23,9 @@ Reported per setting:
   window (everything stored, full-precision window included; `cache_stats`),
   pooled over windows (Σ bits / Σ coordinates); compression_ratio likewise.
 
-With copy=True (CLI `--copy`) each window is a passage of ⌊W/2⌋ text tokens followed by the same passage again, so
-its second half can be predicted by looking W/2 tokens back: a long-range copy, the skill a needle-in-a-haystack
-lookup needs, which next-token prediction on plain text rarely exercises (README, "Bits per layer for long-range
+With copy=True (CLI `--copy`) each window is a passage of ⌊(W − BOS)/2⌋ text tokens followed by the same passage
+again, so its second half can be predicted by looking W/2 tokens back: a long-range copy, the skill a
+needle-in-a-haystack lookup needs, which next-token prediction on plain text rarely exercises (README, "Long-range
 copies").
 
 Under `accelerate launch`, windows are sharded over processes
