@@ -13,6 +13,17 @@ Beside recall, each setting is compared with the baseline answer by answer:
 `paired[setting]` = (answers the baseline got right and the setting missed,
 the reverse).
 
+Recall is a coin at the edge of what the model can do; the *margin* says how
+far from the edge each answer is. Where the baseline is right, a setting's
+margin is the smallest logit gap, over the baseline's answer tokens up to the
+number's last digit, between the baseline's token and the best other token,
+read along the setting's own greedy path: while the two answers agree that path
+is the baseline's, and at the first token they differ the gap is ≤ 0 and the
+reading stops there. So margin > 0 ⇔ the setting writes the baseline's answer
+up to the number; its size (nats: a logit gap is a log-probability gap) is how
+much the compression could still move the scores before the needle is lost.
+The baseline's own margin is its confidence.
+
 The prompt is prefilled once per cell without compression; each setting then
 continues from a copy of that cache, which patch() compresses as it takes it
 over. With prefill_exact=True (the default) this is exactly what a patched
@@ -56,6 +67,13 @@ class NeedleResult:
     mean_recall: dict[str, float] = field(default_factory=dict)  # right answers / (cells · trials)
     trials: int = 1
     paired: dict[str, list[int]] = field(default_factory=dict)  # setting -> [lost, gained] against the baseline
+    margins: dict[str, list[list[list[float | None]]]] = field(default_factory=dict)  # setting -> [depth][length][trial]
+    # smallest logit gap along the baseline's right answer (module docstring); None where the baseline missed
+
+    def margin_summary(self, name: str) -> tuple[int, float, float] | None:
+        """(answers with a margin, their mean margin, the smallest) for one setting, or None without margins."""
+        values = [m for row in self.margins.get(name, []) for cell in row for m in cell if m is not None]
+        return (len(values), sum(values) / len(values), min(values)) if values else None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -69,6 +87,9 @@ class NeedleResult:
             if name in self.paired:
                 lost, gained = self.paired[name]
                 versus = f"; against {self.settings[0]}: lost {lost}, gained {gained} of {len(self.lengths) * len(self.depths) * self.trials}"
+            summary = self.margin_summary(name)
+            if summary is not None:
+                versus += f"; margin on the {summary[0]} answers {self.settings[0]} got right: mean {summary[1]:.2f}, smallest {summary[2]:.2f}"
             lines.append(f"{name:<24} mean recall {self.mean_recall[name]:.3f}{versus}")
             for d, row in zip(self.depths, self.recall[name]):
                 lines.append(f"    depth {d:>5.1f}%  " + " ".join(_cell(v, self.trials).rjust(5) for v in row))
@@ -115,9 +136,35 @@ def build_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, 
     return _chat(tokenizer, f"{context}\n\n{QUESTION}")
 
 
+def number_span(tokenizer, tokens: list[int], number: str) -> int | None:
+    """How many of the answer `tokens` it takes to write `number` (commas and spaces ignored), or None if they never do."""
+    for k in range(1, len(tokens) + 1):
+        if number in tokenizer.decode(tokens[:k], skip_special_tokens=True).replace(",", "").replace(" ", ""):
+            return k
+    return None
+
+
+def answer_margin(logits: list[torch.Tensor], tokens: list[int], reference: list[int], span: int) -> float:
+    """Smallest logit gap min_t (l_t[r_t] − max_{v≠r_t} l_t[v]) over the first `span` reference tokens r, where
+    l_t [V] are the logits of a greedy generation whose own tokens are `tokens`: read while tokens[t] == r_t, and at
+    the first t where they differ (a gap ≤ 0) the reading stops. > 0 ⇔ tokens[:span] == reference[:span]."""
+    if not 0 < span <= len(reference):
+        raise ValueError(f"span must be in 1..{len(reference)}, got {span}")
+    margin = float("inf")
+    for t in range(span):
+        step = logits[t].float().reshape(-1)
+        others = step.clone()
+        others[reference[t]] = float("-inf")
+        margin = min(margin, (step[reference[t]] - others.max()).item())
+        if tokens[t] != reference[t]:
+            break
+    return margin
+
+
 @torch.no_grad()
-def _answer(model, tokenizer, ids: torch.Tensor, prefill, config: TurboQuantConfig | None, max_new_tokens: int) -> str:
-    """Greedy answer continuing from a copy of `prefill` (the cache of all prompt tokens but the last)."""
+def _answer(model, tokenizer, ids: torch.Tensor, prefill, config: TurboQuantConfig | None, max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy answer tokens continuing from a copy of `prefill` (the cache of all prompt tokens but the last), and
+    the logits [V] each was chosen from."""
     cache = copy.deepcopy(prefill)
     if config is not None:
         patch(model, config)
@@ -130,12 +177,14 @@ def _answer(model, tokenizer, ids: torch.Tensor, prefill, config: TurboQuantConf
             top_p=None,
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
             **{cache_kwarg(model): cache},  # generate takes the cache under the forward's name
         )
     finally:
         if config is not None:
             unpatch(model)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return out.sequences[0, ids.shape[1] :].tolist(), [step[0] for step in out.logits]
 
 
 def needle_in_haystack(
@@ -168,6 +217,7 @@ def needle_in_haystack(
     recall = {n: [[0] * len(lengths) for _ in depths] for n in names}
     answers = {n: [[[] for _ in lengths] for _ in depths] for n in names}
     paired = {n: [0, 0] for n in names[1:]}
+    margins = {n: [[[] for _ in lengths] for _ in depths] for n in names}
     prompt_tokens = [[0] * len(lengths) for _ in depths]
     rng = random.Random(seed)
     device = next(model.parameters()).device
@@ -186,11 +236,16 @@ def needle_in_haystack(
             with torch.no_grad():
                 model(input_ids=ids[:, :-1], use_cache=True, **{cache_kwarg(model): prefill})
             right = {}
+            reference, span = [], None
             for name, setting in zip(names, [None] + list(settings)):
-                text = _answer(model, tokenizer, ids, prefill, setting, max_new_tokens)
+                tokens, logits = _answer(model, tokenizer, ids, prefill, setting, max_new_tokens)
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
                 answers[name][i][j].append(text)
                 right[name] = number in text.replace(",", "").replace(" ", "")
                 recall[name][i][j] += right[name]
+                if name == BASELINE:
+                    reference, span = tokens, number_span(tokenizer, tokens, number)
+                margins[name][i][j].append(None if span is None else round(answer_margin(logits, tokens, reference, span), 4))
                 if name in paired:
                     paired[name][0] += right[BASELINE] and not right[name]
                     paired[name][1] += right[name] and not right[BASELINE]
@@ -201,7 +256,7 @@ def needle_in_haystack(
             bar.close()
     mean = {n: sum(map(sum, recall[n])) / (len(lengths) * len(depths) * trials) for n in names}
     return NeedleResult(model_name or type(model).__name__, text_source, list(lengths), list(depths), names, recall, answers, prompt_tokens, mean,
-                        trials, paired)
+                        trials, paired, margins)
 
 
 def combine_runs(results: list[NeedleResult]) -> NeedleResult:
@@ -217,15 +272,19 @@ def combine_runs(results: list[NeedleResult]) -> NeedleResult:
     shape = [(i, j) for i in range(len(first.depths)) for j in range(len(first.lengths))]
     recall = {n: [[sum(r.recall[n][i][j] for r in results) for j in range(len(first.lengths))] for i in range(len(first.depths))] for n in first.settings}
     answers = {n: [[[] for _ in first.lengths] for _ in first.depths] for n in first.settings}
+    with_margins = all(r.margins for r in results)  # runs from before margins were kept have none
+    margins = {n: [[[] for _ in first.lengths] for _ in first.depths] for n in first.settings} if with_margins else {}
     for r in results:
         for n in first.settings:
             for i, j in shape:
                 answers[n][i][j] += r.answers[n][i][j]
+                if with_margins:
+                    margins[n][i][j] += r.margins[n][i][j]
     trials = sum(r.trials for r in results)
     paired = {n: [sum(r.paired[n][k] for r in results) for k in range(2)] for n in first.settings[1:] if all(n in r.paired for r in results)}
     mean = {n: sum(map(sum, recall[n])) / (len(shape) * trials) for n in first.settings}
     return NeedleResult(first.model, first.text_source, list(first.lengths), list(first.depths), list(first.settings), recall, answers,
-                        first.prompt_tokens, mean, trials, paired)
+                        first.prompt_tokens, mean, trials, paired, margins)
 
 
 def plot_needle(result: NeedleResult, setting: str, path: Path) -> Path:

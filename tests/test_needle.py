@@ -8,7 +8,7 @@ from test_cli_generate import assert_clean_error, save_tiny_model
 from transformers import AutoTokenizer
 
 from tqpatch.cli.main import main
-from tqpatch.eval.needle import NEEDLE, QUESTION, build_prompt, check_grid
+from tqpatch.eval.needle import NEEDLE, QUESTION, answer_margin, build_prompt, check_grid, number_span
 
 HAYSTACK = " ".join(f"Sentence number {i} talks about the weather in town." for i in range(1000))
 
@@ -115,6 +115,8 @@ def test_smollm2_finds_a_short_needle(tmp_path):
     assert result.exit_code == 0, result.output
     recall = json.loads(result.stdout)["recall"]
     assert recall == {"fp": [[1]], "k4v4": [[1]]}
+    margins = json.loads(result.stdout)["margins"]  # both right: the baseline's confidence and k4v4's gap are > 0
+    assert margins["fp"][0][0][0] > 0 and margins["k4v4"][0][0][0] > 0
 
 
 def test_runs_combine_into_trials_per_cell():
@@ -131,7 +133,81 @@ def test_runs_combine_into_trials_per_cell():
     assert both.trials == 2 and both.recall == {"fp": [[2], [1]], "k4v4": [[1], [1]]}
     assert both.mean_recall == {"fp": 0.75, "k4v4": 0.5} and both.paired == {"k4v4": [1, 0]}
     assert both.answers["fp"][1][0] == ["a", "b"]
+    assert both.margins == {}  # runs without margins (older JSON) combine without them
+    with_margins = [run([[1], [0]], [[0], [0]], "a"), run([[1], [1]], [[1], [1]], "b")]
+    with_margins[0].margins = {"fp": [[[2.0]], [[None]]], "k4v4": [[[-0.5]], [[None]]]}
+    with_margins[1].margins = {"fp": [[[1.0]], [[3.0]]], "k4v4": [[[0.5]], [[1.5]]]}
+    both = combine_runs(with_margins)
+    assert both.margins["k4v4"] == [[[-0.5, 0.5]], [[None, 1.5]]]
+    assert both.margin_summary("k4v4") == (3, 0.5, -0.5) and both.margin_summary("fp") == (3, 2.0, 1.0)
+    assert "margin on the 3 answers fp got right: mean 0.50, smallest -0.50" in both.table()
     other = run([[1], [0]], [[0], [0]], "a")
     other.depths = [0.0, 75.0]
     with pytest.raises(ValueError, match="differ in depths"):
         combine_runs([both, other])
+
+
+def test_number_span_counts_answer_tokens_up_to_the_numbers_last_digit(tokenizer):
+    tokens = tokenizer("It is 1,234,567 I think.").input_ids  # byte-level: one token per character
+    assert number_span(tokenizer, tokens, "1234567") == len("It is 1,234,567")
+    assert number_span(tokenizer, tokens, "7654321") is None
+
+
+def test_answer_margin_is_the_smallest_gap_until_the_answers_part():
+    """Gaps l[r] − max other l over the reference tokens; at the first token the answers differ (gap ≤ 0) the
+    reading stops, so what comes after (another path's logits) cannot count."""
+    import torch
+
+    def logits(*rows):
+        return [torch.tensor(r) for r in rows]
+
+    steps = logits([0.0, 3.0, 1.0], [2.0, 0.0, 0.5], [0.0, 0.0, 4.0])
+    assert answer_margin(steps, [1, 0, 2], [1, 0, 2], 3) == pytest.approx(1.5)  # gaps 2.0, 1.5, 4.0
+    assert answer_margin(steps, [1, 0, 2], [1, 0, 2], 1) == pytest.approx(2.0)  # the span ends before the smaller gap
+    diverging = logits([0.0, 3.0, 1.0], [2.0, 0.0, 2.5], [9.0, 0.0, 0.0])
+    assert answer_margin(diverging, [1, 2, 0], [1, 0, 2], 3) == pytest.approx(-0.5)  # step 2 is after the split: unread
+    with pytest.raises(ValueError, match="span must be in 1..3"):
+        answer_margin(steps, [1, 0, 2], [1, 0, 2], 4)
+
+
+def test_margins_read_along_a_settings_own_path_are_the_baselines_answer_teacher_forced(tiny_model_dir, tokenizer):
+    """What answer_margin reads from a setting's own greedy generation equals the gaps of the baseline's answer
+    fed token by token through the patched model, up to the first token where the two answers differ; and the
+    margin is > 0 exactly when the setting writes the baseline's answer."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.cache_utils import DynamicCache
+
+    from tqpatch.config import TurboQuantConfig
+    from tqpatch.eval.needle import _answer
+    from tqpatch.patch import patch, unpatch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    seen = set()
+    for start in range(0, 600, 100):
+        ids = torch.tensor([tokenizer(HAYSTACK[start : start + 200]).input_ids])
+        prefill = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], use_cache=True, past_key_values=prefill)
+        reference, reference_logits = _answer(model, tokenizer, ids, prefill, None, 6)
+        assert answer_margin(reference_logits, reference, reference, len(reference)) >= 0  # the baseline's own confidence
+        setting = TurboQuantConfig.from_spec("k2v2")
+        tokens, logits = _answer(model, tokenizer, ids, prefill, setting, 6)
+        cache, forced = copy.deepcopy(prefill), []
+        patch(model, setting)
+        try:
+            with torch.no_grad():
+                for token in [ids[0, -1].item()] + reference[:-1]:
+                    forced.append(model(input_ids=torch.tensor([[token]]), use_cache=True, past_key_values=cache).logits[0, -1])
+        finally:
+            unpatch(model)
+        split = next((t for t in range(len(reference)) if tokens[t] != reference[t]), len(reference) - 1)
+        gaps = [forced[t][reference[t]].item() - torch.cat([forced[t][: reference[t]], forced[t][reference[t] + 1 :]]).max().item()
+                for t in range(split + 1)]
+        margin = answer_margin(logits, tokens, reference, len(reference))
+        assert margin == pytest.approx(min(gaps), abs=1e-4)
+        assert (margin > 0) == (tokens == reference)
+        seen.add(tokens == reference)
+    assert seen == {True, False}  # both branches ran: some answers kept, some lost
