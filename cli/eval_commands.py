@@ -141,7 +141,11 @@ def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_l
 @click.option("--progress/--no-progress", default=True, help="Show a tqdm progress bar (stderr).")
 def needle(model_spec, device, dtype, device_map, settings, key_method, residual_length, lengths, depths, max_new_tokens, seed, trials, text_file, out_dir, as_json,
            progress):
-    """Needle in a haystack: exact recall over context lengths x depths, heat maps (baseline beside each setting)."""
+    """Needle in a haystack: exact recall over context lengths x depths, heat maps (baseline beside each setting).
+
+    Where the baseline is right, each answer's margin (JSON "margins", in nats) is the smallest logit gap between
+    the baseline's answer token and the best other token up to the number's last digit: > 0 means the setting
+    wrote the baseline's answer; its size, how far the needle is from being lost."""
     from tqpatch.eval.needle import check_grid, needle_in_haystack, write_needle
 
     configs = [make_config(p, key_method=key_method, residual_length=residual_length) for p in parse_presets(settings)]

@@ -66,17 +66,21 @@ def allocate_bits(
     floor: float = 0.05,
     move: str = "kv",
     min_key_bits: int | None = None,
+    hold_keys: tuple[int, ...] = (),
 ) -> Allocation:
     """Per-layer key and value bits at the token-weighted average of (key_bits, value_bits).
 
     key_loss, value_loss: each layer's side's loss at scan_bits (from the scan: ΔPPL % or KL), clipped below at `floor`
     (a ΔPPL scan's noise makes small losses negative); tokens: tokens each layer holds; distortion: bits -> D(bits);
     move: the sides whose bits may change ("kv", "k" or "v"); the other side keeps its uniform bits; min_key_bits: the
-    keys' least bits, if not min_bits (e.g. key_bits: no layer's keys lose bits, which needle recall needs on SmolLM2)."""
+    keys' least bits, if not min_bits (e.g. key_bits: no layer's keys lose bits); hold_keys: layers whose keys keep at
+    least key_bits (on SmolLM2 an 8k needle lookup runs through layer 19's keys, which both KL scans call quiet)."""
     if not move or set(move) - set(SIDES):
         raise ValueError(f"move must name the sides to reallocate, 'kv', 'k' or 'v', got {move!r}")
     if not len(key_loss) == len(value_loss) == len(tokens):
         raise ValueError(f"one loss per layer and side and one token count per layer: got {len(key_loss)}, {len(value_loss)}, {len(tokens)}")
+    if set(hold_keys) - set(range(len(tokens))):
+        raise ValueError(f"hold_keys names layers the model lacks: {sorted(set(hold_keys) - set(range(len(tokens))))} (layers 0..{len(tokens) - 1})")
     least_key_bits = min_bits if min_key_bits is None else min_key_bits
     missing = sorted({*range(min(min_bits, least_key_bits), max_bits + 1), scan_bits} - set(distortion))
     if missing:
@@ -91,7 +95,7 @@ def allocate_bits(
     best = np.zeros(capacity + 1)
     picks = []
     for (name, s, _), u in zip(sides, units):
-        least = least_key_bits if name[1] == "k" else min_bits
+        least = min_bits if name[1] == "v" else max(key_bits, least_key_bits) if name[0] in hold_keys else least_key_bits
         choices = np.arange(least, max_bits + 1) if name[1] in move else np.array([uniform[name]])
         options = np.full((len(choices), capacity + 1), np.inf)
         for j, b in enumerate(choices):
@@ -222,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     alloc.add_argument("--min-bits", type=int, default=3)
     alloc.add_argument("--max-bits", type=int, default=6)
     alloc.add_argument("--min-key-bits", type=int, default=None, help="the keys' least bits (default --min-bits)")
+    alloc.add_argument("--hold-keys", default="", help="comma-separated layers whose keys keep at least --key-bits (e.g. a layer a "
+                       "needle lookup runs through, found with eval needle's margins)")
     alloc.add_argument("--metric", choices=METRICS, default="ppl", help="the scans' loss: ΔPPL %% or KL (millinats)")
     alloc.add_argument("--codes", choices=CODES, default="trellis", help="the code whose D(bits) models the loss")
     alloc.add_argument("--floor", type=float, default=None, help="least loss per side (default 0.05 for ppl, 0 for kl)")
@@ -252,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     floor = args.floor if args.floor is not None else (0.05 if args.metric == "ppl" else 0.0)
     result = allocate_bits(scan_losses(args.keys, args.metric), scan_losses(args.values, args.metric),
                            tokens_per_layer(model.config, args.window), distortion,
-                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, floor, args.move, args.min_key_bits)
+                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, floor, args.move, args.min_key_bits,
+                           tuple(int(i) for i in args.hold_keys.split(",") if i))
     unit = "%" if args.metric == "ppl" else " millinats"
     print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}{unit}; "
           f"allocated: {result.average_bits:.3f} bits, predicted {result.predicted_loss:.3f}{unit}")
@@ -265,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"the allocation keeps uniform bits: nothing written to {args.write_profile}")
             return
         write_profile(args.write_profile, args.model, model.config, base, options,
-                      source=f"eval/layer_bits.py allocate --metric {args.metric} --scan-bits {args.scan_bits} --codes {args.codes} --min-bits {args.min_bits} --max-bits {args.max_bits} on {args.keys}, {args.values}")
+                      source=f"eval/layer_bits.py allocate --metric {args.metric} --scan-bits {args.scan_bits} --codes {args.codes} --min-bits {args.min_bits} --max-bits {args.max_bits}"
+                             + (f" --hold-keys {args.hold_keys}" if args.hold_keys else "") + f" on {args.keys}, {args.values}")
         print(f"{args.write_profile}: {base} = {options}")
 
 

@@ -71,6 +71,17 @@ def test_allocation_can_keep_every_layers_keys_at_their_bits_or_more():
     assert kept.bits[(0, "k")] > 4 and kept.average_bits <= 3.5 and free.predicted_loss <= kept.predicted_loss < kept.uniform_loss
 
 
+def test_allocation_can_hold_named_layers_keys_at_their_bits():
+    """hold_keys: the named quiet layers' keys keep 4 bits, the others may still drop; a layer the model lacks is an error."""
+    losses = [8.0, 0.01, 0.01, 0.01], [0.5, 0.5, 0.5, 0.5]
+    free = allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2)
+    held = allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2, hold_keys=(2,))
+    assert free.bits[(2, "k")] < 4 and held.bits[(2, "k")] >= 4
+    assert min(held.bits[(i, "k")] for i in (1, 3)) < 4 and held.average_bits <= 3.5
+    with pytest.raises(ValueError, match=r"hold_keys names layers the model lacks: \[7\] \(layers 0..3\)"):
+        allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, hold_keys=(7,))
+
+
 def test_scan_losses_read_ppl_or_kl_rows(tmp_path):
     import json
 
