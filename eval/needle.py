@@ -136,6 +136,14 @@ def build_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, 
     return _chat(tokenizer, f"{context}\n\n{QUESTION}")
 
 
+def draw_number(rng: random.Random, skip: int = 0) -> str:
+    """The next needle number (7 digits) from `rng`, after skipping `skip` draws: a grid run draws one per cell, in
+    the order trial, depth, length."""
+    for _ in range(skip):
+        rng.randrange(1_000_000, 10_000_000)
+    return str(rng.randrange(1_000_000, 10_000_000))
+
+
 def number_span(tokenizer, tokens: list[int], number: str) -> int | None:
     """How many of the answer `tokens` it takes to write `number` (commas and spaces ignored), or None if they never do."""
     for k in range(1, len(tokens) + 1):
@@ -229,7 +237,7 @@ def needle_in_haystack(
         bar = tqdm(total=len(cells) * len(names), desc="needle", unit="answer")
     try:
         for i, j in cells:
-            number = str(rng.randrange(1_000_000, 10_000_000))
+            number = draw_number(rng)
             ids = torch.tensor([build_prompt(tokenizer, haystack_ids, lengths[j], depths[i], NEEDLE.format(number=number))], device=device)
             prompt_tokens[i][j] = ids.shape[1]
             prefill = DynamicCache(config=model.config)

@@ -53,21 +53,28 @@ def test_smollm2_presets_take_the_bits_its_scan_chose():
 
 @pytest.mark.parametrize("profile", layer_profiles.shipped_profiles(), ids=lambda p: p.model)
 def test_shipped_profiles_are_what_their_kl_scans_allocate(profile):
-    """Each shipped profile is `layer_bits allocate --metric kl --scan-bits 4 --codes trellis` on the model's shipped
-    scan (docs/data/layer_scan_4bit_{keys,values}_kl_<model>.json), --min-bits 3 at k4v4 and 2 at k4v3."""
+    """Each shipped allocation is what `layer_bits allocate` makes with the arguments its profile records ("recipes"),
+    or, where it records none (the first profiles), `--metric kl --scan-bits 4 --codes trellis` on the model's plain-text
+    scan (docs/data/layer_scan_4bit_{keys,values}_kl_<model>.json) with --min-bits 3 at k4v4 and 2 at k4v3."""
     from pathlib import Path
 
     from tqpatch.eval.layer_bits import allocate_bits, code_distortion, scan_losses
 
-    data = Path(__file__).resolve().parents[1] / "docs" / "data"
+    repo = Path(__file__).resolve().parents[1]
     short = {"gemma3-270m": "gemma3", "smollm2": "smollm2"}[profile.model]
     model_config = {"gemma3_text": GEMMA3_270M, "llama": SMOLLM2_135M}[profile.match["model_type"]]
-    keys, values = (scan_losses(str(data / f"layer_scan_4bit_{side}_kl_{short}.json"), "kl") for side in ("keys", "values"))
     for base, options in ((b, o) for b, o in profile.settings.items() if o):  # "": uniform bits on purpose
         uniform = TurboQuantConfig.from_spec(base)
         kb, vb = int(uniform.key_bits), int(uniform.value_bits)
-        result = allocate_bits(keys, values, tokens_per_layer(model_config, 2048), code_distortion(model_config.head_dim, "trellis", range(2, 7)),
-                               kb, vb, scan_bits=4, min_bits=3 if vb == 4 else 2, max_bits=6, floor=0.0)
+        recipe = {"keys": f"docs/data/layer_scan_4bit_keys_kl_{short}.json", "values": f"docs/data/layer_scan_4bit_values_kl_{short}.json",
+                  "metric": "kl", "scan_bits": 4, "codes": "trellis", "min_bits": 3 if vb == 4 else 2, "max_bits": 6, "min_key_bits": None,
+                  "floor": 0.0, "move": "kv", "hold_keys": [], "window": 2048} | profile.recipes.get(base, {})
+        keys, values = (scan_losses(str(repo / recipe[side]), recipe["metric"]) for side in ("keys", "values"))
+        least = min(recipe["min_bits"], recipe["min_key_bits"] or recipe["min_bits"], recipe["scan_bits"])
+        result = allocate_bits(keys, values, tokens_per_layer(model_config, recipe["window"]),
+                               code_distortion(model_config.head_dim, recipe["codes"], range(least, recipe["max_bits"] + 1)),
+                               kb, vb, recipe["scan_bits"], recipe["min_bits"], recipe["max_bits"], recipe["floor"], recipe["move"],
+                               recipe["min_key_bits"], tuple(recipe["hold_keys"]))
         assert TurboQuantConfig(key_bits=kb, value_bits=vb, layer_bits_overrides=result.overrides(kb, vb)).name == f"k{kb}v{vb}-{options}"
 
 
@@ -129,9 +136,10 @@ def test_a_model_without_a_profile_keeps_uniform_bits_and_says_so():
 def test_write_profile_adds_settings_and_refuses_another_models_file(tmp_path):
     path = tmp_path / "smollm2.json"
     layer_profiles.write_profile(path, "smollm2", SMOLLM2_135M, "k4v4-tkv", "B0k3v3-B2k5v4")
-    data = layer_profiles.write_profile(path, "smollm2", SMOLLM2_135M, "k4v3-tkv", "B1k5v3", source="scan")
+    data = layer_profiles.write_profile(path, "smollm2", SMOLLM2_135M, "k4v3-tkv", "B1k5v3", source="scan", recipe={"min_bits": 3, "hold_keys": [19]})
     assert data["settings"] == {"k4v4-tkv": "B0k3v3-B2k5v4", "k4v3-tkv": "B1k5v3"} and json.loads(path.read_text()) == data
-    assert layer_profiles.shipped_profiles(tmp_path)[0].matches(SMOLLM2_135M)
+    profile = layer_profiles.shipped_profiles(tmp_path)[0]
+    assert profile.matches(SMOLLM2_135M) and profile.recipes == {"k4v3-tkv": {"min_bits": 3, "hold_keys": [19]}}
     with pytest.raises(ValueError, match="is the profile of smollm2"):
         layer_profiles.write_profile(path, "gemma3-270m", GEMMA3_270M, "k4v4-tkv", "B0k3v3")
     with pytest.raises(ValueError, match="unknown option"):

@@ -211,3 +211,43 @@ def test_margins_read_along_a_settings_own_path_are_the_baselines_answer_teacher
         assert (margin > 0) == (tokens == reference)
         seen.add(tokens == reference)
     assert seen == {True, False}  # both branches ran: some answers kept, some lost
+
+
+def test_needle_margins_redraw_the_needles_a_grid_run_used(tiny_model_dir, tokenizer, monkeypatch):
+    """A needle named by (seed, grid depths, depth, trial) carries the number the grid run put in that cell, and
+    needle_margins answers it as the grid run did, for the baseline and the setting."""
+    from transformers import AutoModelForCausalLM
+
+    import tqpatch.eval.needle as needle_module
+    from tqpatch.config import TurboQuantConfig
+    from tqpatch.eval.needle_margins import NeedleRef, needle_margins
+
+    seen = []
+    build = needle_module.build_prompt
+    monkeypatch.setattr(needle_module, "build_prompt", lambda tok, hay, length, depth, needle: seen.append(needle) or build(tok, hay, length, depth, needle))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    setting = TurboQuantConfig.from_spec("k3v2")
+    grid = needle_module.needle_in_haystack(model, tokenizer, HAYSTACK, [setting], [128], [0.0, 50.0, 100.0], max_new_tokens=4, seed=5, trials=2,
+                                            progress=False)
+    cells = [(t, d) for t in range(2) for d in (0.0, 50.0, 100.0)]  # the grid's order: trial, then depth
+    assert [NEEDLE.format(number=NeedleRef(5, (0.0, 50.0, 100.0), d, t).number()) for t, d in cells] == seen
+    rows = needle_margins(model, tokenizer, HAYSTACK, [setting], [NeedleRef(5, (0.0, 50.0, 100.0), 50.0, 1)], 128, max_new_tokens=4, progress=False)
+    assert rows[0]["baseline_answer"] == grid.answers["fp"][1][0][1]
+    assert rows[0]["settings"]["k3v2"]["answer"] == grid.answers["k3v2"][1][0][1]
+
+
+@pytest.mark.parametrize("text, message", [("1:0,50", "a needle is 'seed:grid depths:depth"), ("1:0,50:25", "depth 25 is not one of the grid's depths")])
+def test_needle_refs_name_a_cell_of_their_grid(text, message):
+    from tqpatch.eval.needle_margins import NeedleRef
+
+    assert NeedleRef.parse("10:50,75:75:2") == NeedleRef(10, (50.0, 75.0), 75.0, 2)
+    with pytest.raises(ValueError, match=message):
+        NeedleRef.parse(text)
+
+
+def test_margin_scan_figure_is_written(tmp_path):
+    from tqpatch.eval.needle_margins import plot_margins
+
+    path = plot_margins(["uniform", "allocation", "allocation, layer 19 keys at 4 bits"], [0.8, -1.1, 0.15], 0.04, "one needle", tmp_path / "m.png")
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000

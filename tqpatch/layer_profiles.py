@@ -9,6 +9,8 @@ codebooks/layer_bits/:
     {"model": "gemma3-270m",
      "match": {"model_type": "gemma3_text", "num_hidden_layers": 18, ...},     # the model's config fields
      "settings": {"k4v4-tkv": "B0k3v4-B1.3.4k4v3-...", "k4v3-tkv": ""},      # base -> the -B options ("": uniform)
+     "recipes": {"k4v4-tkv": {"keys": "docs/data/...json", "min_bits": 3, ...}},  # optional: base -> the
+                                                          # `layer_bits allocate` arguments that made its options
      "source": "where the scan and the measurements are"}
 
 A profile applies to a model whose config has every field in "match" (its shape: a fine-tune of the same base
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class LayerProfile:
     match: dict
     settings: dict
     source: str = ""
+    recipes: dict = field(default_factory=dict)  # base -> the allocate arguments that made it (scans, min bits, ...)
 
     def matches(self, model_config) -> bool:
         return all(getattr(model_config, name, None) == value for name, value in self.match.items())
@@ -59,7 +62,7 @@ def _load_folder(folder: str) -> tuple[LayerProfile, ...]:
         missing = [key for key in ("model", "match", "settings") if key not in data]
         if missing:
             raise ValueError(f"layer-bits profile {path} lacks {', '.join(missing)}")
-        profiles.append(LayerProfile(data["model"], dict(data["match"]), dict(data["settings"]), data.get("source", "")))
+        profiles.append(LayerProfile(data["model"], dict(data["match"]), dict(data["settings"]), data.get("source", ""), dict(data.get("recipes", {}))))
     return tuple(profiles)
 
 
@@ -80,9 +83,10 @@ def fingerprint(model_config) -> dict:
     return {name: getattr(config, name) for name in MATCH_FIELDS if getattr(config, name, None) is not None}
 
 
-def write_profile(path: str | Path, model: str, model_config, base: str, options: str, source: str = "") -> dict:
+def write_profile(path: str | Path, model: str, model_config, base: str, options: str, source: str = "", recipe: dict | None = None) -> dict:
     """Add (or replace) `base`'s bits per layer ("B0k3v4-B5k5v4...") in the profile file at `path`, made for the
-    model whose config is given; returns the profile as written. A file made for another model is refused."""
+    model whose config is given, with the `recipe` that made them if given; returns the profile as written. A file
+    made for another model is refused."""
     path = Path(path)
     data = json.loads(path.read_text()) if path.exists() else {"model": model, "match": fingerprint(model_config), "settings": {}}
     if data["match"] != fingerprint(model_config):
@@ -90,6 +94,8 @@ def write_profile(path: str | Path, model: str, model_config, base: str, options
     if options:
         TurboQuantConfig.from_spec(f"{base.split('-')[0]}-{options}")  # refuse options that do not parse
     data["settings"][base] = options
+    if recipe is not None:
+        data.setdefault("recipes", {})[base] = recipe
     if source:
         data["source"] = source
     path.write_text(json.dumps(data, indent=2) + "\n")
