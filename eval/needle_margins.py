@@ -110,6 +110,27 @@ def plot_margins(labels: list[str], margins: list[float], baseline_margin: float
     return save_figure(fig, path, dpi=110)
 
 
+def plot_needle_set(rows: list[dict], labels: dict[str, str], title: str, path: Path) -> Path:
+    """Each needle's margin (x: the needle, 'seed/depth/trial') for the baseline and each setting in `labels`
+    (setting name -> legend label); a point under 0 is a needle the setting loses. Needles the baseline misses are left out."""
+    from .plotting import pyplot, save_figure
+
+    plt = pyplot()
+    kept = [row for row in rows if row["baseline_margin"] is not None]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.45 * len(kept), 3.6), layout="constrained")
+    x = range(len(kept))
+    ax.plot(x, [row["baseline_margin"] for row in kept], "k_", ms=14, mew=2, ls="none", label="FP (its own confidence)")
+    for (name, label), marker in zip(labels.items(), "os^Dv"):
+        ax.plot(x, [row["settings"][name]["margin"] for row in kept], marker, ls="none", alpha=0.8, label=label)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(list(x), [f"{row['seed']}/{row['depth']:g}/{row['trial']}" for row in kept], rotation=60, fontsize=8)
+    ax.set_xlabel("needle (seed / depth % / trial)")
+    ax.set_ylabel("margin (nats); < 0: lost")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 

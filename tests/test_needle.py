@@ -251,3 +251,12 @@ def test_margin_scan_figure_is_written(tmp_path):
     path = plot_margins(["uniform", "allocation", "allocation, layer 19 keys at 4 bits"], [0.8, -1.1, 0.15], 0.04, "one needle", tmp_path / "m.png")
     png = path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+
+
+def test_needle_set_figure_leaves_out_the_needles_the_baseline_misses(tmp_path):
+    from tqpatch.eval.needle_margins import plot_needle_set
+
+    rows = [{"seed": 1, "depth": 50.0, "trial": 0, "baseline_margin": 0.04, "settings": {"a": {"margin": -0.2}}},
+            {"seed": 2, "depth": 75.0, "trial": 0, "baseline_margin": None, "settings": {"a": {"margin": None}}}]
+    png = plot_needle_set(rows, {"a": "allocation"}, "two needles", tmp_path / "set.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
