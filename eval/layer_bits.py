@@ -274,9 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe = {"keys": args.keys, "values": args.values, "metric": args.metric, "scan_bits": args.scan_bits, "codes": args.codes,
                   "min_bits": args.min_bits, "max_bits": args.max_bits, "min_key_bits": args.min_key_bits, "floor": floor, "move": args.move,
                   "hold_keys": [int(i) for i in args.hold_keys.split(",") if i], "window": args.window}
-        write_profile(args.write_profile, args.model, model.config, base, options, recipe=recipe,
-                      source=f"eval/layer_bits.py allocate --metric {args.metric} --scan-bits {args.scan_bits} --codes {args.codes} --min-bits {args.min_bits} --max-bits {args.max_bits}"
-                             + (f" --hold-keys {args.hold_keys}" if args.hold_keys else "") + f" on {args.keys}, {args.values}")
+        write_profile(args.write_profile, args.model, model.config, base, options, recipe=recipe)  # the file's "source" stays as written
         print(f"{args.write_profile}: {base} = {options}")
 
 

@@ -41,14 +41,23 @@ def test_the_gemma3_profile_gives_the_settings_the_readme_measured():
     assert layer_profiles.find_profile(SMOLLM2_135M).model == "smollm2"  # and not Gemma-3's
 
 
-def test_smollm2_presets_take_the_bits_its_scan_chose():
-    """4bit+ on SmolLM2-135M: the setting measured in README "Bits per layer shipped per model". 3.5bit+ keeps uniform
-    bits there on purpose (its allocation lost an 8k needle), silently: the profile lists it as ""."""
+def test_smollm2_presets_take_the_bits_its_scans_chose():
+    """4bit+ on SmolLM2-135M: the setting measured in README "Bits per layer shipped per model"; 3.5bit+: the copy
+    scan's allocation with layer 19's keys held at 4 bits (README "Needle margins and a needle-driven layer scan")."""
     four = layer_profiles.resolve(TurboQuantConfig.preset("4bit+"), SMOLLM2_135M)
     assert four.name == "k4v4-s4-ss-ck-sv-tkv-qsd-n8-B0.11.13.16.25.27.29k3v3-B2k4v5-B3.5.7.8.9.10.17.24k5v4-B6.12.22.26k4v3-B18.20.23k6v5"
+    three = layer_profiles.resolve(TurboQuantConfig.preset("3.5bit+"), SMOLLM2_135M)
+    assert three.name == "k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8-B0.1.2.6.11.12.13.15.16.22.25.27.28.29k3v3-B7.8k5v3-B17.23k5v4-B18k6v5-B20k6v4-B24k4v4"
+    assert three.layer_bits(19, 30) == (4, 3)  # the layer an 8k needle lookup runs through keeps 4-bit keys
+
+
+def test_a_profile_can_keep_uniform_bits_on_purpose_silently(tmp_path, monkeypatch):
+    """A base listed as "" keeps uniform bits without a warning (the profile's source says why)."""
+    model = tiny_model("llama")
+    _ship_profile_for(model, tmp_path / "llama", "", monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert layer_profiles.resolve(TurboQuantConfig.preset("3.5bit+"), SMOLLM2_135M).name == "k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8"
+        assert layer_profiles.resolve(TurboQuantConfig.from_spec("k4v4-Bt"), model.config).name == "k4v4"
 
 
 @pytest.mark.parametrize("profile", layer_profiles.shipped_profiles(), ids=lambda p: p.model)

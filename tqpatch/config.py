@@ -446,7 +446,9 @@ PRESETS: dict[str, TurboQuantConfig] = {
     # `layer_profiles`: SmolLM2-135M and Gemma-3-270M; other models store uniform bits, with a warning): from a KL scan
     # of each model, the same average bits, 25-27% (4bit+) and 12-25% (3.5bit+) less KL to FP and less perplexity loss
     # on the five-seed means of both models (README, "Bits per layer shipped per model"). 4bit+ is the quality 4-bit
-    # preset (trellis codes, read by the split kernel); k4v4+ stays the fast one.
+    # preset (trellis codes, read by the split kernel); k4v4+ stays the fast one. SmolLM2's 3.5bit+ bits (twentieth
+    # session) come from a scan with long-range copies, with layer 19's keys held at 4 bits: an 8k needle lookup runs
+    # through them (README, "Needle margins and a needle-driven layer scan").
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, score_variance=True, **_QUALITY),
     "4bit+": TurboQuantConfig(key_bits=4, value_bits=4, score_variance=True, tuned_layer_bits=True, **_QUALITY, **_TRELLIS),
     "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
