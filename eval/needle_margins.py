@@ -117,7 +117,7 @@ def plot_needle_set(rows: list[dict], labels: dict[str, str], title: str, path: 
 
     plt = pyplot()
     kept = [row for row in rows if row["baseline_margin"] is not None]
-    fig, ax = plt.subplots(figsize=(1.6 + 0.45 * len(kept), 3.6), layout="constrained")
+    fig, ax = plt.subplots(figsize=(1.6 + 0.45 * len(kept), 4.0), layout="constrained")
     x = range(len(kept))
     ax.plot(x, [row["baseline_margin"] for row in kept], "k_", ms=14, mew=2, ls="none", label="FP (its own confidence)")
     for (name, label), marker in zip(labels.items(), "os^Dv"):
@@ -127,7 +127,7 @@ def plot_needle_set(rows: list[dict], labels: dict[str, str], title: str, path: 
     ax.set_xlabel("needle (seed / depth % / trial)")
     ax.set_ylabel("margin (nats); < 0: lost")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=1 + len(labels))  # below the axes, clear of the points
     return save_figure(fig, path, dpi=110)
 
 
