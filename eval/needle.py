@@ -195,6 +195,27 @@ def _answer(model, tokenizer, ids: torch.Tensor, prefill, config: TurboQuantConf
     return out.sequences[0, ids.shape[1] :].tolist(), [step[0] for step in out.logits]
 
 
+def haystack_tokens(tokenizer, haystack: str, length: int) -> list[int]:
+    """The haystack's first tokens, enough for a prompt of `length` tokens."""
+    return tokenizer(haystack[: length * 10], add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def answer_needle(model, tokenizer, ids: torch.Tensor, number: str, settings: list[TurboQuantConfig | None],
+                  max_new_tokens: int) -> list[tuple[str, float | None]]:
+    """Prefill the prompt `ids` [1, L] once (exactly), then each setting's greedy answer text and its margin along
+    the first setting's (the baseline's) answer, None where the baseline's answer lacks `number`."""
+    prefill = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :-1], use_cache=True, **{cache_kwarg(model): prefill})
+    reference, span, out = [], None, []
+    for k, setting in enumerate(settings):
+        tokens, logits = _answer(model, tokenizer, ids, prefill, setting, max_new_tokens)
+        if k == 0:
+            reference, span = tokens, number_span(tokenizer, tokens, number)
+        out.append((tokenizer.decode(tokens, skip_special_tokens=True), None if span is None else answer_margin(logits, tokens, reference, span)))
+    return out
+
+
 def needle_in_haystack(
     model,
     tokenizer,
@@ -217,7 +238,7 @@ def needle_in_haystack(
         raise TQPatchError("needle_in_haystack patches the model for each setting itself; pass an unpatched model")
     config = text_config(model.config)
     check_grid(lengths, depths, getattr(config, "max_position_embeddings", None))
-    haystack_ids = tokenizer(haystack[: max(lengths) * 10], add_special_tokens=False).input_ids
+    haystack_ids = haystack_tokens(tokenizer, haystack, max(lengths))
     if len(haystack_ids) < max(lengths):
         raise ValueError(f"the haystack text has {len(haystack_ids)} tokens, fewer than the longest context {max(lengths)}")
     settings = [resolve(s, model.config) for s in settings]  # "-Bt": as the bits per layer it takes on this model
@@ -240,20 +261,12 @@ def needle_in_haystack(
             number = draw_number(rng)
             ids = torch.tensor([build_prompt(tokenizer, haystack_ids, lengths[j], depths[i], NEEDLE.format(number=number))], device=device)
             prompt_tokens[i][j] = ids.shape[1]
-            prefill = DynamicCache(config=model.config)
-            with torch.no_grad():
-                model(input_ids=ids[:, :-1], use_cache=True, **{cache_kwarg(model): prefill})
             right = {}
-            reference, span = [], None
-            for name, setting in zip(names, [None] + list(settings)):
-                tokens, logits = _answer(model, tokenizer, ids, prefill, setting, max_new_tokens)
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
+            for name, (text, margin) in zip(names, answer_needle(model, tokenizer, ids, number, [None] + list(settings), max_new_tokens)):
                 answers[name][i][j].append(text)
                 right[name] = number in text.replace(",", "").replace(" ", "")
                 recall[name][i][j] += right[name]
-                if name == BASELINE:
-                    reference, span = tokens, number_span(tokenizer, tokens, number)
-                margins[name][i][j].append(None if span is None else round(answer_margin(logits, tokens, reference, span), 4))
+                margins[name][i][j].append(None if margin is None else round(margin, 4))
                 if name in paired:
                     paired[name][0] += right[BASELINE] and not right[name]
                     paired[name][1] += right[name] and not right[BASELINE]

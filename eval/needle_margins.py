@@ -17,13 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from tqpatch.config import TurboQuantConfig
 from tqpatch.layer_profiles import resolve
 
-from .needle import NEEDLE, _answer, answer_margin, build_prompt, draw_number, number_span
-from .perplexity import cache_kwarg
+from .needle import NEEDLE, answer_needle, build_prompt, draw_number, haystack_tokens
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ def needle_margins(model, tokenizer, haystack: str, settings: list[TurboQuantCon
                    max_new_tokens: int = 24, progress: bool = True, on_needle=None) -> list[dict]:
     """Per needle: its number, the baseline's answer and own margin, and each setting's answer and margin (None
     where the baseline misses the number). on_needle(rows) after each needle (e.g. to save as it goes)."""
-    haystack_ids = tokenizer(haystack[: length * 10], add_special_tokens=False).input_ids
+    haystack_ids = haystack_tokens(tokenizer, haystack, length)
     settings = [resolve(s, model.config) for s in settings]
     device = next(model.parameters()).device
     rows = []
@@ -65,25 +63,16 @@ def needle_margins(model, tokenizer, haystack: str, settings: list[TurboQuantCon
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(needles) * (1 + len(settings)), desc="needle margins", unit="answer")
+        bar = tqdm(total=len(needles), desc="needle margins", unit="needle")
     for ref in needles:
         number = ref.number()
         ids = torch.tensor([build_prompt(tokenizer, haystack_ids, length, ref.depth, NEEDLE.format(number=number))], device=device)
-        prefill = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], use_cache=True, **{cache_kwarg(model): prefill})
-        reference, logits = _answer(model, tokenizer, ids, prefill, None, max_new_tokens)
-        span = number_span(tokenizer, reference, number)
+        (baseline_answer, baseline_margin), *answers = answer_needle(model, tokenizer, ids, number, [None] + settings, max_new_tokens)
         row = {"seed": ref.seed, "depths": list(ref.depths), "depth": ref.depth, "trial": ref.trial, "number": number,
-               "baseline_answer": tokenizer.decode(reference, skip_special_tokens=True),
-               "baseline_margin": None if span is None else answer_margin(logits, reference, reference, span), "settings": {}}
+               "baseline_answer": baseline_answer, "baseline_margin": baseline_margin,
+               "settings": {setting.name: {"answer": text, "margin": margin} for setting, (text, margin) in zip(settings, answers)}}
         if bar is not None:
             bar.update()
-        for setting in settings:
-            tokens, logits = _answer(model, tokenizer, ids, prefill, setting, max_new_tokens)
-            row["settings"][setting.name] = {"answer": tokenizer.decode(tokens, skip_special_tokens=True),
-                                             "margin": None if span is None else answer_margin(logits, tokens, reference, span)}
-            if bar is not None:
-                bar.update()
         rows.append(row)
         if on_needle is not None:
             on_needle(rows)
