@@ -144,10 +144,15 @@ def draw_number(rng: random.Random, skip: int = 0) -> str:
     return str(rng.randrange(1_000_000, 10_000_000))
 
 
+def writes_number(text: str, number: str) -> bool:
+    """Exact recall: `number` appears in the answer `text`, commas and spaces ignored."""
+    return number in text.replace(",", "").replace(" ", "")
+
+
 def number_span(tokenizer, tokens: list[int], number: str) -> int | None:
     """How many of the answer `tokens` it takes to write `number` (commas and spaces ignored), or None if they never do."""
     for k in range(1, len(tokens) + 1):
-        if number in tokenizer.decode(tokens[:k], skip_special_tokens=True).replace(",", "").replace(" ", ""):
+        if writes_number(tokenizer.decode(tokens[:k], skip_special_tokens=True), number):
             return k
     return None
 
@@ -264,7 +269,7 @@ def needle_in_haystack(
             right = {}
             for name, (text, margin) in zip(names, answer_needle(model, tokenizer, ids, number, [None] + list(settings), max_new_tokens)):
                 answers[name][i][j].append(text)
-                right[name] = number in text.replace(",", "").replace(" ", "")
+                right[name] = writes_number(text, number)
                 recall[name][i][j] += right[name]
                 margins[name][i][j].append(None if margin is None else round(margin, 4))
                 if name in paired:
