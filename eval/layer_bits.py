@@ -66,7 +66,8 @@ def allocate_bits(
     floor: float = 0.05,
     move: str = "kv",
     min_key_bits: int | None = None,
-    hold_keys: tuple[int, ...] = (),
+    hold_keys: tuple[int, ...] | dict[int, int] = (),
+    value_scan_bits: int | None = None,
 ) -> Allocation:
     """Per-layer key and value bits at the token-weighted average of (key_bits, value_bits).
 
@@ -74,15 +75,21 @@ def allocate_bits(
     (a ΔPPL scan's noise makes small losses negative); tokens: tokens each layer holds; distortion: bits -> D(bits);
     move: the sides whose bits may change ("kv", "k" or "v"); the other side keeps its uniform bits; min_key_bits: the
     keys' least bits, if not min_bits (e.g. key_bits: no layer's keys lose bits); hold_keys: layers whose keys keep at
-    least key_bits (on SmolLM2 an 8k needle lookup runs through layer 19's keys, which both KL scans call quiet)."""
+    least key_bits, or {layer: least bits} (on SmolLM2 an 8k needle lookup runs through layer 19's keys, which both KL
+    scans call quiet; on Gemma-3 a needle's answer needs layer 14's keys at 5 bits); value_scan_bits: the bits of the
+    values' scan where it differs from the keys' (each side scanned near its own operating point)."""
     if not move or set(move) - set(SIDES):
         raise ValueError(f"move must name the sides to reallocate, 'kv', 'k' or 'v', got {move!r}")
     if not len(key_loss) == len(value_loss) == len(tokens):
         raise ValueError(f"one loss per layer and side and one token count per layer: got {len(key_loss)}, {len(value_loss)}, {len(tokens)}")
-    if set(hold_keys) - set(range(len(tokens))):
-        raise ValueError(f"hold_keys names layers the model lacks: {sorted(set(hold_keys) - set(range(len(tokens))))} (layers 0..{len(tokens) - 1})")
+    held = dict(hold_keys) if isinstance(hold_keys, dict) else dict.fromkeys(hold_keys, key_bits)
+    if set(held) - set(range(len(tokens))):
+        raise ValueError(f"hold_keys names layers the model lacks: {sorted(set(held) - set(range(len(tokens))))} (layers 0..{len(tokens) - 1})")
+    if any(b > max_bits for b in held.values()):
+        raise ValueError(f"hold_keys asks for more than max_bits = {max_bits}: {held}")
     least_key_bits = min_bits if min_key_bits is None else min_key_bits
-    missing = sorted({*range(min(min_bits, least_key_bits), max_bits + 1), scan_bits} - set(distortion))
+    scanned_at = {"k": scan_bits, "v": scan_bits if value_scan_bits is None else value_scan_bits}
+    missing = sorted({*range(min(min_bits, least_key_bits), max_bits + 1), *scanned_at.values()} - set(distortion))
     if missing:
         raise ValueError(f"distortion has no entry for {missing} bits")
     sides = [((layer, side), max(loss, floor), tokens[layer]) for side, losses in zip(SIDES, (key_loss, value_loss)) for layer, loss in enumerate(losses)]
@@ -95,13 +102,13 @@ def allocate_bits(
     best = np.zeros(capacity + 1)
     picks = []
     for (name, s, _), u in zip(sides, units):
-        least = min_bits if name[1] == "v" else max(key_bits, least_key_bits) if name[0] in hold_keys else least_key_bits
+        least = min_bits if name[1] == "v" else max(held.get(name[0], least_key_bits), least_key_bits)
         choices = np.arange(least, max_bits + 1) if name[1] in move else np.array([uniform[name]])
         options = np.full((len(choices), capacity + 1), np.inf)
         for j, b in enumerate(choices):
             cost = u * int(b)
             if cost <= capacity:
-                options[j, cost:] = best[: capacity + 1 - cost] + s * distortion[int(b)] / distortion[scan_bits]
+                options[j, cost:] = best[: capacity + 1 - cost] + s * distortion[int(b)] / distortion[scanned_at[name[1]]]
         picks.append((choices, options.argmin(axis=0)))
         best = options.min(axis=0)
     if not np.isfinite(best[capacity]):
@@ -113,12 +120,38 @@ def allocate_bits(
         c -= u * b
 
     def loss_of(bits: dict) -> float:
-        return sum(s * distortion[bits[name]] / distortion[scan_bits] for name, s, _ in sides)
+        return sum(s * distortion[bits[name]] / distortion[scanned_at[name[1]]] for name, s, _ in sides)
 
     def spent(bits: dict) -> int:
         return sum(n * bits[name] for name, _, n in sides)
 
     return Allocation(bits, spent(bits) / total, loss_of(bits), loss_of(uniform))
+
+
+def allocate_from_recipe(recipe: dict, model_config, key_bits: int, value_bits: int, root: str | Path = ".") -> Allocation:
+    """The allocation `allocate` makes from its arguments as a profile's "recipes" record them: the scans' paths (relative
+    to `root`), "metric", "scan_bits", "value_scan_bits", "codes", "min_bits", "max_bits", "min_key_bits", "floor",
+    "move", "hold_keys" and "window" (the tokens per layer at the end of a window of this many)."""
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    scanned = (recipe["scan_bits"], recipe["value_scan_bits"] or recipe["scan_bits"])
+    least = min(recipe["min_bits"], recipe["min_key_bits"] or recipe["min_bits"], *scanned)
+    distortion = code_distortion(head_dim, recipe["codes"], range(least, max(recipe["max_bits"], *scanned) + 1))
+    keys, values = (scan_losses(str(Path(root) / recipe[side]), recipe["metric"]) for side in ("keys", "values"))
+    return allocate_bits(keys, values, tokens_per_layer(model_config, recipe["window"]), distortion, key_bits, value_bits,
+                         recipe["scan_bits"], recipe["min_bits"], recipe["max_bits"], recipe["floor"], recipe["move"],
+                         recipe["min_key_bits"], parse_hold_keys(recipe["hold_keys"]), recipe["value_scan_bits"])
+
+
+def parse_hold_keys(items) -> tuple[int, ...] | dict[int, int]:
+    """`--hold-keys` (and a profile recipe's "hold_keys"): '19,14:5' or [19, "14:5"] -> layers held at the preset's key
+    bits, or {layer: least bits} where any entry names its bits (layer 19 then at key bits is given as '19:4')."""
+    entries = [str(i).strip() for i in (items.split(",") if isinstance(items, str) else items) if str(i).strip()]
+    try:
+        if not any(":" in e for e in entries):
+            return tuple(int(e) for e in entries)
+        return {int(layer): int(bits) for layer, bits in (e.split(":") for e in entries)}
+    except ValueError:
+        raise ValueError(f"hold_keys is layers, or layer:bits, separated by commas (e.g. 19 or 14:5,19:4); got {items!r}") from None
 
 
 def tokens_per_layer(model_config, window: int) -> list[int]:
@@ -223,11 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     alloc.add_argument("--key-bits", type=int, required=True)
     alloc.add_argument("--value-bits", type=int, required=True)
     alloc.add_argument("--scan-bits", type=int, default=2)
+    alloc.add_argument("--value-scan-bits", type=int, default=None, help="the values' scan bits, if not --scan-bits")
     alloc.add_argument("--min-bits", type=int, default=3)
     alloc.add_argument("--max-bits", type=int, default=6)
     alloc.add_argument("--min-key-bits", type=int, default=None, help="the keys' least bits (default --min-bits)")
-    alloc.add_argument("--hold-keys", default="", help="comma-separated layers whose keys keep at least --key-bits (e.g. a layer a "
-                       "needle lookup runs through, found with eval needle's margins)")
+    alloc.add_argument("--hold-keys", default="", help="comma-separated layers whose keys keep at least --key-bits, or layer:bits "
+                       "with their least bits (e.g. a layer a needle lookup runs through, found with eval needle_margins)")
     alloc.add_argument("--metric", choices=METRICS, default="ppl", help="the scans' loss: ΔPPL %% or KL (millinats)")
     alloc.add_argument("--codes", choices=CODES, default="trellis", help="the code whose D(bits) models the loss")
     alloc.add_argument("--floor", type=float, default=None, help="least loss per side (default 0.05 for ppl, 0 for kl)")
@@ -253,13 +287,11 @@ def main(argv: list[str] | None = None) -> None:
         print(",".join(scan_settings(args.base, args.layers, args.side, args.scan_bits)))
         return
     model, _ = load_model(args.model)
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    distortion = code_distortion(head_dim, args.codes, range(min(args.min_bits, args.min_key_bits or args.min_bits, args.scan_bits), max(args.max_bits, args.scan_bits) + 1))
-    floor = args.floor if args.floor is not None else (0.05 if args.metric == "ppl" else 0.0)
-    result = allocate_bits(scan_losses(args.keys, args.metric), scan_losses(args.values, args.metric),
-                           tokens_per_layer(model.config, args.window), distortion,
-                           args.key_bits, args.value_bits, args.scan_bits, args.min_bits, args.max_bits, floor, args.move, args.min_key_bits,
-                           tuple(int(i) for i in args.hold_keys.split(",") if i))
+    recipe = {"keys": args.keys, "values": args.values, "metric": args.metric, "scan_bits": args.scan_bits, "value_scan_bits": args.value_scan_bits,
+              "codes": args.codes, "min_bits": args.min_bits, "max_bits": args.max_bits, "min_key_bits": args.min_key_bits,
+              "floor": args.floor if args.floor is not None else (0.05 if args.metric == "ppl" else 0.0), "move": args.move,
+              "hold_keys": [int(i) if i.strip().isdigit() else i.strip() for i in args.hold_keys.split(",") if i.strip()], "window": args.window}
+    result = allocate_from_recipe(recipe, model.config, args.key_bits, args.value_bits)
     unit = "%" if args.metric == "ppl" else " millinats"
     print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}{unit}; "
           f"allocated: {result.average_bits:.3f} bits, predicted {result.predicted_loss:.3f}{unit}")
@@ -271,9 +303,6 @@ def main(argv: list[str] | None = None) -> None:
         if not options:
             print(f"the allocation keeps uniform bits: nothing written to {args.write_profile}")
             return
-        recipe = {"keys": args.keys, "values": args.values, "metric": args.metric, "scan_bits": args.scan_bits, "codes": args.codes,
-                  "min_bits": args.min_bits, "max_bits": args.max_bits, "min_key_bits": args.min_key_bits, "floor": floor, "move": args.move,
-                  "hold_keys": [int(i) for i in args.hold_keys.split(",") if i], "window": args.window}
         write_profile(args.write_profile, args.model, model.config, base, options, recipe=recipe)  # the file's "source" stays as written
         print(f"{args.write_profile}: {base} = {options}")
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tqpatch.eval.layer_bits import allocate_bits, code_distortion, scan_losses, scan_settings, tokens_per_layer
+from tqpatch.eval.layer_bits import allocate_bits, code_distortion, parse_hold_keys, scan_losses, scan_settings, tokens_per_layer
 from tqpatch.config import TurboQuantConfig
 
 DISTORTION = {1: 0.283, 2: 0.076, 3: 0.0204, 4: 0.00543, 5: 0.00151, 6: 0.00044}  # trellis codes, d 128
@@ -80,6 +80,25 @@ def test_allocation_can_hold_named_layers_keys_at_their_bits():
     assert min(held.bits[(i, "k")] for i in (1, 3)) < 4 and held.average_bits <= 3.5
     with pytest.raises(ValueError, match=r"hold_keys names layers the model lacks: \[7\] \(layers 0..3\)"):
         allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, hold_keys=(7,))
+
+
+def test_allocation_can_hold_a_layers_keys_above_the_key_bits():
+    """hold_keys={layer: bits}: a quiet layer's keys get 5 bits (Gemma-3's needle on layer 14), paid for elsewhere at the
+    same average; more than max_bits is an error."""
+    losses = [8.0, 0.01, 0.01, 0.01], [0.5, 0.5, 0.5, 0.5]
+    free = allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2)
+    held = allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2, hold_keys={2: 5})
+    assert free.bits[(2, "k")] < 5 and held.bits[(2, "k")] == 5
+    assert held.average_bits <= 3.5 and free.predicted_loss < held.predicted_loss
+    with pytest.raises(ValueError, match=r"hold_keys asks for more than max_bits = 6: \{2: 7\}"):
+        allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2, hold_keys={2: 7})
+
+
+def test_hold_keys_parse_layers_or_layers_with_bits():
+    assert parse_hold_keys("") == () and parse_hold_keys("19") == (19,) and parse_hold_keys([19]) == (19,)
+    assert parse_hold_keys("14:5,19:4") == {14: 5, 19: 4} and parse_hold_keys(["14:5"]) == {14: 5}
+    with pytest.raises(ValueError, match=r"layers, or layer:bits, separated by commas \(e.g. 19 or 14:5,19:4\); got '14:5,19'"):
+        parse_hold_keys("14:5,19")
 
 
 def test_scan_losses_read_ppl_or_kl_rows(tmp_path):
