@@ -101,7 +101,8 @@ def plot_margins(labels: list[str], margins: list[float], baseline_margin: float
 
 def plot_needle_set(rows: list[dict], labels: dict[str, str], title: str, path: Path) -> Path:
     """Each needle's margin (x: the needle, 'seed/depth/trial') for the baseline and each setting in `labels`
-    (setting name -> legend label); a point under 0 is a needle the setting loses. Needles the baseline misses are left out."""
+    (setting name -> legend label); a point under 0 is an answer other than the baseline's, crossed out where it lacks
+    the number (the needle is lost). Needles the baseline misses are left out."""
     from .plotting import pyplot, save_figure
 
     plt = pyplot()
@@ -111,10 +112,13 @@ def plot_needle_set(rows: list[dict], labels: dict[str, str], title: str, path: 
     ax.plot(x, [row["baseline_margin"] for row in kept], "k_", ms=14, mew=2, ls="none", label="FP (its own confidence)")
     for (name, label), marker in zip(labels.items(), "os^Dv"):
         ax.plot(x, [row["settings"][name]["margin"] for row in kept], marker, ls="none", alpha=0.8, label=label)
+    lost = [(i, row["settings"][name]["margin"]) for name in labels for i, row in enumerate(kept) if row["number"] not in row["settings"][name]["answer"]]
+    if lost:
+        ax.plot(*zip(*lost), "kx", ms=9, ls="none", label="answer lacks the number")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(list(x), [f"{row['seed']}/{row['depth']:g}/{row['trial']}" for row in kept], rotation=60, fontsize=8)
     ax.set_xlabel("needle (seed / depth % / trial)")
-    ax.set_ylabel("margin (nats); < 0: lost")
+    ax.set_ylabel("margin (nats); < 0: not FP's answer")
     ax.set_title(title, fontsize=10)
     fig.legend(fontsize=8, loc="outside lower center", ncol=1 + len(labels))  # below the axes, clear of the points
     return save_figure(fig, path, dpi=110)

@@ -256,7 +256,9 @@ def test_margin_scan_figure_is_written(tmp_path):
 def test_needle_set_figure_leaves_out_the_needles_the_baseline_misses(tmp_path):
     from tqpatch.eval.needle_margins import plot_needle_set
 
-    rows = [{"seed": 1, "depth": 50.0, "trial": 0, "baseline_margin": 0.04, "settings": {"a": {"margin": -0.2}}},
-            {"seed": 2, "depth": 75.0, "trial": 0, "baseline_margin": None, "settings": {"a": {"margin": None}}}]
+    rows = [{"seed": 1, "depth": 50.0, "trial": 0, "number": "5279348", "baseline_margin": 0.04, "settings": {"a": {"margin": -0.2, "answer": "11"}}},
+            {"seed": 3, "depth": 0.0, "trial": 0, "number": "4992383", "baseline_margin": 0.2,
+             "settings": {"a": {"margin": -0.1, "answer": "The number mentioned above is 4992383."}}},  # other words, same number
+            {"seed": 2, "depth": 75.0, "trial": 0, "number": "1948774", "baseline_margin": None, "settings": {"a": {"margin": None, "answer": ""}}}]
     png = plot_needle_set(rows, {"a": "allocation"}, "two needles", tmp_path / "set.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
