@@ -200,7 +200,8 @@ def code_distortion(head_dim: int, codes: str, bits: range) -> dict[int, float]:
 def plot_scan(key_loss: list[float], value_loss: list[float], settings: list[str], path: str, title: str, unit: str,
               full_layers: tuple[int, ...] = ()) -> Path:
     """Bars of each layer's key and value loss from a scan, and under them the key/value bits each of `settings`
-    gives each layer (one row of numbers per setting); `full_layers` are marked on the axis."""
+    gives each layer (one row of numbers per setting, named 'label' where given as 'label=spec'); `full_layers` are
+    marked on the axis."""
     from eval.plotting import pyplot, save_figure
     from tqpatch.config import TurboQuantConfig
 
@@ -219,10 +220,11 @@ def plot_scan(key_loss: list[float], value_loss: list[float], settings: list[str
     ax.set_ylim(-step * (1 + 1.2 * len(settings)), 1.1 * top)
     ax.set_xlim(-3.2, len(layers) - 0.5)
     ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= 1.1 * top])
-    for row, spec in enumerate(settings):
+    for row, entry in enumerate(settings):
+        label, _, spec = entry.rpartition("=")
         config = TurboQuantConfig.from_spec(spec)
         y = -step * (0.8 + 1.2 * row)
-        ax.text(-3.0, y, f"k{config.key_bits:g}v{config.value_bits:g} bits:", fontsize=7, va="center")
+        ax.text(-3.0, y, f"{label or f'k{config.key_bits:g}v{config.value_bits:g}'} bits:", fontsize=7, va="center")
         for layer in layers:
             bits = config.layer_bits(int(layer), len(layers))
             if bits is not None:
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     plot.add_argument("--keys", required=True)
     plot.add_argument("--values", required=True)
     plot.add_argument("--metric", choices=METRICS, default="kl")
-    plot.add_argument("--settings", default="", help="comma-separated specs whose per-layer key/value bits to print")
+    plot.add_argument("--settings", default="", help="comma-separated specs (or label=spec) whose per-layer key/value bits to print")
     plot.add_argument("--title", default="")
     plot.add_argument("--full-layers", default="", help="comma-separated full-attention layers to mark, e.g. 5,11,17")
     plot.add_argument("--out", required=True)

@@ -158,5 +158,5 @@ def test_gemma3_kl_scan_gives_the_readme_settings(codes, key_bits, value_bits):
 def test_plot_scan_writes_the_figure(tmp_path):
     from tqpatch.eval.layer_bits import plot_scan
 
-    out = plot_scan([0.5, 1.5, 0.1], [0.2, 0.1, 0.05], ["k4v4-B1k5v3"], str(tmp_path / "scan.png"), "t", "KL", full_layers=(1,))
+    out = plot_scan([0.5, 1.5, 0.1], [0.2, 0.1, 0.05], ["k4v4-B1k5v3", "shipped=k4v4-B0k3v4"], str(tmp_path / "scan.png"), "t", "KL", full_layers=(1,))
     assert out.exists() and out.stat().st_size > 5000
