@@ -449,8 +449,8 @@ PRESETS: dict[str, TurboQuantConfig] = {
     # preset (trellis codes, read by the split kernel); k4v4+ stays the fast one. SmolLM2's 3.5bit+ bits (twentieth
     # session) come from a scan with long-range copies, with layer 19's keys held at 4 bits: an 8k needle lookup runs
     # through them (README, "Needle margins and a needle-driven layer scan"). Gemma-3's 3.5bit+ bits (twenty-second
-    # session) hold layer 14's keys at 5 bits: a 1,024-token needle at depth 0 needs them (README, "Gemma-3's needle
-    # runs through layer 14's keys").
+    # session) come from a KL scan with the preset's own codes, with layers 11 and 14's keys held at 5 bits: 1,024-token
+    # needles at depths 100 and 0 need them (README, "A KL scan with the preset's own codes").
     "k4v4+": TurboQuantConfig(key_bits=4, value_bits=4, score_variance=True, **_QUALITY),
     "4bit+": TurboQuantConfig(key_bits=4, value_bits=4, score_variance=True, tuned_layer_bits=True, **_QUALITY, **_TRELLIS),
     "k3v2+": TurboQuantConfig(key_bits=3, value_bits=2, unbias_values=True, score_variance=True, **_QUALITY, **_DIAGONAL_PRIOR, **_TRELLIS),
