@@ -135,12 +135,13 @@ def ppl(model_spec, device, dtype, device_map, settings, key_methods, residual_l
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, help="Answer length in tokens.")
 @click.option("--seed", type=int, default=0, help="Seeds the needle numbers.")
 @click.option("--trials", type=click.IntRange(min=1), default=1, help="Needles per cell (each its own number and prefill); recall is counted per cell.")
+@click.option("--answer-prefix", default="", help="End each prompt with the start of the answer, e.g. 'The special magic number is' (RULER-style), so a small model answers with the number instead of drifting back into the haystack [default: none].")
 @click.option("--text-file", type=click.Path(path_type=Path), default=None, help="Haystack text [default: ../shared/data/wikitext-2-raw-test.txt beside the repo].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/needle"), help="Folder for needle.json and one needle_<setting>.png per setting.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--progress/--no-progress", default=True, help="Show a tqdm progress bar (stderr).")
-def needle(model_spec, device, dtype, device_map, settings, key_method, residual_length, lengths, depths, max_new_tokens, seed, trials, text_file, out_dir, as_json,
-           progress):
+def needle(model_spec, device, dtype, device_map, settings, key_method, residual_length, lengths, depths, max_new_tokens, seed, trials, answer_prefix, text_file,
+           out_dir, as_json, progress):
     """Needle in a haystack: exact recall over context lengths x depths, heat maps (baseline beside each setting).
 
     Where the baseline is right, each answer's margin (JSON "margins", in nats) is the smallest logit gap between
@@ -166,6 +167,7 @@ def needle(model_spec, device, dtype, device_map, settings, key_method, residual
         result = needle_in_haystack(
             model, tokenizer, text, configs, length_list, depth_list, max_new_tokens=max_new_tokens, seed=seed,
             model_name=model_spec or "smollm2", text_source=source, progress=progress, trials=trials,
+            answer_prefix=answer_prefix,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

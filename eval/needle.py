@@ -24,6 +24,11 @@ up to the number; its size (nats: a logit gap is a log-probability gap) is how
 much the compression could still move the scores before the needle is lost.
 The baseline's own margin is its confidence.
 
+With an answer prefix (`answer_prefix`, e.g. ANSWER_PREFIX, as RULER primes its answers) the prompt ends with the
+start of the answer, "... Answer with the number only.<model turn>The special magic number is", so a small model
+that would otherwise drift back into the haystack's style (Gemma-3-270M from 2,048 tokens on: "= = =" headings)
+answers with the number, and the test reads the lookup itself rather than whether the model follows the question.
+
 The prompt is prefilled once per cell without compression; each setting then
 continues from a copy of that cache, which patch() compresses as it takes it
 over. With prefill_exact=True (the default) this is exactly what a patched
@@ -51,6 +56,7 @@ from .perplexity import cache_kwarg
 
 NEEDLE = "The special magic number is {number}."
 QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
+ANSWER_PREFIX = "The special magic number is"  # `--answer-prefix` primes the answer with it (RULER-style)
 BASELINE = "fp"
 
 
@@ -69,6 +75,7 @@ class NeedleResult:
     paired: dict[str, list[int]] = field(default_factory=dict)  # setting -> [lost, gained] against the baseline
     margins: dict[str, list[list[list[float | None]]]] = field(default_factory=dict)  # setting -> [depth][length][trial]
     # smallest logit gap along the baseline's right answer (module docstring); None where the baseline missed
+    answer_prefix: str = ""  # the start of the answer the prompt ends with ("": none)
 
     def margin_summary(self, name: str) -> tuple[int, float, float] | None:
         """(answers with a margin, their mean margin, the smallest) for one setting, or None without margins."""
@@ -82,6 +89,8 @@ class NeedleResult:
         lines = [f"{self.model}: needle recall over lengths {self.lengths} x depths {self.depths} ({self.text_source})"]
         if self.trials > 1:
             lines[0] += f", {self.trials} needles per cell"
+        if self.answer_prefix:
+            lines[0] += f", answers primed with {self.answer_prefix!r}"
         for name in self.settings:
             versus = ""
             if name in self.paired:
@@ -120,9 +129,11 @@ def _chat(tokenizer, content: str) -> list[int]:
     return tokenizer(content).input_ids
 
 
-def build_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, needle: str) -> list[int]:
-    """Prompt ids of about `length` tokens: haystack with the needle at `depth`% (snapped back to a sentence end), then the question."""
-    overhead = len(_chat(tokenizer, f"{needle}\n\n{QUESTION}"))
+def build_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, needle: str, answer_prefix: str = "") -> list[int]:
+    """Prompt ids of about `length` tokens: haystack with the needle at `depth`% (snapped back to a sentence end), then
+    the question, then `answer_prefix` (the start of the model's answer, after the chat template's turn marker)."""
+    prefix = tokenizer(answer_prefix, add_special_tokens=False).input_ids if answer_prefix else []
+    overhead = len(_chat(tokenizer, f"{needle}\n\n{QUESTION}")) + len(prefix)
     body = haystack_ids[: max(length - overhead, 0)]
     cut = round(len(body) * depth / 100)
     text_before = tokenizer.decode(body[:cut])
@@ -133,7 +144,7 @@ def build_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, 
     else:
         text_after = tokenizer.decode(body[cut:])
     context = f"{text_before.rstrip()} {needle} {text_after.lstrip()}".strip()
-    return _chat(tokenizer, f"{context}\n\n{QUESTION}")
+    return _chat(tokenizer, f"{context}\n\n{QUESTION}") + prefix
 
 
 def draw_number(rng: random.Random, skip: int = 0) -> str:
@@ -234,9 +245,11 @@ def needle_in_haystack(
     text_source: str = "",
     progress: bool = True,
     trials: int = 1,
+    answer_prefix: str = "",
 ) -> NeedleResult:
     """Recall of the baseline (always first) and each setting on the lengths × depths grid, `trials` needles per
-    cell (trial 0 draws the numbers a single-trial run with the same seed draws)."""
+    cell (trial 0 draws the numbers a single-trial run with the same seed draws); answer_prefix: the start of the
+    answer each prompt ends with (module docstring)."""
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     if is_patched(model):
@@ -264,7 +277,7 @@ def needle_in_haystack(
     try:
         for i, j in cells:
             number = draw_number(rng)
-            ids = torch.tensor([build_prompt(tokenizer, haystack_ids, lengths[j], depths[i], NEEDLE.format(number=number))], device=device)
+            ids = torch.tensor([build_prompt(tokenizer, haystack_ids, lengths[j], depths[i], NEEDLE.format(number=number), answer_prefix)], device=device)
             prompt_tokens[i][j] = ids.shape[1]
             right = {}
             for name, (text, margin) in zip(names, answer_needle(model, tokenizer, ids, number, [None] + list(settings), max_new_tokens)):
@@ -282,7 +295,7 @@ def needle_in_haystack(
             bar.close()
     mean = {n: sum(map(sum, recall[n])) / (len(lengths) * len(depths) * trials) for n in names}
     return NeedleResult(model_name or type(model).__name__, text_source, list(lengths), list(depths), names, recall, answers, prompt_tokens, mean,
-                        trials, paired, margins)
+                        trials, paired, margins, answer_prefix)
 
 
 def combine_runs(results: list[NeedleResult]) -> NeedleResult:
@@ -292,7 +305,7 @@ def combine_runs(results: list[NeedleResult]) -> NeedleResult:
         raise ValueError("combine_runs needs at least one result")
     first = results[0]
     for r in results[1:]:
-        for name in ("model", "lengths", "depths", "settings"):
+        for name in ("model", "lengths", "depths", "settings", "answer_prefix"):
             if getattr(r, name) != getattr(first, name):
                 raise ValueError(f"combine_runs: runs differ in {name}: {getattr(first, name)} vs {getattr(r, name)}")
     shape = [(i, j) for i in range(len(first.depths)) for j in range(len(first.lengths))]
@@ -310,7 +323,7 @@ def combine_runs(results: list[NeedleResult]) -> NeedleResult:
     paired = {n: [sum(r.paired[n][k] for r in results) for k in range(2)] for n in first.settings[1:] if all(n in r.paired for r in results)}
     mean = {n: sum(map(sum, recall[n])) / (len(shape) * trials) for n in first.settings}
     return NeedleResult(first.model, first.text_source, list(first.lengths), list(first.depths), list(first.settings), recall, answers,
-                        first.prompt_tokens, mean, trials, paired, margins)
+                        first.prompt_tokens, mean, trials, paired, margins, first.answer_prefix)
 
 
 def plot_needle(result: NeedleResult, setting: str, path: Path) -> Path:

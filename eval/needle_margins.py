@@ -52,9 +52,10 @@ class NeedleRef:
 
 @torch.no_grad()
 def needle_margins(model, tokenizer, haystack: str, settings: list[TurboQuantConfig], needles: list[NeedleRef], length: int,
-                   max_new_tokens: int = 24, progress: bool = True, on_needle=None) -> list[dict]:
+                   max_new_tokens: int = 24, progress: bool = True, on_needle=None, answer_prefix: str = "") -> list[dict]:
     """Per needle: its number, the baseline's answer and own margin, and each setting's answer and margin (None
-    where the baseline misses the number). on_needle(rows) after each needle (e.g. to save as it goes)."""
+    where the baseline misses the number). on_needle(rows) after each needle (e.g. to save as it goes);
+    answer_prefix: the start of the answer the grid run's prompts ended with (`eval needle --answer-prefix`)."""
     haystack_ids = haystack_tokens(tokenizer, haystack, length)
     settings = [resolve(s, model.config) for s in settings]
     device = next(model.parameters()).device
@@ -66,7 +67,7 @@ def needle_margins(model, tokenizer, haystack: str, settings: list[TurboQuantCon
         bar = tqdm(total=len(needles), desc="needle margins", unit="needle")
     for ref in needles:
         number = ref.number()
-        ids = torch.tensor([build_prompt(tokenizer, haystack_ids, length, ref.depth, NEEDLE.format(number=number))], device=device)
+        ids = torch.tensor([build_prompt(tokenizer, haystack_ids, length, ref.depth, NEEDLE.format(number=number), answer_prefix)], device=device)
         (baseline_answer, baseline_margin), *answers = answer_needle(model, tokenizer, ids, number, [None] + settings, max_new_tokens)
         row = {"seed": ref.seed, "depths": list(ref.depths), "depth": ref.depth, "trial": ref.trial, "number": number,
                "baseline_answer": baseline_answer, "baseline_margin": baseline_margin,
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--needles", required=True, help="space-separated needles 'seed:grid depths:depth[:trial]'")
     parser.add_argument("--settings", required=True, help="comma-separated settings (presets or specs)")
     parser.add_argument("--length", type=int, default=8192, help="the grid run's context length in tokens")
+    parser.add_argument("--answer-prefix", default="", help="the grid run's --answer-prefix [default: none]")
     parser.add_argument("--out", required=True, help="JSON file, written after each needle")
     args = parser.parse_args(argv)
     try:
@@ -145,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(args.model)
     text, source = load_text(None)
     head = {"model": args.model or "smollm2", "text_source": source, "length": args.length, "settings": [s.name for s in settings]}
+    if args.answer_prefix:
+        head["answer_prefix"] = args.answer_prefix
 
     def save(rows):
         Path(args.out).write_text(json.dumps({**head, "needles": rows}, indent=1))
 
-    for row in needle_margins(model, tokenizer, text, settings, needles, args.length, on_needle=save):
+    for row in needle_margins(model, tokenizer, text, settings, needles, args.length, on_needle=save, answer_prefix=args.answer_prefix):
         print(f"seed {row['seed']} depth {row['depth']:g} trial {row['trial']}: baseline {row['baseline_margin']}, "
               + ", ".join(f"{v['margin']}" for v in row["settings"].values()))
 

@@ -8,7 +8,7 @@ from test_cli_generate import assert_clean_error, save_tiny_model
 from transformers import AutoTokenizer
 
 from tqpatch.cli.main import main
-from tqpatch.eval.needle import NEEDLE, QUESTION, answer_margin, build_prompt, check_grid, number_span
+from tqpatch.eval.needle import ANSWER_PREFIX, NEEDLE, QUESTION, answer_margin, build_prompt, check_grid, number_span
 
 HAYSTACK = " ".join(f"Sentence number {i} talks about the weather in town." for i in range(1000))
 
@@ -36,6 +36,19 @@ def test_needle_sits_at_its_depth_in_a_prompt_of_the_asked_length(tokenizer, dep
     assert depth == 0 or before.endswith(".")  # inserted between sentences
 
 
+def test_an_answer_prefix_ends_the_prompt_which_keeps_its_length_and_needle(tokenizer):
+    """`answer_prefix` is the start of the answer: its tokens end the prompt, after the question, and the prompt is
+    still about the asked length with the needle once at the same place of the haystack."""
+    needle = NEEDLE.format(number=1234567)
+    plain = build_prompt(tokenizer, tokenizer(HAYSTACK).input_ids, 3000, 50, needle)
+    primed = build_prompt(tokenizer, tokenizer(HAYSTACK).input_ids, 3000, 50, needle, ANSWER_PREFIX)
+    prefix = tokenizer(ANSWER_PREFIX, add_special_tokens=False).input_ids
+    assert primed[-len(prefix):] == prefix and abs(len(primed) - 3000) <= 4
+    text = tokenizer.decode(primed[: -len(prefix)])
+    assert text.count(needle) == 1 and text.rstrip().endswith(QUESTION)
+    assert text.index(needle) <= tokenizer.decode(plain).index(needle)  # the haystack shrinks by the prefix, from its end
+
+
 @pytest.mark.parametrize(
     "lengths, depths, message",
     [([512], [-5], "depth must be a percentage in 0..100, got -5"), ([512], [101], "got 101"), ([32], [0], ">= 64 tokens"), ([9000], [0], "exceeds the model's limit of 8192")],
@@ -52,10 +65,12 @@ def test_needle_cli_writes_json_and_heat_maps(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(
         main,
         ["eval", "needle", "--model", str(tiny_model_dir), "--text-file", str(text), "--lengths", "128,256", "--depths", "0,50,100",
-         "--settings", "k4v4,2.5bit", "--max-new-tokens", "4", "--out", str(out), "--json", "--no-progress"],
+         "--settings", "k4v4,2.5bit", "--max-new-tokens", "4", "--answer-prefix", "The number is", "--out", str(out), "--json",
+         "--no-progress"],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
+    assert data["answer_prefix"] == "The number is"
     assert json.loads((out / "needle.json").read_text()) == data
     assert data["settings"] == ["fp", "k4v4", "k2.5v2.5"]
     assert data["lengths"] == [128, 256] and data["depths"] == [0.0, 50.0, 100.0]
@@ -89,6 +104,9 @@ def test_needle_trials_count_right_answers_per_cell_and_compare_with_the_baselin
         lost, gained = result.paired[name]
         assert lost - gained == sum(map(sum, result.recall["fp"])) - sum(map(sum, result.recall[name]))
     assert "needles per cell" in result.table() and "/3" in result.table()
+    primed = needle_in_haystack(model, tokenizer, HAYSTACK, settings[:1], [128], [0.0, 100.0], max_new_tokens=4, progress=False,
+                                answer_prefix=ANSWER_PREFIX)
+    assert primed.answer_prefix == ANSWER_PREFIX and f"answers primed with {ANSWER_PREFIX!r}" in primed.table()
 
 
 @pytest.mark.parametrize(
@@ -145,6 +163,10 @@ def test_runs_combine_into_trials_per_cell():
     other.depths = [0.0, 75.0]
     with pytest.raises(ValueError, match="differ in depths"):
         combine_runs([both, other])
+    primed = run([[1], [0]], [[0], [0]], "a")
+    primed.answer_prefix = ANSWER_PREFIX
+    with pytest.raises(ValueError, match="differ in answer_prefix"):
+        combine_runs([run([[1], [0]], [[0], [0]], "a"), primed])
 
 
 def test_number_span_counts_answer_tokens_up_to_the_numbers_last_digit(tokenizer):
@@ -213,7 +235,8 @@ def test_margins_read_along_a_settings_own_path_are_the_baselines_answer_teacher
     assert seen == {True, False}  # both branches ran: some answers kept, some lost
 
 
-def test_needle_margins_redraw_the_needles_a_grid_run_used(tiny_model_dir, tokenizer, monkeypatch):
+@pytest.mark.parametrize("prefix", ["", ANSWER_PREFIX])
+def test_needle_margins_redraw_the_needles_a_grid_run_used(tiny_model_dir, tokenizer, monkeypatch, prefix):
     """A needle named by (seed, grid depths, depth, trial) carries the number the grid run put in that cell, and
     needle_margins answers it as the grid run did, for the baseline and the setting."""
     from transformers import AutoModelForCausalLM
@@ -224,14 +247,15 @@ def test_needle_margins_redraw_the_needles_a_grid_run_used(tiny_model_dir, token
 
     seen = []
     build = needle_module.build_prompt
-    monkeypatch.setattr(needle_module, "build_prompt", lambda tok, hay, length, depth, needle: seen.append(needle) or build(tok, hay, length, depth, needle))
+    monkeypatch.setattr(needle_module, "build_prompt", lambda tok, hay, length, depth, needle, answer_prefix="": seen.append(needle) or build(tok, hay, length, depth, needle, answer_prefix))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     setting = TurboQuantConfig.from_spec("k3v2")
     grid = needle_module.needle_in_haystack(model, tokenizer, HAYSTACK, [setting], [128], [0.0, 50.0, 100.0], max_new_tokens=4, seed=5, trials=2,
-                                            progress=False)
+                                            progress=False, answer_prefix=prefix)
     cells = [(t, d) for t in range(2) for d in (0.0, 50.0, 100.0)]  # the grid's order: trial, then depth
     assert [NEEDLE.format(number=NeedleRef(5, (0.0, 50.0, 100.0), d, t).number()) for t, d in cells] == seen
-    rows = needle_margins(model, tokenizer, HAYSTACK, [setting], [NeedleRef(5, (0.0, 50.0, 100.0), 50.0, 1)], 128, max_new_tokens=4, progress=False)
+    rows = needle_margins(model, tokenizer, HAYSTACK, [setting], [NeedleRef(5, (0.0, 50.0, 100.0), 50.0, 1)], 128, max_new_tokens=4, progress=False,
+                         answer_prefix=prefix)
     assert rows[0]["baseline_answer"] == grid.answers["fp"][1][0][1]
     assert rows[0]["settings"]["k3v2"]["answer"] == grid.answers["k3v2"][1][0][1]
 
