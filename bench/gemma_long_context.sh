@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Gemma-3-270M at long context on a GPU: needles up to 32k tokens and long-range copies over 32k-token windows,
+# Gemma-3-270M at long context on a GPU: needles up to 32k tokens (answers primed, `--answer-prefix`: unprimed, FP
+# writes "= = =" headings from 2k tokens on) and long-range copies over 32k-token windows,
 # FP against the 3.5bit+ preset (and uniform bits), one device call per part; logs and JSON under $OUT.
 #
 # The GGUF (253 MB) does not fit one device call (64 MiB), so it travels in 50 MB parts over back-to-back calls
@@ -29,12 +30,12 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 SETTINGS=${SETTINGS:-3.5bit+}
 rc=0
 if [[ $what == *needle* ]]; then
-  python3 -m tqpatch.cli.main eval needle --model "$GGUF" --device cuda --dtype float32 --settings "$SETTINGS" \
+  python3 -m tqpatch.cli.main eval needle --model "$GGUF" --device cuda --dtype "${DTYPE:-bfloat16}" --settings "$SETTINGS" \
     --lengths "${LENGTHS:-1024,2048,4096,8192,16384,32000}" --depths 0,25,50,75,100 --trials "${TRIALS:-2}" \
-    --seed "${SEED:-0}" --out "$OUT/needle" --no-progress 2>&1 | tee "$OUT/needle.log" || rc=1
+    --seed "${SEED:-0}" --answer-prefix "${ANSWER_PREFIX-The special magic number is}" --out "$OUT/needle" --no-progress 2>&1 | tee "$OUT/needle.log" || rc=1
 fi
 if [[ $what == *copy* ]]; then
-  python3 -m tqpatch.cli.main eval ppl --model "$GGUF" --device cuda --dtype float32 --settings "$SETTINGS" --copy \
+  python3 -m tqpatch.cli.main eval ppl --model "$GGUF" --device cuda --dtype "${DTYPE:-bfloat16}" --settings "$SETTINGS" --copy \
     --window "${WINDOW:-32768}" --max-tokens "${MAX_TOKENS:-32766}" --chunk 32 --kl \
     --out "$OUT/copy_ppl.json" --no-progress 2>&1 | tee "$OUT/copy_ppl.log" || rc=1
 fi
