@@ -103,7 +103,7 @@ def plot_margins(labels: list[str], margins: list[float], baseline_margin: float
 def plot_needle_set(rows: list[dict], labels: dict[str, str], title: str, path: Path) -> Path:
     """Each needle's margin (x: the needle, 'seed/depth/trial') for the baseline and each setting in `labels`
     (setting name -> legend label); a point under 0 is an answer other than the baseline's, crossed out where it lacks
-    the number (the needle is lost). Needles the baseline misses are left out."""
+    the number (the needle is lost). Needles the baseline misses are left out; a setting not run on a needle, blank."""
     from .plotting import pyplot, save_figure
 
     plt = pyplot()
@@ -112,8 +112,10 @@ def plot_needle_set(rows: list[dict], labels: dict[str, str], title: str, path: 
     x = range(len(kept))
     ax.plot(x, [row["baseline_margin"] for row in kept], "k_", ms=14, mew=2, ls="none", label="FP (its own confidence)")
     for (name, label), marker in zip(labels.items(), "os^Dv"):
-        ax.plot(x, [row["settings"][name]["margin"] for row in kept], marker, ls="none", alpha=0.8, label=label)
-    lost = [(i, row["settings"][name]["margin"]) for name in labels for i, row in enumerate(kept) if row["number"] not in row["settings"][name]["answer"]]
+        ax.plot(x, [row["settings"][name]["margin"] if name in row["settings"] else float("nan") for row in kept], marker, ls="none", alpha=0.8,
+                label=label)
+    lost = [(i, row["settings"][name]["margin"]) for name in labels for i, row in enumerate(kept)
+            if name in row["settings"] and row["number"] not in row["settings"][name]["answer"]]
     if lost:
         ax.plot(*zip(*lost), "kx", ms=9, ls="none", label="answer lacks the number")
     ax.axhline(0, color="black", lw=0.8)

@@ -286,3 +286,6 @@ def test_needle_set_figure_leaves_out_the_needles_the_baseline_misses(tmp_path):
             {"seed": 2, "depth": 75.0, "trial": 0, "number": "1948774", "baseline_margin": None, "settings": {"a": {"margin": None, "answer": ""}}}]
     png = plot_needle_set(rows, {"a": "allocation"}, "two needles", tmp_path / "set.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    rows[0]["settings"]["b"] = {"margin": 0.3, "answer": "5279348"}  # a setting run on some needles only: blank elsewhere
+    png = plot_needle_set(rows, {"a": "allocation", "b": "uniform"}, "two needles", tmp_path / "set_b.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
