@@ -27,7 +27,7 @@ ln -sfn ../eval tqpatch/eval && ln -sfn ../cli tqpatch/cli
 export TQPATCH_CACHE=${TQPATCH_CACHE:-/tmp/tqpatch_cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-SETTINGS=${SETTINGS:-3.5bit+}
+SETTINGS=${SETTINGS:-3.5bit+,k4v3-s4-ss-ck-uv-sv-tkv-qsd-dp-n8}  # the preset and uniform bits (primed 2k needles: README)
 rc=0
 if [[ $what == *needle* ]]; then
   python3 -m tqpatch.cli.main eval needle --model "$GGUF" --device cuda --dtype "${DTYPE:-bfloat16}" --settings "$SETTINGS" \

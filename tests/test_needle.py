@@ -46,7 +46,7 @@ def test_an_answer_prefix_ends_the_prompt_which_keeps_its_length_and_needle(toke
     assert primed[-len(prefix):] == prefix and abs(len(primed) - 3000) <= 4
     text = tokenizer.decode(primed[: -len(prefix)])
     assert text.count(needle) == 1 and text.rstrip().endswith(QUESTION)
-    assert text.index(needle) <= tokenizer.decode(plain).index(needle)  # the haystack shrinks by the prefix, from its end
+    assert text.index(needle) <= tokenizer.decode(plain).index(needle)  # the haystack is shorter by the prefix, so its middle comes no later
 
 
 @pytest.mark.parametrize(
