@@ -131,15 +131,17 @@ def allocate_bits(
 def allocate_from_recipe(recipe: dict, model_config, key_bits: int, value_bits: int, root: str | Path = ".") -> Allocation:
     """The allocation `allocate` makes from its arguments as a profile's "recipes" record them: the scans' paths (relative
     to `root`), "metric", "scan_bits", "value_scan_bits", "codes", "min_bits", "max_bits", "min_key_bits", "floor",
-    "move", "hold_keys" and "window" (the tokens per layer at the end of a window of this many)."""
+    "move", "hold_keys" and "window" (the tokens per layer at the end of a window of this many); recipes written before
+    "value_scan_bits" existed (SmolLM2's) scanned both sides at "scan_bits"."""
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    scanned = (recipe["scan_bits"], recipe["value_scan_bits"] or recipe["scan_bits"])
+    value_scan_bits = recipe.get("value_scan_bits")
+    scanned = (recipe["scan_bits"], value_scan_bits or recipe["scan_bits"])
     least = min(recipe["min_bits"], recipe["min_key_bits"] or recipe["min_bits"], *scanned)
     distortion = code_distortion(head_dim, recipe["codes"], range(least, max(recipe["max_bits"], *scanned) + 1))
     keys, values = (scan_losses(str(Path(root) / recipe[side]), recipe["metric"]) for side in ("keys", "values"))
     return allocate_bits(keys, values, tokens_per_layer(model_config, recipe["window"]), distortion, key_bits, value_bits,
                          recipe["scan_bits"], recipe["min_bits"], recipe["max_bits"], recipe["floor"], recipe["move"],
-                         recipe["min_key_bits"], parse_hold_keys(recipe["hold_keys"]), recipe["value_scan_bits"])
+                         recipe["min_key_bits"], parse_hold_keys(recipe["hold_keys"]), value_scan_bits)
 
 
 def parse_hold_keys(items) -> tuple[int, ...] | dict[int, int]:

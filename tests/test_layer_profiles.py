@@ -79,7 +79,7 @@ def test_shipped_profiles_are_what_their_kl_scans_allocate(profile):
         kb, vb = int(uniform.key_bits), int(uniform.value_bits)
         recipe = {"keys": f"docs/data/layer_scan_4bit_keys_kl_{short}.json", "values": f"docs/data/layer_scan_4bit_values_kl_{short}.json",
                   "metric": "kl", "scan_bits": 4, "codes": "trellis", "min_bits": 3 if vb == 4 else 2, "max_bits": 6, "min_key_bits": None,
-                  "floor": 0.0, "move": "kv", "hold_keys": [], "value_scan_bits": None, "window": 2048} | profile.recipes.get(base, {})
+                  "floor": 0.0, "move": "kv", "hold_keys": [], "window": 2048} | profile.recipes.get(base, {})
         result = allocate_from_recipe(recipe, model_config, kb, vb, root=repo)
         assert TurboQuantConfig(key_bits=kb, value_bits=vb, layer_bits_overrides=result.overrides(kb, vb)).name == f"k{kb}v{vb}-{options}"
 
