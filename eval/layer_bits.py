@@ -68,6 +68,7 @@ def allocate_bits(
     min_key_bits: int | None = None,
     hold_keys: tuple[int, ...] | dict[int, int] = (),
     value_scan_bits: int | None = None,
+    hold_values: tuple[int, ...] | dict[int, int] = (),
 ) -> Allocation:
     """Per-layer key and value bits at the token-weighted average of (key_bits, value_bits).
 
@@ -77,19 +78,23 @@ def allocate_bits(
     keys' least bits, if not min_bits (e.g. key_bits: no layer's keys lose bits); hold_keys: layers whose keys keep at
     least key_bits, or {layer: least bits} (on SmolLM2 an 8k needle lookup runs through layer 19's keys, which both KL
     scans call quiet; on Gemma-3 a needle's answer needs layer 14's keys at 5 bits); value_scan_bits: the bits of the
-    values' scan where it differs from the keys' (each side scanned near its own operating point)."""
+    values' scan where it differs from the keys' (each side scanned near its own operating point); hold_values: the
+    same as hold_keys for values (layers at least value_bits, or {layer: least bits})."""
     if not move or set(move) - set(SIDES):
         raise ValueError(f"move must name the sides to reallocate, 'kv', 'k' or 'v', got {move!r}")
     if not len(key_loss) == len(value_loss) == len(tokens):
         raise ValueError(f"one loss per layer and side and one token count per layer: got {len(key_loss)}, {len(value_loss)}, {len(tokens)}")
-    held = dict(hold_keys) if isinstance(hold_keys, dict) else dict.fromkeys(hold_keys, key_bits)
-    if set(held) - set(range(len(tokens))):
-        raise ValueError(f"hold_keys names layers the model lacks: {sorted(set(held) - set(range(len(tokens))))} (layers 0..{len(tokens) - 1})")
-    if any(b > max_bits for b in held.values()):
-        raise ValueError(f"hold_keys asks for more than max_bits = {max_bits}: {held}")
-    least_key_bits = min_bits if min_key_bits is None else min_key_bits
+    held = {}  # side -> {layer: least bits}
+    for side, hold, bits in (("k", hold_keys, key_bits), ("v", hold_values, value_bits)):
+        name = "hold_keys" if side == "k" else "hold_values"
+        held[side] = dict(hold) if isinstance(hold, dict) else dict.fromkeys(hold, bits)
+        if set(held[side]) - set(range(len(tokens))):
+            raise ValueError(f"{name} names layers the model lacks: {sorted(set(held[side]) - set(range(len(tokens))))} (layers 0..{len(tokens) - 1})")
+        if any(b > max_bits for b in held[side].values()):
+            raise ValueError(f"{name} asks for more than max_bits = {max_bits}: {held[side]}")
+    least_bits = {"k": min_bits if min_key_bits is None else min_key_bits, "v": min_bits}
     scanned_at = {"k": scan_bits, "v": scan_bits if value_scan_bits is None else value_scan_bits}
-    missing = sorted({*range(min(min_bits, least_key_bits), max_bits + 1), *scanned_at.values()} - set(distortion))
+    missing = sorted({*range(min(least_bits.values()), max_bits + 1), *scanned_at.values()} - set(distortion))
     if missing:
         raise ValueError(f"distortion has no entry for {missing} bits")
     sides = [((layer, side), max(loss, floor), tokens[layer]) for side, losses in zip(SIDES, (key_loss, value_loss)) for layer, loss in enumerate(losses)]
@@ -102,7 +107,7 @@ def allocate_bits(
     best = np.zeros(capacity + 1)
     picks = []
     for (name, s, _), u in zip(sides, units):
-        least = min_bits if name[1] == "v" else max(held.get(name[0], least_key_bits), least_key_bits)
+        least = max(held[name[1]].get(name[0], least_bits[name[1]]), least_bits[name[1]])
         choices = np.arange(least, max_bits + 1) if name[1] in move else np.array([uniform[name]])
         options = np.full((len(choices), capacity + 1), np.inf)
         for j, b in enumerate(choices):
@@ -131,8 +136,9 @@ def allocate_bits(
 def allocate_from_recipe(recipe: dict, model_config, key_bits: int, value_bits: int, root: str | Path = ".") -> Allocation:
     """The allocation `allocate` makes from its arguments as a profile's "recipes" record them: the scans' paths (relative
     to `root`), "metric", "scan_bits", "value_scan_bits", "codes", "min_bits", "max_bits", "min_key_bits", "floor",
-    "move", "hold_keys" and "window" (the tokens per layer at the end of a window of this many); recipes written before
-    "value_scan_bits" existed (SmolLM2's) scanned both sides at "scan_bits"."""
+    "move", "hold_keys", "hold_values" and "window" (the tokens per layer at the end of a window of this many); recipes
+    written before "value_scan_bits" and "hold_values" existed (SmolLM2's) scanned both sides at "scan_bits" and held
+    no values."""
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     value_scan_bits = recipe.get("value_scan_bits")
     scanned = (recipe["scan_bits"], value_scan_bits or recipe["scan_bits"])
@@ -141,19 +147,25 @@ def allocate_from_recipe(recipe: dict, model_config, key_bits: int, value_bits: 
     keys, values = (scan_losses(str(Path(root) / recipe[side]), recipe["metric"]) for side in ("keys", "values"))
     return allocate_bits(keys, values, tokens_per_layer(model_config, recipe["window"]), distortion, key_bits, value_bits,
                          recipe["scan_bits"], recipe["min_bits"], recipe["max_bits"], recipe["floor"], recipe["move"],
-                         recipe["min_key_bits"], parse_hold_keys(recipe["hold_keys"]), value_scan_bits)
+                         recipe["min_key_bits"], parse_hold(recipe["hold_keys"]), value_scan_bits, parse_hold(recipe.get("hold_values", [])))
 
 
-def parse_hold_keys(items) -> tuple[int, ...] | dict[int, int]:
-    """`--hold-keys` (and a profile recipe's "hold_keys"): '19,14:5' or [19, "14:5"] -> layers held at the preset's key
-    bits, or {layer: least bits} where any entry names its bits (layer 19 then at key bits is given as '19:4')."""
+def parse_hold(items) -> tuple[int, ...] | dict[int, int]:
+    """`--hold-keys` / `--hold-values` (and a profile recipe's "hold_keys" / "hold_values"): '19,14:5' or [19, "14:5"]
+    -> layers held at the preset's bits of that side, or {layer: least bits} where any entry names its bits (layer 19
+    then at key bits is given as '19:4')."""
     entries = [str(i).strip() for i in (items.split(",") if isinstance(items, str) else items) if str(i).strip()]
     try:
         if not any(":" in e for e in entries):
             return tuple(int(e) for e in entries)
         return {int(layer): int(bits) for layer, bits in (e.split(":") for e in entries)}
     except ValueError:
-        raise ValueError(f"hold_keys is layers, or layer:bits, separated by commas (e.g. 19 or 14:5,19:4); got {items!r}") from None
+        raise ValueError(f"a hold is layers, or layer:bits, separated by commas (e.g. 19 or 14:5,19:4); got {items!r}") from None
+
+
+def hold_list(text: str) -> list[int | str]:
+    """A `--hold-keys` / `--hold-values` argument as a profile's recipe records it: '19,14:5' -> [19, "14:5"]."""
+    return [int(i) if i.strip().isdigit() else i.strip() for i in text.split(",") if i.strip()]
 
 
 def tokens_per_layer(model_config, window: int) -> list[int]:
@@ -266,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     alloc.add_argument("--min-key-bits", type=int, default=None, help="the keys' least bits (default --min-bits)")
     alloc.add_argument("--hold-keys", default="", help="comma-separated layers whose keys keep at least --key-bits, or layer:bits "
                        "with their least bits (e.g. a layer a needle lookup runs through, found with eval needle_margins)")
+    alloc.add_argument("--hold-values", default="", help="the same for values: layers whose values keep at least --value-bits, or layer:bits")
     alloc.add_argument("--metric", choices=METRICS, default="ppl", help="the scans' loss: ΔPPL %% or KL (millinats)")
     alloc.add_argument("--codes", choices=CODES, default="trellis", help="the code whose D(bits) models the loss")
     alloc.add_argument("--floor", type=float, default=None, help="least loss per side (default 0.05 for ppl, 0 for kl)")
@@ -294,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = {"keys": args.keys, "values": args.values, "metric": args.metric, "scan_bits": args.scan_bits, "value_scan_bits": args.value_scan_bits,
               "codes": args.codes, "min_bits": args.min_bits, "max_bits": args.max_bits, "min_key_bits": args.min_key_bits,
               "floor": args.floor if args.floor is not None else (0.05 if args.metric == "ppl" else 0.0), "move": args.move,
-              "hold_keys": [int(i) if i.strip().isdigit() else i.strip() for i in args.hold_keys.split(",") if i.strip()], "window": args.window}
+              "hold_keys": hold_list(args.hold_keys), "hold_values": hold_list(args.hold_values), "window": args.window}
     result = allocate_from_recipe(recipe, model.config, args.key_bits, args.value_bits)
     unit = "%" if args.metric == "ppl" else " millinats"
     print(f"uniform k{args.key_bits}v{args.value_bits}: predicted {result.uniform_loss:.3f}{unit}; "

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tqpatch.eval.layer_bits import allocate_bits, code_distortion, parse_hold_keys, scan_losses, scan_settings, tokens_per_layer
+from tqpatch.eval.layer_bits import allocate_bits, code_distortion, parse_hold, scan_losses, scan_settings, tokens_per_layer
 from tqpatch.config import TurboQuantConfig
 
 DISTORTION = {1: 0.283, 2: 0.076, 3: 0.0204, 4: 0.00543, 5: 0.00151, 6: 0.00044}  # trellis codes, d 128
@@ -94,11 +94,25 @@ def test_allocation_can_hold_a_layers_keys_above_the_key_bits():
         allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2, hold_keys={2: 7})
 
 
+def test_allocation_can_hold_named_layers_values():
+    """hold_values: a quiet layer's values keep the value bits (or named bits) while other quiet values drop to pay; the
+    keys' holds are separate, and a layer the model lacks is an error naming hold_values."""
+    losses = [0.5, 0.5, 0.5, 0.5], [8.0, 0.01, 0.01, 0.01]
+    free = allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2)
+    held = allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2, hold_values=(3,))
+    above = allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, min_bits=2, hold_values={3: 4})
+    assert free.bits[(3, "v")] < 3 and held.bits[(3, "v")] >= 3 and above.bits[(3, "v")] >= 4
+    assert min(held.bits[(i, "v")] for i in (1, 2)) < 3 and held.average_bits <= 3.5 and above.average_bits <= 3.5
+    assert free.predicted_loss < held.predicted_loss < above.predicted_loss
+    with pytest.raises(ValueError, match=r"hold_values names layers the model lacks: \[9\] \(layers 0..3\)"):
+        allocate_bits(*losses, [100] * 4, DISTORTION, key_bits=4, value_bits=3, hold_values=(9,))
+
+
 def test_hold_keys_parse_layers_or_layers_with_bits():
-    assert parse_hold_keys("") == () and parse_hold_keys("19") == (19,) and parse_hold_keys([19]) == (19,)
-    assert parse_hold_keys("14:5,19:4") == {14: 5, 19: 4} and parse_hold_keys(["14:5"]) == {14: 5}
+    assert parse_hold("") == () and parse_hold("19") == (19,) and parse_hold([19]) == (19,)
+    assert parse_hold("14:5,19:4") == {14: 5, 19: 4} and parse_hold(["14:5"]) == {14: 5}
     with pytest.raises(ValueError, match=r"layers, or layer:bits, separated by commas \(e.g. 19 or 14:5,19:4\); got '14:5,19'"):
-        parse_hold_keys("14:5,19")
+        parse_hold("14:5,19")
 
 
 def test_scan_losses_read_ppl_or_kl_rows(tmp_path):
