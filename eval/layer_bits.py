@@ -85,8 +85,7 @@ def allocate_bits(
     if not len(key_loss) == len(value_loss) == len(tokens):
         raise ValueError(f"one loss per layer and side and one token count per layer: got {len(key_loss)}, {len(value_loss)}, {len(tokens)}")
     held = {}  # side -> {layer: least bits}
-    for side, hold, bits in (("k", hold_keys, key_bits), ("v", hold_values, value_bits)):
-        name = "hold_keys" if side == "k" else "hold_values"
+    for side, name, hold, bits in (("k", "hold_keys", hold_keys, key_bits), ("v", "hold_values", hold_values, value_bits)):
         held[side] = dict(hold) if isinstance(hold, dict) else dict.fromkeys(hold, bits)
         if set(held[side]) - set(range(len(tokens))):
             raise ValueError(f"{name} names layers the model lacks: {sorted(set(held[side]) - set(range(len(tokens))))} (layers 0..{len(tokens) - 1})")
